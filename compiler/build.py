@@ -1,0 +1,679 @@
+"""Evaluate a parsed model into a ModelGraph, checking every shape on the way.
+
+Evaluation is a small interpreter over the syntax tree: hyper-parameters are Python numbers,
+symbolic dims are `Sym`s, and tensor expressions add op nodes to the graph. A mistake becomes
+a diagnostic and the offending value becomes POISON, so evaluation goes on and one run reports
+every independent error in a file.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+from lmspec.dsl import ast
+from lmspec.dsl.diagnostics import Diagnostic
+
+from . import shapes
+from .graph import ModelGraph
+from .registry import REQUIRED, Arg, Op, OpError, all_ops, get_op
+from .shapes import Sym, dim_add, dim_div, dim_mul, fmt_shape, is_dim
+from .values import POISON, FuncRef, TensorRef, describe
+
+DTYPES = {"f16", "bf16", "f32", "f64", "i32", "i64", "bool"}
+_SCALAR_FUNCS = {
+    "sqrt": math.sqrt, "exp": math.exp, "log": math.log,
+    "min": min, "max": max, "int": int, "float": float,
+}
+
+
+class _Abort(Exception):
+    """Raised after a diagnostic to unwind out of a construct that cannot continue."""
+
+
+@dataclass
+class Frame:
+    env: dict
+    namespace: dict[str, "BlockDef"]
+    scope: list[str]
+    kind: str  # model | block
+    top_level: bool = True
+
+
+@dataclass
+class BlockDef:
+    block: ast.Block
+    namespace: dict[str, "BlockDef"] = field(default_factory=dict)
+
+
+@dataclass
+class OpCall:
+    """What an op's shape rule sees: its bound arguments and the graph built so far."""
+    op: Op
+    args: dict
+    graph: ModelGraph
+
+    def __getitem__(self, name):
+        return self.args[name]
+
+    def shape(self, name) -> tuple:
+        return self.args[name].shape
+
+    def dtype(self, name) -> str:
+        return self.args[name].dtype
+
+    def bound(self, dim) -> int | None:
+        """The largest value a dim can take, when it is known."""
+        if isinstance(dim, int):
+            return dim
+        if isinstance(dim, Sym) and len(dim.factors) == 1 and dim.factors[0] in self.graph.bounds:
+            return dim.coef * self.graph.bounds[dim.factors[0]]
+        return None
+
+    def node_params(self, ref: TensorRef) -> dict[str, tuple]:
+        node = self.graph.g.nodes[ref.node]
+        module = node["module"]
+        if module is None:
+            return {}
+        prefix = module + "."
+        return {p.name[len(prefix):]: p.shape for p in self.graph.params.values() if p.node == ref.node}
+
+    def node_module(self, ref: TensorRef) -> str | None:
+        return self.graph.g.nodes[ref.node]["module"]
+
+
+class Builder:
+    def __init__(self, graph: ModelGraph, overrides: dict[str, object]):
+        self.graph = graph
+        self.overrides = dict(overrides)
+        self.used_overrides: set[str] = set()
+        self.diagnostics: list[Diagnostic] = []
+        self._seen: set[tuple] = set()
+        self._names_in_scope: dict[tuple, set[str]] = {}
+        self._node_ids: dict[str, int] = {}
+        self._block_stack: list[str] = []
+        self._repeat_scope: str | None = None
+
+    # ---- diagnostics ------------------------------------------------------------------------
+    def error(self, message: str, span, code: str = "E200") -> None:
+        key = (message, span)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.diagnostics.append(Diagnostic(message, span, code=code))
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self, model: ast.Model, namespace: dict[str, BlockDef]) -> None:
+        frame = Frame(env={}, namespace=namespace, scope=[], kind="model")
+        try:
+            self.exec_body(model.body, frame)
+        except _Abort:
+            pass
+        for name in sorted(set(self.overrides) - self.used_overrides):
+            known = ", ".join(k for k, v in self.graph.hyper.items()) or "none"
+            self.error(f"--set {name}: the model has no hyper-parameter '{name}' (known: {known})", model.span, "E106")
+        if not self.graph.outputs and not self.diagnostics:
+            self.error(f"model '{model.name}' declares no output", model.span, "E110")
+
+    # ---- statements -------------------------------------------------------------------------
+    def exec_body(self, stmts: list, frame: Frame):
+        for stmt in stmts:
+            errors_before = len(self.diagnostics)
+            if isinstance(stmt, ast.Assign):
+                self.exec_assign(stmt, frame)
+            elif isinstance(stmt, ast.Input):
+                self.exec_input(stmt, frame)
+            elif isinstance(stmt, ast.Output):
+                self.exec_output(stmt, frame)
+            elif isinstance(stmt, ast.Repeat):
+                self.exec_repeat(stmt, frame)
+            elif isinstance(stmt, ast.Return):
+                if frame.kind != "block":
+                    self.error("'return' outside a block", stmt.span, "E111")
+                    continue
+                return self.eval(stmt.value, frame)
+            del errors_before
+        return None
+
+    def exec_assign(self, stmt: ast.Assign, frame: Frame) -> None:
+        name_hint = stmt.targets[0].id if len(stmt.targets) == 1 else None
+        value = self.eval(stmt.value, frame, label=name_hint)
+        if len(stmt.targets) == 1:
+            target = stmt.targets[0].id
+            if frame.kind == "model" and frame.top_level and _is_scalar(value):
+                if target in self.overrides and target not in self.graph.hyper:
+                    value = self._override(target, value, stmt.span)
+                self.graph.hyper.setdefault(target, value)
+            frame.env[target] = value
+            return
+        if value is POISON:
+            for t in stmt.targets:
+                frame.env[t.id] = POISON
+            return
+        if not isinstance(value, tuple) or len(value) != len(stmt.targets):
+            got = f"{len(value)} values" if isinstance(value, tuple) else describe(value)
+            self.error(f"cannot unpack {got} into {len(stmt.targets)} names", stmt.span, "E201")
+            for t in stmt.targets:
+                frame.env[t.id] = POISON
+            return
+        for t, v in zip(stmt.targets, value):
+            frame.env[t.id] = v
+
+    def _override(self, name: str, default, span):
+        self.used_overrides.add(name)
+        value = self.overrides[name]
+        if isinstance(default, bool) != isinstance(value, bool) or (
+                isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)):
+            self.error(f"--set {name}={value}: expected {type(default).__name__} like the spec's "
+                       f"{describe(default)}", span, "E106")
+            return default
+        if isinstance(default, float) and isinstance(value, int):
+            value = float(value)
+        return value
+
+    def exec_input(self, stmt: ast.Input, frame: Frame) -> None:
+        if frame.kind != "model" or not frame.top_level:
+            self.error("'input' is only allowed at the top level of a model", stmt.span, "E111")
+            return
+        t = stmt.type
+        dtype = t.dtype or "f32"
+        dims = []
+        for d in t.dims:
+            if isinstance(d, ast.StarDim):
+                self.error("'*' is not allowed in an input shape", d.span, "E202")
+                return
+            bound = None
+            if isinstance(d, ast.BoundedDim):
+                bound = self.eval(d.bound, frame)
+                if bound is POISON:
+                    return
+                if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
+                    self.error(f"a dim bound must be a positive int, got {describe(bound)}", d.bound.span, "E202")
+                    return
+                d = d.dim
+            if isinstance(d, ast.Name) and d.id not in frame.env:
+                sym = Sym(d.id)
+                frame.env[d.id] = sym
+                if bound is not None:
+                    self.graph.bounds[d.id] = bound
+                dims.append(sym)
+                continue
+            value = self.eval(d, frame)
+            if value is POISON:
+                return
+            if isinstance(value, Sym) and bound is not None and len(value.factors) == 1:
+                self.graph.bounds.setdefault(value.factors[0], bound)
+            if not is_dim(value):
+                self.error(f"a dim must be an int or a symbol, got {describe(value)}", d.span, "E202")
+                return
+            if isinstance(value, int) and bound is not None and value > bound:
+                self.error(f"dim {value} exceeds its bound {bound}", d.span, "E203")
+                return
+            dims.append(value)
+        ref = self.add_node("input", {"name": stmt.name}, [(tuple(dims), dtype)], stmt.span, frame,
+                            label=stmt.name)[0]
+        self.graph.inputs.append(ref.node)
+        frame.env[stmt.name] = ref
+
+    def exec_output(self, stmt: ast.Output, frame: Frame) -> None:
+        if frame.kind != "model" or not frame.top_level:
+            self.error("'output' is only allowed at the top level of a model", stmt.span, "E111")
+            return
+        if stmt.name not in frame.env:
+            self.error(f"output '{stmt.name}' is not defined", stmt.span, "E102")
+            return
+        value = frame.env[stmt.name]
+        if value is POISON:
+            return
+        if not isinstance(value, TensorRef):
+            self.error(f"output '{stmt.name}' must be a tensor, got {describe(value)}", stmt.span, "E201")
+            return
+        if stmt.type is not None:
+            self.check_type(value, stmt.type, dict(frame.env), frame, f"output '{stmt.name}'", bind=False)
+        self.graph.outputs.append((stmt.name, value))
+
+    def exec_repeat(self, stmt: ast.Repeat, frame: Frame) -> None:
+        count = self.eval(stmt.count, frame)
+        if count is POISON:
+            return
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            self.error(f"repeat count must be a non-negative int, got {describe(count)}", stmt.count.span, "E201")
+            return
+        outer_repeat, outer_top = self._repeat_scope, frame.top_level
+        frame.top_level = False
+        try:
+            for i in range(count):
+                frame.scope.extend([stmt.name, str(i)])
+                if outer_repeat is None:
+                    self._repeat_scope = ".".join(frame.scope)
+                before = len(self.diagnostics)
+                try:
+                    self.exec_body(stmt.body, frame)
+                finally:
+                    del frame.scope[-2:]
+                if len(self.diagnostics) > before:
+                    break  # the same mistake would repeat in every layer
+        finally:
+            self._repeat_scope, frame.top_level = outer_repeat, outer_top
+
+    # ---- expressions ------------------------------------------------------------------------
+    def eval(self, e, frame: Frame, label: str | None = None, explicit: bool = False):
+        """`label` names the resulting node; when `explicit` (from `as`) it also names its module."""
+        if isinstance(e, ast.Number):
+            return e.value
+        if isinstance(e, ast.Bool):
+            return e.value
+        if isinstance(e, ast.String):
+            return e.value
+        if isinstance(e, ast.NoneLit):
+            return None
+        if isinstance(e, ast.Name):
+            return self.lookup(e, frame)
+        if isinstance(e, ast.ListLit):
+            items = [self.eval(i, frame) for i in e.items]
+            return POISON if any(i is POISON for i in items) else items
+        if isinstance(e, ast.Named):
+            value = self.eval(e.value, frame, label=e.name, explicit=True)
+            frame.env[e.name] = value
+            return value
+        if isinstance(e, ast.Neg):
+            v = self.eval(e.operand, frame)
+            if v is POISON:
+                return POISON
+            if isinstance(v, TensorRef):
+                return self.apply_op(get_op("mul"), [(v, e.span), (-1, e.span)], [], e.span, frame, label)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return -v
+            self.error(f"cannot negate {describe(v)}", e.span, "E201")
+            return POISON
+        if isinstance(e, ast.BinOp):
+            return self.eval_binop(e, frame, label)
+        if isinstance(e, ast.Call):
+            return self.eval_call(e, frame, label, explicit)
+        raise TypeError(f"unknown expression {e!r}")
+
+    def lookup(self, e: ast.Name, frame: Frame):
+        if e.id in frame.env:
+            return frame.env[e.id]
+        if get_op(e.id) is not None or e.id in frame.namespace:
+            return FuncRef(e.id)
+        hint = _suggest(e.id, list(frame.env))
+        self.error(f"unknown name '{e.id}'{hint}", e.span, "E102")
+        return POISON
+
+    _TENSOR_BINOPS = {"+": "add", "-": "sub", "*": "mul", "/": "div", "@": "matmul"}
+
+    def eval_binop(self, e: ast.BinOp, frame: Frame, label):
+        left = self.eval(e.left, frame)
+        right = self.eval(e.right, frame)
+        if left is POISON or right is POISON:
+            return POISON
+        if isinstance(left, TensorRef) or isinstance(right, TensorRef):
+            opname = self._TENSOR_BINOPS.get(e.op)
+            if opname is None:
+                self.error(f"operator '{e.op}' is not defined for tensors", e.span, "E201")
+                return POISON
+            return self.apply_op(get_op(opname), [(left, e.left.span), (right, e.right.span)], [], e.span,
+                                 frame, label)
+        try:
+            return _scalar_binop(e.op, left, right)
+        except _ScalarError as err:
+            self.error(str(err), e.span, "E201")
+            return POISON
+
+    def eval_call(self, e: ast.Call, frame: Frame, label, explicit=False):
+        args = [(self.eval(a, frame), a.span) for a in e.args]
+        kwargs = [(k.name, self.eval(k.value, frame), k.span) for k in e.kwargs]
+        poisoned = any(v is POISON for v, _ in args) or any(v is POISON for _, v, _ in kwargs)
+        if e.func in frame.namespace:
+            if poisoned:
+                return POISON
+            return self.call_block(frame.namespace[e.func], args, kwargs, e, frame, label if explicit else None)
+        op = get_op(e.func)
+        if op is not None and op.name != "input":
+            if poisoned:
+                return POISON
+            return self.apply_op(op, args, kwargs, e.span, frame, label, explicit)
+        if e.func in _SCALAR_FUNCS:
+            if poisoned:
+                return POISON
+            if kwargs or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v, _ in args):
+                self.error(f"{e.func}() takes numbers only", e.span, "E104")
+                return POISON
+            try:
+                return _SCALAR_FUNCS[e.func](*(v for v, _ in args))
+            except (TypeError, ValueError) as err:
+                self.error(f"{e.func}(): {err}", e.span, "E104")
+                return POISON
+        names = [n for n in all_ops() if n != "input"] + list(frame.namespace) + list(_SCALAR_FUNCS)
+        self.error(f"unknown op or block '{e.func}'{_suggest(e.func, names)}", e.func_span, "E101")
+        return POISON
+
+    # ---- ops --------------------------------------------------------------------------------
+    def bind(self, what: str, params: list[Arg], args, kwargs, call_span) -> tuple[dict, dict] | None:
+        """Match positional and keyword arguments to a signature; report every mismatch."""
+        bound, spans, ok = {}, {}, True
+        if len(args) > len(params):
+            extra_span = args[len(params)][1]
+            self.error(f"{what} takes at most {len(params)} positional arguments, got {len(args)}", extra_span, "E104")
+            ok = False
+        for p, (value, span) in zip(params, args):
+            bound[p.name], spans[p.name] = value, span
+        names = {p.name for p in params}
+        for name, value, span in kwargs:
+            if name not in names:
+                self.error(f"{what} has no argument '{name}'{_suggest(name, list(names))}", span, "E104")
+                ok = False
+            elif name in bound:
+                self.error(f"{what}: argument '{name}' given twice", span, "E104")
+                ok = False
+            else:
+                bound[name], spans[name] = value, span
+        for p in params:
+            if p.name not in bound:
+                if p.default is REQUIRED:
+                    self.error(f"{what}: missing argument '{p.name}'", call_span, "E104")
+                    ok = False
+                else:
+                    bound[p.name], spans[p.name] = p.default, call_span
+        return (bound, spans) if ok else None
+
+    def apply_op(self, op: Op, args, kwargs, span, frame: Frame, label=None, explicit=False):
+        binding = self.bind(op.name, list(op.args), args, kwargs, span)
+        if binding is None:
+            return POISON
+        bound, spans = binding
+        for a in op.args:
+            value, problem = _convert(a, bound[a.name])
+            if problem:
+                self.error(f"{op.name}: argument '{a.name}' must be {problem}, got {describe(bound[a.name])}",
+                           spans[a.name], "E104")
+                return POISON
+            bound[a.name] = value
+        call = OpCall(op, bound, self.graph)
+        try:
+            outs = op.infer(call)
+            params = op.params(call)
+            ties = op.ties(call)
+        except OpError as err:
+            where = spans.get(err.arg, span) if err.arg else span
+            code = "E105" if err.arg == "tie" else "E103"
+            self.error(f"{op.name}: {err}", where, code)
+            return POISON
+        if isinstance(outs, tuple):
+            outs = [outs]
+        module = None
+        if op.short is not None:
+            module = self.module_name(frame, label if explicit else None, op.short, span)
+            if module is None:
+                return POISON
+        refs = self.add_node(op.name, bound, outs, span, frame, label=label or op.name, module=module)
+        for local, shape in params.items():
+            full = f"{module}.{local}"
+            self.graph.params[full] = _param(full, shape, refs[0].node, ties.get(local))
+        return refs[0] if len(refs) == 1 else tuple(refs)
+
+    def module_name(self, frame: Frame, label, default: str, span) -> str | None:
+        used = self._names_in_scope.setdefault(tuple(frame.scope), set())
+        if label is not None and label not in used:
+            name = label
+        elif label is not None:
+            self.error(f"'{label}' already names a module in this scope", span, "E107")
+            return None
+        else:
+            name, k = default, 1
+            while name in used:
+                name, k = f"{default}_{k}", k + 1
+        used.add(name)
+        return ".".join([*frame.scope, name])
+
+    def add_node(self, op: str, args: dict, outs: list, span, frame: Frame, label: str,
+                 module: str | None = None) -> list[TensorRef]:
+        base = _identifier(label)
+        n = self._node_ids.get(base, 0)
+        self._node_ids[base] = n + 1
+        node_id = base if n == 0 else f"{base}_{n}"
+        self.graph.add_node(node_id, op, args, outs, span, module, label, self._repeat_scope)
+        return [TensorRef(node_id, i, shape, dtype) for i, (shape, dtype) in enumerate(outs)]
+
+    # ---- blocks -----------------------------------------------------------------------------
+    def call_block(self, bdef: BlockDef, args, kwargs, call: ast.Call, frame: Frame, label):
+        block = bdef.block
+        if block.name in self._block_stack:
+            self.error(f"block '{block.name}' calls itself (recursion is not allowed)", call.func_span, "E108")
+            return POISON
+        params = [Arg(p.name, "any", REQUIRED if p.default is None else p.default) for p in block.params]
+        binding = self.bind(block.name, params, args, kwargs, call.span)
+        if binding is None:
+            return POISON
+        bound, spans = binding
+        env: dict = {}
+        inner = Frame(env=env, namespace=bdef.namespace, scope=[], kind="block", top_level=False)
+        for p in block.params:
+            value = bound[p.name]
+            if _is_expr(value):
+                value = self.eval(value, inner)  # a default, evaluated against earlier parameters
+                if value is POISON:
+                    return POISON
+            if p.type is not None:
+                if not isinstance(value, TensorRef):
+                    self.error(f"{block.name}: argument '{p.name}' must be a tensor, got {describe(value)}",
+                               spans[p.name], "E104")
+                    return POISON
+                if not self.check_type(value, p.type, env, inner, f"{block.name}: argument '{p.name}'",
+                                       bind=True, at=spans[p.name]):
+                    return POISON
+            env[p.name] = value
+        scope_name = self.module_name(frame, label, block.name, call.span)
+        if scope_name is None:
+            return POISON
+        inner.scope = scope_name.split(".")
+        self._block_stack.append(block.name)
+        try:
+            result = self.exec_body(block.body, inner)
+        finally:
+            self._block_stack.pop()
+        if result is None:
+            if not any(isinstance(s, ast.Return) for s in block.body):
+                self.error(f"block '{block.name}' has no 'return'", block.span, "E111")
+            return POISON
+        if result is POISON:
+            return POISON
+        if block.returns is not None:
+            if not isinstance(result, TensorRef):
+                self.error(f"block '{block.name}' must return a tensor, got {describe(result)}", block.span, "E201")
+                return POISON
+            if not self.check_type(result, block.returns, env, inner, f"block '{block.name}' return value",
+                                   bind=False, at=block.returns.span):
+                return POISON
+        return result
+
+    def check_type(self, ref: TensorRef, t: ast.TensorType, env: dict, frame: Frame, what: str,
+                   bind: bool, at=None) -> bool:
+        """Match a tensor against `f32[*, d]`: names not yet in `env` are bound when `bind` is set."""
+        at = at or t.span
+        if t.dtype is not None and t.dtype != ref.dtype:
+            self.error(f"{what}: expected dtype {t.dtype}, got {ref.dtype}", at, "E103")
+            return False
+        stars = [i for i, d in enumerate(t.dims) if isinstance(d, ast.StarDim)]
+        shape = ref.shape
+        fixed = len(t.dims) - len(stars)
+        if len(stars) > 1:
+            self.error("at most one '*' in a shape", t.span, "E202")
+            return False
+        if (stars and len(shape) < fixed) or (not stars and len(shape) != fixed):
+            self.error(f"{what}: expected rank {'>= ' if stars else ''}{fixed} {_fmt_type(t)}, "
+                       f"got {fmt_shape(shape)}", at, "E103")
+            return False
+        if stars:
+            s = stars[0]
+            tail = len(t.dims) - s - 1
+            pairs = list(zip(t.dims[:s], shape[:s])) + list(zip(t.dims[s + 1:], shape[len(shape) - tail:]))
+        else:
+            pairs = list(zip(t.dims, shape))
+        sub = Frame(env=env, namespace=frame.namespace, scope=frame.scope, kind=frame.kind, top_level=False)
+        for d, actual in pairs:
+            if isinstance(d, ast.BoundedDim):
+                d = d.dim
+            if bind and isinstance(d, ast.Name) and d.id not in env:
+                env[d.id] = actual
+                continue
+            expected = self.eval(d, sub)
+            if expected is POISON:
+                return False
+            if expected != actual:
+                self.error(f"{what}: expected shape {_fmt_type(t)} = {_fmt_expected(t, pairs, env, sub, self)}, "
+                           f"got {fmt_shape(shape)}", at, "E103")
+                return False
+        return True
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+class _ScalarError(Exception):
+    pass
+
+
+def _scalar_binop(op: str, a, b):
+    if isinstance(a, bool) or isinstance(b, bool) or not _numeric(a) or not _numeric(b):
+        raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
+    if isinstance(a, Sym) or isinstance(b, Sym):
+        if isinstance(a, float) or isinstance(b, float):
+            raise _ScalarError(f"cannot combine {describe(a)} with a float")
+        if op == "*":
+            return dim_mul(a, b)
+        if op in ("/", "//"):
+            out = dim_div(a, b)
+            if out is None:
+                raise _ScalarError(f"{describe(a)} is not divisible by {describe(b)}")
+            return out
+        if op in ("+", "-"):
+            out = dim_add(a, b, 1 if op == "+" else -1)
+            if out is None:
+                raise _ScalarError(f"cannot {'add' if op == '+' else 'subtract'} {describe(a)} and {describe(b)}")
+            return out
+        raise _ScalarError(f"operator '{op}' is not defined for symbolic dims")
+    try:
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        if op == "/":
+            if isinstance(a, int) and isinstance(b, int) and b != 0 and a % b == 0:
+                return a // b
+            return a / b
+        if op == "//":
+            return a // b
+        if op == "%":
+            return a % b
+        if op == "**":
+            return a ** b
+    except ZeroDivisionError:
+        raise _ScalarError("division by zero") from None
+    raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
+
+
+def _numeric(v) -> bool:
+    return isinstance(v, (int, float, Sym))
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float, bool, str))
+
+
+def _is_expr(v) -> bool:
+    return isinstance(v, (ast.Name, ast.Number, ast.Bool, ast.NoneLit, ast.String, ast.BinOp, ast.Neg,
+                          ast.Call, ast.ListLit, ast.Named))
+
+
+def _convert(a: Arg, v):
+    """(converted value, None) or (v, 'what was expected')."""
+    k = a.kind
+    if k == "any":
+        return v, None
+    if k == "tensor":
+        return (v, None) if isinstance(v, TensorRef) else (v, "a tensor")
+    if k == "node":
+        return (v, None) if (v is None or isinstance(v, TensorRef)) else (v, "a named node")
+    if k == "int":
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        return (v, None) if ok or (v is None and a.default is None) else (v, "an int")
+    if k == "float":
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v), None
+        return (v, None) if v is None and a.default is None else (v, "a number")
+    if k == "bool":
+        return (v, None) if isinstance(v, bool) else (v, "true or false")
+    if k == "dim":
+        return (v, None) if is_dim(v) else (v, "an int or a dim")
+    if k == "dims":
+        ok = isinstance(v, list) and all(is_dim(d) for d in v)
+        return (tuple(v), None) if ok else (v, "a list of dims like [batch, seq, -1]")
+    if k == "ints":
+        ok = isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+        return (tuple(v), None) if ok else (v, "a list of ints")
+    if k == "scalar":
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return (v, None) if ok else (v, "a number")
+    if k == "tensor_or_scalar":
+        ok = isinstance(v, TensorRef) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        return (v, None) if ok else (v, "a tensor or a number")
+    if k == "func":
+        if isinstance(v, FuncRef):
+            return v.name, None
+        return (v, None) if isinstance(v, str) else (v, "an op name such as gelu")
+    if k == "str":
+        return (v, None) if isinstance(v, str) else (v, "a string")
+    raise ValueError(f"unknown argument kind {k}")
+
+
+def _param(full, shape, node, tied):
+    from .graph import Param
+    return Param(full, tuple(shape), node, tied)
+
+
+def _identifier(label: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in label)
+    return out if out and not out[0].isdigit() else f"n_{out}"
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _fmt_type(t: ast.TensorType) -> str:
+    parts = []
+    for d in t.dims:
+        parts.append("*" if isinstance(d, ast.StarDim) else _src(d))
+    return (t.dtype or "") + "[" + ", ".join(parts) + "]"
+
+
+def _src(e) -> str:
+    if isinstance(e, ast.Name):
+        return e.id
+    if isinstance(e, ast.Number):
+        return str(e.value)
+    if isinstance(e, ast.BinOp):
+        return f"{_src(e.left)} {e.op} {_src(e.right)}"
+    if isinstance(e, ast.BoundedDim):
+        return _src(e.dim)
+    return "?"
+
+
+def _fmt_expected(t, pairs, env, frame, builder) -> str:
+    dims = []
+    for d in t.dims:
+        if isinstance(d, ast.StarDim):
+            dims.append("*")
+            continue
+        if isinstance(d, ast.BoundedDim):
+            d = d.dim
+        if isinstance(d, ast.Name) and d.id in env and is_dim(env[d.id]):
+            dims.append(shapes.fmt_dim(env[d.id]))
+        elif isinstance(d, ast.Number):
+            dims.append(str(d.value))
+        else:
+            dims.append(_src(d))
+    return "[" + ", ".join(dims) + "]"

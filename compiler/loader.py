@@ -1,0 +1,169 @@
+"""Read a spec file and what it `use`s, then build the model graph.
+
+`load_spec` is the front door of the compiler: it either returns a checked ModelGraph or
+raises SpecError carrying every diagnostic found.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from lmspec.dsl import ast
+from lmspec.dsl.diagnostics import Diagnostic, SpecError
+from lmspec.dsl.parser import parse
+
+from .build import BlockDef, Builder
+from .graph import ModelGraph
+from .registry import get_op
+
+
+@dataclass
+class Program:
+    """A parsed file with the blocks it can call, and every source read to get there."""
+    main: ast.Module | None
+    namespace: dict[str, BlockDef]
+    sources: dict[str, str]
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+
+class _Loader:
+    def __init__(self, sources: dict[str, str] | None):
+        self.given = sources or {}
+        self.sources: dict[str, str] = {}
+        self.modules: dict[str, ast.Module] = {}
+        self.namespaces: dict[str, dict[str, BlockDef]] = {}
+        self.diagnostics: list[Diagnostic] = []
+
+    def read(self, path: str, span) -> str | None:
+        if path in self.given:
+            return self.given[path]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            self.diagnostics.append(Diagnostic(f"file not found: {path}", span, code="E002"))
+        except IsADirectoryError:
+            self.diagnostics.append(Diagnostic(f"is a directory, not a spec file: {path}", span, code="E002"))
+        except UnicodeDecodeError as err:
+            self.diagnostics.append(Diagnostic(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                                               span, code="E002"))
+        except OSError as err:
+            self.diagnostics.append(Diagnostic(f"cannot read {path}: {err.strerror}", span, code="E002"))
+        return None
+
+    def load(self, path: str, span=None, stack: tuple[str, ...] = ()) -> dict[str, BlockDef] | None:
+        """Parse `path` and its uses; return the namespace of blocks visible inside it."""
+        if path in self.namespaces:
+            return self.namespaces[path]
+        text = self.read(path, span)
+        if text is None:
+            return None
+        self.sources[path] = text
+        try:
+            module = parse(text, path)
+        except SpecError as err:
+            self.diagnostics.extend(err.diagnostics)
+            return None
+        self.modules[path] = module
+        namespace: dict[str, BlockDef] = {}
+        origin: dict[str, str] = {}
+        for use in module.uses:
+            target = os.path.normpath(os.path.join(os.path.dirname(path), use.path))
+            if target in stack or target == path:
+                earlier = list(stack[stack.index(target):]) if target in stack else []
+                chain = " -> ".join([*earlier, path, target])
+                self.diagnostics.append(Diagnostic(f"import cycle: {chain}", use.span, code="E109"))
+                continue
+            imported = self.load(target, use.span, (*stack, path))
+            if imported is None:
+                continue
+            for name in self.modules[target].blocks:
+                namespace[name.name] = imported[name.name]
+                origin[name.name] = target
+        for block in module.blocks:
+            if get_op(block.name) is not None:
+                self.diagnostics.append(Diagnostic(f"block '{block.name}' has the name of a built-in op",
+                                                   block.span, code="E107"))
+                continue
+            if block.name in namespace:
+                where = origin.get(block.name, "this file")
+                self.diagnostics.append(Diagnostic(f"block '{block.name}' is already defined in {where}",
+                                                   block.span, code="E107"))
+                continue
+            namespace[block.name] = BlockDef(block, namespace)
+        self.namespaces[path] = namespace
+        return namespace
+
+
+def load_program(path: str, sources: dict[str, str] | None = None) -> Program:
+    path = os.path.normpath(path)
+    loader = _Loader(sources)
+    namespace = loader.load(path)
+    return Program(loader.modules.get(path), namespace or {}, loader.sources, loader.diagnostics)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`layers=4` -> ('layers', 4); values are ints, floats or true/false."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected NAME=VALUE")
+    name, raw = (s.strip() for s in text.split("=", 1))
+    if not name.isidentifier():
+        raise ValueError(f"--set {text!r}: {name!r} is not a name")
+    low = raw.lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    for conv in (int, float):
+        try:
+            return name, conv(raw.replace("_", ""))
+        except ValueError:
+            pass
+    raise ValueError(f"--set {text!r}: value must be an int, a float or true/false")
+
+
+def build_model(program: Program, overrides: dict | None = None, model: str | None = None) -> ModelGraph:
+    """The checked graph of one model of a loaded program; SpecError if anything is wrong."""
+    if program.diagnostics or program.main is None:
+        raise SpecError(program.diagnostics, program.sources)
+    main = program.main
+    models = main.models
+    if model is not None:
+        models = [m for m in models if m.name == model]
+        if not models:
+            names = ", ".join(m.name for m in main.models) or "none"
+            raise SpecError([Diagnostic(f"no model named '{model}' in {main.file} (models: {names})", None,
+                                        code="E110")], program.sources)
+    if not models:
+        raise SpecError([Diagnostic(f"{main.file} defines no model (only blocks)", None, code="E110")],
+                        program.sources)
+    if len(models) > 1:
+        names = ", ".join(m.name for m in models)
+        raise SpecError([Diagnostic(f"{main.file} defines several models ({names}); choose one with --model",
+                                    None, code="E110")], program.sources)
+    graph = ModelGraph(models[0].name, main.file, sources=program.sources)
+    builder = Builder(graph, overrides or {})
+    builder.build_model(models[0], program.namespace)
+    if builder.diagnostics:
+        raise SpecError(builder.diagnostics, program.sources)
+    return graph
+
+
+def load_spec(path: str, overrides: dict | None = None, model: str | None = None,
+              sources: dict[str, str] | None = None) -> ModelGraph:
+    """Parse, resolve `use`s, and build the checked graph of the model in `path`."""
+    return build_model(load_program(path, sources), overrides, model)
+
+
+def check_file(path: str, overrides: dict | None = None) -> tuple[list[Diagnostic], dict[str, str]]:
+    """Every diagnostic for one file: a library of blocks only needs to parse and resolve."""
+    program = load_program(path)
+    if program.diagnostics or program.main is None:
+        return program.diagnostics, program.sources
+    if not program.main.models:
+        return [], program.sources
+    diagnostics: list[Diagnostic] = []
+    for m in program.main.models:
+        try:
+            build_model(program, overrides, m.name)
+        except SpecError as err:
+            diagnostics.extend(err.diagnostics)
+    return diagnostics, program.sources

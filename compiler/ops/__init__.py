@@ -1,0 +1,2 @@
+"""Importing this package registers every op (see compiler/registry.py)."""
+from . import attention, core, layers  # noqa: F401

@@ -1,0 +1,202 @@
+"""Ops that own weights: embedding, learned position, linear, norms, the MLP."""
+from __future__ import annotations
+
+from ..registry import Arg, Op, OpError, register
+from ..shapes import fmt_dim, fmt_shape
+from .core import ACTIVATIONS, _float_input
+
+_INT = {"i32", "i64"}
+
+
+def _last_dim(c, name="x") -> int:
+    shape = c.shape(name)
+    if not shape:
+        raise OpError("expects a tensor of rank >= 1", name)
+    d = shape[-1]
+    if not isinstance(d, int):
+        raise OpError(f"the feature dim must be a concrete size, got {fmt_dim(d)}", name)
+    return d
+
+
+def _positive(c, *names):
+    for n in names:
+        if c[n] < 1:
+            raise OpError(f"'{n}' must be positive, got {c[n]}", n)
+
+
+@register
+class Embedding(Op):
+    name = "embedding"
+    short = "emb"
+    args = (Arg("ids", "tensor"), Arg("num", "int"), Arg("dim", "int"))
+    doc = "Look up rows of a [num, dim] table by integer ids."
+    onnx = "Gather"
+
+    def infer(self, c):
+        if c.dtype("ids") not in _INT:
+            raise OpError(f"ids must be an integer tensor, got {c.dtype('ids')}", "ids")
+        _positive(c, "num", "dim")
+        return (*c.shape("ids"), c["dim"]), "f32"
+
+    def params(self, c):
+        return {"weight": (c["num"], c["dim"])}
+
+    def lower(self, c):
+        import torch
+        return c.module(torch.nn.Embedding(c["num"], c["dim"]), c["ids"])
+
+
+@register
+class Position(Op):
+    name = "position"
+    short = "pos"
+    args = (Arg("seq", "dim"), Arg("context", "int"), Arg("dim", "int"))
+    doc = "Learned absolute position embeddings for positions 0..seq-1 (offset by the KV cache)."
+    onnx = "Slice of the table starting at the past length"
+
+    def infer(self, c):
+        _positive(c, "context", "dim")
+        bound = c.bound(c["seq"])
+        if bound is None:
+            raise OpError(f"the length {fmt_dim(c['seq'])} has no upper bound; declare it like "
+                          f"`seq <= {c['context']}` in the input", "seq")
+        if bound > c["context"]:
+            raise OpError(f"{fmt_dim(c['seq'])} may be up to {bound}, more than the {c['context']} "
+                          f"positions of the table", "seq")
+        return (c["seq"], c["dim"]), "f32"
+
+    def params(self, c):
+        return {"weight": (c["context"], c["dim"])}
+
+    def lower(self, c):
+        from ..torch_modules import Position as P
+        return c.module(P(c["context"], c["dim"]), c.dim(c.spec["seq"]), c.cache)
+
+
+@register
+class Linear(Op):
+    name = "linear"
+    short = "linear"
+    args = (Arg("x", "tensor"), Arg("out", "int"), Arg("bias", "bool", True), Arg("tie", "node", None))
+    doc = "x @ W.T + b with W [out, in]; `tie=node` shares W with another node's weight (e.g. the embedding)."
+    onnx = "MatMul + Add (Gemm when 2-D)"
+
+    def infer(self, c):
+        _float_input(c)
+        _last_dim(c)
+        _positive(c, "out")
+        return (*c.shape("x")[:-1], c["out"]), c.dtype("x")
+
+    def params(self, c):
+        p = {"weight": (c["out"], _last_dim(c))}
+        if c["bias"]:
+            p["bias"] = (c["out"],)
+        return p
+
+    def ties(self, c):
+        target = c["tie"]
+        if target is None:
+            return {}
+        owner = c.node_params(target)
+        if "weight" not in owner:
+            raise OpError("can only tie to a node that owns a 'weight' (an embedding or linear)", "tie")
+        want = (c["out"], _last_dim(c))
+        if tuple(owner["weight"]) != want:
+            raise OpError(f"tied weight {fmt_shape(owner['weight'])} of '{c.node_module(target)}' does not "
+                          f"match this linear's weight {fmt_shape(want)}", "tie")
+        return {"weight": f"{c.node_module(target)}.weight"}
+
+    def flops(self, f):
+        w = f.params["weight"]
+        tokens = 1
+        for d in f.in_shapes["x"][:-1]:
+            tokens *= d
+        return 2 * tokens * w[0] * w[1]
+
+    def lower(self, c):
+        import torch
+        m = torch.nn.Linear(_last_dim(c.spec), c["out"], bias=c["bias"])
+        tied = c.tied("weight")
+        if tied is not None:
+            m.weight = tied
+        return c.module(m, c["x"])
+
+
+class _Norm(Op):
+    def infer(self, c):
+        _float_input(c)
+        _last_dim(c)
+        if c["eps"] <= 0:
+            raise OpError(f"eps must be positive, got {c['eps']}", "eps")
+        return c.shape("x"), c.dtype("x")
+
+    def init(self, param):
+        return ("zeros", 0.0) if param == "bias" else ("ones", 1.0)
+
+
+@register
+class LayerNorm(_Norm):
+    name = "layernorm"
+    short = "ln"
+    args = (Arg("x", "tensor"), Arg("eps", "float", 1e-5), Arg("bias", "bool", True))
+    doc = "Layer normalisation over the last dim, with a learned scale (and bias)."
+    onnx = "LayerNormalization (opset 17)"
+
+    def params(self, c):
+        d = _last_dim(c)
+        return {"weight": (d,), "bias": (d,)} if c["bias"] else {"weight": (d,)}
+
+    def lower(self, c):
+        import torch
+        return c.module(torch.nn.LayerNorm(_last_dim(c.spec), eps=c["eps"], bias=c["bias"]), c["x"])
+
+
+@register
+class RMSNorm(_Norm):
+    name = "rmsnorm"
+    short = "norm"
+    args = (Arg("x", "tensor"), Arg("eps", "float", 1e-6))
+    doc = "Root-mean-square normalisation over the last dim, with a learned scale."
+    onnx = "SimplifiedLayerNormalization (fused by onnxruntime) or Pow/ReduceMean/Sqrt"
+
+    def params(self, c):
+        return {"weight": (_last_dim(c),)}
+
+    def lower(self, c):
+        import torch
+        return c.module(torch.nn.RMSNorm(_last_dim(c.spec), eps=c["eps"]), c["x"])
+
+
+@register
+class MLP(Op):
+    name = "mlp"
+    short = "mlp"
+    residual = "proj.weight"
+    args = (Arg("x", "tensor"), Arg("hidden", "int"), Arg("act", "func", "gelu"), Arg("bias", "bool", True))
+    doc = "Feed-forward: proj(act(fc(x))), fc [hidden, d], proj [d, hidden]."
+    onnx = "MatMul + activation + MatMul"
+
+    def infer(self, c):
+        _float_input(c)
+        _last_dim(c)
+        _positive(c, "hidden")
+        if c["act"] not in ACTIVATIONS:
+            raise OpError(f"act must be one of {', '.join(ACTIVATIONS)}, got {c['act']}", "act")
+        return c.shape("x"), c.dtype("x")
+
+    def params(self, c):
+        d, h = _last_dim(c), c["hidden"]
+        if not c["bias"]:
+            return {"fc.weight": (h, d), "proj.weight": (d, h)}
+        return {"fc.weight": (h, d), "fc.bias": (h,), "proj.weight": (d, h), "proj.bias": (d,)}
+
+    def flops(self, f):
+        h, d = f.params["fc.weight"]
+        tokens = 1
+        for n in f.in_shapes["x"][:-1]:
+            tokens *= n
+        return 2 * 2 * tokens * h * d
+
+    def lower(self, c):
+        from ..torch_modules import MLP as M
+        return c.module(M(_last_dim(c.spec), c["hidden"], c["act"], c["bias"]), c["x"])

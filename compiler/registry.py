@@ -1,0 +1,87 @@
+"""The op registry: the one place that knows about an op.
+
+Each op is one class registered with `@register`, holding its argument signature, its shape
+rule (`infer`), the parameters it owns, its FLOP count, its lowering to torch.fx, and notes
+for ONNX export. Nothing here imports torch: `lower` imports it when it is called, so that
+checking a spec stays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str  # tensor | int | float | bool | dim | dims | scalar | tensor_or_scalar | func | node | str | any
+    default: Any = REQUIRED
+
+
+class OpError(Exception):
+    """A mistake in how an op is used; `arg` names the argument to point the caret at."""
+
+    def __init__(self, message: str, arg: str | None = None):
+        super().__init__(message)
+        self.arg = arg
+
+
+class Op:
+    name: ClassVar[str]
+    args: ClassVar[tuple[Arg, ...]]
+    short: ClassVar[str | None] = None  # scope name of the torch module, for ops that own one
+    residual: ClassVar[str | None] = None  # parameter that projects back into the residual stream
+    cache_safe: ClassVar[bool] = True  # False: mixes sequence positions in a way a KV cache cannot follow
+    onnx: ClassVar[str] = ""
+    doc: ClassVar[str] = ""
+
+    def infer(self, c) -> tuple[tuple, str] | list[tuple[tuple, str]]:
+        """(shape, dtype) of the output, or a list of them; raise OpError on misuse."""
+        raise NotImplementedError
+
+    def params(self, c) -> dict[str, tuple]:
+        """Shapes of the parameters this op owns, by their name inside its module."""
+        return {}
+
+    def ties(self, c) -> dict[str, str]:
+        """Parameters shared with another node: local name -> full name of the owner's parameter."""
+        return {}
+
+    def init(self, param: str) -> tuple[str, float]:
+        """GPT-2 initialisation: weights normal(0, 0.02), biases zero; norms override this."""
+        if param.endswith("bias"):
+            return ("zeros", 0.0)
+        return ("normal", 0.02)
+
+    def flops(self, f) -> int:
+        """Forward FLOPs (a multiply-add counts 2) given concrete shapes in `f`; matrix products only."""
+        return 0
+
+    def lower(self, c):
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"op {cls.name} registered twice")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_op(name: str) -> Op | None:
+    _load_ops()
+    return REGISTRY.get(name)
+
+
+def all_ops() -> dict[str, Op]:
+    _load_ops()
+    return REGISTRY
+
+
+def _load_ops() -> None:
+    from . import ops  # noqa: F401  (registers every op on import)
