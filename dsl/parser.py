@@ -179,7 +179,7 @@ class _ToAst(Transformer):
 
 
 _NICE = {
-    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a float", "STRING": "a string",
     "DTYPE": "a dtype", "_NL": "a line break", "$END": "end of file",
 }
 
