@@ -1,7 +1,7 @@
 """lmspec's compiler: spec -> checked graph (no torch needed) -> torch.fx module."""
-from .loader import check_file, load_spec, parse_override
+from .loader import check_file, load_spec, parse_override, parse_overrides
 
-__all__ = ["check_file", "load_spec", "parse_override", "lower"]
+__all__ = ["check_file", "load_spec", "parse_override", "parse_overrides", "lower"]
 
 
 def lower(graph, seed: int = 0):

@@ -120,6 +120,11 @@ def parse_override(text: str) -> tuple[str, object]:
     raise ValueError(f"--set {text!r}: value must be an int, a float or true/false")
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """Every `--set NAME=VALUE` of a command line, in order (a later one wins)."""
+    return dict(parse_override(text) for text in pairs)
+
+
 def build_model(program: Program, overrides: dict | None = None, model: str | None = None) -> ModelGraph:
     """The checked graph of one model of a loaded program; SpecError if anything is wrong."""
     if program.diagnostics or program.main is None:

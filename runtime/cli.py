@@ -13,6 +13,8 @@ import sys
 
 from lmspec.dsl.diagnostics import SpecError
 
+from .usage import UsageError, cli_overrides
+
 EXAMPLES = {
     "check": """examples:
   lmspec check specs/gpt2.arch
@@ -33,10 +35,6 @@ EXAMPLES = {
 }
 
 
-class UsageError(Exception):
-    """Bad command-line input: printed as `lmspec: error: ...`, exit 2."""
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmspec",
@@ -49,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def overrides(q):
+    def override_options(q):
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="override a hyper-parameter of the spec (repeatable)")
         q.add_argument("--model", help="the model to use when a file defines several")
@@ -57,18 +55,18 @@ def _parser() -> argparse.ArgumentParser:
     c = verb("check", "Check spec files and report every error, located, before anything runs.")
     c.add_argument("paths", nargs="+", metavar="PATH", help="spec files, directories or glob patterns")
     c.add_argument("--format", choices=["human", "json"], default="human")
-    overrides(c)
+    override_options(c)
 
     i = verb("info", "Parameters, FLOPs per token and a per-block breakdown of a spec.")
     i.add_argument("spec")
     i.add_argument("--seq", type=int, help="sequence length for FLOP counts (default: the context)")
     i.add_argument("--graph", metavar="FILE", help="also draw the graph to FILE (.dot, .svg, .png, .pdf)")
     i.add_argument("--format", choices=["human", "json"], default="human")
-    overrides(i)
+    override_options(i)
 
     t = verb("train", "Train a spec on a text corpus (next-token cross-entropy, AdamW).")
     t.add_argument("spec")
-    overrides(t)
+    override_options(t)
     t.add_argument("--data", help="a text file or a directory of .txt files (default: CPython's docs)")
     t.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON file (default: characters)")
     t.add_argument("--out", help="run directory for checkpoints and logs (default: runs/<spec name>)")
@@ -80,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: lr/10)")
     t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay (nanoGPT's char model: 0.99)")
     t.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--eval-every", type=int, default=100)
@@ -102,18 +101,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(pairs: list[str]) -> dict:
-    from lmspec.compiler import parse_override
-    out = {}
-    for text in pairs:
-        try:
-            name, value = parse_override(text)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-        out[name] = value
-    return out
-
-
 def _expand(paths: list[str]) -> list[str]:
     files: list[str] = []
     for p in paths:
@@ -131,7 +118,7 @@ def _expand(paths: list[str]) -> list[str]:
 
 def cmd_check(args) -> int:
     from lmspec.compiler import check_file
-    overrides = _overrides(args.set)
+    overrides = cli_overrides(args.set)
     files = _expand(args.paths)
     found = []
     for path in files:
@@ -153,7 +140,7 @@ def cmd_info(args) -> int:
     from lmspec.compiler import load_spec
     from lmspec.compiler.analysis import breakdown, flops_per_token, parameter_count
     from lmspec.compiler.shapes import fmt_shape
-    graph = load_spec(args.spec, _overrides(args.set), args.model)
+    graph = load_spec(args.spec, cli_overrides(args.set), args.model)
     if args.seq is not None and args.seq < 1:
         raise UsageError("--seq must be positive")
     seq = args.seq or graph.context

@@ -1,0 +1,146 @@
+"""`lmspec train` and `lmspec sample`: the verbs that need torch, joined to the compiler."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lmspec.compiler import load_spec, lower
+from lmspec.compiler.graph import ModelGraph
+
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from .usage import UsageError, cli_overrides
+from .corpus import DataError, default_corpus_text, read_text_data
+from .tokenizer import CharTokenizer, FileTokenizer, TokenizerError, load_tokenizer
+
+USER_ERRORS = (CheckpointError, DataError, TokenizerError)
+
+
+def _fail(verb: str, err: Exception) -> int:
+    print(f"lmspec {verb}: error: {err}", file=sys.stderr)
+    return 1
+
+
+def spec_record(graph: ModelGraph, overrides: dict) -> dict:
+    """What a checkpoint keeps of its spec: enough to rebuild the same model with nothing else."""
+    return {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
+
+
+def graph_from_record(spec: dict) -> ModelGraph:
+    return load_spec(spec["file"], spec["overrides"], spec["model"], sources=spec["sources"])
+
+
+def _vocab_size(graph: ModelGraph) -> int | None:
+    """The last dim of the model's logits, the number of tokens it can predict."""
+    _, ref = graph.outputs[0]
+    return ref.shape[-1] if ref.shape and isinstance(ref.shape[-1], int) else None
+
+
+def _build_for_tokenizer(spec: str, overrides: dict, model: str | None, tokenizer) -> tuple[ModelGraph, dict]:
+    """Build the graph; a `vocab` hyper-parameter not set by hand follows the tokenizer."""
+    graph = load_spec(spec, overrides, model)
+    if "vocab" in graph.hyper and "vocab" not in overrides and graph.hyper["vocab"] != tokenizer.vocab_size:
+        overrides = {**overrides, "vocab": tokenizer.vocab_size}
+        print(f"vocab = {tokenizer.vocab_size} (from the tokenizer)")
+        graph = load_spec(spec, overrides, model)
+    return graph, overrides
+
+
+def cmd_train(args) -> int:
+    import torch
+    from .data import TokenData
+    from .generate import generate
+    from .train import ConfigError, TrainConfig, TrainingError, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
+    try:
+        existing = find_checkpoint(run_dir) if run_dir.exists() else None
+        if args.resume and existing is None:
+            raise UsageError(f"--resume: no checkpoint in {run_dir}")
+        if existing is not None and not args.resume:
+            raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+        text = read_text_data(args.data) if args.data else default_corpus_text()
+        if args.resume:
+            ckpt = load_checkpoint(run_dir)
+            tokenizer = load_tokenizer(ckpt.tokenizer)
+            graph = graph_from_record(ckpt.spec)
+            overrides = ckpt.spec["overrides"]
+        else:
+            tokenizer = FileTokenizer.from_file(args.tokenizer) if args.tokenizer else CharTokenizer.from_text(text)
+            graph, overrides = _build_for_tokenizer(args.spec, cli_overrides(args.set), args.model, tokenizer)
+        vocab = _vocab_size(graph)
+        if vocab is None or vocab < tokenizer.vocab_size:
+            raise UsageError(f"the model predicts {vocab} tokens but the tokenizer has {tokenizer.vocab_size}; "
+                             f"set --set vocab={tokenizer.vocab_size}")
+        seq = args.seq or graph.context
+        if graph.context is not None and seq > graph.context:
+            raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}")
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        data = TokenData(ids)
+        data.check_seq(seq)
+        model = lower(graph, seed=args.seed)
+        cfg = TrainConfig(
+            steps=args.steps, batch=args.batch, seq=seq, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+            weight_decay=args.weight_decay, betas=(0.9, args.beta2), grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+            eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=args.ckpt_every,
+            keep=args.keep, seed=args.seed,
+        )
+        print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}")
+        summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
+                        resume=args.resume, progress=not args.no_progress)
+    except (*USER_ERRORS, ConfigError, TrainingError) as err:
+        return _fail("train", err)
+    print(_summary_line(summary))
+    if args.sample_tokens > 0:
+        prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else []
+        model.eval()
+        new = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=40, seed=args.seed,
+                       eot_id=tokenizer.eot_id)
+        print("--- sample ---")
+        print(tokenizer.decode(prompt + new))
+    return 0
+
+
+def _encodable(tokenizer, text: str) -> bool:
+    try:
+        return bool(tokenizer.encode(text))
+    except TokenizerError:
+        return False
+
+
+def _summary_line(summary: dict) -> str:
+    parts = [f"{k.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+             for k, v in summary.items() if not isinstance(v, (dict, list))]
+    return "done: " + ", ".join(parts)
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from .generate import generate
+
+    if args.max_tokens < 0:
+        raise UsageError("--max-tokens must be >= 0")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        tokenizer = load_tokenizer(ckpt.tokenizer)
+        graph = graph_from_record(ckpt.spec)
+        model = lower(graph)
+        ckpt.load_model(model)
+        model.eval()
+        prompt = tokenizer.encode(args.prompt)
+        with torch.no_grad():
+            new = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, eot_id=tokenizer.eot_id)
+    except USER_ERRORS as err:
+        return _fail("sample", err)
+    print(tokenizer.decode(prompt + new))
+    return 0
