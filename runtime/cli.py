@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON file (default: characters)")
     t.add_argument("--out", help="run directory for checkpoints and logs (default: runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--steps", type=int, help="optimizer steps in all (default: 500, or the resumed run's)")
     t.add_argument("--batch", type=int, default=12)
     t.add_argument("--seq", type=int, help="training sequence length (default: the model's context)")
     t.add_argument("--lr", type=float, default=1e-3)

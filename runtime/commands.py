@@ -1,6 +1,7 @@
 """`lmspec train` and `lmspec sample`: the verbs that need torch, joined to the compiler."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def _build_for_tokenizer(spec: str, overrides: dict, model: str | None, tokenize
 def cmd_train(args) -> int:
     import torch
     from .data import TokenData
-    from .generate import generate
+    from .generate import encode_prompt, generate
     from .train import ConfigError, TrainConfig, TrainingError, train
 
     if args.threads:
@@ -74,19 +75,23 @@ def cmd_train(args) -> int:
         if vocab is None or vocab < tokenizer.vocab_size:
             raise UsageError(f"the model predicts {vocab} tokens but the tokenizer has {tokenizer.vocab_size}; "
                              f"set --set vocab={tokenizer.vocab_size}")
-        seq = args.seq or graph.context
+        if args.resume:  # the run's own settings; only --steps may change, to extend it
+            cfg = dataclasses.replace(TrainConfig.from_dict(ckpt.train_config),
+                                      steps=args.steps or ckpt.train_config["steps"])
+        else:
+            cfg = TrainConfig(
+                steps=args.steps or 500, batch=args.batch, seq=args.seq, lr=args.lr, min_lr=args.min_lr,
+                warmup=args.warmup, weight_decay=args.weight_decay, betas=(0.9, args.beta2),
+                grad_clip=args.grad_clip, grad_accum=args.grad_accum, eval_every=args.eval_every,
+                eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
+            )
+        seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:
             raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}")
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
         data = TokenData(ids)
         data.check_seq(seq)
-        model = lower(graph, seed=args.seed)
-        cfg = TrainConfig(
-            steps=args.steps, batch=args.batch, seq=seq, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
-            weight_decay=args.weight_decay, betas=(0.9, args.beta2), grad_clip=args.grad_clip, grad_accum=args.grad_accum,
-            eval_every=args.eval_every, eval_batches=args.eval_batches, ckpt_every=args.ckpt_every,
-            keep=args.keep, seed=args.seed,
-        )
+        model = lower(graph, seed=cfg.seed)
         print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}")
         summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
@@ -95,7 +100,7 @@ def cmd_train(args) -> int:
         return _fail("train", err)
     print(_summary_line(summary))
     if args.sample_tokens > 0:
-        prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else []
+        prompt = encode_prompt(tokenizer, "")
         model.eval()
         new = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=40, seed=args.seed,
                        eot_id=tokenizer.eot_id)
@@ -104,31 +109,24 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _encodable(tokenizer, text: str) -> bool:
-    try:
-        return bool(tokenizer.encode(text))
-    except TokenizerError:
-        return False
-
-
-def _summary_line(summary: dict) -> str:
-    parts = [f"{k.replace('_', ' ')} {v:.4f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
-             for k, v in summary.items() if not isinstance(v, (dict, list))]
-    return "done: " + ", ".join(parts)
+def _summary_line(s: dict) -> str:
+    line = f"done: step {s['steps']}, train loss {s['loss']:.4f}"
+    if s.get("val_loss") is not None:
+        line += f", val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
+    if s.get("tokens_per_s"):
+        line += f", {s['tokens_per_s']:,.0f} tokens/s"
+    line += f", {s['elapsed']:.0f} s\ncheckpoint {s['checkpoint']}\nloss curve {s['plot']}"
+    return line
 
 
 def cmd_sample(args) -> int:
     import torch
-    from .generate import generate
+    from .generate import check_arguments, encode_prompt, generate
 
-    if args.max_tokens < 0:
-        raise UsageError("--max-tokens must be >= 0")
-    if args.temperature < 0:
-        raise UsageError("--temperature must be >= 0")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError("--top-k must be >= 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError("--top-p must be in (0, 1]")
+    try:
+        check_arguments([0], args.max_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     try:
         ckpt = load_checkpoint(args.checkpoint)
         tokenizer = load_tokenizer(ckpt.tokenizer)
@@ -136,7 +134,7 @@ def cmd_sample(args) -> int:
         model = lower(graph)
         ckpt.load_model(model)
         model.eval()
-        prompt = tokenizer.encode(args.prompt)
+        prompt = encode_prompt(tokenizer, args.prompt)
         with torch.no_grad():
             new = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed, eot_id=tokenizer.eot_id)

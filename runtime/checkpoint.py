@@ -1,0 +1,361 @@
+"""Checkpoints: one directory per saved step, written atomically, the last K kept.
+
+    RUN/checkpoints/step_000500/model.safetensors      weights (tied weights stored once)
+                               /optimizer.safetensors  optimizer state, keyed `<param name>.<state key>`
+                               /rng.safetensors        RNG states (torch CPU/CUDA, the data generator)
+                               /meta.json              step, train config, metrics, tokenizer, spec
+    RUN/checkpoints/latest                             the name of the newest complete directory
+
+A checkpoint is built under `.tmp-*` in the same parent and renamed into place, so a crash or
+Ctrl-C at any moment leaves the previous checkpoint and `latest` as they were.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not fit the model; the message names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    rng: dict[str, torch.Tensor] | None,
+    train_config: dict,
+    metrics: dict,
+    tokenizer: str,
+    spec: dict,
+    keep: int = 3,
+) -> Path:
+    """Write RUN/checkpoints/step_NNNNNN atomically, point `latest` at it, keep the newest `keep`.
+
+    Returns the new checkpoint directory."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "train_config": train_config,
+        "metrics": metrics,
+        "tokenizer": tokenizer,
+        "spec": spec,
+    }
+    try:
+        meta_text = json.dumps(meta, indent=2)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {err}") from None
+
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(parent)
+    name = step_dir_name(step)
+    final = parent / name
+    tmp = parent / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / MODEL_FILE))
+        _fsync_file(tmp / MODEL_FILE)
+        if optimizer is not None:
+            tensors, metadata = _flatten_optimizer(optimizer, model)
+            _save_tensors(tensors, tmp / OPTIMIZER_FILE, metadata)
+        if rng is not None:
+            _save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / RNG_FILE, None)
+        _write_text(tmp / META_FILE, meta_text)
+        _fsync_dir(tmp)
+        if final.exists():  # only when a step is saved again, after a crash before `latest` moved on
+            _remove_dir(final)
+        os.rename(tmp, final)
+        _fsync_dir(parent)
+        _write_text(parent / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", name + "\n")
+        os.replace(parent / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", parent / LATEST_FILE)
+        _fsync_dir(parent)
+    except BaseException:  # includes KeyboardInterrupt: leave no half-built directory behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(parent, keep_newest=keep, current=step)
+    return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    _fsync_file(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some file systems refuse fsync on directories, which is fine.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(parent: Path) -> None:
+    for entry in parent.iterdir():
+        if entry.name.startswith(_TMP_PREFIX):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _step_dirs(parent: Path) -> list[tuple[int, Path]]:
+    found = []
+    for entry in parent.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _prune(parent: Path, keep_newest: int, current: int) -> None:
+    """Keep `current` and the keep_newest - 1 newest before it. Directories past `current` belong to a
+    run that crashed before updating `latest` and was resumed from an earlier step: they go too."""
+    older = [(s, p) for s, p in _step_dirs(parent) if s < current]
+    doomed = [p for s, p in _step_dirs(parent) if s > current]
+    doomed += [p for _, p in older[:max(0, len(older) - (keep_newest - 1))]]
+    for path in doomed:
+        _remove_dir(path)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory so that no half-deleted step_* is ever visible: rename it to a
+    temporary name first (atomic), then delete; a kill in between leaves a .tmp-* the next save removes."""
+    doomed = path.with_name(f"{_TMP_PREFIX}old-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ optimizer state
+
+def _param_names_by_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        try:
+            groups.append([names[id(p)] for p in group["params"]])
+        except KeyError:
+            raise CheckpointError("the optimizer holds a parameter that is not part of the model") from None
+    return groups
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[dict, dict]:
+    """Optimizer state as flat tensors named by parameter, plus the hyper-parameters as JSON metadata."""
+    state_dict = optimizer.state_dict()
+    group_names = _param_names_by_group(optimizer, model)
+    index_to_name = {}
+    groups = []
+    for saved, names in zip(state_dict["param_groups"], group_names):
+        index_to_name.update(zip(saved["params"], names))
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
+    tensors: dict[str, torch.Tensor] = {}
+    extra: dict[str, dict] = {}  # non-tensor state values, if an optimizer keeps any
+    for index, state in state_dict["state"].items():
+        name = index_to_name[index]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.detach().contiguous()
+            else:
+                extra.setdefault(name, {})[key] = value
+    try:
+        metadata = {"param_groups": json.dumps(groups), "extra_state": json.dumps(extra)}
+    except TypeError as err:
+        raise CheckpointError(f"optimizer hyper-parameters are not JSON-serialisable: {err}") from None
+    return tensors, metadata
+
+
+def _unflatten_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    tensors = _read_tensors(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        saved_groups = json.loads(metadata["param_groups"])
+        extra = json.loads(metadata.get("extra_state", "{}"))
+    except (KeyError, json.JSONDecodeError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: optimizer hyper-parameters are missing or corrupt ({err})") from None
+
+    current = _param_names_by_group(optimizer, model)
+    if [g["params"] for g in saved_groups] != current:
+        raise CheckpointError(f"{path}: optimizer parameter groups do not match the model's parameters")
+    index = {}
+    groups = []
+    for g in saved_groups:
+        ids = list(range(len(index), len(index) + len(g["params"])))
+        index.update(zip(g["params"], ids))
+        groups.append({k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params"}
+                      | {"params": ids})
+    state: dict[int, dict] = {}
+    for key, tensor in tensors.items():
+        name, _, field = key.rpartition(".")
+        if name not in index:
+            raise CheckpointError(f"{path}: state for unknown parameter {name!r}")
+        state.setdefault(index[name], {})[field] = tensor
+    for name, values in extra.items():
+        if name not in index:
+            raise CheckpointError(f"{path}: state for unknown parameter {name!r}")
+        state.setdefault(index[name], {}).update(values)
+    return {"state": state, "param_groups": groups}
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: corrupt or unreadable ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+@dataclass
+class Checkpoint:
+    """A saved step: its metadata now, its tensors on request."""
+
+    path: Path  # the step directory
+    step: int
+    train_config: dict
+    metrics: dict
+    tokenizer: str  # a tokenizer's to_json(); rebuild with runtime.tokenizer.load_tokenizer
+    spec: dict
+
+    def load_model(self, model: torch.nn.Module) -> None:
+        """Copy the saved weights into `model` (same parameter names and shapes, else CheckpointError)."""
+        path = self.path / MODEL_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        try:
+            load_model(model, str(path), strict=True, device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: corrupt or unreadable ({err})") from None
+        except RuntimeError as err:  # missing/unexpected names or a shape mismatch
+            raise CheckpointError(f"{path}: does not fit the model: {err}") from None
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+        """Restore the optimizer's state exactly; its parameter groups must hold the same parameters."""
+        state_dict = _unflatten_optimizer(self.path / OPTIMIZER_FILE, optimizer, model)
+        try:
+            optimizer.load_state_dict(state_dict)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{self.path / OPTIMIZER_FILE}: does not fit the optimizer: {err}") from None
+
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        return _read_tensors(self.path / RNG_FILE)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The step directory meant by `path` (a run dir, its checkpoints dir, or a step dir), or None
+    when the run has no checkpoint yet."""
+    path = Path(path)
+    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
+        return path
+    if _STEP_DIR.match(path.name) and path.is_dir():
+        return path  # a step directory that lost its files: load_checkpoint reports which
+    parent = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    if not parent.is_dir():
+        return None
+    latest = parent / LATEST_FILE
+    if latest.is_file():
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{latest}: unreadable ({err})") from None
+        if not _STEP_DIR.match(name) or not (parent / name).is_dir():
+            raise CheckpointError(f"{latest}: names {name!r}, which is not a checkpoint directory in {parent}")
+        return parent / name
+    # No `latest`: a crash between renaming a checkpoint into place and writing `latest`.
+    # Every step_* directory is complete (they appear only by rename), so the newest is good.
+    dirs = _step_dirs(parent)
+    return dirs[-1][1] if dirs else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open the checkpoint at `path`: a run directory (its latest checkpoint), a checkpoints
+    directory, or one step directory. Reads the metadata and checks the weights file's header."""
+    step_dir = find_checkpoint(path)
+    if step_dir is None:
+        if not Path(path).exists():
+            raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: no checkpoint found (expected {CHECKPOINTS_DIR}/step_NNNNNN/)")
+    meta_path = step_dir / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: corrupt ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: corrupt (not a JSON object)")
+    if meta.get("format", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: written by a newer lmspec (format {meta['format']})")
+    expected = {"step": int, "train_config": dict, "metrics": dict, "tokenizer": str, "spec": dict}
+    for field, kind in expected.items():
+        if not isinstance(meta.get(field), kind):
+            raise CheckpointError(f"{meta_path}: field {field!r} is missing or not a {kind.__name__}")
+    model_path = step_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise CheckpointError(f"{model_path}: missing")
+    try:  # reading the header checks that the file is complete, without loading the tensors
+        with safe_open(str(model_path), "pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{model_path}: corrupt or unreadable ({err})") from None
+    return Checkpoint(
+        path=step_dir,
+        step=meta["step"],
+        train_config=meta["train_config"],
+        metrics=meta["metrics"],
+        tokenizer=meta["tokenizer"],
+        spec=meta["spec"],
+    )

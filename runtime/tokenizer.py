@@ -1,0 +1,127 @@
+"""Tokenizers: characters of the training text, or a Hugging Face `tokenizers` JSON file.
+
+Both serialise to one JSON string with a "kind" field, so a checkpoint carries the exact
+tokenizer it was trained with and `load_tokenizer` rebuilds it without the original files.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import tokenizers
+
+# The special token that ends a document in GPT-2-style vocabularies; generation stops on it.
+EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or serialised tokenizer that cannot be used; the message names it."""
+
+
+class CharTokenizer:
+    """One token per distinct character of the training text, numbered in sorted order (nanoGPT's)."""
+
+    kind = "char"
+    eot_id = None  # a character vocabulary has no end-of-text token
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise TokenizerError("a character tokenizer needs at least one character")
+        if len(set(chars)) != len(chars):
+            raise TokenizerError("a character tokenizer's characters must be distinct")
+        self.chars = chars
+        self._ids = {ch: i for i, ch in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids
+        try:
+            return [ids[ch] for ch in text]
+        except KeyError as err:
+            ch = err.args[0]
+            raise TokenizerError(
+                f"character {ch!r} (U+{ord(ch):04X}) is not in the tokenizer's vocabulary "
+                f"of {self.vocab_size} characters"
+            ) from None
+
+    def decode(self, ids: list[int]) -> str:
+        chars = self.chars
+        try:
+            return "".join(chars[i] for i in ids)
+        except IndexError:
+            bad = next(i for i in ids if not 0 <= i < len(chars))
+            raise TokenizerError(f"token id {bad} is outside the vocabulary of {self.vocab_size}") from None
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "chars": self.chars})
+
+
+class FileTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (BPE, WordPiece, ...) loaded from its JSON form."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, source: str = "<tokenizer>"):
+        self.tokenizer = tokenizer
+        self.source = source
+        self.eot_id = next(
+            (tid for tid in (tokenizer.token_to_id(t) for t in EOT_TOKENS) if tid is not None), None
+        )
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> FileTokenizer:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise TokenizerError(f"{path}: no such tokenizer file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise TokenizerError(f"{path}: cannot read tokenizer file: {err}") from None
+        return cls.from_str(text, source=path)
+
+    @classmethod
+    def from_str(cls, text: str, source: str = "<tokenizer>") -> FileTokenizer:
+        try:
+            tok = tokenizers.Tokenizer.from_str(text)
+        except Exception as err:  # the Rust side raises a bare Exception for malformed JSON
+            raise TokenizerError(f"{source}: not a Hugging Face tokenizers JSON file: {err}") from None
+        return cls(tok, source)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "tokenizer": self.tokenizer.to_str()})
+
+
+def load_tokenizer(serialised: str) -> CharTokenizer | FileTokenizer:
+    """Rebuild a tokenizer from the string its `to_json()` returned."""
+    try:
+        data = json.loads(serialised)
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"serialised tokenizer is not valid JSON: {err}") from None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == CharTokenizer.kind:
+        if not isinstance(data.get("chars"), str):
+            raise TokenizerError("serialised char tokenizer has no 'chars' string")
+        return CharTokenizer(data["chars"])
+    if kind == FileTokenizer.kind:
+        if not isinstance(data.get("tokenizer"), str):
+            raise TokenizerError("serialised tokenizer of kind 'hf' has no 'tokenizer' string")
+        return FileTokenizer.from_str(data["tokenizer"], source="serialised tokenizer")
+    raise TokenizerError(f"serialised tokenizer has unknown kind {kind!r} (expected 'char' or 'hf')")

@@ -1,0 +1,338 @@
+"""The training loop: next-token cross-entropy, AdamW, warm-up + cosine, checkpoints, exact resume.
+
+Works for any module called as `model(tokens[B, T]) -> logits[B, T, V]` with an int `model.context`.
+
+Exact resume: a run stopped at a checkpoint and resumed produces the same losses, to float
+rounding, as one that never stopped. That holds because everything random is restored (the torch
+RNG that drives dropout, the generator that picks batches), evaluation runs under a forked RNG and
+fixed windows so it draws nothing, and the learning rate is a function of the step alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .data import TokenData
+from .metrics import MetricsLog, plot_loss_curve
+from .schedule import learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class ConfigError(ValueError):
+    """A training setting that cannot work; the message names the setting."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the loss diverged, or the run directory is in the way)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch: int = 12
+    seq: int | None = None  # None: the model's context
+    lr: float = 1e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 100  # 0: evaluate only at the end
+    eval_batches: int = 20  # 0: never evaluate
+    ckpt_every: int = 100  # 0: checkpoint only at the end
+    keep: int = 3
+    seed: int = 1337
+    log_every: int = 10
+
+    # Settings that shape what is trained; on resume they come from the checkpoint, because a
+    # different value would make the continued run a different run. The others (steps, eval,
+    # checkpoint and log cadence) may change on resume, e.g. to extend a run.
+    TRAJECTORY = ("batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "betas", "grad_clip",
+                  "grad_accum", "seed")
+
+    def resolved(self, context: int) -> TrainConfig:
+        """A copy with the defaults that depend on the model filled in, checked."""
+        cfg = dataclasses.replace(
+            self,
+            seq=self.seq if self.seq is not None else context,
+            min_lr=self.min_lr if self.min_lr is not None else self.lr / 10,
+            betas=tuple(self.betas),
+        )
+        cfg._check(context)
+        return cfg
+
+    def _check(self, context: int) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "batch", "grad_accum", "keep", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        for name in ("warmup", "eval_every", "eval_batches", "ckpt_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        need(isinstance(self.seq, int) and 1 <= self.seq <= context, "seq",
+             f"must be between 1 and the model's context {context}")
+        need(self.lr > 0, "lr", "must be positive")
+        need(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr ({self.lr})")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
+        cfg = cls(**values)
+        cfg.betas = tuple(cfg.betas)
+        return cfg
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only, not on biases and norm gains
+    (nanoGPT's grouping: decay exactly the parameters with two or more dimensions)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    fused = _device_of(model).type == "cuda"  # the fused kernel exists for CUDA; CPU uses the loop
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+
+
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean cross-entropy over fixed batches, in eval mode, without touching the training RNG."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
+            losses = [_loss(model(x.to(device)), y.to(device)).item() for x, y in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    data: TokenData,
+    cfg: TrainConfig,
+    run_dir,
+    spec: dict,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train `model` on `data`, writing checkpoints, metrics.jsonl and loss.png under `run_dir`.
+
+    With resume=True, continue from the run's latest checkpoint exactly where it stopped.
+    A fresh run refuses a run directory that already holds checkpoints. Ctrl-C stops at once and
+    leaves the last complete checkpoint in place. Returns a summary of the run."""
+    run_dir = Path(run_dir)
+    context = int(model.context)
+    try:
+        json.dumps(spec)
+    except (TypeError, ValueError) as err:  # found now, not at the first checkpoint an hour in
+        raise ConfigError(f"spec must be JSON-serialisable: {err}") from None
+
+    checkpoint: Checkpoint | None = None
+    changed_on_resume: dict = {}
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        cfg, changed_on_resume = _config_for_resume(cfg, checkpoint)
+        if json.loads(checkpoint.tokenizer) != json.loads(tokenizer.to_json()):
+            raise CheckpointError(f"{checkpoint.path}: was trained with a different tokenizer")
+    elif (existing := find_checkpoint(run_dir)) is not None:
+        raise TrainingError(f"{run_dir} already holds a run (last checkpoint {existing.name}); "
+                            f"resume it or choose another directory")
+    cfg = cfg.resolved(context)
+    data.check_seq(cfg.seq, validation=cfg.eval_batches > 0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    device = _device_of(model)
+    _check_vocab(model, tokenizer, device)
+    optimizer = make_optimizer(model, cfg)
+    batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
+    if checkpoint is not None:
+        checkpoint.load_model(model)
+        checkpoint.load_optimizer(optimizer, model)
+        _restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path)
+        start_step = checkpoint.step
+        totals = {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None} | checkpoint.metrics
+        log = MetricsLog.resumed(run_dir / METRICS_FILE, start_step)
+    else:
+        torch.manual_seed(cfg.seed)  # dropout and anything else drawn from torch's default RNG
+        # Its own seed so that batch positions and dropout masks are not the same random stream.
+        batch_generator.manual_seed(cfg.seed + 1)
+        start_step, totals = 0, {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None}
+        log = MetricsLog.fresh(run_dir / METRICS_FILE)
+
+    val_set = data.val_batches(cfg.batch, cfg.seq, cfg.eval_batches) if cfg.eval_batches else []
+    tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum
+    session_start = time.perf_counter()
+    elapsed_before = float(totals.get("elapsed", 0.0))
+    last_checkpoint = checkpoint.path if checkpoint is not None else None
+    was_training = model.training
+    model.train()
+
+    bar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), unit="step", desc="train",
+               disable=None if progress else True, dynamic_ncols=True)
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            lr = learning_rate(step - 1, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss = _optimizer_step(model, optimizer, data, cfg, batch_generator, device)
+            tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+            if not math.isfinite(loss):
+                raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
+                                    f"(the last good checkpoint is {last_checkpoint})")
+            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+            totals["loss"] = loss
+
+            last = step == cfg.steps
+            if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                val_loss = evaluate(model, val_set)
+                record["val_loss"] = totals["val_loss"] = val_loss
+                if totals["best_val_loss"] is None or val_loss < totals["best_val_loss"]:
+                    totals["best_val_loss"] = val_loss
+                bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+                sys.stdout.flush()  # visible as it happens when stdout is a pipe or a log file
+            totals["elapsed"] = record["elapsed"] = elapsed_before + time.perf_counter() - session_start
+            if last or step % cfg.log_every == 0 or "val_loss" in record:
+                log.append(record)
+
+            if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                last_checkpoint = save_checkpoint(
+                    run_dir, step=step, model=model, optimizer=optimizer,
+                    rng=_rng_states(batch_generator, device), train_config=cfg.to_dict(),
+                    metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
+                    spec=spec, keep=cfg.keep,
+                )
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    if (run_dir / METRICS_FILE).exists():
+        plot_loss_curve(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
+    session_steps = max(0, cfg.steps - start_step)
+    session_time = time.perf_counter() - session_start
+    final_step = max(start_step, cfg.steps)
+    return {
+        "run_dir": str(run_dir),
+        "start_step": start_step,
+        "steps": final_step,
+        "loss": totals.get("loss"),
+        "val_loss": totals.get("val_loss"),
+        "best_val_loss": totals.get("best_val_loss"),
+        "tokens": final_step * tokens_per_step,
+        "elapsed": elapsed_before + session_time,
+        "tokens_per_s": session_steps * tokens_per_step / session_time if session_steps else None,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "metrics": str(run_dir / METRICS_FILE),
+        "plot": str(run_dir / PLOT_FILE),
+        "config": cfg.to_dict(),
+        "config_from_checkpoint": changed_on_resume,
+    }
+
+
+def _check_vocab(model: torch.nn.Module, tokenizer, device: torch.device) -> None:
+    """The model must score every token id the tokenizer can produce. Its vocabulary is only known
+    from its output, so ask it about one token (forked RNG, no grad: the run's state is untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
+            vocab = model(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1]
+    finally:
+        model.train(was_training)
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"the model predicts {vocab} tokens but the tokenizer has {tokenizer.vocab_size}; "
+                          f"set the model's vocab to at least {tokenizer.vocab_size}")
+
+
+def _optimizer_step(model, optimizer, data, cfg, generator, device) -> float:
+    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss."""
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        x, y = data.train_batch(cfg.batch, cfg.seq, generator)
+        logits = model(x.to(device))
+        loss = _loss(logits, y.to(device))
+        # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
+        (loss / cfg.grad_accum).backward()
+        total += loss.item()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+def _config_for_resume(cfg: TrainConfig, checkpoint: Checkpoint) -> tuple[TrainConfig, dict]:
+    """The given config with the trajectory settings taken from the checkpoint, and a record of
+    the given values that were overridden ({name: {"given": ..., "used": ...}})."""
+    try:
+        saved = TrainConfig.from_dict(checkpoint.train_config)
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{checkpoint.path}: unusable train_config in meta.json: {err}") from None
+    changed = {}
+    updates = {}
+    for name in TrainConfig.TRAJECTORY:
+        given, used = getattr(cfg, name), getattr(saved, name)
+        if name == "betas":
+            given, used = tuple(given), tuple(used)
+        if given is not None and given != used:
+            changed[name] = {"given": given, "used": used}
+        updates[name] = used
+    return dataclasses.replace(cfg, **updates), changed
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state(), "batch_generator": generator.get_state()}
+    if device.type == "cuda":
+        states["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device, path) -> None:
+    needed = ["torch_cpu", "batch_generator"] + (["torch_cuda"] if device.type == "cuda" else [])
+    missing = [k for k in needed if k not in states]
+    if missing:
+        raise CheckpointError(f"{path}: rng.safetensors lacks {', '.join(missing)}")
+    torch.set_rng_state(states["torch_cpu"])
+    generator.set_state(states["batch_generator"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["torch_cuda"], device)
