@@ -287,6 +287,22 @@ class Builder:
             return POISON
         if isinstance(e, ast.BinOp):
             return self.eval_binop(e, frame, label)
+        if isinstance(e, ast.Not):
+            v = self.eval(e.operand, frame)
+            if v is POISON:
+                return POISON
+            if not isinstance(v, bool):
+                self.error(f"'not' needs true or false, got {describe(v)}", e.span, "E201")
+                return POISON
+            return not v
+        if isinstance(e, ast.IfElse):
+            cond = self.eval(e.condition, frame)
+            if cond is POISON:
+                return POISON
+            if not isinstance(cond, bool):
+                self.error(f"a condition must be true or false, got {describe(cond)}", e.condition.span, "E201")
+                return POISON
+            return self.eval(e.then if cond else e.otherwise, frame, label, explicit)
         if isinstance(e, ast.Call):
             return self.eval_call(e, frame, label, explicit)
         raise TypeError(f"unknown expression {e!r}")
@@ -533,7 +549,22 @@ class _ScalarError(Exception):
     pass
 
 
+_COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+            "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
 def _scalar_binop(op: str, a, b):
+    if op in ("and", "or"):
+        if not isinstance(a, bool) or not isinstance(b, bool):
+            raise _ScalarError(f"'{op}' needs true or false on both sides, got {describe(a)} and {describe(b)}")
+        return (a and b) if op == "and" else (a or b)
+    if op in ("==", "!="):
+        return _COMPARE[op](a, b)
+    if op in _COMPARE:
+        if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) \
+                or not isinstance(b, (int, float)):
+            raise _ScalarError(f"cannot compare {describe(a)} and {describe(b)} with '{op}'")
+        return _COMPARE[op](a, b)
     if isinstance(a, bool) or isinstance(b, bool) or not _numeric(a) or not _numeric(b):
         raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
     if isinstance(a, Sym) or isinstance(b, Sym):
@@ -583,8 +614,8 @@ def _is_scalar(v) -> bool:
 
 
 def _is_expr(v) -> bool:
-    return isinstance(v, (ast.Name, ast.Number, ast.Bool, ast.NoneLit, ast.String, ast.BinOp, ast.Neg,
-                          ast.Call, ast.ListLit, ast.Named))
+    return isinstance(v, (ast.Name, ast.Number, ast.Bool, ast.NoneLit, ast.String, ast.BinOp, ast.Neg, ast.Not,
+                          ast.IfElse, ast.Call, ast.ListLit, ast.Named))
 
 
 def _convert(a: Arg, v):

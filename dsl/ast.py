@@ -50,7 +50,7 @@ class String:
 
 @dataclass
 class BinOp:
-    op: str  # one of + - * / // % @ **
+    op: str  # one of + - * / // % @ **, a comparison (== != < <= > >=), and, or
     left: "Expr"
     right: "Expr"
     span: Span
@@ -59,6 +59,21 @@ class BinOp:
 @dataclass
 class Neg:
     operand: "Expr"
+    span: Span
+
+
+@dataclass
+class Not:
+    operand: "Expr"
+    span: Span
+
+
+@dataclass
+class IfElse:
+    """`then if condition else otherwise`, on hyper-parameters."""
+    condition: "Expr"
+    then: "Expr"
+    otherwise: "Expr"
     span: Span
 
 
@@ -93,7 +108,7 @@ class Named:
     span: Span
 
 
-Expr = Union[Name, Number, Bool, NoneLit, String, BinOp, Neg, Call, ListLit, Named]
+Expr = Union[Name, Number, Bool, NoneLit, String, BinOp, Neg, Not, IfElse, Call, ListLit, Named]
 
 
 # ---- types ---------------------------------------------------------------------------------

@@ -136,6 +136,18 @@ class _ToAst(Transformer):
     matmul = _bin("@")
     pow = _bin("**")
 
+    def compare(self, meta, left, op, right):
+        return ast.BinOp(str(op), left, right, self.span(meta))
+
+    or_op = _bin("or")
+    and_op = _bin("and")
+
+    def not_op(self, meta, operand):
+        return ast.Not(operand, self.span(meta))
+
+    def ternary(self, meta, then, condition, otherwise):
+        return ast.IfElse(condition, then, otherwise, self.span(meta))
+
     def neg(self, meta, operand):
         return ast.Neg(operand, self.span(meta))
 

@@ -158,7 +158,7 @@ def cmd_info(args) -> int:
         }, indent=2))
     else:
         print(f"model {graph.name}  ({graph.file})")
-        print("  " + "  ".join(f"{k}={v}" for k, v in graph.hyper.items()))
+        print("  " + "  ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in graph.hyper.items()))
         for node_id in graph.inputs:
             data = graph.g.nodes[node_id]
             shape = ", ".join(f"{d} <= {graph.bounds[str(d)]}" if str(d) in graph.bounds else str(d)

@@ -110,3 +110,19 @@ def test_check_of_96_layer_spec_is_fast():
     g = load_spec(str(SPECS / "gpt2.arch"), {"layers": 96})
     assert time.perf_counter() - start < 2.0  # bench/train_step.py measures it; 1 s is the target
     assert len(g.params) == 2 + 96 * 12 + 2 + 1
+
+
+def test_hyper_parameter_logic(tmp_path):
+    spec = tmp_path / "m.arch"
+    spec.write_text("""
+model m {
+  small = true; dim = 64 if small else 768; wide = dim > 32 and not small
+  input t: i64[batch, seq <= 8]
+  y = linear(embedding(t, 10, dim), 8 if wide else 16)
+  output y
+}
+""")
+    g = load_spec(str(spec))
+    assert g.hyper == {"small": True, "dim": 64, "wide": False}
+    assert g.outputs[0][1].shape[-1] == 16
+    assert load_spec(str(spec), {"small": False}).hyper["dim"] == 768

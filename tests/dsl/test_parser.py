@@ -71,3 +71,17 @@ def test_syntax_errors_are_located(src, where, words):
     assert (d.span.line, d.span.column) == where
     assert words in d.message
     assert "bad.arch:%d:%d: error:" % where in info.value.render()
+
+
+def test_comparisons_logic_and_conditionals():
+    m = parse("model m { a = 1 if b < 2 and not c or d == e else 3 }")
+    e = m.models[0].body[0].value
+    assert isinstance(e, ast.IfElse)
+    cond = e.condition
+    assert cond.op == "or" and cond.left.op == "and" and isinstance(cond.left.right, ast.Not)
+    assert cond.left.left.op == "<" and cond.right.op == "=="
+
+
+def test_dim_bound_is_not_a_comparison():
+    m = parse("model m { input t: i64[b, s <= 8] }")
+    assert isinstance(m.models[0].body[0].type.dims[1], ast.BoundedDim)
