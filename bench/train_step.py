@@ -1,10 +1,10 @@
 """Training tokens/s of the lmspec-compiled GPT against a hand-written eager GPT (nanoGPT-style).
 
-Same config, same weights, same batches, same process; the two are timed in alternating rounds so
-that drift in the machine's speed hits both. Also times `lmspec check` on a 96-layer spec in a cold
+Same config, same weights, same batches, same process; the two take turns step by step so that
+drift in the machine's speed hits both, and the median step time of each is compared. Also times `lmspec check` on a 96-layer spec in a cold
 process. Prints ratios; record them in bench/RESULTS.md.
 
-    python bench/train_step.py [--layers 6 --dim 384 --heads 6 --context 256 --batch 8 --steps 10]
+    python bench/train_step.py [--layers 6 --dim 384 --heads 6 --context 256 --batch 8 --steps 30]
 """
 from __future__ import annotations
 
@@ -28,23 +28,34 @@ from reference_gpt import GPT, GPTConfig  # noqa: E402
 from lmspec.compiler import load_spec, lower  # noqa: E402
 
 
-def time_steps(model, batches, steps: int) -> float:
-    """Seconds for `steps` AdamW training steps (after one warm-up step)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
+class Trainer:
+    """One model with its own AdamW, stepping on given batches."""
 
-    def step(x, y):
-        logits = model(x)
+    def __init__(self, model):
+        self.model = model.train()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(self, x, y) -> float:
+        """Seconds for one training step."""
+        start = time.perf_counter()
+        logits = self.model(x)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
+        return time.perf_counter() - start
 
-    step(*batches[0])
-    start = time.perf_counter()
+
+def alternate(trainers, batches, steps: int) -> list[list[float]]:
+    """Step each trainer in turn on the same batch, `steps` times, after one warm-up step each:
+    whatever else the machine does then slows both alike."""
+    for t in trainers:
+        t.step(*batches[0])
+    times = [[] for _ in trainers]
     for i in range(steps):
-        step(*batches[i % len(batches)])
-    return time.perf_counter() - start
+        for t, log in zip(trainers, times):
+            log.append(t.step(*batches[i % len(batches)]))
+    return times
 
 
 def check_seconds(layers: int) -> float:
@@ -66,8 +77,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per model, alternating")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -80,13 +90,10 @@ def main() -> None:
     for _ in range(4):
         t = torch.randint(0, args.vocab, (args.batch, args.context + 1), generator=gen)
         batches.append((t[:, :-1], t[:, 1:]))
-    tokens = args.batch * args.context * args.steps
-
-    ours_s, ref_s = [], []
-    for _ in range(args.rounds):
-        ref_s.append(time_steps(reference, batches, args.steps))
-        ours_s.append(time_steps(ours, batches, args.steps))
-    ours_tps, ref_tps = tokens / statistics.median(ours_s), tokens / statistics.median(ref_s)
+    ref_times, ours_times = alternate([Trainer(reference), Trainer(ours)], batches, args.steps)
+    # median step time: robust to the odd step slowed by the rest of the machine
+    ours_tps = args.batch * args.context / statistics.median(ours_times)
+    ref_tps = args.batch * args.context / statistics.median(ref_times)
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"model: GPT-2 shape, {args.layers} layers, dim {args.dim}, {args.heads} heads, context {args.context}, "

@@ -147,6 +147,8 @@ class Dropout(Op):
 
     def lower(self, c):
         import torch
+        if c["p"] == 0.0:
+            return c["x"]  # dropout(x, 0) is x: emit nothing
         return c.module(torch.nn.Dropout(c["p"]), c["x"])
 
 

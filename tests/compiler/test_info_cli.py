@@ -1,0 +1,46 @@
+"""`lmspec info`: parameters, FLOPs, breakdown, JSON, and the graph drawn to a file."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def info(*args):
+    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", "info", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_info_prints_parameters_flops_and_blocks():
+    out = info("specs/gpt2.arch")
+    assert out.returncode == 0, out.stderr
+    assert "parameters: 124,439,808" in out.stdout
+    assert "block.0 (x12)" in out.stdout and "7,087,872" in out.stdout
+    assert "input  tokens: i64[batch, seq <= 1024]" in out.stdout
+
+
+def test_info_json_agrees_with_the_medium_count():
+    out = info("specs/gpt2-medium.arch", "--format", "json")
+    data = json.loads(out.stdout)
+    assert data["parameters"] == 354_823_168
+    assert data["training_flops_per_token"] == 3 * data["forward_flops_per_token"]
+    assert sum(g["parameters"] * g["count"] for g in data["breakdown"]) == 354_823_168
+
+
+def test_info_draws_the_graph(tmp_path):
+    dot, svg = tmp_path / "g.dot", tmp_path / "g.svg"
+    assert info("specs/tiny.arch", "--set", "layers=1", "--graph", str(dot)).returncode == 0
+    text = dot.read_text()
+    assert text.startswith("digraph tiny") and "attention" in text and "->" in text
+    assert info("specs/tiny.arch", "--set", "layers=1", "--graph", str(svg)).returncode == 0
+    assert "<svg" in svg.read_text()[:500]
+    bad = info("specs/tiny.arch", "--graph", str(tmp_path / "g.txt"))
+    assert bad.returncode == 2 and "use a .dot, .svg" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_info_does_not_import_torch():
+    code = ("import sys; from lmspec.runtime.cli import main; main(['info', 'specs/gpt2.arch']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
