@@ -27,8 +27,7 @@ _SCALAR_FUNCS = {
 }
 
 
-class _Abort(Exception):
-    """Raised after a diagnostic to unwind out of a construct that cannot continue."""
+MAX_REPEAT = 10_000  # far beyond any real model; stops a typo from building a graph for minutes
 
 
 @dataclass
@@ -104,10 +103,7 @@ class Builder:
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, model: ast.Model, namespace: dict[str, BlockDef]) -> None:
         frame = Frame(env={}, namespace=namespace, scope=[], kind="model")
-        try:
-            self.exec_body(model.body, frame)
-        except _Abort:
-            pass
+        self.exec_body(model.body, frame)
         for name in sorted(set(self.overrides) - self.used_overrides):
             known = ", ".join(k for k, v in self.graph.hyper.items()) or "none"
             self.error(f"--set {name}: the model has no hyper-parameter '{name}' (known: {known})", model.span, "E106")
@@ -117,7 +113,6 @@ class Builder:
     # ---- statements -------------------------------------------------------------------------
     def exec_body(self, stmts: list, frame: Frame):
         for stmt in stmts:
-            errors_before = len(self.diagnostics)
             if isinstance(stmt, ast.Assign):
                 self.exec_assign(stmt, frame)
             elif isinstance(stmt, ast.Input):
@@ -131,7 +126,6 @@ class Builder:
                     self.error("'return' outside a block", stmt.span, "E111")
                     continue
                 return self.eval(stmt.value, frame)
-            del errors_before
         return None
 
     def exec_assign(self, stmt: ast.Assign, frame: Frame) -> None:
@@ -237,6 +231,9 @@ class Builder:
             return
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             self.error(f"repeat count must be a non-negative int, got {describe(count)}", stmt.count.span, "E201")
+            return
+        if count > MAX_REPEAT:
+            self.error(f"repeat count {count} is more than {MAX_REPEAT}", stmt.count.span, "E201")
             return
         outer_repeat, outer_top = self._repeat_scope, frame.top_level
         frame.top_level = False
@@ -537,7 +534,7 @@ class Builder:
             if expected is POISON:
                 return False
             if expected != actual:
-                self.error(f"{what}: expected shape {_fmt_type(t)} = {_fmt_expected(t, pairs, env, sub, self)}, "
+                self.error(f"{what}: expected shape {_fmt_type(t)} = {_fmt_expected(t, env)}, "
                            f"got {fmt_shape(shape)}", at, "E103")
                 return False
         return True
@@ -693,7 +690,8 @@ def _src(e) -> str:
     return "?"
 
 
-def _fmt_expected(t, pairs, env, frame, builder) -> str:
+def _fmt_expected(t: ast.TensorType, env: dict) -> str:
+    """The pattern with the dims it has bound so far filled in: [*, d] -> [*, 768]."""
     dims = []
     for d in t.dims:
         if isinstance(d, ast.StarDim):

@@ -205,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug in lmspec, not in the input: say so briefly
+        if os.environ.get("LMSPEC_DEBUG"):
+            raise
+        print(f"lmspec {args.verb}: internal error: {type(err).__name__}: {err}\n"
+              f"(this is a bug in lmspec; run with LMSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
