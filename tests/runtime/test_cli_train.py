@@ -98,3 +98,21 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path):
     a, b = losses(whole), losses(cut)
     assert sorted(a) == sorted(b)
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-6
+
+
+def test_train_with_a_tokenizer_file(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(VERDICT)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tok.json"))
+    run = tmp_path / "run"
+    out = lmspec("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--out", str(run), "--steps", "3", "--no-progress", "--sample-tokens", "0")
+    assert out.returncode == 0, out.stderr
+    assert f"vocab = {tok.get_vocab_size()}" in out.stdout
+    sample = lmspec("sample", str(run), "--prompt", "I had always", "--max-tokens", "5", "--seed", "1")
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("I had always")
