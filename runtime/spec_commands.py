@@ -1,0 +1,96 @@
+"""`lmspec check` and `lmspec info`: they read specs only, and never import torch."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from .usage import UsageError, cli_overrides
+
+
+def _expand(paths: list[str]) -> list[str]:
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(glob.glob(os.path.join(p, "**", "*.arch"), recursive=True))
+        elif any(ch in p for ch in "*?["):
+            matched = sorted(glob.glob(p, recursive=True))
+            if not matched:
+                raise UsageError(f"no files match {p}")
+            files += matched
+        else:
+            files.append(p)
+    return files
+
+
+def cmd_check(args) -> int:
+    from lmspec.compiler import check_file
+    overrides = cli_overrides(args.set)
+    files = _expand(args.paths)
+    found = []
+    for path in files:
+        diagnostics, sources = check_file(path, overrides)
+        found.append((diagnostics, sources))
+    errors = sum(len(d) for d, _ in found)
+    if args.format == "json":
+        print(json.dumps([d.to_dict() for ds, _ in found for d in ds], indent=2))
+    else:
+        for diagnostics, sources in found:
+            for d in diagnostics:
+                print(d.render(sources), file=sys.stderr)
+        status = "ok" if not errors else f"{errors} error{'s' * (errors != 1)}"
+        print(f"checked {len(files)} file{'s' * (len(files) != 1)}: {status}")
+    return 1 if errors else 0
+
+
+def cmd_info(args) -> int:
+    from lmspec.compiler import load_spec
+    from lmspec.compiler.analysis import breakdown, flops_per_token, parameter_count
+    from lmspec.compiler.shapes import fmt_shape
+    graph = load_spec(args.spec, cli_overrides(args.set), args.model)
+    if args.seq is not None and args.seq < 1:
+        raise UsageError("--seq must be positive")
+    seq = args.seq or graph.context
+    params = parameter_count(graph)
+    fpt = flops_per_token(graph, seq)
+    groups = breakdown(graph, seq)
+    tied = [p.name for p in graph.params.values() if p.tied_to]
+    if args.format == "json":
+        print(json.dumps({
+            "model": graph.name, "file": graph.file, "hyper_parameters": graph.hyper,
+            "parameters": params, "seq": seq, "forward_flops_per_token": fpt,
+            "training_flops_per_token": 3 * fpt, "tied": tied,
+            "breakdown": [{"name": g.name, "count": g.count, "parameters": g.params, "forward_flops": g.flops}
+                          for g in groups],
+        }, indent=2))
+    else:
+        print(f"model {graph.name}  ({graph.file})")
+        print("  " + "  ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in graph.hyper.items()))
+        for node_id in graph.inputs:
+            data = graph.g.nodes[node_id]
+            shape = ", ".join(f"{d} <= {graph.bounds[str(d)]}" if str(d) in graph.bounds else str(d)
+                              for d in data["outputs"][0][0])
+            print(f"  input  {data['label']}: {data['outputs'][0][1]}[{shape}]")
+        for name, ref in graph.outputs:
+            print(f"  output {name}: {ref.dtype}{fmt_shape(ref.shape)}")
+        print(f"parameters: {params:,}" + (f"  (tied: {', '.join(tied)})" if tied else ""))
+        print(f"FLOPs per token at seq {seq}: {fpt / 1e6:,.1f} M forward, {3 * fpt / 1e6:,.1f} M training")
+        print(f"\n  {'part':<24}{'parameters':>16}{'fwd MFLOPs/token':>20}")
+        tokens = seq
+        for g in groups:
+            if not g.params and not g.flops:
+                continue
+            name = g.name if g.count == 1 else f"{g.name} (x{g.count})"
+            per = "each" if g.count > 1 else ""
+            print(f"  {name:<24}{g.params:>16,}{g.flops / tokens / 1e6:>20,.2f} {per}")
+    if args.graph:
+        from .graph_render import write_graph
+        try:
+            write_graph(graph, args.graph)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        except OSError as err:
+            raise UsageError(f"cannot write {args.graph}: {err.strerror}") from None
+        print(f"graph written to {args.graph}")
+    return 0
