@@ -28,6 +28,20 @@ EXAMPLES = {
   lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
   lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
   lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run""",
+    "data prepare": """examples:
+  lmspec data prepare corpus/ extra.jsonl --out prepared/
+  lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
+    "data tokenize": """examples:
+  lmspec data tokenize prepared/ --tokenizer tok.json --out shards/
+  lmspec data tokenize prepared/ --tokenizer ../shared/data/gpt2-tokenizer --out shards/ --val-fraction 0.05""",
+    "tokenizer train": """examples:
+  lmspec tokenizer train prepared/ --vocab-size 8192 --out tok.json
+  lmspec tokenizer train ../shared/data/tinyshakespeare.txt --vocab-size 1024 --out shakespeare.json""",
+    "tokenizer encode": """examples:
+  lmspec tokenizer encode ../shared/data/gpt2-tokenizer "Hello, world."
+  lmspec tokenizer encode tok.json --file ../shared/data/the-verdict.txt --count""",
+    "tokenizer decode": """examples:
+  lmspec tokenizer decode ../shared/data/gpt2-tokenizer 15496 11 995 13""",
     "sample": """examples:
   lmspec sample runs/tiny --prompt "The " --max-tokens 200
   lmspec sample runs/tiny/checkpoints/step_000500 --temperature 0.8 --top-k 40 --seed 1""",
@@ -42,12 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    def verb(name, help_, handler):
+    def verb(name, help_, handler, parent=sub, group=""):
         """A verb whose `handler` ('module:function' in lmspec.runtime) is imported only when it runs."""
-        q = sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        q = parent.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[f"{group}{name}"],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         q.set_defaults(handler=handler)
         return q
+
+    def group(name, help_):
+        actions = sub.add_parser(name, help=help_, description=help_).add_subparsers(dest="action", metavar="ACTION")
+        actions.required = True
+        return actions
 
     def override_options(q):
         q.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -101,7 +120,56 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int)
+    d = group("data", "Prepare a text corpus: clean and deduplicate it, tokenize it into shards.")
+    dp = verb("prepare", "Normalise, clean, deduplicate (exact and near) and filter documents; write a report.",
+              "data_commands:cmd_data_prepare", d, "data ")
+    dp.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories, JSONL files")
+    dp.add_argument("--out", required=True, help="directory for documents.jsonl and report.json")
+    dp.add_argument("--text-field", default="text", help="the field holding the text in JSONL records")
+    dp.add_argument("--min-chars", type=int, default=1, help="drop shorter documents")
+    dp.add_argument("--max-chars", type=int, help="drop longer documents")
+    dp.add_argument("--near-dup-threshold", type=float, default=0.8,
+                    help="estimated Jaccard similarity of word shingles above which a document is a near-duplicate")
+    dp.add_argument("--shingle", type=int, default=5, help="words per shingle")
+    dp.add_argument("--no-near-dup", action="store_true", help="drop exact duplicates only")
+    dp.add_argument("--json", action="store_true", help="print the report as JSON")
+    dp.add_argument("--no-progress", action="store_true")
+
+    dt = verb("tokenize", "Tokenize a prepared corpus into binary shards for `lmspec train --data`.",
+              "data_commands:cmd_data_tokenize", d, "data ")
+    dt.add_argument("sources", nargs="+", metavar="SOURCE",
+                    help="a prepared directory, or text files and directories (one file, one document)")
+    dt.add_argument("--tokenizer", required=True,
+                    help="a tokenizers JSON file, or a directory with tokenizer.json or encoder.json + vocab.bpe")
+    dt.add_argument("--out", required=True, help="directory for the shards and meta.json")
+    dt.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation")
+    dt.add_argument("--shard-tokens", type=int, default=64 * 2**20, help="tokens per shard file")
+    dt.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    dt.add_argument("--no-progress", action="store_true")
+
+    k = group("tokenizer", "Train, inspect and use tokenizers.")
+    kt = verb("train", "Train a byte-level BPE tokenizer with special tokens (Hugging Face tokenizers).",
+              "data_commands:cmd_tokenizer_train", k, "tokenizer ")
+    kt.add_argument("corpus", nargs="+", help="a prepared directory, or text files and directories")
+    kt.add_argument("--vocab-size", type=int, required=True)
+    kt.add_argument("--out", required=True, help="the tokenizer JSON file to write")
+    kt.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                    help="another special token (beside <|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>)")
+    kt.add_argument("--min-frequency", type=int, default=2)
+    kt.add_argument("--no-progress", action="store_true")
+    ke = verb("encode", "Print the token ids of a text.", "data_commands:cmd_tokenizer_encode", k, "tokenizer ")
+    ke.add_argument("tokenizer")
+    ke.add_argument("text", nargs="?")
+    ke.add_argument("--file", help="encode this file instead")
+    ke.add_argument("--count", action="store_true", help="print only how many tokens")
+    kd = verb("decode", "Print the text of token ids.", "data_commands:cmd_tokenizer_decode", k, "tokenizer ")
+    kd.add_argument("tokenizer")
+    kd.add_argument("ids", nargs="+")
     return p
+
+
+def _verb(args) -> str:
+    return f"{args.verb} {args.action}" if getattr(args, "action", None) else args.verb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err.render(), file=sys.stderr)
         return 1
     except UsageError as err:
-        print(f"lmspec {args.verb}: error: {err}", file=sys.stderr)
+        print(f"lmspec {_verb(args)}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -121,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug in lmspec, not in the input: say so briefly
         if os.environ.get("LMSPEC_DEBUG"):
             raise
-        print(f"lmspec {args.verb}: internal error: {type(err).__name__}: {err}\n"
+        print(f"lmspec {_verb(args)}: internal error: {type(err).__name__}: {err}\n"
               f"(this is a bug in lmspec; run with LMSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
 

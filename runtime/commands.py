@@ -47,6 +47,32 @@ def _build_for_tokenizer(spec: str, overrides: dict, model: str | None, tokenize
     return graph, overrides
 
 
+def _shard_data(path: str):
+    """Token shards written by `lmspec data tokenize` (memory-mapped), or None for plain text.
+    Under torchrun each rank reads its own windows."""
+    from .shards import META_FILE, ShardData
+    if not (Path(path) / META_FILE).is_file():
+        return None
+    return ShardData(path, rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def _run_tokenizer(args, ckpt, shards, text):
+    """The checkpoint's tokenizer on resume, else the shards' own, a --tokenizer file's, or the
+    corpus's characters; shards only train a model whose tokenizer wrote them."""
+    if ckpt is not None:
+        tokenizer = load_tokenizer(ckpt.tokenizer)
+    elif shards is not None:
+        tokenizer = shards.tokenizer()
+    else:
+        return FileTokenizer.from_path(args.tokenizer) if args.tokenizer else CharTokenizer.from_text(text)
+    if shards is not None:
+        written_with = shards.tokenizer().to_json()
+        given = [tokenizer] + ([FileTokenizer.from_path(args.tokenizer)] if args.tokenizer else [])
+        if any(t.to_json() != written_with for t in given):
+            raise UsageError(f"{args.data} was tokenized with another tokenizer than this run's")
+    return tokenizer
+
+
 def cmd_train(args) -> int:
     import torch
     from .data import TokenData
@@ -62,14 +88,14 @@ def cmd_train(args) -> int:
             raise UsageError(f"--resume: no checkpoint in {run_dir}")
         if existing is not None and not args.resume:
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
-        text = read_text_data(args.data) if args.data else default_corpus_text()
-        if args.resume:
-            ckpt = load_checkpoint(run_dir)
-            tokenizer = load_tokenizer(ckpt.tokenizer)
+        ckpt = load_checkpoint(run_dir) if args.resume else None
+        shards = _shard_data(args.data) if args.data else None
+        text = None if shards else (read_text_data(args.data) if args.data else default_corpus_text())
+        tokenizer = _run_tokenizer(args, ckpt, shards, text)
+        if ckpt is not None:
             graph = graph_from_record(ckpt.spec)
             overrides = ckpt.spec["overrides"]
         else:
-            tokenizer = FileTokenizer.from_file(args.tokenizer) if args.tokenizer else CharTokenizer.from_text(text)
             graph, overrides = _build_for_tokenizer(args.spec, cli_overrides(args.set), args.model, tokenizer)
         vocab = _vocab_size(graph)
         if vocab is None or vocab < tokenizer.vocab_size:
@@ -88,8 +114,7 @@ def cmd_train(args) -> int:
         seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:
             raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}")
-        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-        data = TokenData(ids)
+        data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long))
         data.check_seq(seq)
         model = lower(graph, seed=cfg.seed)
         print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "

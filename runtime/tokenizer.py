@@ -1,6 +1,8 @@
-"""Tokenizers: characters of the training text, or a Hugging Face `tokenizers` JSON file.
+"""Tokenizers: characters of the training text, or a Hugging Face `tokenizers` tokenizer.
 
-Both serialise to one JSON string with a "kind" field, so a checkpoint carries the exact
+A Hugging Face tokenizer comes from its JSON file, or from GPT-2's own vocabulary files
+(`encoder.json` + `vocab.bpe`), built with the same BPE model so that it gives exactly GPT-2's ids.
+Both kinds serialise to one JSON string with a "kind" field, so a checkpoint carries the exact
 tokenizer it was trained with and `load_tokenizer` rebuilds it without the original files.
 """
 from __future__ import annotations
@@ -9,9 +11,15 @@ import json
 import os
 
 import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 # The special token that ends a document in GPT-2-style vocabularies; generation stops on it.
 EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+# The file a directory holding a Hugging Face tokenizer names it by.
+TOKENIZER_FILE = "tokenizer.json"
+# Vocabulary + merges pairs of byte-level BPE files: OpenAI's GPT-2 release, and Hugging Face's copy.
+BPE_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 
 
 class TokenizerError(ValueError):
@@ -86,6 +94,46 @@ class FileTokenizer:
         except (OSError, UnicodeDecodeError) as err:
             raise TokenizerError(f"{path}: cannot read tokenizer file: {err}") from None
         return cls.from_str(text, source=path)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> FileTokenizer:
+        """A tokenizers JSON file; a directory holding `tokenizer.json`; or a directory holding
+        GPT-2-style byte-level BPE files (`encoder.json` + `vocab.bpe`, or `vocab.json` + `merges.txt`)."""
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            return cls.from_file(path)
+        if not os.path.isdir(path):
+            raise TokenizerError(f"{path}: no such tokenizer file or directory")
+        if os.path.isfile(os.path.join(path, TOKENIZER_FILE)):
+            return cls.from_file(os.path.join(path, TOKENIZER_FILE))
+        for vocab, merges in BPE_FILE_PAIRS:
+            if os.path.isfile(os.path.join(path, vocab)):
+                return cls.from_bpe_files(os.path.join(path, vocab), os.path.join(path, merges))
+        expected = ", ".join([TOKENIZER_FILE] + [f"{v} + {m}" for v, m in BPE_FILE_PAIRS])
+        raise TokenizerError(f"{path}: directory holds no tokenizer (expected {expected})")
+
+    @classmethod
+    def from_bpe_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> FileTokenizer:
+        """GPT-2's tokenizer from its released vocabulary (token -> id JSON) and merges list.
+
+        Built the way Hugging Face builds GPT-2's: byte-level pre-tokenizer without a prefix space
+        (GPT-2's regex split), no normaliser, byte-level decoder, so ids equal GPT-2's and decoding
+        gives back the exact bytes. End-of-text tokens in the vocabulary are marked special: they keep
+        their ids (50256 for GPT-2) and are matched as one token, never split into pieces."""
+        vocab_path, merges_path = os.fspath(vocab_path), os.fspath(merges_path)
+        for file in (vocab_path, merges_path):
+            if not os.path.isfile(file):
+                raise TokenizerError(f"{file}: no such vocabulary file")
+        try:
+            tok = tokenizers.Tokenizer(models.BPE.from_file(vocab_path, merges_path))
+        except Exception as err:  # the Rust side raises a bare Exception for malformed files
+            raise TokenizerError(f"{vocab_path}, {merges_path}: not a BPE vocabulary and merges list: {err}") from None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)  # as Hugging Face's gpt2; offsets only
+        specials = [AddedToken(t, special=True, normalized=False) for t in EOT_TOKENS if tok.token_to_id(t) is not None]
+        tok.add_special_tokens(specials)
+        return cls(tok, source=os.path.dirname(vocab_path) or vocab_path)
 
     @classmethod
     def from_str(cls, text: str, source: str = "<tokenizer>") -> FileTokenizer:

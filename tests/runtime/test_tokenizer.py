@@ -75,15 +75,11 @@ def test_file_tokenizer_serialises_and_reloads(bpe_file, verdict_text):
     assert again.encode(verdict_text) == tok.encode(verdict_text)
 
 
-def test_gpt2_vocabulary_gives_gpt2_ids(tmp_path, shared_data):
-    encoder, merges = shared_data / "gpt2-tokenizer" / "encoder.json", shared_data / "gpt2-tokenizer" / "vocab.bpe"
-    if not encoder.is_file():
+def test_gpt2_vocabulary_gives_gpt2_ids(shared_data):
+    directory = shared_data / "gpt2-tokenizer"
+    if not (directory / "encoder.json").is_file():
         pytest.skip("GPT-2 vocabulary not in shared data")
-    hf = Tokenizer(models.BPE.from_file(str(encoder), str(merges)))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.save(str(tmp_path / "gpt2.json"))
-    tok = FileTokenizer.from_file(tmp_path / "gpt2.json")
+    tok = FileTokenizer.from_path(directory)
     assert tok.vocab_size == 50257
     assert tok.eot_id == 50256
     assert tok.encode("Hello world") == [15496, 995]
