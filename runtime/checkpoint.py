@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .atomic import fsync_dir
+
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
@@ -91,14 +93,14 @@ def save_checkpoint(
         if rng is not None:
             _save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / RNG_FILE, None)
         _write_text(tmp / META_FILE, meta_text)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # only when a step is saved again, after a crash before `latest` moved on
             _remove_dir(final)
         os.rename(tmp, final)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         _write_text(parent / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", name + "\n")
         os.replace(parent / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", parent / LATEST_FILE)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:  # includes KeyboardInterrupt: leave no half-built directory behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -122,20 +124,6 @@ def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; some file systems refuse fsync on directories, which is fine.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 

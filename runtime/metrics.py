@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .atomic import write_text_atomically
+
 
 class MetricsLog:
     """Append-only JSONL log. Each record is written and flushed as one line, so a killed run
@@ -18,7 +20,7 @@ class MetricsLog:
     def fresh(cls, path: str | os.PathLike) -> MetricsLog:
         """A new, empty log (a previous one at `path` is replaced)."""
         log = cls(path)
-        _atomic_write_text(log.path, "")
+        write_text_atomically(log.path, "")
         return log
 
     @classmethod
@@ -27,7 +29,7 @@ class MetricsLog:
         the checkpoint are about to be trained again."""
         log = cls(path)
         kept = [r for r in read_metrics(log.path) if r["step"] <= step] if log.path.exists() else []
-        _atomic_write_text(log.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomically(log.path, "".join(json.dumps(r) + "\n" for r in kept))
         return log
 
     def append(self, record: dict) -> None:
@@ -77,18 +79,5 @@ def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike) 
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

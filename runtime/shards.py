@@ -32,6 +32,7 @@ import numpy as np
 import tokenizers
 import torch
 
+from .atomic import fsync_dir, write_text_atomically
 from .corpus import DataError
 from .tokenizer import EOT_TOKENS, TOKENIZER_FILE, FileTokenizer, TokenizerError
 
@@ -128,9 +129,9 @@ def write_shards(
             "documents": doc_index,
             "splits": splits,
         }
-        _write_atomically(out_dir / TOKENIZER_FILE, tokenizer_json)
-        _write_atomically(out_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
-        _fsync_dir(out_dir)
+        write_text_atomically(out_dir / TOKENIZER_FILE, tokenizer_json)
+        write_text_atomically(out_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
+        fsync_dir(out_dir)
     except BaseException:  # includes Ctrl-C: leave no shards of an unfinished run behind
         for writer in writers.values():
             writer.discard()
@@ -343,30 +344,8 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames durable; some file systems refuse fsync on a directory, which is fine.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -14,6 +14,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .atomic import write_text_atomically
 from .tokenizer import FileTokenizer, TokenizerError
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
@@ -73,7 +74,7 @@ def train_bpe(
         raise TokenizerError(f"training the BPE tokenizer failed: {err}") from None
 
     out_path = Path(out_path)
-    _write_atomically(out_path, tok.to_str())
+    write_text_atomically(out_path, tok.to_str())
     return FileTokenizer(tok, source=str(out_path))
 
 
@@ -127,17 +128,3 @@ def _only_texts(texts: Iterable) -> Iterator[str]:
 
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else repr(text[:limit]) + "..."
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary name beside `path`, then rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
