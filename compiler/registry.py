@@ -34,7 +34,8 @@ class Op:
     short: ClassVar[str | None] = None  # scope name of the torch module, for ops that own one
     residual: ClassVar[str | None] = None  # parameter that projects back into the residual stream
     cache_safe: ClassVar[bool] = True  # False: mixes sequence positions in a way a KV cache cannot follow
-    onnx: ClassVar[str] = ""
+    onnx: ClassVar[str] = ""  # how the op appears in an exported ONNX graph
+    exportable: ClassVar[bool] = True  # False: `lmspec export` refuses the op, naming where it is used
     doc: ClassVar[str] = ""
 
     def infer(self, c) -> tuple[tuple, str] | list[tuple[tuple, str]]:

@@ -29,6 +29,11 @@ class Position(nn.Module):
         self.weight = nn.Parameter(torch.empty(context, dim))
 
     def forward(self, seq: int, cache=None) -> torch.Tensor:
+        # A cache that carries explicit positions ([batch, seq]: left-padded batches, ONNX export)
+        # gives each row its own; otherwise positions continue from the cache's offset.
+        position_ids = getattr(cache, "position_ids", None)
+        if position_ids is not None:
+            return F.embedding(position_ids, self.weight)
         start = cache.offset if cache is not None else 0
         return self.weight[start:start + seq]
 
@@ -61,7 +66,11 @@ class Attention(nn.Module):
         k = k.view(b, t, self.kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, hd).transpose(1, 2)
         mask, is_causal = None, self.causal
-        if cache is not None:
+        if getattr(cache, "attention_mask", None) is not None:
+            # A cache with a padding mask builds the whole [batch, 1, t, s] mask itself.
+            k, v = cache.update(self.layer_index, k, v)
+            mask, is_causal = cache.mask(t, k.shape[2], self.causal), False
+        elif cache is not None:
             offset = cache.offset
             k, v = cache.update(self.layer_index, k, v)
             if self.causal and offset > 0:

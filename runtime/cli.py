@@ -1,4 +1,4 @@
-"""The `lmspec` command line: check | info | train | sample.
+"""The `lmspec` command line: check | info | train | sample | export | generate | serve | data | tokenizer.
 
 Each verb imports what it needs when it runs, so `check` and `info` never import torch.
 A mistake in the user's input ends as a located message and a non-zero exit, not a traceback.
@@ -42,6 +42,18 @@ EXAMPLES = {
   lmspec tokenizer encode tok.json --file ../shared/data/the-verdict.txt --count""",
     "tokenizer decode": """examples:
   lmspec tokenizer decode ../shared/data/gpt2-tokenizer 15496 11 995 13""",
+    "export": """examples:
+  lmspec export runs/tiny -o exported/tiny.onnx
+  lmspec export runs/gpt2 -o exported/gpt2-int8.onnx --optimize --quantize int8""",
+    "generate": """examples:
+  lmspec generate exported/tiny.onnx --prompt "The " --max-tokens 100
+  lmspec generate exported/tiny.onnx --prompt "def " --prompt "The module" --temperature 0
+  lmspec generate exported/ --prompt "Q:" --stop "\\n" --top-p 0.9 --seed 1""",
+    "serve": """examples:
+  lmspec serve exported/tiny.onnx
+  lmspec serve exported/tiny.onnx --port 8080 --max-tokens 256
+  curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+       -d '{"model": "tiny", "prompt": "The ", "max_tokens": 50}'""",
     "sample": """examples:
   lmspec sample runs/tiny --prompt "The " --max-tokens 200
   lmspec sample runs/tiny/checkpoints/step_000500 --temperature 0.8 --top-k 40 --seed 1""",
@@ -51,7 +63,7 @@ EXAMPLES = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmspec",
-        description="Build a language model from a spec: check it, inspect it, train it, sample from it.",
+        description="Build a language model from a spec: check it, inspect it, train it, sample from it, export and serve it.",
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -120,6 +132,45 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int)
+
+    e = verb("export", "Export a checkpoint to ONNX with a KV cache, checked against PyTorch.",
+             "export_commands:cmd_export")
+    e.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    e.add_argument("-o", "--output", required=True,
+                   help="the .onnx file to write (its <name>.lmspec.json goes beside it), or a directory")
+    e.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default: 20)")
+    e.add_argument("--optimize", action="store_true",
+                   help="apply onnxruntime's graph optimisations and transformer fusions")
+    e.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation of the weights (CPU)")
+    e.add_argument("--fp16", action="store_true", help="convert to float16 (for GPU execution providers)")
+
+    gen = verb("generate", "Generate text from an exported ONNX model with onnxruntime (no PyTorch).",
+               "export_commands:cmd_generate")
+    gen.add_argument("model", help="an exported .onnx file, or a directory holding one")
+    gen.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of prompts")
+    gen.add_argument("--prompts-file", help="a file with one prompt per line (batched)")
+    gen.add_argument("--max-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="stop when this text appears (repeatable; \\n means a newline)")
+    gen.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    gen.add_argument("--json", action="store_true", help="print the completions as JSON")
+
+    sv = verb("serve", "Serve an exported ONNX model over HTTP with an OpenAI-compatible API.", "serve:cmd_serve")
+    sv.add_argument("model", help="an exported .onnx file, or a directory holding one")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--name", help="the model name clients ask for (default: the spec's model name)")
+    sv.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may generate")
+    sv.add_argument("--max-prompt-tokens", type=int, help="the longest prompt accepted (default: the context)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests generated together in one batch")
+    sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+
     d = group("data", "Prepare a text corpus: clean and deduplicate it, tokenize it into shards.")
     dp = verb("prepare", "Normalise, clean, deduplicate (exact and near) and filter documents; write a report.",
               "data_commands:cmd_data_prepare", d, "data ")

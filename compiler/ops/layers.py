@@ -52,7 +52,7 @@ class Position(Op):
     short = "pos"
     args = (Arg("seq", "dim"), Arg("context", "int"), Arg("dim", "int"))
     doc = "Learned absolute position embeddings for positions 0..seq-1 (offset by the KV cache)."
-    onnx = "Slice of the table starting at the past length"
+    onnx = "Gather of the table at position_ids (left padding gives each row its own positions)"
 
     def infer(self, c):
         _positive(c, "context", "dim")

@@ -47,3 +47,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def lmspec_cli(*args, cwd=None, env=None, timeout=600):
+    """Run the real `lmspec` command line in a subprocess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *map(str, args)], cwd=cwd or TESTS_DIR.parent,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+TINY_BUNDLE_SETTINGS = ("--set", "layers=2", "--set", "dim=64", "--set", "heads=4", "--set", "context=64")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, verdict_text) -> Path:
+    """A small character-level model trained briefly on the-verdict.txt (so its output is text-like)."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    out = lmspec_cli("train", "specs/tiny.arch", *TINY_BUNDLE_SETTINGS, "--data", SHARED_DATA / "the-verdict.txt",
+                     "--out", run, "--steps", "120", "--batch", "16", "--lr", "3e-3", "--warmup", "10",
+                     "--eval-every", "60", "--eval-batches", "2", "--no-progress", "--sample-tokens", "0")
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
+    """`tiny_run` exported with `lmspec export`: the path of its .onnx file (tiny.lmspec.json beside it)."""
+    path = tmp_path_factory.mktemp("tiny_bundle") / "tiny.onnx"
+    out = lmspec_cli("export", tiny_run, "-o", path)
+    assert out.returncode == 0, out.stderr
+    return path

@@ -1,0 +1,256 @@
+"""Export a lowered model to ONNX, with the KV cache as explicit inputs and outputs.
+
+The ONNX model follows Hugging Face Optimum's decoder layout, so it looks familiar to ONNX users:
+
+    inputs   input_ids            int64 [batch, seq]
+             attention_mask       int64 [batch, past + seq]   1 = a real token, 0 = padding
+             position_ids         int64 [batch, seq]
+             past_key_values.{i}.key / .value   float [batch, kv_heads, past, head_dim]
+    outputs  logits               float [batch, seq, vocab]
+             present.{i}.key / .value           float [batch, kv_heads, past + seq, head_dim]
+
+The first call passes a past of length 0. A model whose attention is written by hand (matmul,
+softmax, causal_mask) cannot use a cache: it exports with `input_ids` and `logits` only.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmspec.dsl.diagnostics import Diagnostic, SpecError
+
+from .graph import ModelGraph
+from .registry import get_op
+from .torch_modules import Attention
+
+DEFAULT_OPSET = 20  # Gelu and LayerNormalization are single ops; onnxruntime >= 1.17 runs it
+MIN_OPSET = 18  # the oldest opset torch's exporter (torch.export + onnxscript) writes
+PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit allowed for an fp32 export
+
+# Dimension names of the exported graph, as Hugging Face Optimum names them.
+BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
+TOTAL = f"{PAST} + {SEQUENCE}"
+
+
+class ExportError(Exception):
+    """The model could not be exported, or its export does not compute what the model does."""
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a KV cache of this model holds: per attention layer, kv_heads x head_dim."""
+
+    layers: int
+    kv_heads: tuple[int, ...]
+    head_dim: tuple[int, ...]
+
+    def input_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+
+    def output_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, "kv_heads": list(self.kv_heads), "head_dim": list(self.head_dim)}
+
+
+def cache_layout(model: nn.Module) -> CacheLayout | None:
+    """The cache layout of a lowered model, or None when its attention cannot use a cache."""
+    if not getattr(model, "supports_kv_cache", False):
+        return None
+    layers = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_index)
+    return CacheLayout(len(layers), tuple(m.kv_heads for m in layers), tuple(m.head_dim for m in layers))
+
+
+class TensorCache:
+    """The cache protocol of lowered attention (`offset`, `update`) over tensors that come in as
+    graph inputs, plus a padding mask and explicit positions: what a traced graph needs."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor):
+        self.past = past
+        self.offset = past[0][0].shape[2] if past else 0
+        self.attention_mask = attention_mask
+        self.position_ids = position_ids
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._masks: dict[bool, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.past[layer]
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.present.append((k, v))
+        return k, v
+
+    def mask(self, t, s, causal: bool) -> torch.Tensor:
+        """Which keys each query sees, [batch, 1, t, s]: not padding, and (causal) not in the future.
+        A query always sees itself, so that a padding row is never all-masked: softmax over
+        nothing is NaN, and a NaN in a padded position would spread through 0 * NaN."""
+        if causal not in self._masks:
+            device = self.attention_mask.device
+            query = torch.arange(t, device=device) + (s - t)
+            key = torch.arange(s, device=device)
+            keep = self.attention_mask[:, None, :].bool()  # [batch, 1, s]
+            if causal:
+                keep = keep & (key[None, :] <= query[:, None])[None]
+            keep = keep | (key[None, :] == query[:, None])[None]
+            self._masks[causal] = keep[:, None]
+        return self._masks[causal]
+
+
+class CachedDecoder(nn.Module):
+    """A lowered model with the cache as tensors: the module that is exported."""
+
+    def __init__(self, model: nn.Module, layout: CacheLayout):
+        super().__init__()
+        self.model, self.layout = model, layout
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.layout.layers)]
+        cache = TensorCache(past, attention_mask, position_ids)
+        logits = _logits(self.model(input_ids, cache))
+        return (logits, *[t for pair in cache.present for t in pair])
+
+
+class PlainDecoder(nn.Module):
+    """A lowered model without a cache: tokens in, logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return _logits(self.model(input_ids))
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def check_exportable(graph: ModelGraph) -> None:
+    """Refuse, before any tracing, the ops the registry marks as not exportable, each at its source line."""
+    diagnostics = []
+    for _, data in graph.nodes():
+        op = get_op(data["op"])
+        if op is not None and not op.exportable:
+            why = f": {op.onnx}" if op.onnx else ""
+            diagnostics.append(Diagnostic(f"op '{data['op']}' cannot be exported to ONNX{why}", data["span"], "E500"))
+    if diagnostics:
+        raise SpecError(diagnostics, graph.sources)
+
+
+def example_lengths(context: int | None) -> tuple[int, int]:
+    """(sequence, past) lengths to trace with: at least 2 each, so that torch.export keeps them
+    symbolic (it specialises sizes 0 and 1), and together within the context."""
+    context = context or 64
+    seq = max(2, min(8, context // 2))
+    return seq, max(2, min(4, context - seq))
+
+
+def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: int = DEFAULT_OPSET) -> CacheLayout | None:
+    """Write `model` (lowered from `graph`, in eval mode) to `path` as ONNX; return its cache layout,
+    None when it exports without a cache. Raises SpecError for an op that cannot be exported and
+    ExportError when the exporter fails, naming the op where it can."""
+    check_exportable(graph)
+    if not MIN_OPSET <= opset <= 23:
+        raise ExportError(f"--opset {opset}: torch's exporter writes opsets {MIN_OPSET} to 23")
+    model = model.eval()
+    layout = cache_layout(model)
+    vocab_inputs = graph.hyper.get("vocab", 2)
+    batch, (seq, past) = 2, example_lengths(graph.context)
+    high = int(vocab_inputs) if isinstance(vocab_inputs, int) else 2
+    ids = torch.randint(0, high, (batch, seq), generator=torch.Generator().manual_seed(0))
+    if layout is None:
+        wrapper, args = PlainDecoder(model), (ids,)
+        input_names, output_names = ["input_ids"], ["logits"]
+        dims = {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQUENCE)}}
+    else:
+        wrapper = CachedDecoder(model, layout)
+        past_kv = [torch.zeros(batch, layout.kv_heads[i], past, layout.head_dim[i])
+                   for i in range(layout.layers) for _ in ("key", "value")]
+        mask = torch.ones(batch, past + seq, dtype=torch.long)
+        positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+        args = (ids, mask, positions, *past_kv)
+        input_names = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
+        output_names = ["logits", *layout.output_names()]
+        b, s, p = (torch.export.Dim(n) for n in (BATCH, SEQUENCE, PAST))
+        dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
+                "position_ids": {0: b, 1: s}, "past_flat": tuple({0: b, 2: p} for _ in past_kv)}
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, opset_version=opset,
+                                        input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dims)
+    except Exception as err:  # the exporter raises many kinds; all mean the same to the user
+        raise ExportError(_export_failure(err, graph)) from None
+    program.save(str(path), external_data=_needs_external_data(model))
+    if layout is not None:
+        _rename_dim(Path(path), "attention_mask", 1, TOTAL)
+    return layout
+
+
+def _needs_external_data(model: nn.Module) -> bool:
+    # A protobuf file holds at most 2 GB; bigger models keep their weights in a .data file beside it.
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
+
+
+def _rename_dim(path: Path, input_name: str, axis: int, name: str) -> None:
+    """Give an input's symbolic dim a readable name everywhere it appears (the exporter names it s53)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    old = None
+    for value in model.graph.input:
+        if value.name == input_name:
+            old = value.type.tensor_type.shape.dim[axis].dim_param
+    if not old or old == name:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = name
+    onnx.save(model, str(path))
+
+
+class _quiet_exporter:
+    """torch.onnx prints progress lines and warnings about optional packages: keep the CLI's output readable."""
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+                     "onnxscript"):
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.ERROR)
+        import contextlib
+        import io
+        self._stdout = contextlib.redirect_stdout(io.StringIO())
+        self._stdout.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._stdout.__exit__(*exc)
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        self._warnings.__exit__(*exc)
+        return False
+
+
+def _export_failure(err: Exception, graph: ModelGraph) -> str:
+    """The exporter's complaint, located at the spec line of the op it names, where it names one."""
+    text = str(err)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    nodes = {node_id: data for node_id, data in graph.nodes()}
+    for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text):
+        if name in nodes and nodes[name]["span"] is not None:
+            data = nodes[name]
+            return (f"{data['span']}: error: op '{data['op']}' could not be exported to ONNX: {first}")
+    return f"the ONNX exporter failed: {first}"

@@ -1,0 +1,79 @@
+"""Does an exported ONNX model compute what the PyTorch model computes?
+
+The check every export ends with: a random prompt through onnxruntime with an empty cache, then a
+few more tokens with the cache that call returned, each compared with the PyTorch model run over the
+whole sequence without any cache. So the comparison covers the export and the cache layout at once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .onnx_export import CacheLayout
+
+
+@dataclass
+class Parity:
+    empty_cache: float  # max |ONNX - PyTorch| over the prompt's logits
+    filled_cache: float | None  # ... over the logits of tokens fed after it; None without a cache
+
+    @property
+    def worst(self) -> float:
+        return max(self.empty_cache, self.filled_cache or 0.0)
+
+    def describe(self) -> str:
+        text = f"max |logits difference|: {self.empty_cache:.2e} with an empty cache"
+        if self.filled_cache is not None:
+            text += f", {self.filled_cache:.2e} with a filled one"
+        return text
+
+
+def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_size: int, context: int | None,
+                 seed: int = 0, batch: int = 2) -> Parity:
+    """Compare `session` (an onnxruntime InferenceSession of the export) with `model`."""
+    context = context or 64
+    prompt_len = max(1, min(16, context - 4))
+    extra = min(4, context - prompt_len) if layout is not None else 0
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, prompt_len + extra), generator=gen)
+    model = model.eval()
+    with torch.no_grad():
+        out = model(ids)
+        reference = (out[0] if isinstance(out, tuple) else out).float().numpy()
+    if layout is None:
+        logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+        return Parity(_max_diff(logits, reference), None)
+
+    prompt = ids[:, :prompt_len].numpy()
+    float_type = _float_type(session)
+    empty = {name: np.zeros((batch, layout.kv_heads[i // 2], 0, layout.head_dim[i // 2]), dtype=float_type)
+             for i, name in enumerate(layout.input_names())}
+    first = session.run(None, _feeds(prompt, 0, empty))
+    parity_empty = _max_diff(first[0], reference[:, :prompt_len])
+    if extra == 0:
+        return Parity(parity_empty, None)
+    past = dict(zip(layout.input_names(), first[1:]))
+    second = session.run(None, _feeds(ids[:, prompt_len:].numpy(), prompt_len, past))
+    return Parity(parity_empty, _max_diff(second[0], reference[:, prompt_len:]))
+
+
+def _feeds(ids: np.ndarray, past_len: int, past: dict) -> dict:
+    batch, seq = ids.shape
+    return {
+        "input_ids": ids.astype(np.int64),
+        "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
+        "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy(),
+        **past,
+    }
+
+
+def _float_type(session):
+    kind = next(i.type for i in session.get_inputs() if i.name.startswith("past_key_values."))
+    return np.float16 if "float16" in kind else np.float32
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())

@@ -1,0 +1,299 @@
+"""`lmspec export` and `lmspec generate`: ONNX bundles checked against PyTorch, generation with
+onnxruntime alone (greedy parity with `lmspec sample`, batches, sampling, stops), and bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, lmspec_cli
+from lmspec.compiler.loader import load_spec
+from lmspec.compiler.lower import lower
+from lmspec.runtime.checkpoint import save_checkpoint
+from lmspec.runtime.commands import spec_record
+from lmspec.runtime.export_commands import export_bundle
+from lmspec.runtime.generate import generate
+from lmspec.runtime.onnx_model import BundleError, GenerationRequest, OnnxModel, bundle_sidecar
+from lmspec.runtime.tokenizer import FileTokenizer
+
+
+def random_checkpoint(run_dir, spec, overrides=None, tokenizer=None, seed=0, tweak=None):
+    """A checkpoint of a spec with its random initial weights (changed by `tweak`), as `lmspec train`
+    would save it at step 0."""
+    graph = load_spec(spec, overrides=overrides or {})
+    model = lower(graph, seed=seed)
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
+    tokenizer = tokenizer or FileTokenizer.from_path(SHARED_DATA / "gpt2-tokenizer")
+    save_checkpoint(run_dir, step=0, model=model, optimizer=None, rng=None, train_config={}, metrics={},
+                    tokenizer=tokenizer.to_json(), spec=spec_record(graph, overrides or {}))
+    return model, tokenizer
+
+
+def quiet(*_):
+    pass
+
+
+# ------------------------------------------------------------------------------------- parity
+
+def test_bundle_has_optimum_layout_and_records_parity(tiny_bundle):
+    import onnx
+
+    meta = json.loads(bundle_sidecar(tiny_bundle).read_text())
+    assert meta["cache"] == {"layers": 2, "kv_heads": [4, 4], "head_dim": [16, 16]}
+    assert meta["parity"]["fp32"]["empty_cache"] <= 1e-4 and meta["parity"]["fp32"]["filled_cache"] <= 1e-4
+    graph = onnx.load(str(tiny_bundle)).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    assert inputs["input_ids"] == ["batch_size", "sequence_length"]
+    assert inputs["attention_mask"] == ["batch_size", "past_sequence_length + sequence_length"]
+    assert inputs["past_key_values.1.value"] == ["batch_size", 4, "past_sequence_length", 16]
+    assert outputs["present.0.key"] == ["batch_size", 4, "past_sequence_length + sequence_length", 16]
+    assert list(outputs)[0] == "logits" and len(outputs) == 1 + 2 * 2
+
+
+def test_greedy_onnx_generation_equals_lmspec_sample_for_64_tokens(tiny_run, tiny_bundle):
+    torch_out = lmspec_cli("sample", tiny_run, "--prompt", "I had always", "--max-tokens", "64", "--temperature", "0")
+    onnx_out = lmspec_cli("generate", tiny_bundle, "--prompt", "I had always", "--max-tokens", "64",
+                          "--temperature", "0")
+    assert torch_out.returncode == 0 and onnx_out.returncode == 0, torch_out.stderr + onnx_out.stderr
+    assert onnx_out.stdout == torch_out.stdout
+    assert len(onnx_out.stdout) > len("I had always") + 32  # it generated, and it stopped at no end-of-text
+
+
+def test_generation_runs_past_the_context_like_pytorch(tiny_run, tiny_bundle):
+    """64-token context, 150 new tokens: both samplers slide a window once the cache is full."""
+    args = ["--prompt", "Gisburn", "--max-tokens", "150", "--temperature", "0"]
+    torch_out = lmspec_cli("sample", tiny_run, *args)
+    onnx_out = lmspec_cli("generate", tiny_bundle, *args)
+    assert onnx_out.returncode == 0, onnx_out.stderr
+    assert onnx_out.stdout == torch_out.stdout
+
+
+def _gpt2_shape_parity(tmp_path, overrides, tokens=64):
+    model, tokenizer = random_checkpoint(tmp_path / "run", "specs/gpt2.arch", overrides)
+    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "gpt2.onnx"), log=quiet)
+    assert meta["parity"]["fp32"]["empty_cache"] <= 1e-4 and meta["parity"]["fp32"]["filled_cache"] <= 1e-4
+    prompt = tokenizer.encode((SHARED_DATA / "tinyshakespeare.txt").read_text()[:400])[:48]
+    with torch.no_grad():
+        expected = generate(model.eval(), prompt, tokens, temperature=0)
+    onnx_model = OnnxModel(tmp_path / "gpt2.onnx")
+    [got] = onnx_model.generate([GenerationRequest(prompt, tokens, temperature=0, stop_at_eot=False)])
+    assert got.tokens == expected
+    # Logits along the generated sequence, step by step with the cache, within 1e-4 of PyTorch's.
+    ids = np.array([prompt + expected], dtype=np.int64)
+    logits, past = onnx_model.forward(ids[:, :len(prompt)])
+    steps = [logits[:, -1]]
+    for i in range(len(prompt), ids.shape[1] - 1):
+        logits, past = onnx_model.forward(ids[:, i:i + 1], past=past)
+        steps.append(logits[:, -1])
+    with torch.no_grad():
+        reference = model(torch.from_numpy(ids))[0, len(prompt) - 1:-1].numpy()
+    assert np.abs(np.concatenate(steps) - reference).max() <= 1e-4
+
+
+def test_gpt2_width_random_weights_greedy_parity(tmp_path):
+    """GPT-2-small widths and vocabulary (768, 12 heads, 50,257), two layers: quick enough for every run."""
+    _gpt2_shape_parity(tmp_path, {"layers": 2})
+
+
+@pytest.mark.slow
+def test_gpt2_small_random_weights_greedy_parity(tmp_path):
+    _gpt2_shape_parity(tmp_path, {})
+
+
+# ------------------------------------------------------------------------------- generation
+
+def test_batched_prompts_of_different_lengths_match_one_by_one(tiny_bundle):
+    model = OnnxModel(tiny_bundle)
+    prompts = ["I", "The picture was", "Mrs. Gisburn said that", "he"]
+    requests = [GenerationRequest(model.tokenizer.encode(p), 20 + 5 * i, temperature=0) for i, p in enumerate(prompts)]
+    batched = model.generate(requests)
+    for request, together in zip(requests, batched):
+        [alone] = model.generate([request])
+        assert together.tokens == alone.tokens and together.text == alone.text
+        assert together.finish_reason == "length" and len(together.tokens) == request.max_tokens
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bundle):
+    model = OnnxModel(tiny_bundle)
+    prompt = model.tokenizer.encode("It was")
+
+    def run(**kw):
+        return model.generate([GenerationRequest(prompt, 30, **kw)])[0].tokens
+
+    assert run(temperature=1.0, seed=3) == run(temperature=1.0, seed=3)
+    assert run(temperature=1.0, seed=3) != run(temperature=1.0, seed=4)
+    assert run(temperature=0.7, top_k=1, seed=5) == run(temperature=0)
+    assert run(temperature=1.0, top_p=1e-6, seed=6) == run(temperature=0)
+
+
+def test_stop_string_ends_the_text_before_it(tiny_bundle):
+    model = OnnxModel(tiny_bundle)
+    prompt = model.tokenizer.encode("I had always")
+    [free] = model.generate([GenerationRequest(prompt, 60, temperature=0)])
+    stop = free.text[10:12]  # a string the greedy continuation is known to contain
+    [cut] = model.generate([GenerationRequest(prompt, 60, temperature=0, stop=(stop,))])
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.index(stop)]
+    assert model.tokenizer.decode(cut.tokens).startswith(cut.text)
+    streamed = "".join(e.text for e in model.stream([GenerationRequest(prompt, 60, temperature=0, stop=(stop,))]))
+    assert streamed == cut.text
+
+
+def test_generation_stops_at_end_of_text(tmp_path):
+    """A model made to always predict <|endoftext|>: generation stops at once, the token not in the text."""
+    def always_eot(model):
+        u = torch.randn(64, generator=torch.Generator().manual_seed(0))
+        model.get_parameter("ln_f.weight").zero_()  # every position's final hidden state becomes u ...
+        model.get_parameter("ln_f.bias").copy_(u)
+        model.get_parameter("wte.weight")[50256] = 10 * u  # ... whose largest logit is then 50256's
+
+    random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 2}, tweak=always_eot)
+    export_bundle(str(tmp_path / "run"), str(tmp_path / "m.onnx"), log=quiet)
+    onnx_model = OnnxModel(tmp_path / "m.onnx")
+    assert onnx_model.eot_id == 50256
+    [done] = onnx_model.generate([GenerationRequest([464, 3290], 20, temperature=0)])
+    assert done.finish_reason == "stop" and done.tokens == [] and done.text == ""
+    [forced_on] = onnx_model.generate([GenerationRequest([464, 3290], 3, temperature=0, stop_at_eot=False)])
+    assert forced_on.tokens == [50256] * 3 and forced_on.finish_reason == "length"
+
+
+def test_generate_path_never_imports_torch(tiny_bundle):
+    code = ("import sys\nfrom lmspec.runtime.cli import main\n"
+            f"rc = main(['generate', {str(tiny_bundle)!r}, '--prompt', 'I', '--max-tokens', '5', '--seed', '1'])\n"
+            "assert rc == 0\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_batched_cli_json(tiny_bundle):
+    out = lmspec_cli("generate", tiny_bundle, "--prompt", "I", "--prompt", "The picture", "--max-tokens", "12",
+                     "--temperature", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert [r["prompt"] for r in results] == ["I", "The picture"]
+    assert all(len(r["tokens"]) == 12 and r["finish_reason"] == "length" for r in results)
+
+
+# ------------------------------------------------------------------------ options and specs
+
+def test_optimize_and_int8_quantize(tiny_run, tmp_path):
+    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q.onnx", "--optimize", "--quantize", "int8")
+    assert out.returncode == 0, out.stderr
+    assert "parity optimized:" in out.stdout and "parity int8:" in out.stdout
+    meta = json.loads(bundle_sidecar(tmp_path / "q.onnx").read_text())
+    assert meta["quantized"] == "int8" and meta["optimized"] is True and meta["parity"]["optimized"]["filled_cache"] <= 1e-4
+    assert meta["fused"].get("SkipLayerNormalization", 0) > 0
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    fp32 = (tmp_path / "q.onnx").stat().st_size
+    int8 = OnnxModel(tmp_path / "q.onnx")
+    [c] = int8.generate([GenerationRequest(int8.tokenizer.encode("I had"), 10, temperature=0)])
+    assert len(c.tokens) == 10 and fp32 > 0
+
+
+def test_fp16_export_runs_and_reports_its_difference(tiny_run, tmp_path):
+    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "h.onnx", "--fp16")
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(bundle_sidecar(tmp_path / "h.onnx").read_text())
+    assert meta["dtype"] == "float16" and 0 < meta["parity"]["fp16"]["filled_cache"] < 0.05
+    half = OnnxModel(tmp_path / "h.onnx")
+    [c] = half.generate([GenerationRequest(half.tokenizer.encode("I had"), 8, temperature=0)])
+    assert len(c.tokens) == 8
+
+
+def test_opset_option(tiny_run, tmp_path):
+    import onnx
+    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "m.onnx", "--opset", "18")
+    assert out.returncode == 0, out.stderr
+    opsets = {o.domain: o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import}
+    assert opsets[""] == 18
+    bad = lmspec_cli("export", tiny_run, "-o", tmp_path / "b.onnx", "--opset", "9")
+    assert bad.returncode == 1 and "opset" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("spec, overrides", [
+    ("specs/handwritten.arch", {}),
+    ("specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 4, "kv_heads": None}),
+])
+def test_every_spec_exports(tmp_path, spec, overrides):
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    model, tokenizer = random_checkpoint(tmp_path / "run", spec, overrides,
+                                         tokenizer=_char_tokenizer() if "handwritten" in spec else None)
+    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "m.onnx"), log=quiet)
+    assert meta["parity"]["fp32"]["empty_cache"] <= 1e-4
+    onnx_model = OnnxModel(tmp_path / "m.onnx")
+    prompt = tokenizer.encode("the ")
+    [got] = onnx_model.generate([GenerationRequest(prompt, 12, temperature=0, stop_at_eot=False)])
+    with torch.no_grad():
+        assert got.tokens == generate(model.eval(), prompt, 12, temperature=0)
+
+
+def _char_tokenizer():
+    from lmspec.runtime.tokenizer import CharTokenizer
+    return CharTokenizer.from_text("".join(chr(c) for c in range(32, 127)) + "\n")
+
+
+def test_an_op_marked_not_exportable_is_named_at_its_line(monkeypatch):
+    from lmspec.compiler.onnx_export import check_exportable
+    from lmspec.compiler.registry import get_op
+    from lmspec.dsl.diagnostics import SpecError
+
+    monkeypatch.setattr(type(get_op("layernorm")), "exportable", False)
+    graph = load_spec("specs/tiny.arch", overrides={"layers": 1})
+    with pytest.raises(SpecError) as err:
+        check_exportable(graph)
+    text = err.value.render()
+    assert "specs/tiny.arch:" in text and "op 'layernorm' cannot be exported to ONNX" in text and "^" in text
+
+
+def test_export_fails_loudly_and_writes_nothing_when_parity_is_off(tiny_run, tmp_path, monkeypatch):
+    from lmspec.compiler import onnx_parity
+    from lmspec.compiler.onnx_export import ExportError
+
+    real = onnx_parity.check_parity
+
+    def off_by_a_bit(*args, **kw):
+        result = real(*args, **kw)
+        result.filled_cache = 3e-4
+        return result
+
+    monkeypatch.setattr(onnx_parity, "check_parity", off_by_a_bit)
+    with pytest.raises(ExportError, match=r"3\.000e-04 > 0.0001"):
+        export_bundle(str(tiny_run), str(tmp_path / "m.onnx"), log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_a_clear_error(tiny_bundle, tmp_path):
+    (tmp_path / "corrupt.onnx").write_bytes(b"not a model")
+    shutil.copy(bundle_sidecar(tiny_bundle), tmp_path / "corrupt.lmspec.json")
+    shutil.copy(tiny_bundle, tmp_path / "alone.onnx")
+    (tmp_path / "run").mkdir()
+    cases = [
+        (["export", tmp_path / "nowhere", "-o", tmp_path / "x.onnx"], "nowhere"),
+        (["export", tmp_path / "run", "-o", tmp_path / "x.onnx"], "checkpoint"),
+        (["generate", tmp_path / "missing.onnx", "--prompt", "I"], "no such ONNX model"),
+        (["generate", tmp_path / "corrupt.onnx", "--prompt", "I"], "onnxruntime cannot load it"),
+        (["generate", tmp_path / "alone.onnx", "--prompt", "I"], "alone.lmspec.json: missing"),
+        (["generate", tiny_bundle, "--prompt", "I", "--max-tokens", "-1"], "max_tokens"),
+        (["generate", tiny_bundle, "--prompt", "I", "--top-p", "2"], "top_p"),
+        (["generate", tiny_bundle, "--prompt", "\u2603 snowman"], "prompt"),
+    ]
+    for args, words in cases:
+        out = lmspec_cli(*args)
+        assert out.returncode in (1, 2), (args, out.stdout, out.stderr)
+        assert words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_a_directory_with_one_bundle_is_accepted(tiny_bundle):
+    assert OnnxModel(tiny_bundle.parent).path == tiny_bundle
+    with pytest.raises(BundleError, match="no exported model"):
+        OnnxModel(SHARED_DATA)
