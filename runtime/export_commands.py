@@ -182,7 +182,7 @@ def _stop_strings(values: list[str] | None) -> tuple[str, ...]:
 
 
 def cmd_generate(args) -> int:
-    from .onnx_model import GenerationRequest, OnnxModel
+    from .onnx_model import GenerationRequest, OnnxModel, check_request
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -204,6 +204,11 @@ def cmd_generate(args) -> int:
             return _fail("generate", f"prompt {prompt!r}: {err}")
         requests.append(GenerationRequest(ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
                                           args.seed, stop=_stop_strings(args.stop)))
+    try:
+        for request in requests:
+            check_request(request, model.vocab_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     started = time.perf_counter()
     try:
         if len(requests) == 1 and not args.json:

@@ -1,0 +1,400 @@
+"""`lmspec serve`: the real server in a subprocess, spoken to over HTTP (httpx and the official openai
+client). Greedy answers must equal OnnxModel.generate's for the same prompt; streams must add up to
+the same text; concurrent clients must each get their own answer; every bad request gets a 4xx with
+a message, and the server keeps serving."""
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import TESTS_DIR, lmspec_cli
+from lmspec.runtime.chat_template import chat_template_for, check_messages
+from lmspec.runtime.onnx_model import GenerationRequest, OnnxModel
+
+NAME = "tiny-char"  # given with --name, so /v1/models must report it rather than the spec's name
+MAX_TOKENS = 256
+MAX_BODY = 65536
+
+
+@contextmanager
+def running_server(*args, log_dir: Path):
+    """`lmspec serve ... --port 0` in a subprocess; yields (base URL, process, stderr path) once it answers."""
+    out, err = log_dir / "stdout.log", log_dir / "stderr.log"
+    with open(out, "w") as out_file, open(err, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli", "serve", *map(str, args), "--port", "0"],
+                                cwd=TESTS_DIR.parent, stdout=out_file, stderr=err_file)
+    try:
+        deadline = time.monotonic() + 60
+        # It prints its URL once its socket listens; connections made before uvicorn runs wait for it.
+        while not (found := re.search(r"at (http://\S+)/v1", out.read_text())):
+            assert proc.poll() is None, f"the server exited: {err.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not start: {err.read_text()}"
+            time.sleep(0.1)
+        url = found.group(1)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        yield url, proc, err
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    with running_server(tiny_bundle, "--name", NAME, "--max-tokens", MAX_TOKENS, "--max-body-bytes", MAX_BODY,
+                        "--max-batch", 8, "--threads", 1, log_dir=tmp_path_factory.mktemp("serve")) as (url, proc, err):
+        yield url
+        assert proc.poll() is None, "the server died"
+        assert "Traceback" not in err.read_text(), err.read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return OnnxModel(tiny_bundle, threads=1)
+
+
+def reference(model, ids, max_tokens, **kw):
+    """What the model generates for the prompt on its own, in this process."""
+    [c] = model.generate([GenerationRequest(ids, max_tokens, **{"temperature": 0, **kw})])
+    return c
+
+
+def chat_reference(model, messages, max_tokens, **kw):
+    prompt = chat_template_for(model.tokenizer).render(check_messages(messages))
+    return reference(model, prompt.ids, max_tokens, stop=prompt.stop, stop_ids=prompt.stop_ids, **kw)
+
+
+def sse_data(response) -> list[str]:
+    return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# ------------------------------------------------------------------------------ the API
+
+def test_health_and_models(client):
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [NAME]
+    assert client.get(f"/v1/models/{NAME}").json()["id"] == NAME
+
+
+def test_greedy_completion_equals_the_onnx_model(client, model):
+    r = client.post("/v1/completions", json={"model": NAME, "prompt": "I had always", "max_tokens": 40,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = reference(model, model.tokenizer.encode("I had always"), 40)
+    assert body["choices"] == [{"index": 0, "text": expected.text, "logprobs": None, "finish_reason": "length"}]
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == NAME
+    assert isinstance(body["created"], int)
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 40, "total_tokens": 52}
+
+
+def test_a_list_of_prompts_gives_a_choice_each_and_stop_strings_cut(client, model):
+    prompts = ["I had", "The picture was", "Mrs. Gisburn"]
+    free = reference(model, model.tokenizer.encode(prompts[1]), 30).text
+    stop = free[12:15]  # something the model is going to write
+    r = client.post("/v1/completions", json={"prompt": prompts, "max_tokens": 30, "temperature": 0, "stop": [stop]})
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, choices):
+        expected = reference(model, model.tokenizer.encode(prompt), 30, stop=(stop,))
+        assert (choice["text"], choice["finish_reason"]) == (expected.text, expected.finish_reason)
+    assert choices[1]["text"] == free[:free.index(stop)] and choices[1]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_and_top_k(client, model):
+    def text(**kw):
+        return client.post("/v1/completions", json={"prompt": "It was", "max_tokens": 30, **kw}).json()["choices"][0]["text"]
+
+    ids = model.tokenizer.encode("It was")
+    assert text(temperature=1.0, seed=7) == text(temperature=1.0, seed=7) == reference(model, ids, 30, temperature=1.0,
+                                                                                       seed=7).text
+    assert text(temperature=1.0, top_k=1, seed=3) == reference(model, ids, 30).text
+
+
+def test_chat_completion_with_the_plain_text_template(client, model):
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Who painted it?"}]
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 60,
+                                                  "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = chat_reference(model, messages, 60)
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": expected.text}
+    assert choice["finish_reason"] == expected.finish_reason
+    assert body["usage"]["prompt_tokens"] == len(chat_template_for(model.tokenizer).render(
+        check_messages(messages)).ids)
+
+
+def test_streamed_completion_adds_up_to_the_whole(client):
+    ask = {"prompt": ["I had always", "She"], "max_tokens": 40, "temperature": 0}
+    whole = [c["text"] for c in client.post("/v1/completions", json=ask).json()["choices"]]
+    with client.stream("POST", "/v1/completions", json={**ask, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = sse_data(r)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    texts, reasons = ["", ""], [None, None]
+    for chunk in chunks[:-1]:
+        [choice] = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+        reasons[choice["index"]] = reasons[choice["index"]] or choice["finish_reason"]
+    assert texts == whole and reasons == ["length", "length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 80
+
+
+def test_streamed_chat_adds_up_to_the_whole(client):
+    ask = {"messages": [{"role": "user", "content": "Tell me about the picture."}], "max_tokens": 50, "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=ask).json()["choices"][0]
+    with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as r:
+        data = sse_data(r)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d.get("content") or "" for d in deltas) == whole["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+def test_the_official_openai_client(server, model):
+    import openai
+
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
+    assert [m.id for m in api.models.list()] == [NAME]
+    done = api.completions.create(model=NAME, prompt="I had always", max_tokens=30, temperature=0)
+    assert done.choices[0].text == reference(model, model.tokenizer.encode("I had always"), 30).text
+    streamed = api.completions.create(model=NAME, prompt="I had always", max_tokens=30, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed) == done.choices[0].text
+
+    messages = [{"role": "user", "content": "Hello, who are you?"}]
+    chat = api.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0)
+    assert chat.choices[0].message.content == chat_reference(model, messages, 40).text
+    assert chat.usage.completion_tokens > 0
+    stream = api.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == chat.choices[0].message.content
+    top_k = api.completions.create(model=NAME, prompt="I had always", max_tokens=30, temperature=1, seed=1,
+                                   extra_body={"top_k": 1})
+    assert top_k.choices[0].text == done.choices[0].text
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        api.completions.create(model="gpt-4", prompt="I", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        api.chat.completions.create(model=NAME, messages=messages, n=2)
+
+
+def test_32_concurrent_clients_each_get_their_own_answer(client, model, verdict_text):
+    """Distinct prompts of different lengths, half of them streamed, all at once: the server batches
+    them (fewer batches than requests) and each answer equals that prompt's greedy answer alone."""
+    prompts = [verdict_text[1000 + 137 * i:][:6 + i % 23] for i in range(32)]
+    assert len(set(prompts)) == 32
+    expected = [reference(model, model.tokenizer.encode(p), 24).text for p in prompts]
+    batches_before = client.get("/health").json()["batches"]
+
+    def ask(i):
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            body = {"prompt": prompts[i], "max_tokens": 24, "temperature": 0}
+            if i % 2:
+                with own.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    return "".join(json.loads(d)["choices"][0]["text"] for d in sse_data(r) if d != "[DONE]")
+            return own.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert answers == expected
+    assert client.get("/health").json()["batches"] - batches_before < 32
+
+
+def test_a_client_leaving_mid_stream_does_not_break_the_worker(client, model):
+    with client.stream("POST", "/v1/completions", json={"prompt": "I had", "max_tokens": MAX_TOKENS,
+                                                        "temperature": 0, "stream": True}) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: ")
+    # The connection is closed with most of the stream unread; the next request is served as usual.
+    r = client.post("/v1/completions", json={"prompt": "The picture", "max_tokens": 20, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == reference(model, model.tokenizer.encode("The picture"), 20).text
+
+
+# ------------------------------------------------------------------------------ errors
+
+def too_long_prompt(model):
+    return "the " * (model.context // 4 + 1)
+
+
+ERRORS = [
+    # (route, body (bytes are sent as they are), status, words of the message)
+    ("/v1/completions", b'{"prompt": "I had", ', 400, "not valid JSON"),
+    ("/v1/completions", b'[1, 2]', 400, "must be a JSON object"),
+    ("/v1/completions", b'{"prompt": "I", "temperature": NaN}', 400, "not valid JSON"),
+    ("/v1/completions", {"prompt": "I" * (MAX_BODY + 10)}, 413, "larger than"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "I"}, 404, "'gpt-4' does not exist"),
+    ("/v1/completions", {"prompt": too_long_prompt}, 400, "accepts at most 64"),
+    ("/v1/completions", {"prompt": "I", "max_tokens": -1}, 400, "max_tokens must be >= 0"),
+    ("/v1/completions", {"prompt": "I", "max_tokens": 2.5}, 400, "max_tokens: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "I", "max_tokens": "5"}, 400, "max_tokens: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "I", "max_tokens": MAX_TOKENS + 1}, 400, f"limit of {MAX_TOKENS}"),
+    ("/v1/completions", {"prompt": "I", "temperature": -0.5}, 400, "temperature must be between 0 and 2"),
+    ("/v1/completions", {"prompt": "I", "temperature": 2.5}, 400, "temperature must be between 0 and 2"),
+    ("/v1/completions", {"prompt": "I", "temperature": "hot"}, 400, "temperature: Input should be a valid number"),
+    ("/v1/completions", {"prompt": "I", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "I", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "I", "top_k": 0}, 400, "top_k must be >= 1"),
+    ("/v1/completions", {"prompt": "I", "n": 2}, 400, "n=1"),
+    ("/v1/completions", {"prompt": "I", "stop": 5}, 400, "stop must be a string or a list of strings"),
+    ("/v1/completions", {"prompt": "I", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ("/v1/completions", {"prompt": "I", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt must be a string or a list of strings"),
+    ("/v1/completions", {"prompt": []}, 400, "non-empty list"),
+    ("/v1/completions", {"max_tokens": 5}, 400, "prompt: Field required"),
+    ("/v1/completions", {"prompt": "I", "seed": "x"}, 400, "seed: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "naïve ☃"}, 400, "is not in the tokenizer's vocabulary"),
+    ("/v1/completions", {"prompt": ["I", ""]}, 400, "prompt[1]: the prompt is empty"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, "too deeply"),
+    ("/v1/completions", {"prompt": "I", "echo": True}, 400, "echo: this server does not support"),
+    ("/v1/completions", {"prompt": "I", "best_of": 3}, 400, "best_of=1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
+     "logprobs: this server does not support"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Grüße 👋"}]}, 400,
+     "messages[0].content: character 'ü'"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role must be one of"),
+    ("/v1/chat/completions", {"messages": []}, 400, "non-empty list"),
+    ("/v1/chat/completions", {"prompt": "I"}, 400, "messages: Field required"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS + 1}, 400,
+     f"limit of {MAX_TOKENS}"),
+]
+
+
+def test_each_bad_request_gets_a_4xx_and_the_server_keeps_serving(client, model):
+    for route, body, status, words in ERRORS:
+        if isinstance(body, bytes):
+            r = client.post(route, content=body, headers={"content-type": "application/json"})
+        else:
+            body = {k: v(model) if callable(v) else v for k, v in body.items()}
+            r = client.post(route, json=body)
+        assert r.status_code == status, (route, body if len(str(body)) < 200 else "...", r.text)
+        error = r.json()["error"]
+        assert words in error["message"], (words, error)
+        assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+        assert client.get("/health").status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "I", "max_tokens": 3}).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_json(client):
+    r = client.get("/v1/engines")
+    assert r.status_code == 404 and "no route GET /v1/engines" in r.json()["error"]["message"]
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "does not accept GET" in r.json()["error"]["message"]
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+# ------------------------------------------------------------------------------ the command
+
+def test_a_missing_bundle_is_a_one_line_error(tmp_path):
+    out = lmspec_cli("serve", tmp_path / "nothing.onnx")
+    assert out.returncode == 1
+    assert "nothing.onnx: no such ONNX model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_taken_port_is_a_one_line_error(tiny_bundle, server):
+    port = server.rsplit(":", 1)[1]
+    out = lmspec_cli("serve", tiny_bundle, "--port", port)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_options_are_usage_errors(tiny_bundle):
+    out = lmspec_cli("serve", tiny_bundle, "--max-batch", "0")
+    assert out.returncode == 2 and "--max-batch 0: must be at least 1" in out.stderr
+
+
+def test_the_listening_socket_is_tcp_so_small_answers_are_not_delayed():
+    """asyncio sets TCP_NODELAY on connections only when the socket's protocol is IPPROTO_TCP; without
+    it each small response waits ~40 ms for the client's delayed ACK."""
+    from lmspec.runtime.serve import _bind
+
+    with _bind("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP
+
+
+def test_the_server_never_imports_torch(tiny_bundle):
+    code = ("import sys\nfrom lmspec.runtime.onnx_model import OnnxModel\n"
+            "from lmspec.runtime.serve import ServeSettings, create_app\n"
+            f"create_app(OnnxModel({str(tiny_bundle)!r}), ServeSettings('m', 16, 64, 1024, 4))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_binding_beyond_loopback_warns(tiny_bundle, tmp_path):
+    with running_server(tiny_bundle, "--host", "0.0.0.0", log_dir=tmp_path) as (url, _, err):
+        assert "warning: listening on 0.0.0.0" in err.read_text()
+        assert url.startswith("http://0.0.0.0:")
+
+
+# ------------------------------------------------------------------------------ ChatML end to end
+
+@pytest.fixture(scope="module")
+def chatml_bundle(tmp_path_factory, verdict_text) -> Path:
+    """A BPE model (with <|im_start|>/<|im_end|>) whose random weights are set so that it always
+    predicts <|im_end|>: a chat answer must end at once, the token not in its text."""
+    import torch
+
+    from lmspec.compiler.loader import load_spec
+    from lmspec.compiler.lower import lower
+    from lmspec.runtime.checkpoint import save_checkpoint
+    from lmspec.runtime.commands import spec_record
+    from lmspec.runtime.export_commands import export_bundle
+    from lmspec.runtime.tokenizer_train import train_bpe
+
+    work = tmp_path_factory.mktemp("chatml")
+    tokenizer = train_bpe(iter([verdict_text]), 400, work / "tok.json")
+    end = tokenizer.tokenizer.token_to_id("<|im_end|>")
+    overrides = {"vocab": tokenizer.vocab_size, "layers": 1, "dim": 32, "heads": 2, "context": 64}
+    graph = load_spec("specs/tiny.arch", overrides=overrides)
+    model = lower(graph, seed=0)
+    with torch.no_grad():
+        u = torch.randn(32, generator=torch.Generator().manual_seed(0))
+        model.get_parameter("ln_f.weight").zero_()  # every final hidden state becomes u ...
+        model.get_parameter("ln_f.bias").copy_(u)
+        model.get_parameter("wte.weight")[end] = 10 * u  # ... whose largest logit is then <|im_end|>'s
+    save_checkpoint(work / "run", step=0, model=model, optimizer=None, rng=None, train_config={}, metrics={},
+                    tokenizer=tokenizer.to_json(), spec=spec_record(graph, overrides))
+    export_bundle(str(work / "run"), str(work / "chat.onnx"), log=lambda *_: None)
+    return work / "chat.onnx"
+
+
+def test_chatml_answers_end_at_im_end(chatml_bundle, tmp_path):
+    bundle = OnnxModel(chatml_bundle)
+    messages = [{"role": "user", "content": "Who painted it? <|im_end|>"}]
+    prompt = chat_template_for(bundle.tokenizer).render(check_messages(messages))
+    assert prompt.stop_ids == (bundle.tokenizer.tokenizer.token_to_id("<|im_end|>"),)
+    with running_server(chatml_bundle, log_dir=tmp_path) as (url, _, _):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "temperature": 0})
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == "" and body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"] == {"prompt_tokens": len(prompt.ids), "completion_tokens": 1,
+                                 "total_tokens": len(prompt.ids) + 1}
+        # A plain completion has no chat template, so <|im_end|> does not end it.
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "It was", "max_tokens": 3, "temperature": 0})
+        assert r.json()["choices"][0] == {"index": 0, "text": "<|im_end|>" * 3, "logprobs": None,
+                                          "finish_reason": "length"}
