@@ -8,16 +8,22 @@ process. Prints ratios; record them in bench/RESULTS.md.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
+# Run as a script, this folder comes first on sys.path, and its tokenize.py (the issue's name for
+# that benchmark) would shadow the standard library's tokenize, which torch imports.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -14,7 +14,9 @@ softmax, causal_mask) cannot use a cache: it exports with `input_ids` and `logit
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -182,7 +184,7 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
         dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
                 "position_ids": {0: b, 1: s}, "past_flat": tuple({0: b, 2: p} for _ in past_kv)}
     try:
-        with _quiet_exporter():
+        with _quiet_exporter(), _plain_attention():
             program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, opset_version=opset,
                                         input_names=input_names, output_names=output_names,
                                         dynamic_shapes=dims)
@@ -192,6 +194,37 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
     if layout is not None:
         _rename_dim(Path(path), "attention_mask", 1, TOTAL)
     return layout
+
+
+@contextlib.contextmanager
+def _plain_attention():
+    """Trace attention as MatMul/Softmax/MatMul. The exporter's own decomposition of
+    scaled_dot_product_attention transposes K through Reshape-Transpose-Reshape, which onnxruntime
+    cannot fold into the score MatMul: a copy of the whole K cache per layer and token. Written as
+    q @ k^T, the Transpose fuses into the MatMul (FusedMatMul transB) and costs nothing."""
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if enable_gqa and k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+        if is_causal:
+            t, s = scores.shape[-2], scores.shape[-1]
+            attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:  # every row keeps at least its own position: no NaN
+                scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attn_mask
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    torch.nn.functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def _needs_external_data(model: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 dynamic int8 quantisation, fp16 conversion. Each reads one file and writes another."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -14,7 +15,9 @@ def optimize(src: Path, dst: Path, heads: int, hidden: int) -> dict[str, int]:
     counts that are not zero."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    with _quiet():
+    # The optimiser's bias fusion turns any `Gelu` into the erf-based BiasGelu, also a tanh-approximated
+    # one (opset 20's Gelu(approximate="tanh"), GPT-2's): name those FastGelu, the tanh form, first.
+    with _rewritten(src, dst, _tanh_gelu_to_fast_gelu) as src, _quiet():
         model = optimize_model(str(src), model_type="gpt2", num_heads=heads, hidden_size=hidden, opt_level=1)
         fused = {name: count for name, count in model.get_fused_operator_statistics().items() if count}
         model.save_model_to_file(str(dst), use_external_data_format=_large(src))
@@ -25,7 +28,9 @@ def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic quantisation: int8 weights for MatMul/Gemm, activations quantised on the fly per call."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet():
+    # A tied output head is exported as MatMul(x, Transpose(embedding)): the quantiser only takes
+    # MatMuls whose weight is an initializer, so it would leave the largest matrix in fp32.
+    with _rewritten(src, dst, _fold_weight_transposes) as src, _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          use_external_data_format=_large(src))
 
@@ -39,6 +44,68 @@ def to_fp16(src: Path, dst: Path) -> None:
     with _quiet():
         model.convert_float_to_float16(keep_io_types=["logits"])
     model.save_model_to_file(str(dst), use_external_data_format=_large(src))
+
+
+def _tanh_gelu_to_fast_gelu(model) -> int:
+    """Gelu(approximate="tanh") -> com.microsoft FastGelu (the same function), in place."""
+    from onnx import helper
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx") and any(
+                a.name == "approximate" and a.s == b"tanh" for a in node.attribute):
+            node.op_type, node.domain = "FastGelu", "com.microsoft"
+            del node.attribute[:]
+            count += 1
+    if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return count
+
+
+def _fold_weight_transposes(model) -> int:
+    """Transpose(initializer) feeding only MatMuls as their weight -> a transposed initializer, in
+    place (the original stays for its other users, e.g. the embedding's Gather)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    count = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in initializers:
+            continue
+        consumers = users.get(node.output[0], [])
+        if not consumers or any(u.op_type != "MatMul" or u.input[1] != node.output[0] for u in consumers):
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(initializers[node.input[0]])
+        folded = np.ascontiguousarray(weight.transpose(perm) if perm else weight.T)
+        model.graph.initializer.append(numpy_helper.from_array(folded, node.output[0]))
+        model.graph.node.remove(node)
+        count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _rewritten(src: Path, dst: Path, rewrite):
+    """`src`, or a temporary copy beside `dst` that `rewrite(model)` changed (it returns how often)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    if not rewrite(model):
+        yield src
+        return
+    tmp = dst.with_name(dst.stem + ".rewritten.onnx")
+    large = sum(len(i.raw_data) for i in model.graph.initializer) > 1.8e9
+    onnx.save(model, str(tmp), save_as_external_data=large, location=tmp.name + ".data")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".data").unlink(missing_ok=True)
 
 
 def op_counts(path: Path) -> Counter:

@@ -198,6 +198,21 @@ def test_optimize_and_int8_quantize(tiny_run, tmp_path):
     assert len(c.tokens) == 10 and fp32 > 0
 
 
+def test_gpt2_style_optimize_keeps_tanh_gelu_and_int8_quantizes_the_tied_head(tmp_path):
+    """GPT-2's tanh GELU survives onnxruntime's bias fusion (as FastGelu), and the tied output head,
+    exported as MatMul(x, Transpose(wte)), is quantised like every other MatMul."""
+    import onnx
+
+    random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 2})
+    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "q.onnx"), optimize=True, quantize="int8", log=quiet)
+    assert meta["parity"]["optimized"]["empty_cache"] <= 1e-4 and meta["parity"]["optimized"]["filled_cache"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # all int8
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    assert "FastGelu" in {n.op_type for n in graph.node} or meta["fused"].get("FastGelu", 0) > 0
+
+
 def test_fp16_export_runs_and_reports_its_difference(tiny_run, tmp_path):
     out = lmspec_cli("export", tiny_run, "-o", tmp_path / "h.onnx", "--fp16")
     assert out.returncode == 0, out.stderr
