@@ -618,7 +618,7 @@ def _is_expr(v) -> bool:
 def _convert(a: Arg, v):
     """(converted value, None) or (v, 'what was expected')."""
     k = a.kind
-    if k == "any":
+    if k == "any" or (v is None and a.default is None):
         return v, None
     if k == "tensor":
         return (v, None) if isinstance(v, TensorRef) else (v, "a tensor")

@@ -1,7 +1,8 @@
 """The key/value cache that lowered attention layers read and write during generation.
 
 Buffers are allocated lazily per layer on first use, because each attention op knows its own
-kv-head count and head size; the cache only needs to know how long a sequence may grow.
+kv-head count and head size; the cache only needs to know how long a sequence may grow. They grow
+by doubling, so a model with a 128k context does not reserve 128k positions for a short prompt.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ class KVCache:
         end = self.offset + new
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        if layer not in self._keys:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self._keys[layer] = k.new_zeros(shape)
-            self._values[layer] = v.new_zeros((v.shape[0], v.shape[1], self.max_len, v.shape[3]))
+        held = self._keys[layer].shape[2] if layer in self._keys else 0
+        if end > held:
+            size = min(self.max_len, max(end, 2 * held, 64))
+            self._keys[layer] = _grown(self._keys.get(layer), k, size, self.offset)
+            self._values[layer] = _grown(self._values.get(layer), v, size, self.offset)
         self._keys[layer][:, :, self.offset:end] = k
         self._values[layer][:, :, self.offset:end] = v
         return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
@@ -37,6 +39,13 @@ class KVCache:
         self.offset = 0
         self._keys.clear()
         self._values.clear()
+
+
+def _grown(old: torch.Tensor | None, like: torch.Tensor, size: int, keep: int) -> torch.Tensor:
+    new = like.new_zeros((like.shape[0], like.shape[1], size, like.shape[3]))
+    if old is not None:
+        new[:, :, :keep] = old[:, :, :keep]
+    return new
 
 
 def make_cache(model: torch.nn.Module, max_len: int | None = None) -> KVCache | None:

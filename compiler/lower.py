@@ -157,12 +157,12 @@ def initialize(model: nn.Module, graph: ModelGraph, seed: int = 0) -> None:
             if p.tied_to is not None:
                 continue
             node = graph.g.nodes[p.node]
-            kind, std = get_op(node["op"]).init(name[len(node["module"]) + 1:])
+            kind, std = get_op(node["op"]).init(name[len(node["module"]) + 1:], node["args"])
             tensor = model.get_parameter(name)
             if kind == "zeros":
                 tensor.zero_()
-            elif kind == "ones":
-                tensor.fill_(1.0)
+            elif kind == "fill":
+                tensor.fill_(std)
             else:
                 tensor.normal_(0.0, std * (scale if name in residual else 1.0), generator=gen)
 

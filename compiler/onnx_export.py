@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from lmspec.dsl.diagnostics import Diagnostic, SpecError
 
 from .graph import ModelGraph
 from .registry import get_op
-from .torch_modules import Attention
+from .torch_modules import Attention, plain_attention, visible_keys
 
 DEFAULT_OPSET = 20  # Gelu and LayerNormalization are single ops; onnxruntime >= 1.17 runs it
 MIN_OPSET = 18  # the oldest opset torch's exporter (torch.export + onnxscript) writes
@@ -81,7 +80,7 @@ class TensorCache:
         self.attention_mask = attention_mask
         self.position_ids = position_ids
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._masks: dict[bool, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past_k, past_v = self.past[layer]
@@ -89,20 +88,18 @@ class TensorCache:
         self.present.append((k, v))
         return k, v
 
-    def mask(self, t, s, causal: bool) -> torch.Tensor:
-        """Which keys each query sees, [batch, 1, t, s]: not padding, and (causal) not in the future.
-        A query always sees itself, so that a padding row is never all-masked: softmax over
-        nothing is NaN, and a NaN in a padded position would spread through 0 * NaN."""
-        if causal not in self._masks:
+    def mask(self, t, s, causal: bool, window: int | None = None) -> torch.Tensor:
+        """Which keys each query sees, [batch, 1, t, s]: not padding, and (causal) not in the future,
+        nor (window) too far in the past. A query always sees itself, so that a padding row is never
+        all-masked: softmax over nothing is NaN, and a NaN in a padded position would spread through
+        0 * NaN."""
+        if (causal, window) not in self._masks:
             device = self.attention_mask.device
+            keep = self.attention_mask[:, None, :].bool() & visible_keys(t, s, causal, window, device)[None]
             query = torch.arange(t, device=device) + (s - t)
-            key = torch.arange(s, device=device)
-            keep = self.attention_mask[:, None, :].bool()  # [batch, 1, s]
-            if causal:
-                keep = keep & (key[None, :] <= query[:, None])[None]
-            keep = keep | (key[None, :] == query[:, None])[None]
-            self._masks[causal] = keep[:, None]
-        return self._masks[causal]
+            keep = keep | (torch.arange(s, device=device)[None, :] == query[:, None])[None]
+            self._masks[(causal, window)] = keep[:, None]
+        return self._masks[(causal, window)]
 
 
 class CachedDecoder(nn.Module):
@@ -205,20 +202,7 @@ def _plain_attention():
     original = torch.nn.functional.scaled_dot_product_attention
 
     def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if enable_gqa and k.shape[1] != q.shape[1]:
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))
-        if is_causal:
-            t, s = scores.shape[-2], scores.shape[-1]
-            attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:  # every row keeps at least its own position: no NaN
-                scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + attn_mask
-        return torch.matmul(torch.softmax(scores, dim=-1), v)
+        return plain_attention(q, k, v, attn_mask, is_causal, scale, None, 0.0)
 
     torch.nn.functional.scaled_dot_product_attention = attention
     try:

@@ -50,8 +50,9 @@ class Op:
         """Parameters shared with another node: local name -> full name of the owner's parameter."""
         return {}
 
-    def init(self, param: str) -> tuple[str, float]:
-        """GPT-2 initialisation: weights normal(0, 0.02), biases zero; norms override this."""
+    def init(self, param: str, args: dict) -> tuple[str, float]:
+        """How to initialise a parameter (by its name inside the op's module): ("normal", std),
+        ("fill", value) or ("zeros", 0). GPT-2's: weights normal(0, 0.02), biases zero."""
         if param.endswith("bias"):
             return ("zeros", 0.0)
         return ("normal", 0.02)

@@ -1,2 +1,2 @@
 """Importing this package registers every op (see compiler/registry.py)."""
-from . import attention, core, layers  # noqa: F401
+from . import attention, core, layers, moe  # noqa: F401

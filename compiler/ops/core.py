@@ -291,3 +291,21 @@ class CausalMask(Op):
     def lower(self, c):
         from .. import torch_modules
         return c.function(torch_modules.causal_mask, c["x"])
+
+
+@register
+class Softcap(Op):
+    name = "softcap"
+    args = (Arg("x", "tensor"), Arg("cap", "float"))
+    doc = "cap * tanh(x / cap): squashes logits smoothly into (-cap, cap) (Gemma 2's logit soft-capping)."
+    onnx = "Div + Tanh + Mul"
+
+    def infer(self, c):
+        _float_input(c)
+        if c["cap"] <= 0:
+            raise OpError(f"cap must be positive, got {c['cap']}", "cap")
+        return c.shape("x"), c.dtype("x")
+
+    def lower(self, c):
+        from .. import torch_modules
+        return c.function(torch_modules.softcap, c["x"], c["cap"])

@@ -130,8 +130,9 @@ class _Norm(Op):
             raise OpError(f"eps must be positive, got {c['eps']}", "eps")
         return c.shape("x"), c.dtype("x")
 
-    def init(self, param):
-        return ("zeros", 0.0) if param == "bias" else ("ones", 1.0)
+    def init(self, param, args):
+        # A norm with an offset (Gemma's 1 + w) stores w - offset: it starts as the identity too.
+        return ("zeros", 0.0) if param == "bias" else ("fill", 1.0 - args.get("offset", 0.0))
 
 
 @register
@@ -155,8 +156,9 @@ class LayerNorm(_Norm):
 class RMSNorm(_Norm):
     name = "rmsnorm"
     short = "norm"
-    args = (Arg("x", "tensor"), Arg("eps", "float", 1e-6))
-    doc = "Root-mean-square normalisation over the last dim, with a learned scale."
+    args = (Arg("x", "tensor"), Arg("eps", "float", 1e-6), Arg("offset", "float", 0.0))
+    doc = ("Root-mean-square normalisation over the last dim, with a learned scale; `offset=1.0` scales by "
+           "1 + weight (Gemma).")
     onnx = "SimplifiedLayerNormalization (fused by onnxruntime) or Pow/ReduceMean/Sqrt"
 
     def params(self, c):
@@ -164,7 +166,10 @@ class RMSNorm(_Norm):
 
     def lower(self, c):
         import torch
-        return c.module(torch.nn.RMSNorm(_last_dim(c.spec), eps=c["eps"]), c["x"])
+        if c["offset"] == 0.0:
+            return c.module(torch.nn.RMSNorm(_last_dim(c.spec), eps=c["eps"]), c["x"])
+        from ..torch_modules import OffsetRMSNorm
+        return c.module(OffsetRMSNorm(_last_dim(c.spec), c["eps"], c["offset"]), c["x"])
 
 
 @register
@@ -172,9 +177,12 @@ class MLP(Op):
     name = "mlp"
     short = "mlp"
     residual = "proj.weight"
-    args = (Arg("x", "tensor"), Arg("hidden", "int"), Arg("act", "func", "gelu"), Arg("bias", "bool", True))
-    doc = "Feed-forward: proj(act(fc(x))), fc [hidden, d], proj [d, hidden]."
-    onnx = "MatMul + activation + MatMul"
+    args = (Arg("x", "tensor"), Arg("hidden", "int"), Arg("act", "func", "gelu"), Arg("bias", "bool", True),
+            Arg("gated", "bool", False))
+    doc = ("Feed-forward: proj(act(fc(x))), fc [hidden, d], proj [d, hidden]. `gated=true` is a GLU "
+           "(SwiGLU with act=silu, GeGLU with gelu): fc [2*hidden, d] holds gate then up, "
+           "proj(act(gate(x)) * up(x)).")
+    onnx = "MatMul + activation (+ Mul for a GLU) + MatMul"
 
     def infer(self, c):
         _float_input(c)
@@ -186,17 +194,19 @@ class MLP(Op):
 
     def params(self, c):
         d, h = _last_dim(c), c["hidden"]
+        fc = 2 * h if c["gated"] else h
         if not c["bias"]:
-            return {"fc.weight": (h, d), "proj.weight": (d, h)}
-        return {"fc.weight": (h, d), "fc.bias": (h,), "proj.weight": (d, h), "proj.bias": (d,)}
+            return {"fc.weight": (fc, d), "proj.weight": (d, h)}
+        return {"fc.weight": (fc, d), "fc.bias": (fc,), "proj.weight": (d, h), "proj.bias": (d,)}
 
     def flops(self, f):
-        h, d = f.params["fc.weight"]
+        fc, d = f.params["fc.weight"]
+        h = f.params["proj.weight"][1]
         tokens = 1
         for n in f.in_shapes["x"][:-1]:
             tokens *= n
-        return 2 * 2 * tokens * h * d
+        return 2 * tokens * (fc + h) * d
 
     def lower(self, c):
         from ..torch_modules import MLP as M
-        return c.module(M(_last_dim(c.spec), c["hidden"], c["act"], c["bias"]), c["x"])
+        return c.module(M(_last_dim(c.spec), c["hidden"], c["act"], c["bias"], c["gated"]), c["x"])

@@ -11,11 +11,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "specs"
 
 
+# The totals of each model's released config.json (embedding counted once when tied), as published.
 @pytest.mark.parametrize("name, params", [
     ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
     ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+    ("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
+    ("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496),
+    ("mistral-7b", 7_241_732_096), ("qwen3-0.6b", 596_049_920), ("qwen3-30b-a3b", 30_532_122_624),
 ])
-def test_gpt2_parameter_counts_are_the_published_ones(name, params):
+def test_parameter_counts_are_the_published_ones(name, params):
     assert parameter_count(load_spec(str(SPECS / f"{name}.arch"))) == params
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,6 +20,19 @@ def test_info_prints_parameters_flops_and_blocks():
     assert "parameters: 124,439,808" in out.stdout
     assert "block.0 (x12)" in out.stdout and "7,087,872" in out.stdout
     assert "input  tokens: i64[batch, seq <= 1024]" in out.stdout
+
+
+@pytest.mark.parametrize("spec, printed", [
+    ("specs/llama3.2-1b.arch", "parameters: 1,235,814,400  (tied: lm_head.weight)"),
+    ("specs/llama3.1-70b.arch", "parameters: 70,553,706,496"),
+    ("specs/mistral-7b.arch", "parameters: 7,241,732,096"),
+    ("specs/qwen3-0.6b.arch", "parameters: 596,049,920  (tied: lm_head.weight)"),
+    ("specs/qwen3-30b-a3b.arch", "parameters: 30,532,122,624"),
+])
+def test_info_prints_the_published_count_of_modern_specs(spec, printed):
+    out = info(spec)
+    assert out.returncode == 0, out.stderr
+    assert printed in out.stdout.splitlines()
 
 
 def test_info_json_agrees_with_the_medium_count():

@@ -236,6 +236,13 @@ def test_opset_option(tiny_run, tmp_path):
 @pytest.mark.parametrize("spec, overrides", [
     ("specs/handwritten.arch", {}),
     ("specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 4, "kv_heads": None}),
+    ("specs/llama3.2-1b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96,
+                                "rope_original": 8}),
+    ("specs/mistral-7b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 1, "head_dim": 16, "ffn": 96,
+                               "window": 3}),
+    ("specs/qwen3-0.6b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 32, "ffn": 96}),
+    ("specs/qwen3-moe-tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                                   "experts": 4, "top_k": 2, "moe_ffn": 32}),
 ])
 def test_every_spec_exports(tmp_path, spec, overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}
