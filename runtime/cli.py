@@ -1,4 +1,4 @@
-"""The `lmspec` command line: check | info | train | sample | export | generate | serve | data | tokenizer.
+"""The `lmspec` command line: check | info | train | sample | export | generate | serve | data | tokenizer | import.
 
 Each verb imports what it needs when it runs, so `check` and `info` never import torch.
 A mistake in the user's input ends as a located message and a non-zero exit, not a traceback.
@@ -44,7 +44,13 @@ EXAMPLES = {
   lmspec tokenizer decode ../shared/data/gpt2-tokenizer 15496 11 995 13""",
     "export": """examples:
   lmspec export runs/tiny -o exported/tiny.onnx
-  lmspec export runs/gpt2 -o exported/gpt2-int8.onnx --optimize --quantize int8""",
+  lmspec export runs/gpt2 -o exported/gpt2-int8.onnx --optimize --quantize int8
+  lmspec export hf runs/qwen3 -o hf/qwen3       # a Hugging Face model directory (config.json, model.safetensors)""",
+    "import hf": """examples:
+  lmspec import hf ~/models/gpt2 --spec specs/gpt2.arch -o runs/gpt2
+  lmspec import hf ~/models/Qwen3-0.6B --spec specs/qwen3-0.6b.arch -o runs/qwen3
+  lmspec import hf ~/models/gpt2-tiny --emit-spec gpt2-tiny.arch -o runs/gpt2-tiny
+  lmspec import hf ~/models/no-tokenizer --spec my.arch -o runs/x --tokenizer ../shared/data/gpt2-tokenizer""",
     "generate": """examples:
   lmspec generate exported/tiny.onnx --prompt "The " --max-tokens 100
   lmspec generate exported/tiny.onnx --prompt "def " --prompt "The module" --temperature 0
@@ -133,11 +139,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int)
 
-    e = verb("export", "Export a checkpoint to ONNX with a KV cache, checked against PyTorch.",
+    e = verb("export", "Export a checkpoint to ONNX with a KV cache, checked against PyTorch; "
+             "`export hf CHECKPOINT -o DIR` writes a Hugging Face model directory instead.",
              "export_commands:cmd_export")
-    e.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    e.add_argument("checkpoint", help="a run directory or a checkpoint directory (or `hf` then one)")
+    e.add_argument("hf_checkpoint", nargs="?", metavar="CHECKPOINT", help=argparse.SUPPRESS)
     e.add_argument("-o", "--output", required=True,
-                   help="the .onnx file to write (its <name>.lmspec.json goes beside it), or a directory")
+                   help="the .onnx file to write (its <name>.lmspec.json goes beside it), or a directory; "
+                        "for `export hf`, the model directory to create")
+    e.add_argument("--model-type", help="export hf: the Hugging Face model_type to write (default: the imported "
+                                        "model's, else inferred from the parameter names)")
     e.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default: 20)")
     e.add_argument("--optimize", action="store_true",
                    help="apply onnxruntime's graph optimisations and transformer fusions")
@@ -197,6 +208,16 @@ def _parser() -> argparse.ArgumentParser:
     dt.add_argument("--shard-tokens", type=int, default=64 * 2**20, help="tokens per shard file")
     dt.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     dt.add_argument("--no-progress", action="store_true")
+
+    im = group("import", "Bring models in from other formats.")
+    ih = verb("hf", "Import a Hugging Face model directory (config.json + safetensors) as a checkpoint, "
+              "checked against a spec.", "hf_commands:cmd_import_hf", im, "import ")
+    ih.add_argument("dir", help="a Hugging Face model directory: config.json and model.safetensors (or shards)")
+    ih.add_argument("--spec", help="the spec the model must match")
+    ih.add_argument("--emit-spec", metavar="FILE", help="instead of --spec: write the spec for config.json to FILE")
+    ih.add_argument("-o", "--output", required=True, help="the run directory to create for the checkpoint")
+    ih.add_argument("--tokenizer", help="a tokenizer to store when DIR has none (or to use instead of DIR's)")
+    override_options(ih)
 
     k = group("tokenizer", "Train, inspect and use tokenizers.")
     kt = verb("train", "Train a byte-level BPE tokenizer with special tokens (Hugging Face tokenizers).",

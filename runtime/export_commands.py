@@ -165,6 +165,21 @@ def _heads_and_hidden(model) -> tuple[int, int]:
 
 
 def cmd_export(args) -> int:
+    if getattr(args, "hf_checkpoint", None) is not None:  # lmspec export hf CHECKPOINT -o DIR
+        if args.checkpoint != "hf":
+            raise UsageError(f"unexpected argument {args.hf_checkpoint!r} (did you mean `lmspec export hf "
+                             f"{args.hf_checkpoint}`?)")
+        onnx_only = [flag for flag, used in (("--opset", args.opset is not None), ("--optimize", args.optimize),
+                                             ("--quantize", args.quantize), ("--fp16", args.fp16)) if used]
+        if onnx_only:
+            raise UsageError(f"{', '.join(onnx_only)}: only for ONNX export, not `export hf`")
+        from .hf_commands import cmd_export_hf
+        args.checkpoint, args.action = args.hf_checkpoint, "hf"  # errors then read `lmspec export hf: ...`
+        return cmd_export_hf(args)
+    if args.checkpoint == "hf" and not Path("hf").exists():
+        raise UsageError("export hf: name the checkpoint: lmspec export hf CHECKPOINT -o DIR")
+    if getattr(args, "model_type", None):
+        raise UsageError("--model-type is only for `lmspec export hf`")
     from lmspec.compiler.onnx_export import ExportError
 
     from .checkpoint import CheckpointError
