@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from gpt2_names import copy_into_reference  # noqa: E402
 from reference_gpt import GPT, GPTConfig  # noqa: E402
 
-from lmspec.compiler import load_spec, lower  # noqa: E402
+from lmspec.compiler import load_spec  # noqa: E402
+from lmspec.compiler.lower import lower  # noqa: E402
 
 
 class Trainer:

@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from lmspec.compiler import load_spec, lower
+from lmspec.compiler import load_spec
+from lmspec.compiler.lower import lower
 from lmspec.compiler.graph import ModelGraph
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint

@@ -18,6 +18,14 @@ def _last_dim(c, name="x") -> int:
     return d
 
 
+def _leading(shape) -> int:
+    """How many vectors a [..., d] tensor holds: the product of its leading dims (tokens)."""
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n
+
+
 def _positive(c, *names):
     for n in names:
         if c[n] < 1:
@@ -108,10 +116,7 @@ class Linear(Op):
 
     def flops(self, f):
         w = f.params["weight"]
-        tokens = 1
-        for d in f.in_shapes["x"][:-1]:
-            tokens *= d
-        return 2 * tokens * w[0] * w[1]
+        return 2 * _leading(f.in_shapes["x"]) * w[0] * w[1]
 
     def lower(self, c):
         import torch
@@ -202,10 +207,7 @@ class MLP(Op):
     def flops(self, f):
         fc, d = f.params["fc.weight"]
         h = f.params["proj.weight"][1]
-        tokens = 1
-        for n in f.in_shapes["x"][:-1]:
-            tokens *= n
-        return 2 * tokens * (fc + h) * d
+        return 2 * _leading(f.in_shapes["x"]) * (fc + h) * d
 
     def lower(self, c):
         from ..torch_modules import MLP as M

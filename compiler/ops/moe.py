@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..registry import Arg, Op, OpError, register
 from .core import ACTIVATIONS, _float_input
-from .layers import _last_dim, _positive
+from .layers import _last_dim, _leading, _positive
 
 
 @register
@@ -36,9 +36,7 @@ class MoE(Op):
     def flops(self, f):
         e, d = f.params["router.weight"]
         h = f.params["proj_weight"][2]
-        tokens = 1
-        for n in f.in_shapes["x"][:-1]:
-            tokens *= n
+        tokens = _leading(f.in_shapes["x"])
         return 2 * tokens * d * e + f.args["top_k"] * 2 * tokens * 3 * h * d  # router + active experts
 
     def lower(self, c):

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmspec.compiler import load_spec, lower
+from lmspec.compiler import load_spec
+from lmspec.compiler.lower import lower
 from lmspec.compiler.kv_cache import make_cache
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lmspec.compiler import load_spec, lower
+from lmspec.compiler import load_spec
+from lmspec.compiler.lower import lower
 from lmspec.compiler.kv_cache import KVCache
 from lmspec.compiler.torch_modules import rope_frequencies
 from lmspec.dsl.diagnostics import SpecError

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gpt2_names import copy_into_reference
-from lmspec.compiler import load_spec, lower
+from lmspec.compiler import load_spec
+from lmspec.compiler.lower import lower
 from reference_gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from conftest import SHARED_DATA, TESTS_DIR  # noqa: E402
-from lmspec.compiler import lower  # noqa: E402
+from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.runtime.checkpoint import load_checkpoint  # noqa: E402
 from lmspec.runtime.cli import main  # noqa: E402
 from lmspec.runtime.commands import graph_from_record  # noqa: E402
