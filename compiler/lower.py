@@ -14,6 +14,7 @@ from torch import nn
 
 from .analysis import residual_params
 from .build import OpCall
+from .checkpointing import BLOCK_META
 from .graph import ModelGraph
 from .registry import get_op
 from .shapes import Sym
@@ -63,7 +64,12 @@ class _Lowering:
             if data["op"] == "input":
                 continue
             op = get_op(data["op"])
+            last = self.fx._root.prev  # the newest fx node so far
             out = op.lower(LowerCall(self, node_id, data, OpCall(op, data["args"], g)))
+            node = last.next
+            while node is not self.fx._root:  # tag what this op emitted with its repeat iteration
+                node.meta[BLOCK_META] = data["block"]
+                node = node.next
             outs = out if isinstance(out, list) else [out]
             for i, o in enumerate(outs):
                 self.values[(node_id, i)] = o

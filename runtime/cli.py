@@ -27,7 +27,8 @@ EXAMPLES = {
   lmspec train specs/tiny.arch                      # embedded corpus (CPython's docs), char-level
   lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
   lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
-  lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run""",
+  lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
+  lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/""",
     "data prepare": """examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
@@ -126,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="mixed precision: autocast to bf16 or fp16 (with loss scaling); weights stay fp32")
+    t.add_argument("--activation-checkpointing", nargs="?", const="all", metavar="BLOCKS",
+                   help="recompute each block's activations in the backward pass instead of keeping them: "
+                        "all blocks, or names/patterns such as 'block.0,block.1?'")
+    t.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -102,15 +102,21 @@ def cmd_train(args) -> int:
         if vocab is None or vocab < tokenizer.vocab_size:
             raise UsageError(f"the model predicts {vocab} tokens but the tokenizer has {tokenizer.vocab_size}; "
                              f"set --set vocab={tokenizer.vocab_size}")
-        if args.resume:  # the run's own settings; only --steps may change, to extend it
-            cfg = dataclasses.replace(TrainConfig.from_dict(ckpt.train_config),
-                                      steps=args.steps or ckpt.train_config["steps"])
+        if args.resume:  # the run's own settings; --steps may change, to extend it, and so may the
+            # ways of running it that leave the numbers alone (activation checkpointing, compile)
+            saved = TrainConfig.from_dict(ckpt.train_config)
+            cfg = dataclasses.replace(saved, steps=args.steps or saved.steps,
+                                      activation_checkpointing=args.activation_checkpointing
+                                      or saved.activation_checkpointing,
+                                      compile=args.compile or saved.compile)
         else:
             cfg = TrainConfig(
                 steps=args.steps or 500, batch=args.batch, seq=args.seq, lr=args.lr, min_lr=args.min_lr,
                 warmup=args.warmup, weight_decay=args.weight_decay, betas=(0.9, args.beta2),
                 grad_clip=args.grad_clip, grad_accum=args.grad_accum, eval_every=args.eval_every,
                 eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
+                precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+                compile=args.compile,
             )
         seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:

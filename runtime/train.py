@@ -56,12 +56,16 @@ class TrainConfig:
     keep: int = 3
     seed: int = 1337
     log_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast's compute dtype (fp16 with loss scaling)
+    activation_checkpointing: str | None = None  # None, "all", or block names / patterns
+    compile: bool = False  # torch.compile the training forward
 
+    PRECISIONS = ("fp32", "bf16", "fp16")
     # Settings that shape what is trained; on resume they come from the checkpoint, because a
     # different value would make the continued run a different run. The others (steps, eval,
     # checkpoint and log cadence) may change on resume, e.g. to extend a run.
     TRAJECTORY = ("batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "betas", "grad_clip",
-                  "grad_accum", "seed")
+                  "grad_accum", "seed", "precision")
 
     def resolved(self, context: int) -> TrainConfig:
         """A copy with the defaults that depend on the model filled in, checked."""
@@ -90,6 +94,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+        need(self.precision in self.PRECISIONS, "precision", f"must be one of {', '.join(self.PRECISIONS)}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -118,13 +123,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
 
 
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision: fp32 runs as it is; bf16/fp16 compute matrix products
+    in 16 bits while the weights, gradients and optimizer state stay fp32 (mixed precision)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32") -> float:
     """Mean cross-entropy over fixed batches, in eval mode, without touching the training RNG."""
     device = _device_of(model)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)):
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), autocast(device, precision):
             losses = [_loss(model(x.to(device)), y.to(device)).item() for x, y in batches]
     finally:
         model.train(was_training)
@@ -165,16 +177,26 @@ def train(
                             f"resume it or choose another directory")
     cfg = cfg.resolved(context)
     data.check_seq(cfg.seq, validation=cfg.eval_batches > 0)
+    if cfg.activation_checkpointing:
+        from lmspec.compiler.checkpointing import checkpoint_blocks
+        try:
+            checkpoint_blocks(model, cfg.activation_checkpointing)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
 
     device = _device_of(model)
     _check_vocab(model, tokenizer, device)
     optimizer = make_optimizer(model, cfg)
+    # fp16's narrow range needs the loss scaled up (and the gradients back down) so that small
+    # gradients do not flush to zero; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    forward = torch.compile(model) if cfg.compile else model
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
         checkpoint.load_model(model)
         checkpoint.load_optimizer(optimizer, model)
-        _restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path)
+        _restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path, scaler)
         start_step = checkpoint.step
         totals = {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None} | checkpoint.metrics
         log = MetricsLog.resumed(run_dir / METRICS_FILE, start_step)
@@ -201,7 +223,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = _optimizer_step(model, optimizer, data, cfg, batch_generator, device)
+            loss = _optimizer_step(forward, model, optimizer, scaler, data, cfg, batch_generator, device)
             tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if not math.isfinite(loss):
                 raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
@@ -211,7 +233,7 @@ def train(
 
             last = step == cfg.steps
             if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                val_loss = evaluate(model, val_set)
+                val_loss = evaluate(model, val_set, cfg.precision)
                 record["val_loss"] = totals["val_loss"] = val_loss
                 if totals["best_val_loss"] is None or val_loss < totals["best_val_loss"]:
                     totals["best_val_loss"] = val_loss
@@ -224,7 +246,7 @@ def train(
             if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 last_checkpoint = save_checkpoint(
                     run_dir, step=step, model=model, optimizer=optimizer,
-                    rng=_rng_states(batch_generator, device), train_config=cfg.to_dict(),
+                    rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
                     metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
                     spec=spec, keep=cfg.keep,
                 )
@@ -272,19 +294,23 @@ def _check_vocab(model: torch.nn.Module, tokenizer, device: torch.device) -> Non
                           f"set the model's vocab to at least {tokenizer.vocab_size}")
 
 
-def _optimizer_step(model, optimizer, data, cfg, generator, device) -> float:
-    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss."""
+def _optimizer_step(forward, model, optimizer, scaler, data, cfg, generator, device) -> float:
+    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss. `forward` is
+    the model or its compiled form."""
     total = 0.0
     for _ in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
-        logits = model(x.to(device))
+        with autocast(device, cfg.precision):
+            logits = forward(x.to(device))
         loss = _loss(logits, y.to(device))
         # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
-        (loss / cfg.grad_accum).backward()
+        scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item()
+    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then backs off
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total / cfg.grad_accum
 
@@ -320,15 +346,22 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
 
 
-def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+def _rng_states(generator: torch.Generator, device: torch.device, scaler=None) -> dict[str, torch.Tensor]:
     states = {"torch_cpu": torch.get_rng_state(), "batch_generator": generator.get_state()}
     if device.type == "cuda":
         states["torch_cuda"] = torch.cuda.get_rng_state(device)
+    if scaler is not None and scaler.is_enabled():  # the loss scale is run state too: resume needs it
+        state = scaler.state_dict()
+        states["grad_scaler_scale"] = torch.tensor(state["scale"], dtype=torch.float64)
+        states["grad_scaler_growth_tracker"] = torch.tensor(state["_growth_tracker"], dtype=torch.int64)
     return states
 
 
-def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device, path) -> None:
+def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device, path,
+                 scaler=None) -> None:
     needed = ["torch_cpu", "batch_generator"] + (["torch_cuda"] if device.type == "cuda" else [])
+    if scaler is not None and scaler.is_enabled():
+        needed += ["grad_scaler_scale", "grad_scaler_growth_tracker"]
     missing = [k for k in needed if k not in states]
     if missing:
         raise CheckpointError(f"{path}: rng.safetensors lacks {', '.join(missing)}")
@@ -336,3 +369,6 @@ def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator, de
     generator.set_state(states["batch_generator"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(states["torch_cuda"], device)
+    if scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict({**scaler.state_dict(), "scale": float(states["grad_scaler_scale"]),
+                                "_growth_tracker": int(states["grad_scaler_growth_tracker"])})

@@ -1,0 +1,57 @@
+"""`lmspec train`'s ways of running: activation checkpointing, mixed precision (bf16, fp16 with
+loss scaling), torch.compile; each through the real command line, with the run files read back."""
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from test_cli_train import SMALL, VERDICT, lmspec, losses
+
+COMMON = ["specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--steps", "20", "--warmup", "2", "--batch", "4",
+          "--eval-every", "10", "--ckpt-every", "10", "--no-progress", "--sample-tokens", "0"]
+
+
+def train(run: Path, *extra):
+    out = lmspec("train", *COMMON, "--out", str(run), *extra)
+    assert out.returncode == 0, out.stderr
+    return losses(run)
+
+
+def test_activation_checkpointing_leaves_every_loss_the_same(tmp_path):
+    assert train(tmp_path / "a", "--set", "dropout=0.1") == train(tmp_path / "b", "--set", "dropout=0.1",
+                                                                  "--activation-checkpointing")
+    meta = json.loads((tmp_path / "b" / "checkpoints" / "step_000020" / "meta.json").read_text())
+    assert meta["train_config"]["activation_checkpointing"] == "all"
+    weights = [load_file(str(tmp_path / run / "checkpoints" / "step_000020" / "model.safetensors")) for run in "ab"]
+    assert weights[0].keys() == weights[1].keys()  # the same parameter names
+
+
+def test_bf16_trains_like_fp32(tmp_path):
+    fp32, bf16 = train(tmp_path / "a"), train(tmp_path / "b", "--precision", "bf16")
+    assert bf16 != fp32  # autocast did run in bf16
+    assert bf16[20] < bf16[10] and bf16[20] == pytest.approx(fp32[20], rel=0.02)
+
+
+def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path):
+    whole = train(tmp_path / "whole", "--precision", "fp16")
+    part = tmp_path / "part"
+    first = lmspec("train", *COMMON, "--out", str(part), "--precision", "fp16")
+    assert first.returncode == 0, first.stderr
+    (part / "checkpoints" / "latest").write_text("step_000010\n")  # as if stopped at step 10
+    rng = load_file(str(part / "checkpoints" / "step_000010" / "rng.safetensors"))
+    assert float(rng["grad_scaler_scale"]) > 1  # the scaler's state is part of the checkpoint
+    resumed = lmspec("train", *COMMON, "--out", str(part), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(part) == whole
+
+
+def test_a_bad_policy_is_a_clear_error(tmp_path):
+    out = lmspec("train", *COMMON, "--out", str(tmp_path / "r"), "--activation-checkpointing", "block.7")
+    assert out.returncode == 1 and "block.7 names no block" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path):
+    eager, compiled = train(tmp_path / "a"), train(tmp_path / "b", "--compile")
+    assert compiled[20] == pytest.approx(eager[20], rel=1e-3)
