@@ -1,9 +1,9 @@
 """The op registry: the one place that knows about an op.
 
 Each op is one class registered with `@register`, holding its argument signature, its shape
-rule (`infer`), the parameters it owns, its FLOP count, its lowering to torch.fx, and notes
-for ONNX export. Nothing here imports torch: `lower` imports it when it is called, so that
-checking a spec stays fast.
+rule (`infer`), the parameters it owns, its FLOP count, what autograd keeps of it for the
+backward pass, its lowering to torch.fx, and notes for ONNX export. Nothing here imports torch:
+`lower` imports it when it is called, so that checking a spec stays fast.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class Op:
     onnx: ClassVar[str] = ""  # how the op appears in an exported ONNX graph
     exportable: ClassVar[bool] = True  # False: `lmspec export` refuses the op, naming where it is used
     doc: ClassVar[str] = ""
+    # Under mixed precision (torch.autocast): "lower" runs in 16-bit (matrix products), "f32" in float32
+    # (norms, softmax), "promote" in the widest dtype of its inputs. Used by `lmspec plan`'s memory walk.
+    autocast: ClassVar[str] = "promote"
 
     def infer(self, c) -> tuple[tuple, str] | list[tuple[tuple, str]]:
         """(shape, dtype) of the output, or a list of them; raise OpError on misuse."""
@@ -60,6 +63,15 @@ class Op:
     def flops(self, f) -> int:
         """Forward FLOPs (a multiply-add counts 2) given concrete shapes in `f`; matrix products only."""
         return 0
+
+    def saved_for_backward(self, s) -> list:
+        """What autograd keeps of one call for the backward pass (activation memory, compiler/plan.py),
+        built with `s`: `s.input(arg)` an input tensor (counted once however many ops keep it;
+        `cast=True`: as the op computes with it, a fresh 16-bit copy when autocast lowers an f32 input),
+        `s.output(i)` an output, `s.new(shape, dtype)` a tensor the op makes for itself ("compute": the
+        dtype the op runs in; "f32", "bool", "i64"; default: the output's). `s[arg]`, `s.in_shapes`,
+        `s.out_shapes` and `s.params` give the arguments and concrete shapes. Default: the tensor inputs."""
+        return [s.input(name) for name in s.in_shapes]
 
     def lower(self, c):
         raise NotImplementedError

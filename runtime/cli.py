@@ -1,6 +1,6 @@
-"""The `lmspec` command line: check | info | train | sample | export | generate | serve | data | tokenizer | import.
+"""The `lmspec` command line: check | info | plan | train | sample | export | generate | serve | data | tokenizer | import.
 
-Each verb imports what it needs when it runs, so `check` and `info` never import torch.
+Each verb imports what it needs when it runs, so `check`, `info` and `plan` never import torch.
 A mistake in the user's input ends as a located message and a non-zero exit, not a traceback.
 """
 from __future__ import annotations
@@ -23,6 +23,10 @@ EXAMPLES = {
   lmspec info specs/gpt2.arch
   lmspec info specs/gpt2.arch --set layers=4 --set dim=256 --seq 512
   lmspec info specs/gpt2.arch --graph gpt2.svg""",
+    "plan": """examples:
+  lmspec plan specs/llama3.1-8b.arch --gpus 8 --gpu-memory 80GB --seq 4096 --precision bf16
+  lmspec plan specs/llama3.1-70b.arch --gpus 64 --gpu-memory 80GB --tokens 15T --precision bf16 --strategy fsdp
+  lmspec plan specs/gpt2.arch --gpus 1 --gpu-memory 24GiB --compute 1e19 --micro-batch 8 --format json""",
     "train": """examples:
   lmspec train specs/tiny.arch                      # embedded corpus (CPython's docs), char-level
   lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
@@ -104,6 +108,27 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--graph", metavar="FILE", help="also draw the graph to FILE (.dot, .svg, .png, .pdf)")
     i.add_argument("--format", choices=["human", "json"], default="human")
     override_options(i)
+
+    pl = verb("plan", "What training a spec needs: parameters, FLOPs, compute, time, and memory per GPU "
+              "under DDP and FSDP, from its graph.", "plan_commands:cmd_plan")
+    pl.add_argument("spec")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs to train on (default: 1)")
+    pl.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30 bytes)")
+    budget = pl.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", help="tokens to train on: 15T, 300B, 2e12")
+    budget.add_argument("--compute", help="FLOPs to spend: 1e24, 6e23")
+    pl.add_argument("--seq", type=int, help="training sequence length (default: the context, at most 4096)")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass (default: 1)")
+    pl.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both")
+    pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="fp32, or bf16/fp16 autocast (fp32 master weights and gradients)")
+    pl.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="show only the rows with (or --no-…: without) checkpointing per block (default: both)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default: 0.4)")
+    pl.add_argument("--gpu-flops", default="989e12",
+                    help="peak FLOP/s of one GPU (default: 989e12, H100 SXM dense bf16; 989T also works)")
+    pl.add_argument("--format", choices=["human", "json"], default="human")
+    override_options(pl)
 
     t = verb("train", "Train a spec on a text corpus (next-token cross-entropy, AdamW).", "commands:cmd_train")
     t.add_argument("spec")
@@ -265,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmspec info … | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except Exception as err:  # a bug in lmspec, not in the input: say so briefly
         if os.environ.get("LMSPEC_DEBUG"):
             raise

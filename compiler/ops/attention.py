@@ -35,6 +35,7 @@ class Attention(Op):
            "(sliding window); `softcap` c*tanh(scores/c); `scale` (default 1/sqrt(head_dim)); `bias` on "
            "q/k/v and `out_bias` (default: `bias`) on the output projection.")
     onnx = "MatMul/Softmax subgraph with past/present KV"
+    autocast = "lower"
 
     def geometry(self, c) -> tuple[int, int, int, int]:
         d = _last_dim(c)
@@ -126,3 +127,32 @@ class Attention(Op):
             "rope_low", "rope_high", "rope_original", "qk_norm", "qk_norm_eps", "window", "softcap", "scale")}
         cfg = AttentionConfig(d, heads, kv, hd, out_bias=self._out_bias(c.spec), **options)
         return c.module(A(cfg, layer_index=c.attention_index()), c["x"], c.cache)
+
+    def saved_for_backward(self, s):
+        b, t, _ = s.in_shapes["x"]
+        _, heads, kv, hd = self.geometry(s)
+        # x for the q/k/v projection and its output (q, k, v are views of it); RoPE and QK-norm make
+        # new q and k (and QK-norm keeps 1/rms per head)
+        keep = [s.input("x", cast=True), s.new((b, t, (heads + 2 * kv) * hd))]
+        if s["rope"] or s["qk_norm"]:
+            keep += [s.new((b, heads, t, hd)), s.new((b, kv, t, hd))]
+        if s["qk_norm"]:
+            keep += [s.new((b, t, heads, 1), "f32"), s.new((b, t, kv, 1), "f32")]
+        if s["softcap"] is None:
+            # fused scaled_dot_product_attention keeps q, k, v, its output and the log-sum-exp
+            # [b, heads, t], never the [t, t] scores; a sliding window adds its mask as a bias
+            keep.append(s.new((b, heads, t), "f32"))
+            if s["window"] is not None:
+                keep.append(s.new((t, t), "compute"))
+        else:
+            # soft-capped scores take the plain path, which keeps [b, heads, t, t] tensors: the capped
+            # scores (tanh's output), the f32 softmax (and its 16-bit copy), the dropout mask
+            scores = (b, heads, t, t)
+            keep += [s.new((b, heads, t, hd)), s.new(scores), s.new((t, t), "bool"), s.new(scores, "f32")]
+            if kv != heads:  # k and v repeated for every query head
+                keep += [s.new((b, heads, t, hd)), s.new((b, heads, t, hd))]
+            if s.mixed:
+                keep.append(s.new(scores))
+            if s["dropout"]:
+                keep.append(s.new(scores, "bool"))
+        return keep + [s.new((b, t, heads * hd))]  # the heads' output, which the out projection keeps

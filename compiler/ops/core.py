@@ -60,20 +60,32 @@ class _Elementwise(Op):
 class Add(_Elementwise):
     name, fn, doc = "add", operator.add, "x + y, with broadcasting."
 
+    def saved_for_backward(self, s):
+        return []  # the gradient passes through
+
 
 @register
 class Sub(_Elementwise):
     name, fn, doc = "sub", operator.sub, "x - y, with broadcasting."
+
+    def saved_for_backward(self, s):
+        return []
 
 
 @register
 class Mul(_Elementwise):
     name, fn, doc = "mul", operator.mul, "x * y, with broadcasting."
 
+    def saved_for_backward(self, s):
+        return super().saved_for_backward(s) if len(s.in_shapes) == 2 else []  # x * 2.0 keeps nothing
+
 
 @register
 class Div(_Elementwise):
     name, fn, doc = "div", operator.truediv, "x / y, with broadcasting."
+
+    def saved_for_backward(self, s):
+        return super().saved_for_backward(s) if "y" in s.in_shapes else []  # x / 2.0 keeps nothing
 
 
 class _Activation(Op):
@@ -112,6 +124,9 @@ class Silu(_Activation):
 class Relu(_Activation):
     name, torch_name, doc = "relu", "relu", "max(x, 0)."
 
+    def saved_for_backward(self, s):
+        return [s.output()]
+
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 
@@ -121,6 +136,7 @@ class Softmax(Op):
     name = "softmax"
     args = (Arg("x", "tensor"), Arg("dim", "int", -1))
     doc = "Softmax along `dim`."
+    autocast = "f32"
 
     def infer(self, c):
         _float_input(c)
@@ -130,6 +146,9 @@ class Softmax(Op):
     def lower(self, c):
         import torch
         return c.function(torch.softmax, c["x"], dim=c["dim"])
+
+    def saved_for_backward(self, s):
+        return [s.output()]
 
 
 @register
@@ -151,6 +170,9 @@ class Dropout(Op):
             return c["x"]  # dropout(x, 0) is x: emit nothing
         return c.module(torch.nn.Dropout(c["p"]), c["x"])
 
+    def saved_for_backward(self, s):
+        return [s.new(s.out_shapes[0], "bool")] if s["p"] else []  # the mask (CUDA's fused kernel: bool)
+
 
 @register
 class Matmul(Op):
@@ -159,6 +181,7 @@ class Matmul(Op):
     cache_safe = False
     doc = "Batched matrix product (x @ y), broadcasting the batch dims."
     onnx = "MatMul"
+    autocast = "lower"
 
     def infer(self, c):
         a, b = c.shape("x"), c.shape("y")
@@ -183,6 +206,9 @@ class Matmul(Op):
 
     def lower(self, c):
         return c.function(operator.matmul, c["x"], c["y"])
+
+    def saved_for_backward(self, s):
+        return [s.input("x", cast=True), s.input("y", cast=True)]  # scores included, when it makes them
 
 
 @register
@@ -214,6 +240,9 @@ class Reshape(Op):
     def lower(self, c):
         return c.method("reshape", c["x"], *[c.dim(d) for d in c.spec["shape"]])
 
+    def saved_for_backward(self, s):
+        return []
+
 
 @register
 class Transpose(Op):
@@ -232,6 +261,9 @@ class Transpose(Op):
     def lower(self, c):
         import torch
         return c.function(torch.transpose, c["x"], c["dim0"], c["dim1"])
+
+    def saved_for_backward(self, s):
+        return []
 
 
 @register
@@ -273,6 +305,9 @@ class Split(Op):
         whole = c.function(torch.split, c["x"], [c.dim(s) for s in sizes], dim=axis)
         return [c.function(operator.getitem, whole, i) for i in range(len(sizes))]
 
+    def saved_for_backward(self, s):
+        return []
+
 
 @register
 class CausalMask(Op):
@@ -292,6 +327,9 @@ class CausalMask(Op):
         from .. import torch_modules
         return c.function(torch_modules.causal_mask, c["x"])
 
+    def saved_for_backward(self, s):
+        return [s.new(s.in_shapes["x"][-2:], "bool")]  # the [T, S] mask
+
 
 @register
 class Softcap(Op):
@@ -309,3 +347,6 @@ class Softcap(Op):
     def lower(self, c):
         from .. import torch_modules
         return c.function(torch_modules.softcap, c["x"], c["cap"])
+
+    def saved_for_backward(self, s):
+        return [s.new(s.out_shapes[0])]  # tanh's output

@@ -39,6 +39,7 @@ class Embedding(Op):
     args = (Arg("ids", "tensor"), Arg("num", "int"), Arg("dim", "int"))
     doc = "Look up rows of a [num, dim] table by integer ids."
     onnx = "Gather"
+    autocast = "f32"
 
     def infer(self, c):
         if c.dtype("ids") not in _INT:
@@ -53,6 +54,9 @@ class Embedding(Op):
         import torch
         return c.module(torch.nn.Embedding(c["num"], c["dim"]), c["ids"])
 
+    def saved_for_backward(self, s):
+        return [s.input("ids")]
+
 
 @register
 class Position(Op):
@@ -61,6 +65,7 @@ class Position(Op):
     args = (Arg("seq", "dim"), Arg("context", "int"), Arg("dim", "int"))
     doc = "Learned absolute position embeddings for positions 0..seq-1 (offset by the KV cache)."
     onnx = "Gather of the table at position_ids (left padding gives each row its own positions)"
+    autocast = "f32"
 
     def infer(self, c):
         _positive(c, "context", "dim")
@@ -80,6 +85,9 @@ class Position(Op):
         from ..torch_modules import Position as P
         return c.module(P(c["context"], c["dim"]), c.dim(c.spec["seq"]), c.cache)
 
+    def saved_for_backward(self, s):
+        return []  # a slice of the table
+
 
 @register
 class Linear(Op):
@@ -88,6 +96,7 @@ class Linear(Op):
     args = (Arg("x", "tensor"), Arg("out", "int"), Arg("bias", "bool", True), Arg("tie", "node", None))
     doc = "x @ W.T + b with W [out, in]; `tie=node` shares W with another node's weight (e.g. the embedding)."
     onnx = "MatMul + Add (Gemm when 2-D)"
+    autocast = "lower"
 
     def infer(self, c):
         _float_input(c)
@@ -126,8 +135,16 @@ class Linear(Op):
             m.weight = tied
         return c.module(m, c["x"])
 
+    def saved_for_backward(self, s):
+        return [s.input("x", cast=True)]
+
 
 class _Norm(Op):
+    autocast = "f32"
+
+    def _stats(self, s):
+        return s.new((*s.in_shapes["x"][:-1], 1), "f32")  # per-vector mean or 1/rms
+
     def infer(self, c):
         _float_input(c)
         _last_dim(c)
@@ -156,6 +173,9 @@ class LayerNorm(_Norm):
         import torch
         return c.module(torch.nn.LayerNorm(_last_dim(c.spec), eps=c["eps"], bias=c["bias"]), c["x"])
 
+    def saved_for_backward(self, s):
+        return [s.input("x", cast=True), self._stats(s), self._stats(s)]  # x, mean, 1/std
+
 
 @register
 class RMSNorm(_Norm):
@@ -176,6 +196,12 @@ class RMSNorm(_Norm):
         from ..torch_modules import OffsetRMSNorm
         return c.module(OffsetRMSNorm(_last_dim(c.spec), c["eps"], c["offset"]), c["x"])
 
+    def saved_for_backward(self, s):
+        # x and 1/rms (CUDA's fused kernel; CPU's composite one also keeps the normalised x), and
+        # with an offset the normalised x that multiplies (offset + weight)
+        keep = [s.input("x", cast=True), self._stats(s)]
+        return keep + [s.new(s.in_shapes["x"], "f32")] if s["offset"] else keep
+
 
 @register
 class MLP(Op):
@@ -188,6 +214,7 @@ class MLP(Op):
            "(SwiGLU with act=silu, GeGLU with gelu): fc [2*hidden, d] holds gate then up, "
            "proj(act(gate(x)) * up(x)).")
     onnx = "MatMul + activation (+ Mul for a GLU) + MatMul"
+    autocast = "lower"
 
     def infer(self, c):
         _float_input(c)
@@ -212,3 +239,12 @@ class MLP(Op):
     def lower(self, c):
         from ..torch_modules import MLP as M
         return c.module(M(_last_dim(c.spec), c["hidden"], c["act"], c["bias"], c["gated"]), c["x"])
+
+    def saved_for_backward(self, s):
+        lead, h = s.in_shapes["x"][:-1], s["hidden"]
+        hidden = s.new((*lead, h))
+        if s["gated"]:  # fc's output (gate and up are views of it), act(gate), act(gate) * up
+            return [s.input("x", cast=True), s.new((*lead, 2 * h)), hidden, s.new((*lead, h))]
+        if s["act"] == "relu":  # relu keeps its output, which proj keeps too
+            return [s.input("x", cast=True), hidden]
+        return [s.input("x", cast=True), s.new((*lead, h)), hidden]  # fc's output (act's input), act's output

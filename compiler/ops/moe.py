@@ -18,6 +18,7 @@ class MoE(Op):
            "proj_weight [experts, d, hidden]) and their outputs are summed with the router's weights, "
            "renormalised over the chosen experts when `norm_topk`.")
     onnx = "every expert computed densely and weighted by the router (exact; sparse dispatch is eager only)"
+    autocast = "lower"
 
     def infer(self, c):
         _float_input(c)
@@ -43,3 +44,12 @@ class MoE(Op):
         from ..torch_modules import MoE as M
         return c.module(M(_last_dim(c.spec), c["experts"], c["top_k"], c["hidden"], c["act"], c["norm_topk"]),
                         c["x"])
+
+    def saved_for_backward(self, s):
+        d, h = s.in_shapes["x"][-1], s["hidden"]
+        routed = _leading(s.in_shapes["x"]) * s["top_k"]  # (token, expert) pairs
+        return [s.input("x", cast=True), s.new((routed // s["top_k"], s["experts"]), "f32"),  # router probs
+                # per expert: its tokens, fc's output, act's, the product, the output, the output weighted
+                # (index_add_ keeps it); (token, slot) indices
+                s.new((routed, d)), s.new((routed, 2 * h)), s.new((routed, h)), s.new((routed, h)),
+                s.new((routed, d)), s.new((routed, d)), s.new((routed, 2), "i64")]

@@ -59,3 +59,12 @@ def test_info_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_output_cut_short_by_a_closed_pipe_is_no_error():
+    # `lmspec info … | head -1`: the reader is gone before lmspec writes (it starts in ~0.3 s).
+    proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli", "info", "specs/gpt2.arch"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and "error" not in stderr, stderr
