@@ -76,12 +76,24 @@ def _run_tokenizer(args, ckpt, shards, text):
 
 def cmd_train(args) -> int:
     import torch
+    from . import distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = distributed.world_from_environment()  # torchrun's ranks; a world of one otherwise
+    distributed.join(world)
+    try:
+        return _train_in_world(args, world)
+    finally:
+        distributed.leave(world)
+
+
+def _train_in_world(args, world) -> int:
+    import torch
     from .data import TokenData
     from .generate import encode_prompt, generate
     from .train import ConfigError, TrainConfig, TrainingError, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
     try:
         existing = find_checkpoint(run_dir) if run_dir.exists() else None
@@ -121,15 +133,20 @@ def cmd_train(args) -> int:
         seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:
             raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}")
-        data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long))
+        data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long), rank=world.rank,
+                                   world_size=world.size)
         data.check_seq(seq)
         model = lower(graph, seed=cfg.seed)
-        print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-              f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}")
+        if world.main:
+            ranks = f" on {world.size} ranks (DDP)" if world.size > 1 else ""
+            print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+                  f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}")
         summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
-                        resume=args.resume, progress=not args.no_progress)
+                        resume=args.resume, progress=not args.no_progress, world=world)
     except (*USER_ERRORS, ConfigError, TrainingError) as err:
         return _fail("train", err)
+    if not world.main:
+        return 0
     print(_summary_line(summary))
     if args.sample_tokens > 0:
         prompt = encode_prompt(tokenizer, "")

@@ -7,9 +7,13 @@ from .corpus import DataError
 
 
 class TokenData:
-    """The first (1 - val_fraction) of the tokens train, the rest validate (nanoGPT's split)."""
+    """The first (1 - val_fraction) of the tokens train, the rest validate (nanoGPT's split).
 
-    def __init__(self, ids: torch.Tensor, val_fraction: float = 0.1):
+    Under torchrun every rank draws the windows of the whole global batch (batch * world_size) and
+    keeps its own slice, as token shards do (runtime/shards.py): N ranks train on the same windows
+    as one process with N times the batch, and their generators stay in step."""
+
+    def __init__(self, ids: torch.Tensor, val_fraction: float = 0.1, rank: int = 0, world_size: int = 1):
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() != 1:
             raise DataError(f"token ids must be one-dimensional, got shape {list(ids.shape)}")
@@ -18,6 +22,7 @@ class TokenData:
         split = int(len(ids) * (1.0 - val_fraction))
         self.train = ids[:split]
         self.val = ids[split:]
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return len(self.train) + len(self.val)
@@ -29,10 +34,10 @@ class TokenData:
             _check_fits(self.val, seq, "validation")
 
     def train_batch(self, batch: int, seq: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch` random windows of the training split; y is x shifted left by one token."""
+        """This rank's `batch` random windows of the training split; y is x shifted left by one token."""
         _check_fits(self.train, seq, "training")
-        starts = torch.randint(len(self.train) - seq, (batch,), generator=generator)
-        return _windows(self.train, starts, seq)
+        starts = torch.randint(len(self.train) - seq, (batch * self.world_size,), generator=generator)
+        return _windows(self.train, starts[self.rank * batch:(self.rank + 1) * batch], seq)
 
     def val_batches(self, batch: int, seq: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The same validation windows every call: evenly spaced over the split, so val losses compare

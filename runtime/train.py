@@ -9,6 +9,7 @@ fixed windows so it draws nothing, and the learning rate is a function of the st
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import TokenData
+from .distributed import World
 from .metrics import MetricsLog, plot_loss_curve
 from .schedule import learning_rate
 
@@ -59,6 +62,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast's compute dtype (fp16 with loss scaling)
     activation_checkpointing: str | None = None  # None, "all", or block names / patterns
     compile: bool = False  # torch.compile the training forward
+    world_size: int = 1  # ranks the run trained on; `batch` is per rank, the global batch batch * world_size
 
     PRECISIONS = ("fp32", "bf16", "fp16")
     # Settings that shape what is trained; on resume they come from the checkpoint, because a
@@ -152,12 +156,17 @@ def train(
     spec: dict,
     resume: bool = False,
     progress: bool = True,
+    world: World = World(),
 ) -> dict:
     """Train `model` on `data`, writing checkpoints, metrics.jsonl and loss.png under `run_dir`.
 
     With resume=True, continue from the run's latest checkpoint exactly where it stopped.
     A fresh run refuses a run directory that already holds checkpoints. Ctrl-C stops at once and
-    leaves the last complete checkpoint in place. Returns a summary of the run."""
+    leaves the last complete checkpoint in place. Returns a summary of the run.
+
+    In a world of several ranks (torchrun) the model trains under DistributedDataParallel: each
+    rank takes its slice of every global batch, gradients are averaged across ranks, the logged
+    loss is the mean over ranks, and only rank 0 writes metrics, plots and checkpoints."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -167,6 +176,7 @@ def train(
 
     checkpoint: Checkpoint | None = None
     changed_on_resume: dict = {}
+    cfg = dataclasses.replace(cfg, world_size=world.size)
     if resume:
         checkpoint = load_checkpoint(run_dir)
         cfg, changed_on_resume = _config_for_resume(cfg, checkpoint)
@@ -183,7 +193,8 @@ def train(
             checkpoint_blocks(model, cfg.activation_checkpointing)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     device = _device_of(model)
     _check_vocab(model, tokenizer, device)
@@ -191,7 +202,12 @@ def train(
     # fp16's narrow range needs the loss scaled up (and the gradients back down) so that small
     # gradients do not flush to zero; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    forward = torch.compile(model) if cfg.compile else model
+    ddp = None
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights: every rank starts alike
+    forward = ddp or model
+    forward = torch.compile(forward) if cfg.compile else forward
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
         checkpoint.load_model(model)
@@ -199,16 +215,16 @@ def train(
         _restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path, scaler)
         start_step = checkpoint.step
         totals = {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None} | checkpoint.metrics
-        log = MetricsLog.resumed(run_dir / METRICS_FILE, start_step)
+        log = MetricsLog.resumed(run_dir / METRICS_FILE, start_step) if world.main else None
     else:
         torch.manual_seed(cfg.seed)  # dropout and anything else drawn from torch's default RNG
         # Its own seed so that batch positions and dropout masks are not the same random stream.
         batch_generator.manual_seed(cfg.seed + 1)
         start_step, totals = 0, {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None}
-        log = MetricsLog.fresh(run_dir / METRICS_FILE)
+        log = MetricsLog.fresh(run_dir / METRICS_FILE) if world.main else None
 
     val_set = data.val_batches(cfg.batch, cfg.seq, cfg.eval_batches) if cfg.eval_batches else []
-    tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum
+    tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum * world.size
     session_start = time.perf_counter()
     elapsed_before = float(totals.get("elapsed", 0.0))
     last_checkpoint = checkpoint.path if checkpoint is not None else None
@@ -216,14 +232,15 @@ def train(
     model.train()
 
     bar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), unit="step", desc="train",
-               disable=None if progress else True, dynamic_ncols=True)
+               disable=None if progress and world.main else True, dynamic_ncols=True)
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             lr = learning_rate(step - 1, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = _optimizer_step(forward, model, optimizer, scaler, data, cfg, batch_generator, device)
+            loss = _optimizer_step(forward, ddp, model, optimizer, scaler, data, cfg, batch_generator, device)
+            loss = distributed.mean(world, loss)
             tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if not math.isfinite(loss):
                 raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
@@ -237,13 +254,14 @@ def train(
                 record["val_loss"] = totals["val_loss"] = val_loss
                 if totals["best_val_loss"] is None or val_loss < totals["best_val_loss"]:
                     totals["best_val_loss"] = val_loss
-                bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+                if world.main:
+                    bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
                 sys.stdout.flush()  # visible as it happens when stdout is a pipe or a log file
             totals["elapsed"] = record["elapsed"] = elapsed_before + time.perf_counter() - session_start
-            if last or step % cfg.log_every == 0 or "val_loss" in record:
+            if log is not None and (last or step % cfg.log_every == 0 or "val_loss" in record):
                 log.append(record)
 
-            if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            if world.main and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
                 last_checkpoint = save_checkpoint(
                     run_dir, step=step, model=model, optimizer=optimizer,
                     rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
@@ -255,8 +273,9 @@ def train(
     finally:
         bar.close()
         model.train(was_training)
+    distributed.barrier(world)  # the last checkpoint is written before any rank moves on
 
-    if (run_dir / METRICS_FILE).exists():
+    if world.main and (run_dir / METRICS_FILE).exists():
         plot_loss_curve(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
     session_steps = max(0, cfg.steps - start_step)
     session_time = time.perf_counter() - session_start
@@ -294,17 +313,20 @@ def _check_vocab(model: torch.nn.Module, tokenizer, device: torch.device) -> Non
                           f"set the model's vocab to at least {tokenizer.vocab_size}")
 
 
-def _optimizer_step(forward, model, optimizer, scaler, data, cfg, generator, device) -> float:
+def _optimizer_step(forward, ddp, model, optimizer, scaler, data, cfg, generator, device) -> float:
     """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss. `forward` is
-    the model or its compiled form."""
+    the model, wrapped in DistributedDataParallel (`ddp`) under torchrun, compiled with --compile."""
     total = 0.0
-    for _ in range(cfg.grad_accum):
+    for micro in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
-        with autocast(device, cfg.precision):
-            logits = forward(x.to(device))
-        loss = _loss(logits, y.to(device))
-        # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
-        scaler.scale(loss / cfg.grad_accum).backward()
+        # Ranks average gradients once per step, at the last micro-batch, not after each one.
+        syncing = ddp is None or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if syncing else ddp.no_sync():
+            with autocast(device, cfg.precision):
+                logits = forward(x.to(device))
+            loss = _loss(logits, y.to(device))
+            # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
+            scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item()
     scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
     if cfg.grad_clip > 0:
@@ -335,6 +357,13 @@ def _config_for_resume(cfg: TrainConfig, checkpoint: Checkpoint) -> tuple[TrainC
         if given is not None and given != used:
             changed[name] = {"given": given, "used": used}
         updates[name] = used
+    if saved.world_size != cfg.world_size:
+        # Resumed on another number of ranks: keep the global batch, so the run goes on the same.
+        global_batch = saved.batch * saved.world_size
+        if global_batch % cfg.world_size:
+            raise ConfigError(f"the run's global batch of {global_batch} sequences ({saved.world_size} ranks x "
+                              f"{saved.batch}) does not divide over {cfg.world_size} ranks")
+        updates["batch"] = global_batch // cfg.world_size
     return dataclasses.replace(cfg, **updates), changed
 
 

@@ -1,0 +1,61 @@
+"""Training under torchrun: one process per rank, joined through torch.distributed.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `lmspec train` sees none and is a world of
+one, with nothing initialised. Ranks talk over gloo on CPU (NCCL when CUDA is there); a rank that
+waits longer than LMSPEC_DIST_TIMEOUT seconds for the others (default 300) fails instead of hanging.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def world_from_environment() -> World:
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def join(world: World) -> None:
+    """Initialise the process group of a world of several ranks (nothing for one)."""
+    if world.size == 1:
+        return
+    import torch
+    import torch.distributed as dist
+    timeout = timedelta(seconds=float(os.environ.get("LMSPEC_DIST_TIMEOUT", 300)))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=timeout)
+
+
+def leave(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def mean(world: World, value: float) -> float:
+    """The mean of a number over the ranks."""
+    if world.size == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world.size
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+        dist.barrier()
