@@ -205,7 +205,9 @@ def train(
     ddp = None
     if world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights: every rank starts alike
+        # It broadcasts rank 0's weights, so every rank starts alike; gradients live in its
+        # all-reduce buckets rather than in a second copy (what `lmspec plan` assumes).
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
     forward = ddp or model
     forward = torch.compile(forward) if cfg.compile else forward
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
