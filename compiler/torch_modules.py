@@ -22,8 +22,7 @@ _ACT = {
 
 def causal_mask(scores: torch.Tensor) -> torch.Tensor:
     t, s = scores.shape[-2], scores.shape[-1]
-    keep = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(diagonal=s - t)
-    return scores.masked_fill(~keep, float("-inf"))
+    return scores.masked_fill(~visible_keys(t, s, True, None, scores.device), float("-inf"))
 
 
 class Position(nn.Module):
@@ -62,10 +61,14 @@ class MLP(nn.Module):
         self.act, self.gated = act, gated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            gate, up = self.fc(x).chunk(2, dim=-1)
-            return self.proj(_ACT[self.act](gate) * up)
-        return self.proj(_ACT[self.act](self.fc(x)))
+        h = self.fc(x)
+        return self.proj(_glu(self.act, h) if self.gated else _ACT[self.act](h))
+
+
+def _glu(act: str, h: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up, with h holding gate then up along its last dim."""
+    gate, up = h.chunk(2, dim=-1)
+    return _ACT[act](gate) * up
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -105,7 +108,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-def positions_of(cache, batch: int, t: int, device) -> torch.Tensor:
+def positions_of(cache, t: int, device) -> torch.Tensor:
     """Positions of the new tokens, [batch or 1, t]: a cache's explicit ones (left-padded batches,
     ONNX export), else counting on from the cache's offset."""
     position_ids = getattr(cache, "position_ids", None)
@@ -170,7 +173,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.kv_heads, hd).transpose(1, 2)
         if cfg.rope:
-            freqs = positions_of(cache, b, t, x.device)[..., None].float() * self.inv_freq.float()
+            freqs = positions_of(cache, t, x.device)[..., None].float() * self.inv_freq.float()
             angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [batch or 1, 1, t, rotary_dim]
             cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -234,8 +237,7 @@ class MoE(nn.Module):
         self.experts, self.top_k, self.act, self.norm_topk = experts, top_k, act, norm_topk
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.fc_weight[e]).chunk(2, dim=-1)
-        return F.linear(_ACT[self.act](gate) * up, self.proj_weight[e])
+        return F.linear(_glu(self.act, F.linear(x, self.fc_weight[e])), self.proj_weight[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -26,6 +26,11 @@ def _leading(shape) -> int:
     return n
 
 
+def _check_act(c) -> None:
+    if c["act"] not in ACTIVATIONS:
+        raise OpError(f"act must be one of {', '.join(ACTIVATIONS)}, got {c['act']}", "act")
+
+
 def _positive(c, *names):
     for n in names:
         if c[n] < 1:
@@ -220,8 +225,7 @@ class MLP(Op):
         _float_input(c)
         _last_dim(c)
         _positive(c, "hidden")
-        if c["act"] not in ACTIVATIONS:
-            raise OpError(f"act must be one of {', '.join(ACTIVATIONS)}, got {c['act']}", "act")
+        _check_act(c)
         return c.shape("x"), c.dtype("x")
 
     def params(self, c):

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..registry import Arg, Op, OpError, register
-from .core import ACTIVATIONS, _float_input
-from .layers import _last_dim, _leading, _positive
+from .core import _float_input
+from .layers import _check_act, _last_dim, _leading, _positive
 
 
 @register
@@ -26,8 +26,7 @@ class MoE(Op):
         _positive(c, "experts", "top_k", "hidden")
         if c["top_k"] > c["experts"]:
             raise OpError(f"top_k {c['top_k']} is more than the {c['experts']} experts", "top_k")
-        if c["act"] not in ACTIVATIONS:
-            raise OpError(f"act must be one of {', '.join(ACTIVATIONS)}, got {c['act']}", "act")
+        _check_act(c)
         return c.shape("x"), c.dtype("x")
 
     def params(self, c):
