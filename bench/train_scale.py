@@ -1,4 +1,4 @@
-"""Training throughput on several ranks: 2-rank DDP (torchrun, gloo) against 1 rank, on CPU.
+"""Training throughput on several ranks: 2-rank DDP and FSDP2 (torchrun, gloo) against 1 rank, on CPU.
 
 Each configuration is a real `lmspec train` run (the embedded corpus, a GPT-2-shaped model) with
 one CPU thread per rank, so 2 ranks use 2 cores where 1 rank uses 1; a third run gives the one
@@ -27,12 +27,13 @@ import tempfile  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args, out: Path, ranks: int, threads: int) -> float:
+def run(args, out: Path, ranks: int, threads: int, strategy: str = "ddp") -> float:
     """Median tokens/s of one training run after its first 5 steps."""
     train = ["train", "specs/gpt2.arch", "--set", f"layers={args.layers}", "--set", f"dim={args.dim}",
              "--set", f"heads={args.dim // 64}", "--set", f"context={args.context}", "--set", "dropout=0.0",
              "--steps", str(args.steps), "--batch", str(args.batch), "--eval-batches", "0", "--ckpt-every", "0",
-             "--sample-tokens", "0", "--no-progress", "--threads", str(threads), "--out", str(out)]
+             "--sample-tokens", "0", "--no-progress", "--threads", str(threads), "--out", str(out),
+             "--strategy", strategy]
     if ranks == 1:
         cmd = [sys.executable, "-m", "lmspec.runtime", *train]
     else:
@@ -54,12 +55,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    configs = {"1 rank, 1 thread": (1, 1), "2 ranks (DDP), 1 thread each": (2, 1), "1 rank, 2 threads": (1, 2)}
+    configs = {"1 rank, 1 thread": (1, 1, "ddp"), "2 ranks (DDP), 1 thread each": (2, 1, "ddp"),
+               "2 ranks (FSDP), 1 thread each": (2, 1, "fsdp"), "1 rank, 2 threads": (1, 2, "ddp")}
     rates = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i, (name, (ranks, threads)) in enumerate(configs.items()):
-                rates[name].append(run(args, Path(tmp) / f"r{r}-{i}", ranks, threads))
+            for i, (name, (ranks, threads, strategy)) in enumerate(configs.items()):
+                rates[name].append(run(args, Path(tmp) / f"r{r}-{i}", ranks, threads, strategy))
     best = {name: statistics.median(v) for name, v in rates.items()}
     one, two = best["1 rank, 1 thread"], best["2 ranks (DDP), 1 thread each"]
     print(f"machine: {os.cpu_count()} CPUs; model: GPT-2 shape, {args.layers} layers, dim {args.dim}, "
@@ -67,6 +69,8 @@ def main() -> None:
     for name, value in best.items():
         print(f"{name:32s}: {value:10,.0f} tokens/s")
     print(f"2-rank DDP / 1 rank: {two / one:.2f}x, scaling efficiency {two / (2 * one):.0%}")
+    fsdp = best["2 ranks (FSDP), 1 thread each"]
+    print(f"2-rank FSDP / 1 rank: {fsdp / one:.2f}x, scaling efficiency {fsdp / (2 * one):.0%}")
     print(f"2-rank DDP / 1 rank with 2 threads: {two / best['1 rank, 2 threads']:.2f}x")
 
 

@@ -2,6 +2,7 @@
 
     RUN/checkpoints/step_000500/model.safetensors      weights (tied weights stored once)
                                /optimizer.safetensors  optimizer state, keyed `<param name>.<state key>`
+                               (or /optimizer.dcp/     the same, sharded, from an FSDP run)
                                /rng.safetensors        RNG states (torch CPU/CUDA, the data generator)
                                /meta.json              step, train config, metrics, tokenizer, spec
     RUN/checkpoints/latest                             the name of the newest complete directory
@@ -28,12 +29,13 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_DCP_DIR = "optimizer.dcp"  # an FSDP run's optimizer state instead, sharded (runtime/sharding.py)
 RNG_FILE = "rng.safetensors"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(Exception):
@@ -50,7 +52,7 @@ def save_checkpoint(
     run_dir: str | os.PathLike,
     *,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | None,
     rng: dict[str, torch.Tensor] | None,
     train_config: dict,
@@ -58,10 +60,14 @@ def save_checkpoint(
     tokenizer: str,
     spec: dict,
     keep: int = 3,
+    weights: dict[str, torch.Tensor] | None = None,
+    move_in: dict[str, Path] | None = None,
 ) -> Path:
     """Write RUN/checkpoints/step_NNNNNN atomically, point `latest` at it, keep the newest `keep`.
 
-    Returns the new checkpoint directory."""
+    The weights are `model`'s, or `weights` as given (already gathered, tied ones once); `move_in`
+    names directories, written beside the checkpoint under temporary names, that are moved into it
+    before it appears. Returns the new checkpoint directory."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     meta = {
@@ -79,14 +85,20 @@ def save_checkpoint(
 
     parent = Path(run_dir) / CHECKPOINTS_DIR
     parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(parent)
+    move_in = move_in or {}
+    remove_stale_temporaries(parent, spare=set(move_in.values()))
     name = step_dir_name(step)
     final = parent / name
-    tmp = parent / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    tmp = parent / f"{TMP_PREFIX}{name}-{os.getpid()}"
     try:
         tmp.mkdir()
-        save_model(model, str(tmp / MODEL_FILE))
+        if weights is not None:
+            save_file(weights, str(tmp / MODEL_FILE))
+        else:
+            save_model(model, str(tmp / MODEL_FILE))
         _fsync_file(tmp / MODEL_FILE)
+        for entry, source in move_in.items():
+            os.rename(source, tmp / entry)
         if optimizer is not None:
             tensors, metadata = _flatten_optimizer(optimizer, model)
             _save_tensors(tensors, tmp / OPTIMIZER_FILE, metadata)
@@ -98,11 +110,13 @@ def save_checkpoint(
             _remove_dir(final)
         os.rename(tmp, final)
         fsync_dir(parent)
-        _write_text(parent / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", name + "\n")
-        os.replace(parent / f"{_TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", parent / LATEST_FILE)
+        _write_text(parent / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", name + "\n")
+        os.replace(parent / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", parent / LATEST_FILE)
         fsync_dir(parent)
     except BaseException:  # includes KeyboardInterrupt: leave no half-built directory behind
         shutil.rmtree(tmp, ignore_errors=True)
+        for source in move_in.values():
+            shutil.rmtree(source, ignore_errors=True)
         raise
     _prune(parent, keep_newest=keep, current=step)
     return final
@@ -128,9 +142,10 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale_temporaries(parent: Path) -> None:
+def remove_stale_temporaries(parent: Path, spare: set[Path] = frozenset()) -> None:
+    """Remove what an interrupted save left behind (anything named .tmp-*), except `spare`."""
     for entry in parent.iterdir():
-        if entry.name.startswith(_TMP_PREFIX):
+        if entry.name.startswith(TMP_PREFIX) and entry not in spare:
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -159,7 +174,7 @@ def _prune(parent: Path, keep_newest: int, current: int) -> None:
 def _remove_dir(path: Path) -> None:
     """Delete a checkpoint directory so that no half-deleted step_* is ever visible: rename it to a
     temporary name first (atomic), then delete; a kill in between leaves a .tmp-* the next save removes."""
-    doomed = path.with_name(f"{_TMP_PREFIX}old-{path.name}-{os.getpid()}")
+    doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
@@ -202,8 +217,12 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
     return tensors, metadata
 
 
-def _unflatten_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
-    tensors = _read_tensors(path)
+def read_optimizer_by_name(step_dir: Path) -> dict:
+    """optimizer.safetensors as an optimizer state dict keyed by parameter name, the form
+    torch.distributed.checkpoint.state_dict uses: {"state": {name: {...}}, "param_groups": [...]}
+    with each group's "params" a list of names."""
+    path = Path(step_dir) / OPTIMIZER_FILE
+    tensors = read_tensors(path)
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
@@ -211,31 +230,34 @@ def _unflatten_optimizer(path: Path, optimizer: torch.optim.Optimizer, model: to
         extra = json.loads(metadata.get("extra_state", "{}"))
     except (KeyError, json.JSONDecodeError, SafetensorError) as err:
         raise CheckpointError(f"{path}: optimizer hyper-parameters are missing or corrupt ({err})") from None
-
-    current = _param_names_by_group(optimizer, model)
-    if [g["params"] for g in saved_groups] != current:
-        raise CheckpointError(f"{path}: optimizer parameter groups do not match the model's parameters")
-    index = {}
-    groups = []
-    for g in saved_groups:
-        ids = list(range(len(index), len(index) + len(g["params"])))
-        index.update(zip(g["params"], ids))
-        groups.append({k: tuple(v) if isinstance(v, list) else v for k, v in g.items() if k != "params"}
-                      | {"params": ids})
-    state: dict[int, dict] = {}
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in saved_groups]
+    known = {name for g in groups for name in g["params"]}
+    state: dict[str, dict] = {}
     for key, tensor in tensors.items():
         name, _, field = key.rpartition(".")
-        if name not in index:
+        if name not in known:
             raise CheckpointError(f"{path}: state for unknown parameter {name!r}")
-        state.setdefault(index[name], {})[field] = tensor
+        state.setdefault(name, {})[field] = tensor
     for name, values in extra.items():
-        if name not in index:
+        if name not in known:
             raise CheckpointError(f"{path}: state for unknown parameter {name!r}")
-        state.setdefault(index[name], {}).update(values)
+        state.setdefault(name, {}).update(values)
     return {"state": state, "param_groups": groups}
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _unflatten_optimizer(step_dir: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    by_name = read_optimizer_by_name(step_dir)
+    current = _param_names_by_group(optimizer, model)
+    if [g["params"] for g in by_name["param_groups"]] != current:
+        raise CheckpointError(f"{Path(step_dir) / OPTIMIZER_FILE}: optimizer parameter groups do not match "
+                              f"the model's parameters")
+    index = {name: i for i, name in enumerate(n for names in current for n in names)}
+    groups = [g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
+    return {"state": {index[n]: values for n, values in by_name["state"].items()}, "param_groups": groups}
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
@@ -272,14 +294,17 @@ class Checkpoint:
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
         """Restore the optimizer's state exactly; its parameter groups must hold the same parameters."""
-        state_dict = _unflatten_optimizer(self.path / OPTIMIZER_FILE, optimizer, model)
+        if (self.path / OPTIMIZER_DCP_DIR).is_dir():  # saved by an FSDP run: resharded for this one
+            from .sharding import load_optimizer
+            return load_optimizer(self, optimizer, model)
+        state_dict = _unflatten_optimizer(self.path, optimizer, model)
         try:
             optimizer.load_state_dict(state_dict)
         except (ValueError, KeyError, RuntimeError) as err:
             raise CheckpointError(f"{self.path / OPTIMIZER_FILE}: does not fit the optimizer: {err}") from None
 
     def rng_states(self) -> dict[str, torch.Tensor]:
-        return _read_tensors(self.path / RNG_FILE)
+        return read_tensors(self.path / RNG_FILE)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path | None:

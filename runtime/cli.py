@@ -32,7 +32,8 @@ EXAMPLES = {
   lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
   lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
   lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
-  lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/""",
+  lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
+  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/""",
     "data prepare": """examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
@@ -79,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    def verb(name, help_, handler, parent=sub, group=""):
+    def verb(name, help_, handler, parent=sub, group="", examples=None):
         """A verb whose `handler` ('module:function' in lmspec.runtime) is imported only when it runs."""
-        q = parent.add_parser(name, help=help_, description=help_, epilog=EXAMPLES[f"{group}{name}"],
+        q = parent.add_parser(name, help=help_, description=help_, epilog=examples or EXAMPLES[f"{group}{name}"],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         q.set_defaults(handler=handler)
         return q
@@ -158,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="recompute each block's activations in the backward pass instead of keeping them: "
                         "all blocks, or names/patterns such as 'block.0,block.1?'")
     t.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    t.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp replicates the model on every rank, fsdp (FSDP2) shards weights, "
+                        "gradients and optimizer state per block (default: ddp, or the resumed run's)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

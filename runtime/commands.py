@@ -43,7 +43,8 @@ def _build_for_tokenizer(spec: str, overrides: dict, model: str | None, tokenize
     graph = load_spec(spec, overrides, model)
     if "vocab" in graph.hyper and "vocab" not in overrides and graph.hyper["vocab"] != tokenizer.vocab_size:
         overrides = {**overrides, "vocab": tokenizer.vocab_size}
-        print(f"vocab = {tokenizer.vocab_size} (from the tokenizer)")
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line rather than one per rank
+            print(f"vocab = {tokenizer.vocab_size} (from the tokenizer)")
         graph = load_spec(spec, overrides, model)
     return graph, overrides
 
@@ -120,7 +121,8 @@ def _train_in_world(args, world) -> int:
             cfg = dataclasses.replace(saved, steps=args.steps or saved.steps,
                                       activation_checkpointing=args.activation_checkpointing
                                       or saved.activation_checkpointing,
-                                      compile=args.compile or saved.compile)
+                                      compile=args.compile or saved.compile,
+                                      strategy=args.strategy or saved.strategy)
         else:
             cfg = TrainConfig(
                 steps=args.steps or 500, batch=args.batch, seq=args.seq, lr=args.lr, min_lr=args.min_lr,
@@ -128,7 +130,7 @@ def _train_in_world(args, world) -> int:
                 grad_clip=args.grad_clip, grad_accum=args.grad_accum, eval_every=args.eval_every,
                 eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
                 precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                compile=args.compile,
+                compile=args.compile, strategy=args.strategy or "ddp",
             )
         seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:
@@ -138,7 +140,7 @@ def _train_in_world(args, world) -> int:
         data.check_seq(seq)
         model = lower(graph, seed=cfg.seed)
         if world.main:
-            ranks = f" on {world.size} ranks (DDP)" if world.size > 1 else ""
+            ranks = f" on {world.size} ranks ({cfg.strategy.upper()})" if world.size > 1 else ""
             print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}")
         summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
@@ -149,6 +151,9 @@ def _train_in_world(args, world) -> int:
         return 0
     print(_summary_line(summary))
     if args.sample_tokens > 0:
+        if world.size > 1 and cfg.strategy == "fsdp":  # rank 0 holds only its shards: sample the saved whole
+            model = lower(graph)
+            load_checkpoint(summary["checkpoint"]).load_model(model)
         prompt = encode_prompt(tokenizer, "")
         model.eval()
         new = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=40, seed=args.seed,

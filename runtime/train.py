@@ -63,8 +63,10 @@ class TrainConfig:
     activation_checkpointing: str | None = None  # None, "all", or block names / patterns
     compile: bool = False  # torch.compile the training forward
     world_size: int = 1  # ranks the run trained on; `batch` is per rank, the global batch batch * world_size
+    strategy: str = "ddp"  # with several ranks: ddp (replicated weights) or fsdp (sharded, FSDP2)
 
     PRECISIONS = ("fp32", "bf16", "fp16")
+    STRATEGIES = ("ddp", "fsdp")
     # Settings that shape what is trained; on resume they come from the checkpoint, because a
     # different value would make the continued run a different run. The others (steps, eval,
     # checkpoint and log cadence) may change on resume, e.g. to extend a run.
@@ -99,6 +101,7 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
         need(self.precision in self.PRECISIONS, "precision", f"must be one of {', '.join(self.PRECISIONS)}")
+        need(self.strategy in self.STRATEGIES, "strategy", f"must be one of {', '.join(self.STRATEGIES)}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -164,9 +167,11 @@ def train(
     A fresh run refuses a run directory that already holds checkpoints. Ctrl-C stops at once and
     leaves the last complete checkpoint in place. Returns a summary of the run.
 
-    In a world of several ranks (torchrun) the model trains under DistributedDataParallel: each
+    In a world of several ranks (torchrun) the model trains under DistributedDataParallel, or FSDP2
+    with cfg.strategy "fsdp" (weights, gradients and optimizer state sharded; see sharding.py): each
     rank takes its slice of every global batch, gradients are averaged across ranks, the logged
-    loss is the mean over ranks, and only rank 0 writes metrics, plots and checkpoints."""
+    loss is the mean over ranks, and only rank 0 writes metrics and plots. Checkpoints hold the
+    whole model either way, so a run resumes on any number of ranks under either strategy."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -198,22 +203,30 @@ def train(
 
     device = _device_of(model)
     _check_vocab(model, tokenizer, device)
-    optimizer = make_optimizer(model, cfg)
-    # fp16's narrow range needs the loss scaled up (and the gradients back down) so that small
-    # gradients do not flush to zero; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    if checkpoint is not None:
+        checkpoint.load_model(model)  # whole, before FSDP shards what is there
     ddp = None
-    if world.size > 1:
+    sharded = world.size > 1 and cfg.strategy == "fsdp"
+    if sharded:
+        from . import sharding
+        sharding.shard_model(model, cfg.precision)
+    elif world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
         # It broadcasts rank 0's weights, so every rank starts alike; gradients live in its
         # all-reduce buckets rather than in a second copy (what `lmspec plan` assumes).
         ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+    optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's parameters are its shards
+    # fp16's narrow range needs the loss scaled up (and the gradients back down) so that small
+    # gradients do not flush to zero; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     forward = ddp or model
     forward = torch.compile(forward) if cfg.compile else forward
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
-        checkpoint.load_model(model)
-        checkpoint.load_optimizer(optimizer, model)
+        if sharded:
+            sharding.load_optimizer(checkpoint, optimizer, model)
+        else:
+            checkpoint.load_optimizer(optimizer, model)
         _restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path, scaler)
         start_step = checkpoint.step
         totals = {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None} | checkpoint.metrics
@@ -225,7 +238,11 @@ def train(
         start_step, totals = 0, {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None}
         log = MetricsLog.fresh(run_dir / METRICS_FILE) if world.main else None
 
-    val_set = data.val_batches(cfg.batch, cfg.seq, cfg.eval_batches) if cfg.eval_batches else []
+    # The windows of the global batch, each rank evaluating its slice: the mean over ranks is the
+    # validation loss one process computes with the same global batch.
+    mine = slice(world.rank * cfg.batch, (world.rank + 1) * cfg.batch)
+    val_set = [(x[mine], y[mine]) for x, y in data.val_batches(cfg.batch * world.size, cfg.seq, cfg.eval_batches)
+               ] if cfg.eval_batches else []
     tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum * world.size
     session_start = time.perf_counter()
     elapsed_before = float(totals.get("elapsed", 0.0))
@@ -241,7 +258,8 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = _optimizer_step(forward, ddp, model, optimizer, scaler, data, cfg, batch_generator, device)
+            loss = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler, data, cfg,
+                                   batch_generator, device, sharded)
             loss = distributed.mean(world, loss)
             tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if not math.isfinite(loss):
@@ -252,7 +270,9 @@ def train(
 
             last = step == cfg.steps
             if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                val_loss = evaluate(model, val_set, cfg.precision)
+                val_loss = distributed.mean(world, evaluate(model, val_set, cfg.precision))
+                if sharded:  # FSDP keeps the root gathered after a forward that has no backward
+                    model.reshard()
                 record["val_loss"] = totals["val_loss"] = val_loss
                 if totals["best_val_loss"] is None or val_loss < totals["best_val_loss"]:
                     totals["best_val_loss"] = val_loss
@@ -263,13 +283,16 @@ def train(
             if log is not None and (last or step % cfg.log_every == 0 or "val_loss" in record):
                 log.append(record)
 
-            if world.main and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
-                last_checkpoint = save_checkpoint(
-                    run_dir, step=step, model=model, optimizer=optimizer,
-                    rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
-                    metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
-                    spec=spec, keep=cfg.keep,
-                )
+            if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                fields = dict(rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
+                              metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
+                              spec=spec, keep=cfg.keep)
+                if sharded:  # every rank takes part: each writes its optimizer shards
+                    last_checkpoint = sharding.save_sharded_checkpoint(world, run_dir, step=step, model=model,
+                                                                       optimizer=optimizer, **fields)
+                elif world.main:
+                    last_checkpoint = save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer,
+                                                      **fields)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             bar.update(1)
     finally:
@@ -315,15 +338,27 @@ def _check_vocab(model: torch.nn.Module, tokenizer, device: torch.device) -> Non
                           f"set the model's vocab to at least {tokenizer.vocab_size}")
 
 
-def _optimizer_step(forward, ddp, model, optimizer, scaler, data, cfg, generator, device) -> float:
+def _no_sync(ddp, model, sharded: bool):
+    """The context that keeps a micro-batch's gradients on its rank, None in a world of one."""
+    if ddp is not None:
+        return ddp.no_sync
+    if sharded:
+        from .sharding import no_gradient_sync
+        return lambda: no_gradient_sync(model)
+    return None
+
+
+def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, generator, device,
+                    sharded: bool = False) -> float:
     """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss. `forward` is
-    the model, wrapped in DistributedDataParallel (`ddp`) under torchrun, compiled with --compile."""
+    the model, wrapped in DistributedDataParallel under torchrun, compiled with --compile; `no_sync`
+    (several ranks only) defers the gradient reduction."""
     total = 0.0
     for micro in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
         # Ranks average gradients once per step, at the last micro-batch, not after each one.
-        syncing = ddp is None or micro == cfg.grad_accum - 1
-        with contextlib.nullcontext() if syncing else ddp.no_sync():
+        syncing = no_sync is None or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if syncing else no_sync():
             with autocast(device, cfg.precision):
                 logits = forward(x.to(device))
             loss = _loss(logits, y.to(device))
@@ -331,6 +366,9 @@ def _optimizer_step(forward, ddp, model, optimizer, scaler, data, cfg, generator
             scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item()
     scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+    if sharded:
+        from .sharding import agree_on_overflow
+        agree_on_overflow(scaler, optimizer)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then backs off

@@ -1,6 +1,7 @@
-"""Training under torchrun with DDP on CPU (gloo, 2 ranks): the same losses and weights as one
-process with the same global batch, a 2-rank checkpoint resumed on 1 rank, and a killed rank
-ending the job cleanly with the last checkpoint intact."""
+"""Training under torchrun on CPU (gloo, 2 ranks), with DDP and with FSDP2: the same losses and
+weights as one process with the same global batch, 2-rank checkpoints resumed on 1 rank (and a
+1-rank one on 2 sharded ranks), and a killed rank ending the job cleanly with the last checkpoint
+intact."""
 import json
 import os
 import signal
@@ -26,8 +27,26 @@ def torchrun(*args, ranks=2, **kw):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
 
+def val_losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
+def close(a: dict, b: dict, tol: float = 1e-5) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
+
+
 def weights(run: Path, step: int) -> dict:
     return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process with the global batch of the 2-rank runs (2 ranks x 2)."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    out = lmspec("train", *COMMON, "--steps", "8", "--batch", "4", "--grad-accum", "2", "--out", str(run))
+    assert out.returncode == 0, out.stderr
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +57,13 @@ def two_ranks(tmp_path_factory):
     return run, out
 
 
-def test_ddp_equals_one_process_with_the_global_batch(two_ranks, tmp_path):
+def test_ddp_equals_one_process_with_the_global_batch(two_ranks, one_process):
     run, out = two_ranks
+    one = one_process
     assert out.stdout.count("done: step 8") == 1  # only rank 0 speaks
-    one = tmp_path / "one"
-    single = lmspec("train", *COMMON, "--steps", "8", "--batch", "4", "--grad-accum", "2", "--out", str(one))
-    assert single.returncode == 0, single.stderr
     a, b = losses(run), losses(one)
     assert a.keys() == b.keys() == {4, 8}  # one metrics row per step: rank 1 wrote none
-    assert all(abs(a[k] - b[k]) <= 1e-5 for k in a)
+    assert close(a, b) and close(val_losses(run), val_losses(one))
     wa, wb = weights(run, 8), weights(one, 8)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
     meta = json.loads((run / "checkpoints" / "step_000008" / "meta.json").read_text())
@@ -103,3 +120,78 @@ def test_killing_a_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
             job.kill()
     assert job.returncode != 0 and time.time() - started < 120
     load_checkpoint(run)  # the newest complete checkpoint still loads
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    out = torchrun("train", *COMMON, "--strategy", "fsdp", "--steps", "8", "--batch", "2", "--grad-accum", "2",
+                   "--out", run)
+    assert out.returncode == 0, out.stderr
+    return run, out
+
+
+def test_fsdp_equals_one_process_with_the_global_batch(fsdp_ranks, one_process):
+    run, out = fsdp_ranks
+    assert "on 2 ranks (FSDP)" in out.stdout and out.stdout.count("done: step 8") == 1
+    assert close(losses(run), losses(one_process)) and close(val_losses(run), val_losses(one_process))
+    wa, wb = weights(run, 8), weights(one_process, 8)
+    assert wa.keys() == wb.keys()  # consolidated: whole tensors, the tied head stored once, as one process does
+    assert all(wa[k].shape == wb[k].shape and torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    shards = run / "checkpoints" / "step_000008" / "optimizer.dcp"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (shards.parent / "optimizer.safetensors").exists()
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the staging directories were moved in
+
+
+@pytest.mark.parametrize("ranks, strategy", [(1, None), (2, "fsdp")])
+def test_an_fsdp_checkpoint_resumes_on_one_rank_and_on_two(fsdp_ranks, tmp_path, ranks, strategy):
+    import shutil
+    run, _ = fsdp_ranks
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    args = ["train", *COMMON, "--out", str(copy), "--resume"]
+    out = lmspec(*args) if ranks == 1 else torchrun(*args)
+    assert out.returncode == 0, out.stderr
+    assert close(losses(copy), losses(run)) and close(val_losses(copy), val_losses(run))
+    wa, wb = weights(copy, 8), weights(run, 8)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_a_one_process_checkpoint_resumes_sharded(one_process, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(one_process, copy)
+    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    out = torchrun("train", *COMMON, "--out", copy, "--resume", "--strategy", "fsdp")
+    assert out.returncode == 0, out.stderr
+    assert "(FSDP)" in out.stdout and close(losses(copy), losses(one_process))
+    assert (copy / "checkpoints" / "step_000008" / "optimizer.dcp").is_dir()
+    wa, wb = weights(copy, 8), weights(one_process, 8)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp_composes_with_mixed_precision_and_activation_checkpointing(fsdp_ranks, tmp_path, precision):
+    run, _ = fsdp_ranks
+    mixed = tmp_path / "mixed"
+    out = torchrun("train", *COMMON, "--strategy", "fsdp", "--steps", "8", "--batch", "2", "--grad-accum", "2",
+                   "--precision", precision, "--activation-checkpointing", "--out", mixed)
+    assert out.returncode == 0, out.stderr
+    # 16-bit matrix products follow the fp32 run closely, not exactly
+    assert close(losses(mixed), losses(run), tol=0.05) and close(val_losses(mixed), val_losses(run), tol=0.05)
+    wa, wb = weights(mixed, 8), weights(run, 8)
+    assert all(wa[k].dtype == torch.float32 and torch.allclose(wa[k], wb[k], atol=5e-3) for k in wa)
+
+
+def test_a_corrupt_optimizer_shard_is_a_located_error(fsdp_ranks, tmp_path):
+    import shutil
+    run, _ = fsdp_ranks
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shard = copy / "checkpoints" / "step_000008" / "optimizer.dcp" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    out = lmspec("train", *COMMON, "--steps", "12", "--out", str(copy), "--resume")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "optimizer.dcp: corrupt or incomplete" in out.stderr

@@ -53,7 +53,9 @@ def test_the_graph_walk_counts_what_autograd_keeps(name, overrides):
 
 # Trains in a fresh process (one thread) under the profiler, whose memory events carry the CPU
 # allocator's running total: the peak of that total, from before the model exists, is the peak of
-# weights + gradients + AdamW state + activations + temporaries.
+# weights + gradients + AdamW state + activations + temporaries. Under torchrun (2 ranks) the model
+# is wrapped as runtime/train.py wraps it, takes two steps (FSDP's buffers settle in the first), and
+# rank 0 reports.
 MEASURE = r"""
 import gc, json, os, sys, tempfile
 import torch, torch.nn.functional as F
@@ -62,10 +64,14 @@ torch.set_num_threads(1)
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 
-spec, overrides, batch, seq, modes = json.loads(sys.argv[1])
+spec, overrides, batch, seq, modes, strategy = json.loads(sys.argv[1])
+rank = int(os.environ.get("RANK", 0))
+if strategy:
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
 graph = load_spec(spec, overrides)
 vocab = graph.outputs[0][1].shape[-1]
-gen = torch.Generator().manual_seed(0)
+gen = torch.Generator().manual_seed(rank)
 x, y = (torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(2))
 
 
@@ -76,18 +82,27 @@ def peak(checkpointing):
         if checkpointing:
             from lmspec.compiler.checkpointing import checkpoint_blocks
             checkpoint_blocks(model)
+        forward = model
+        if strategy == "fsdp":
+            from lmspec.runtime.sharding import shard_model
+            shard_model(model)
+        elif strategy == "ddp":
+            forward = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         for p in model.parameters():  # a first step on zero gradients creates AdamW's state, so that
             p.grad = torch.zeros_like(p)  # the step measured runs as every step after the first does
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)  # a training step as runtime/train.py takes it
-        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        del logits, loss
+        for _ in range(2 if strategy else 1):
+            logits = forward(x)  # a training step as runtime/train.py takes it
+            loss = F.cross_entropy(logits.reshape(-1, vocab).float(), y.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del logits, loss
+    if rank:
+        return None
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -96,18 +111,29 @@ def peak(checkpointing):
             events = json.load(f)["traceEvents"]
     finally:
         os.unlink(path)
-    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                    key=lambda e: e["ts"])  # the trace lists them by thread, not in time order
+    memory = [e["args"] for e in memory]
     before = memory[0]["Total Allocated"] - memory[0]["Bytes"]  # the allocator's total before the first
     return max(m["Total Allocated"] for m in memory) - before
 
 
-print(json.dumps({str(mode): peak(mode) for mode in modes}))
+peaks = {str(mode): peak(mode) for mode in modes}
+if rank == 0:
+    print(json.dumps(peaks))
 """
 
 
-def _measure(spec, overrides, batch, seq, modes):
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([spec, overrides, batch, seq, modes])],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _measure(spec, overrides, batch, seq, modes, strategy=None, tmp_path=None):
+    argument = json.dumps([spec, overrides, batch, seq, modes, strategy])
+    if strategy:
+        script = tmp_path / "measure.py"
+        script.write_text(MEASURE)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               argument]
+    else:
+        cmd = [sys.executable, "-c", MEASURE, argument]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = [x for x in out.stdout.splitlines() if x.startswith("{")][-1]
     return {mode == "True": v for mode, v in json.loads(line).items()}
@@ -140,3 +166,18 @@ def test_plan_is_within_15_percent_of_the_measured_peak(name, overrides):
         assert 0.85 <= ratio <= 1.15, (mode, measured[mode], estimated[mode])
     if True in measured:
         assert measured[True] < 0.7 * measured[False]  # checkpointing does save what plan says it saves
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_plan_is_within_15_percent_of_the_measured_peak_on_two_ranks(strategy, tmp_path):
+    name, overrides = "gpt2", dict(layers=4, dim=256, heads=4, context=256, vocab=4096)
+    batch, seq = 8, 256
+    spec = str(ROOT / "specs" / f"{name}.arch")
+    measured = _measure(spec, overrides, batch, seq, [False, True], strategy, tmp_path)
+    plan = make_plan(load_spec(spec, overrides), gpus=2, seq=seq, micro_batch=batch, precision="fp32",
+                     strategies=(strategy,))
+    for row in plan.rows:
+        ratio = row.total / measured[row.checkpointing]
+        print(f"{strategy} checkpointing={row.checkpointing}: measured {measured[row.checkpointing] / 1e6:.1f} MB, "
+              f"plan {row.total / 1e6:.1f} MB ({ratio - 1:+.1%})")
+        assert 0.85 <= ratio <= 1.15, (row.checkpointing, measured[row.checkpointing], row.total)
