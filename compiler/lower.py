@@ -16,6 +16,7 @@ from .analysis import residual_params
 from .build import OpCall
 from .checkpointing import BLOCK_META
 from .graph import ModelGraph
+from .lora import NODE_ATTR as LORA_ATTR, init_adapters, lora_parameter_names
 from .registry import get_op
 from .shapes import Sym
 from .values import TensorRef
@@ -106,6 +107,9 @@ class LowerCall:
 
     def module(self, module: nn.Module, *args, **kwargs) -> fx.Node:
         path = self.data["module"]
+        if self.data.get(LORA_ATTR):  # LoRA adapters beside some of the op's matrices (compiler/lora.py)
+            from .torch_modules import with_adapters
+            module = with_adapters(module, self.data[LORA_ATTR])
         self._l.set_submodule(path, module)
         return self._l.fx.create_node("call_module", path, args, kwargs, name=self._name())
 
@@ -158,9 +162,10 @@ def initialize(model: nn.Module, graph: ModelGraph, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     residual = residual_params(graph)
     scale = 1.0 / math.sqrt(len(residual)) if residual else 1.0
+    adapters = set(lora_parameter_names(graph))
     with torch.no_grad():
         for name, p in graph.params.items():
-            if p.tied_to is not None:
+            if p.tied_to is not None or name in adapters:
                 continue
             node = graph.g.nodes[p.node]
             kind, std = get_op(node["op"]).init(name[len(node["module"]) + 1:], node["args"])
@@ -171,6 +176,7 @@ def initialize(model: nn.Module, graph: ModelGraph, seed: int = 0) -> None:
                 tensor.fill_(std)
             else:
                 tensor.normal_(0.0, std * (scale if name in residual else 1.0), generator=gen)
+    init_adapters(model, graph, seed)
 
 
 def lower(graph: ModelGraph, seed: int = 0) -> fx.GraphModule:

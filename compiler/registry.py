@@ -33,6 +33,9 @@ class Op:
     args: ClassVar[tuple[Arg, ...]]
     short: ClassVar[str | None] = None  # scope name of the torch module, for ops that own one
     residual: ClassVar[str | None] = None  # parameter that projects back into the residual stream
+    # The weight matrices the op applies as an nn.Linear, by module path inside the op's module ("" for
+    # the op's module itself): where LoRA adapters may go (compiler/lora.py).
+    matrices: ClassVar[tuple[str, ...]] = ()
     cache_safe: ClassVar[bool] = True  # False: mixes sequence positions in a way a KV cache cannot follow
     onnx: ClassVar[str] = ""  # how the op appears in an exported ONNX graph
     exportable: ClassVar[bool] = True  # False: `lmspec export` refuses the op, naming where it is used

@@ -261,3 +261,42 @@ class MoE(nn.Module):
                 if token.numel():
                     out.index_add_(0, token, self.expert(e, x[token]) * weights[token, slot, None])
         return out.reshape(shape)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer with a low-rank update beside it: x W^T + b + scale * (x A^T) B^T.
+
+    It keeps the wrapped layer's `weight` and `bias` (the same Parameters, so tied and base weights
+    keep their names) and adds `lora_a` [rank, in] and `lora_b` [out, rank]."""
+
+    def __init__(self, linear: nn.Linear, rank: int, scale: float):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        out_features, in_features = linear.weight.shape
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.empty(out_features, rank))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+
+def with_adapters(module: nn.Module, adapters: dict[str, tuple[int, float]]) -> nn.Module:
+    """`module` with each nn.Linear at a path in `adapters` ("" for `module` itself) replaced by a
+    LoRALinear of that (rank, scale)."""
+    for local, (rank, scale) in adapters.items():
+        if not local:
+            module = LoRALinear(module, rank, scale)
+            continue
+        *parents, leaf = local.split(".")
+        owner = module.get_submodule(".".join(parents)) if parents else module
+        setattr(owner, leaf, LoRALinear(getattr(owner, leaf), rank, scale))
+    return module
+
+
+def last_token(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """x[b, lengths[b] - 1] for each row b of x [batch, seq, ...]. A gather rather than advanced
+    indexing, so ONNX export gives one GatherElements; a length outside 1..seq raises."""
+    index = (lengths.to(torch.long) - 1).reshape(-1, 1, *([1] * (x.dim() - 2)))
+    index = index.expand(x.shape[0], 1, *x.shape[2:])
+    return torch.gather(x, 1, index).squeeze(1)

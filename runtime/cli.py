@@ -12,6 +12,9 @@ import sys
 
 from lmspec.dsl.diagnostics import SpecError
 
+from .cli_classify import add_classify_verbs
+from .cli_instruct import add_instruct_verbs
+from .cli_lora import add_lora_verbs
 from .usage import UsageError
 
 EXAMPLES = {
@@ -273,6 +276,12 @@ def _parser() -> argparse.ArgumentParser:
     kd = verb("decode", "Print the text of token ids.", "data_commands:cmd_tokenizer_decode", k, "tokenizer ")
     kd.add_argument("tokenizer")
     kd.add_argument("ids", nargs="+")
+
+    # Finetuning and what uses its results; each family of verbs declares its options in its own module.
+    ft = group("finetune", "Finetune a checkpoint: a classifier, an instruction follower, preferences (DPO).")
+    add_classify_verbs(verb, ft, sub, override_options)
+    add_instruct_verbs(verb, ft, sub, override_options)
+    add_lora_verbs(verb, group("lora", "LoRA adapters: fold them into the base weights."))
     return p
 
 

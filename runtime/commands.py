@@ -23,13 +23,19 @@ def _fail(verb: str, err: Exception) -> int:
     return 1
 
 
-def spec_record(graph: ModelGraph, overrides: dict) -> dict:
-    """What a checkpoint keeps of its spec: enough to rebuild the same model with nothing else."""
-    return {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
+def spec_record(graph: ModelGraph, overrides: dict, rewrites: list[dict] | None = None) -> dict:
+    """What a checkpoint keeps of its spec: enough to rebuild the same model with nothing else.
+    `rewrites` are the compiler rewrites (compiler/rewrites.py) applied after building, in order."""
+    record = {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
+    return record | ({"rewrites": list(rewrites)} if rewrites else {})
 
 
 def graph_from_record(spec: dict) -> ModelGraph:
-    return load_spec(spec["file"], spec["overrides"], spec["model"], sources=spec["sources"])
+    graph = load_spec(spec["file"], spec["overrides"], spec["model"], sources=spec["sources"])
+    if spec.get("rewrites"):
+        from lmspec.compiler.rewrites import apply_rewrites
+        graph = apply_rewrites(graph, spec["rewrites"])
+    return graph
 
 
 def _vocab_size(graph: ModelGraph) -> int | None:
@@ -181,13 +187,14 @@ def cmd_sample(args) -> int:
         check_arguments([0], args.max_tokens, args.temperature, args.top_k, args.top_p)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    from .finetuned import load_model
     try:
-        ckpt = load_checkpoint(args.checkpoint)
-        tokenizer = load_tokenizer(ckpt.tokenizer)
-        graph = graph_from_record(ckpt.spec)
-        model = lower(graph)
-        ckpt.load_model(model)
-        model.eval()
+        loaded = load_model(args.checkpoint)  # any checkpoint: rewrites applied, adapters on their base
+        if any(r.get("kind") == "classify" for r in loaded.checkpoint.spec.get("rewrites", [])):
+            raise CheckpointError(f"{loaded.checkpoint.path}: is a classifier, which predicts labels rather than "
+                                  f"tokens; use `lmspec classify`")
+        tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+        model = loaded.model
         prompt = encode_prompt(tokenizer, args.prompt)
         with torch.no_grad():
             new = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -17,6 +17,7 @@ class Attention(Op):
     name = "attention"
     short = "attn"
     residual = "proj.weight"
+    matrices = ("qkv", "proj")
     args = (
         Arg("x", "tensor"), Arg("heads", "int"), Arg("kv_heads", "int", None), Arg("causal", "bool", True),
         Arg("bias", "bool", True), Arg("dropout", "float", 0.0), Arg("head_dim", "int", None),

@@ -350,3 +350,32 @@ class Softcap(Op):
 
     def saved_for_backward(self, s):
         return [s.new(s.out_shapes[0])]  # tanh's output
+
+
+@register
+class LastToken(Op):
+    name = "last_token"
+    args = (Arg("x", "tensor"), Arg("lengths", "tensor"))
+    # With a KV cache `x` holds only the new positions, so lengths counted from the start would miss.
+    cache_safe = False
+    doc = ("The vector at position lengths[b] - 1 of each row b of x [batch, seq, ...]: the last real "
+           "token of a right-padded batch (a classification head reads it).")
+    onnx = "Sub + Reshape + GatherElements along seq + Squeeze"
+
+    def infer(self, c):
+        x, lengths = c.shape("x"), c.shape("lengths")
+        if len(x) < 2:
+            raise OpError(f"needs x of rank >= 2 [batch, seq, ...], got {fmt_shape(x)}", "x")
+        if c.dtype("lengths") not in ("i32", "i64"):
+            raise OpError(f"lengths must be an integer tensor, got {c.dtype('lengths')}", "lengths")
+        if tuple(lengths) != (x[0],):
+            raise OpError(f"lengths must be [{fmt_dim(x[0])}] (one per row of x), got {fmt_shape(lengths)}",
+                          "lengths")
+        return (x[0], *x[2:]), c.dtype("x")
+
+    def lower(self, c):
+        from .. import torch_modules
+        return c.function(torch_modules.last_token, c["x"], c["lengths"])
+
+    def saved_for_backward(self, s):
+        return [s.input("lengths")]  # the gather's index; the gradient scatters back into zeros

@@ -98,6 +98,7 @@ class Position(Op):
 class Linear(Op):
     name = "linear"
     short = "linear"
+    matrices = ("",)
     args = (Arg("x", "tensor"), Arg("out", "int"), Arg("bias", "bool", True), Arg("tie", "node", None))
     doc = "x @ W.T + b with W [out, in]; `tie=node` shares W with another node's weight (e.g. the embedding)."
     onnx = "MatMul + Add (Gemm when 2-D)"
@@ -213,6 +214,7 @@ class MLP(Op):
     name = "mlp"
     short = "mlp"
     residual = "proj.weight"
+    matrices = ("fc", "proj")
     args = (Arg("x", "tensor"), Arg("hidden", "int"), Arg("act", "func", "gelu"), Arg("bias", "bool", True),
             Arg("gated", "bool", False))
     doc = ("Feed-forward: proj(act(fc(x))), fc [hidden, d], proj [d, hidden]. `gated=true` is a GLU "

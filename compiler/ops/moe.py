@@ -11,6 +11,7 @@ class MoE(Op):
     name = "moe"
     short = "moe"
     residual = "proj_weight"
+    matrices = ("router",)  # the experts' stacked [experts, out, in] weights are no nn.Linear
     args = (Arg("x", "tensor"), Arg("experts", "int"), Arg("top_k", "int"), Arg("hidden", "int"),
             Arg("act", "func", "silu"), Arg("norm_topk", "bool", True))
     doc = ("Mixture of experts (Qwen3-MoE, Mixtral): router [experts, d] scores each token, softmax, the "
