@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import MODEL_FILE, CheckpointError, find_checkpoint, save_checkpoint
-from .classify_data import TextEncoder, balance, parse_labels, parse_split, read_examples, split
+from .classify_data import TextEncoder, finetuning_splits, parse_labels, parse_split, read_examples
 from .commands import USER_ERRORS, _fail
 from .tokenizer import load_tokenizer
 from .usage import UsageError
@@ -79,8 +79,8 @@ def cmd_finetune_classify(args) -> int:
     import torch
     from lmspec.compiler.rewrites import RewriteError
 
-    from .classify_train import (Encoded, accuracy, confusion_matrix, format_confusion, predict, steps_per_epoch,
-                                 train_classifier, write_confusion)
+    from .classify_train import (Encoded, format_confusion, score_split, steps_per_epoch, train_classifier,
+                                 write_confusion)
     from .corpus import DataError
     from .lora_training import trainable_weights
     from .train import ConfigError, TrainConfig, TrainingError
@@ -100,11 +100,8 @@ def cmd_finetune_classify(args) -> int:
         absent = [name for name, n in zip(labels, _counts(examples, labels)) if n == 0]
         if absent:
             raise DataError(f"{args.data}: no example of {', '.join(absent)}")
-        if args.balance:
-            examples = balance(examples, args.seed)
-        if args.limit:  # a quick run: the first N after a shuffle, so every class can appear
-            examples = split(examples, (1.0, 0.0, 0.0), args.seed)["train"][:args.limit]
-        parts = split(examples, fractions, args.seed)
+        parts = finetuning_splits(examples, fractions, args.seed, args.balance, args.limit)
+        examples = [e for part in parts.values() for e in part]
         model, graph, base, spec, adapters_only = _classifier_to_train(args, labels)
         tokenizer = load_tokenizer(base.checkpoint.tokenizer)
         context = int(model.context)
@@ -126,15 +123,12 @@ def cmd_finetune_classify(args) -> int:
         run_dir = Path(args.out)
         history = train_classifier(model, encoded["train"], encoded["validation"], cfg, args.epochs, encoder.pad_id,
                                    run_dir, progress=not args.no_progress)
-        splits = {}
-        for name, part in encoded.items():
-            probs = predict(model, part.ids, args.batch, encoder.pad_id)
-            splits[name] = {"count": len(part), "accuracy": accuracy(probs, part.labels) if len(part) else None,
-                            "matrix": confusion_matrix(probs, part.labels, len(labels))}
+        splits = {name: score_split(model, part, len(labels), args.batch, encoder.pad_id)
+                  for name, part in encoded.items()}
         confusion = write_confusion(run_dir, labels, splits)
         train_config = cfg.to_dict() | {"epochs": args.epochs, "max_length": encoder.max_length,
                                         "labels": labels, "data": str(Path(args.data).resolve()),
-                                        "split": list(fractions), "balance": args.balance,
+                                        "split": list(fractions), "balance": args.balance, "limit": args.limit,
                                         "trainable_blocks": args.trainable_blocks, "base": str(base.checkpoint.path)}
         metrics = {f"{name}_accuracy": s["accuracy"] for name, s in splits.items()} | {"loss": history[-1]["loss"]}
         checkpoint = save_checkpoint(run_dir, step=steps, model=None if adapters_only else model, optimizer=None,
@@ -156,6 +150,19 @@ def _counts(examples, labels) -> list[int]:
     return [sum(e.label == i for e in examples) for i in range(len(labels))]
 
 
+def classifier_inputs(loaded) -> tuple[list[str], TextEncoder]:
+    """The class names of a loaded classifier checkpoint and the encoder its texts go through (the
+    finetuning's tokenizer and max length); a CheckpointError for any other checkpoint."""
+    record = classify_record(loaded.checkpoint)
+    if record is None:
+        raise CheckpointError(f"{loaded.checkpoint.path}: not a classifier (train one with "
+                              f"`lmspec finetune classify`)")
+    labels = record.get("labels") or [str(i) for i in range(record["classes"])]
+    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+    context = int(loaded.model.context)
+    return labels, TextEncoder(tokenizer, min(loaded.checkpoint.train_config.get("max_length") or context, context))
+
+
 def cmd_classify(args) -> int:
     from lmspec.compiler.rewrites import RewriteError
 
@@ -164,14 +171,7 @@ def cmd_classify(args) -> int:
 
     try:
         loaded = load_model(args.checkpoint)
-        record = classify_record(loaded.checkpoint)
-        if record is None:
-            raise CheckpointError(f"{loaded.checkpoint.path}: not a classifier (train one with "
-                                  f"`lmspec finetune classify`)")
-        labels = record.get("labels") or [str(i) for i in range(record["classes"])]
-        tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
-        context = int(loaded.model.context)
-        encoder = TextEncoder(tokenizer, min(loaded.checkpoint.train_config.get("max_length") or context, context))
+        labels, encoder = classifier_inputs(loaded)
         probs = predict(loaded.model, [encoder.encode(t) for t in args.texts], 32, encoder.pad_id)
     except (*USER_ERRORS, RewriteError) as err:
         return _fail("classify", err)

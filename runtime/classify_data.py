@@ -134,6 +134,17 @@ def split(examples: list[Example], fractions: tuple[float, float, float], seed: 
     return {"train": train, "validation": val, "test": test}
 
 
+def finetuning_splits(examples: list[Example], fractions: tuple[float, float, float], seed: int,
+                      balanced: bool = False, limit: int | None = None) -> dict[str, list[Example]]:
+    """The train, validation and test examples as `finetune classify` cuts them (balanced, then the
+    first `limit` after a shuffle, then split), so `lmspec eval` can score exactly the same test."""
+    if balanced:
+        examples = balance(examples, seed)
+    if limit:  # a quick run: the first N after a shuffle, so every class can appear
+        examples = split(examples, (1.0, 0.0, 0.0), seed)["train"][:limit]
+    return split(examples, fractions, seed)
+
+
 class TextEncoder:
     """Texts to token ids for the classifier: at most `max_length` tokens (the first ones), and at
     least one. A character tokenizer maps a character it lacks to the same character without accents

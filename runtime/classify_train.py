@@ -108,6 +108,13 @@ def predict(model: torch.nn.Module, ids: list[list[int]], batch: int, pad_id: in
     return torch.stack(out) if out else torch.empty(0)
 
 
+def score_split(model: torch.nn.Module, part: Encoded, classes: int, batch: int, pad_id: int) -> dict:
+    """{"count", "accuracy" (None for no texts), "matrix"}: one split as confusion.json records it."""
+    probs = predict(model, part.ids, batch, pad_id)
+    return {"count": len(part), "accuracy": accuracy(probs, part.labels) if len(part) else None,
+            "matrix": confusion_matrix(probs, part.labels, classes)}
+
+
 def accuracy(probs: torch.Tensor, labels: list[int]) -> float:
     return (probs.argmax(-1) == torch.tensor(labels)).float().mean().item()
 

@@ -13,6 +13,8 @@ import sys
 from lmspec.dsl.diagnostics import SpecError
 
 from .cli_classify import add_classify_verbs
+from .cli_dpo import add_dpo_verbs
+from .cli_eval import add_eval_verbs
 from .cli_instruct import add_instruct_verbs
 from .cli_lora import add_lora_verbs
 from .usage import UsageError
@@ -281,6 +283,8 @@ def _parser() -> argparse.ArgumentParser:
     ft = group("finetune", "Finetune a checkpoint: a classifier, an instruction follower, preferences (DPO).")
     add_classify_verbs(verb, ft, sub, override_options)
     add_instruct_verbs(verb, ft, sub, override_options)
+    add_dpo_verbs(verb, ft)
+    add_eval_verbs(verb, sub)
     add_lora_verbs(verb, group("lora", "LoRA adapters: fold them into the base weights."))
     return p
 

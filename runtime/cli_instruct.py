@@ -4,6 +4,17 @@ from __future__ import annotations
 from .cli_lora import add_lora_options, add_optimizer_options
 
 
+def add_record_options(q) -> None:
+    """--split --limit --seed --precision: how a verb on instruction records (instruct, dpo) splits,
+    shuffles and computes."""
+    q.add_argument("--split", default="0.85,0.05,0.1", metavar="TRAIN,VAL,TEST",
+                   help="fractions of the records after a seeded shuffle (default: 0.85,0.05,0.1, the book's)")
+    q.add_argument("--limit", type=int, metavar="N", help="use only the first N records (a quick trial)")
+    q.add_argument("--seed", type=int, default=123, help="the split, the batch order, dropout (default: 123)")
+    q.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast compute dtype; weights stay fp32")
+
+
 def add_instruct_verbs(verb, finetune_group, top, override_options) -> None:
     i = verb("instruct", "Finetune a checkpoint to follow instructions (Alpaca or chat data), the loss on the "
              "responses only.", "instruct_commands:cmd_finetune_instruct", finetune_group, "finetune ",
@@ -23,12 +34,7 @@ def add_instruct_verbs(verb, finetune_group, top, override_options) -> None:
                    "context); longer examples are cut at the end, and left out if no answer token remains")
     i.add_argument("--eval-every", type=int, default=50,
                    help="validation loss every N steps, besides at the start and the end (0: only those)")
-    i.add_argument("--split", default="0.85,0.05,0.1", metavar="TRAIN,VAL,TEST",
-                   help="fractions of the records after a seeded shuffle (default: 0.85,0.05,0.1, the book's)")
-    i.add_argument("--limit", type=int, metavar="N", help="use only the first N records (a quick trial)")
-    i.add_argument("--seed", type=int, default=123, help="the split, the batch order, dropout (default: 123)")
-    i.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast compute dtype; weights stay fp32")
+    add_record_options(i)
     i.add_argument("--responses", metavar="FILE", help="after training, write greedy answers to the test "
                    "records to this JSONL file (each record plus \"model_response\")")
     i.add_argument("--response-tokens", type=int, default=256, help="the longest answer --responses writes")

@@ -111,3 +111,36 @@ def load_model(path) -> Loaded:
     load_weights(model, checkpoint)
     model.eval()
     return Loaded(model, graph, checkpoint)
+
+
+def model_to_finetune(args, seed: int) -> tuple[torch.nn.Module, object, Checkpoint, dict, bool]:
+    """(model, graph, base checkpoint, spec record to save, adapters only?) for a finetune verb's run
+    from args.checkpoint: the whole model training, or with --lora (args as runtime/cli_lora.py's
+    options) new adapters on the frozen base, saved alone with a "base" record pointing at it."""
+    from lmspec.compiler.lora import ADAPTER_SUFFIXES
+    from lmspec.compiler.lower import lower
+
+    from .commands import graph_from_record
+    from .lora_training import lora_rewrite, mark_trainable
+
+    base = load_model(args.checkpoint)
+    rewrite = lora_rewrite(args)
+    if rewrite is None:  # every weight trains and is saved: the result stands alone
+        spec = {k: v for k, v in base.checkpoint.spec.items() if k != "base"}
+        for p in base.model.parameters():
+            p.requires_grad_(True)
+        return base.model, base.graph, base.checkpoint, spec, False
+    if base.checkpoint.spec.get("base"):
+        raise CheckpointError(f"{base.checkpoint.path}: holds adapters on another checkpoint; fold them in first "
+                              f"(lmspec lora merge) and finetune the merged checkpoint")
+    spec = base.checkpoint.spec | {"rewrites": list(base.checkpoint.spec.get("rewrites", [])) + [rewrite],
+                                   "base": base_record(base.checkpoint)}
+    graph = graph_from_record(spec)
+    model = lower(graph, seed=seed)
+    # The base's weights keep their names under LoRA; only the new adapters are missing.
+    missing, unexpected = model.load_state_dict(base.model.state_dict(), strict=False)
+    stray = [n for n in missing if not n.endswith(ADAPTER_SUFFIXES)] + list(unexpected)
+    if stray:
+        raise CheckpointError(f"{base.checkpoint.path / MODEL_FILE}: does not fit the LoRA model: {', '.join(stray[:5])}")
+    mark_trainable(model, graph)
+    return model, graph, base.checkpoint, spec, True

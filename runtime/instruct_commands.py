@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import MODEL_FILE, CheckpointError, find_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .commands import USER_ERRORS, _fail
 from .corpus import DataError
 from .instruct_data import (TEMPLATES, TemplateError, make_template, pad_id_for, read_records, split_records,
@@ -28,43 +28,12 @@ def _split_fractions(text: str) -> tuple[float, float, float]:
     return parts
 
 
-def _model_to_finetune(args, seed: int):
-    """(model, graph, base checkpoint, spec record to save, adapters only?) for the run."""
-    from lmspec.compiler.lora import ADAPTER_SUFFIXES
-    from lmspec.compiler.lower import lower
-
-    from .commands import graph_from_record
-    from .finetuned import base_record, load_model
-    from .lora_training import lora_rewrite, mark_trainable
-
-    base = load_model(args.checkpoint)
-    rewrite = lora_rewrite(args)
-    if rewrite is None:  # every weight trains and is saved: the result stands alone
-        spec = {k: v for k, v in base.checkpoint.spec.items() if k != "base"}
-        for p in base.model.parameters():
-            p.requires_grad_(True)
-        return base.model, base.graph, base.checkpoint, spec, False
-    if base.checkpoint.spec.get("base"):
-        raise CheckpointError(f"{base.checkpoint.path}: holds adapters on another checkpoint; fold them in first "
-                              f"(lmspec lora merge) and finetune the merged checkpoint")
-    spec = base.checkpoint.spec | {"rewrites": list(base.checkpoint.spec.get("rewrites", [])) + [rewrite],
-                                   "base": base_record(base.checkpoint)}
-    graph = graph_from_record(spec)
-    model = lower(graph, seed=seed)
-    # The base's weights keep their names under LoRA; only the new adapters are missing.
-    missing, unexpected = model.load_state_dict(base.model.state_dict(), strict=False)
-    stray = [n for n in missing if not n.endswith(ADAPTER_SUFFIXES)] + list(unexpected)
-    if stray:
-        raise CheckpointError(f"{base.checkpoint.path / MODEL_FILE}: does not fit the LoRA model: {', '.join(stray[:5])}")
-    mark_trainable(model, graph)
-    return model, graph, base.checkpoint, spec, True
-
-
 def cmd_finetune_instruct(args) -> int:
     from lmspec.compiler.rewrites import RewriteError
 
-    from .instruct_train import InstructSetup, finetune_instruct, steps_per_epoch
-    from .train import ConfigError, TrainConfig, TrainingError
+    from .finetuned import model_to_finetune
+    from .instruct_train import InstructSetup, finetune_config, finetune_instruct
+    from .train import ConfigError, TrainingError
 
     fractions = _split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1:
@@ -77,7 +46,7 @@ def cmd_finetune_instruct(args) -> int:
             records = records[:args.limit]
         tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
         template = make_template(args.template, tokenizer)  # before the model: a wrong template fails fast
-        model, graph, base, spec, adapters_only = _model_to_finetune(args, args.seed)
+        model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed)
         context = int(model.context)
         max_length = min(args.max_length or context, context)
         tokenized = tokenize_records(records, template, max_length)
@@ -87,19 +56,15 @@ def cmd_finetune_instruct(args) -> int:
             raise DataError(f"{args.data}: no training example is left (of {len(records)} records, "
                             f"{tokenized.unencodable} hold characters the vocabulary lacks, {tokenized.dropped} "
                             f"have no answer within {max_length} tokens)")
-        steps = args.epochs * steps_per_epoch(len(train_set), args.batch)
-        cfg = TrainConfig(steps=steps, batch=args.batch, seq=max_length, lr=args.lr, min_lr=args.min_lr,
-                          warmup=min(args.warmup, steps), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                          eval_every=args.eval_every, seed=args.seed, precision=args.precision,
-                          keep=1).resolved(context)
+        cfg = finetune_config(args, len(train_set), max_length, context)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
               f"({args.template} template, at most {max_length} tokens; {_left_out(tokenized)}); "
-              f"{trainable:,} trainable parameters; {steps} steps")
+              f"{trainable:,} trainable parameters; {cfg.steps} steps")
         setup = InstructSetup(template=args.template, pad_id=pad_id_for(tokenizer), epochs=args.epochs,
                               trainable_only=adapters_only,
                               extra={"data": str(Path(args.data).resolve()), "split": list(fractions),
-                                     "max_length": max_length, "base": str(base.path)})
+                                     "limit": args.limit, "max_length": max_length, "base": str(base.path)})
         summary = finetune_instruct(model, tokenizer, train_set, val_set, cfg, setup, args.out, spec,
                                     progress=not args.no_progress)
         print(f"done: {summary['steps']} steps, train loss {summary['loss']:.4f}"
@@ -170,7 +135,7 @@ def cmd_chat(args) -> int:
         template = make_template(name, tokenizer)
     except (*USER_ERRORS, TemplateError) as err:
         return _fail("chat", err)
-    if loaded.checkpoint.train_config.get("finetune") != "instruct":
+    if loaded.checkpoint.train_config.get("finetune") not in ("instruct", "dpo"):
         print(f"note: {loaded.checkpoint.path} was not instruction-tuned; using the {name} template",
               file=sys.stderr)
     converse(loaded.model, tokenizer, template, sys.stdin, sys.stdout, args)

@@ -39,8 +39,9 @@ ALPACA_TEXT_END = "\n\n### Instruction:"
 
 # ------------------------------------------------------------------------------------------ records
 
-def read_records(path: str | Path) -> list[dict]:
-    """The records of a JSON list or a JSONL file, each checked (the message names the record)."""
+def read_records(path: str | Path, check=None) -> list[dict]:
+    """The records of a JSON list or a JSONL file, each checked by `check(record, where)` (default
+    check_record; preference data passes its own), which raises DataError naming the record."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -65,7 +66,7 @@ def read_records(path: str | Path) -> list[dict]:
     if not records:
         raise DataError(f"{path}: holds no records")
     for i, record in enumerate(records):
-        check_record(record, f"{path}: record {i}")
+        (check or check_record)(record, f"{path}: record {i}")
     return records
 
 
