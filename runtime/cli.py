@@ -80,7 +80,7 @@ EXAMPLES = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmspec",
-        description="Build a language model from a spec: check it, inspect it, train it, sample from it, export and serve it.",
+        description="Build a language model from a spec: check it, plan it, train it, finetune and evaluate it, sample from it, export and serve it.",
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
