@@ -79,9 +79,9 @@ def cmd_finetune_classify(args) -> int:
     import torch
     from lmspec.compiler.rewrites import RewriteError
 
-    from .classify_train import (Encoded, format_confusion, score_split, steps_per_epoch, train_classifier,
-                                 write_confusion)
+    from .classify_train import Encoded, format_confusion, score_split, train_classifier, write_confusion
     from .corpus import DataError
+    from .finetune_steps import steps_per_epoch
     from .lora_training import trainable_weights
     from .train import ConfigError, TrainConfig, TrainingError
 

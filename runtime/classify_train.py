@@ -5,7 +5,6 @@ warm-up + cosine (train.py's optimizer, schedule and autocast), accuracy and con
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -18,9 +17,9 @@ from tqdm.auto import tqdm
 
 from .atomic import write_text_atomically
 from .classify_data import make_batch
+from .finetune_steps import scheduled_lr, update
 from .metrics import MetricsLog
-from .schedule import learning_rate
-from .train import METRICS_FILE, TrainConfig, TrainingError, autocast, make_optimizer
+from .train import METRICS_FILE, TrainConfig, autocast, make_optimizer
 
 CONFUSION_FILE = "confusion.json"
 CONFUSION_PLOT = "confusion.png"
@@ -36,10 +35,6 @@ class Encoded:
         return len(self.labels)
 
 
-def steps_per_epoch(n: int, batch: int) -> int:
-    return math.ceil(n / batch)
-
-
 def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: TrainConfig, epochs: int,
                      pad_id: int, run_dir: Path, progress: bool = True) -> list[dict]:
     """Train in place for `epochs` epochs (cfg.steps must be epochs * steps_per_epoch); returns one
@@ -47,7 +42,6 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     log = MetricsLog.fresh(Path(run_dir) / METRICS_FILE)
     order_rng = random.Random(cfg.seed)
     records, step, start = [], 0, time.time()
@@ -61,21 +55,11 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
             rows = order[first:first + cfg.batch]
             tokens, lengths = make_batch([train.ids[i] for i in rows], pad_id)
             targets = torch.tensor([train.labels[i] for i in rows], device=device)
-            lr = learning_rate(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            scheduled_lr(optimizer, cfg, step)
             with autocast(device, cfg.precision):
                 logits = model(tokens.to(device), lengths.to(device))
-            loss = F.cross_entropy(logits.float(), targets)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the loss is {loss.item()} at step {step}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
             step += 1
+            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, step))
             bar.update(1)
         record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
                   "val_accuracy": accuracy(predict(model, val.ids, cfg.batch, pad_id), val.labels) if len(val) else None,

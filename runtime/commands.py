@@ -190,7 +190,8 @@ def cmd_sample(args) -> int:
     from .finetuned import load_model
     try:
         loaded = load_model(args.checkpoint)  # any checkpoint: rewrites applied, adapters on their base
-        if any(r.get("kind") == "classify" for r in loaded.checkpoint.spec.get("rewrites", [])):
+        from .classify_commands import classify_record
+        if classify_record(loaded.checkpoint) is not None:
             raise CheckpointError(f"{loaded.checkpoint.path}: is a classifier, which predicts labels rather than "
                                   f"tokens; use `lmspec classify`")
         tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .checkpoint import save_checkpoint
 from .corpus import DataError
 from .instruct_data import Example, check_record, collate, length_buckets, tokenize_records
-from .instruct_train import masked_loss, scheduled_lr, steps_per_epoch, update
+from .finetune_steps import scheduled_lr, steps_per_epoch, update
+from .instruct_train import masked_loss
 from .lora_training import trainable_weights
 from .metrics import MetricsLog
 from .train import METRICS_FILE, TrainConfig, autocast, make_optimizer

@@ -18,7 +18,7 @@ def cmd_finetune_dpo(args) -> int:
 
     from .dpo import DPOSetup, check_preference_record, finetune_dpo, tokenize_pairs
     from .finetuned import load_model, model_to_finetune
-    from .instruct_train import finetune_config
+    from .finetune_steps import finetune_config
     from .train import ConfigError, TrainingError
 
     fractions = _split_fractions(args.split)

@@ -71,10 +71,10 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     weight must come from somewhere, with its shape; a tied weight may come under either name."""
     own = read_tensors(checkpoint.path / MODEL_FILE)
     weights = base_weights(checkpoint) | own
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
     params = dict(model.named_parameters(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}
+    for name, p in params.items():
+        aliases.setdefault(id(p), []).append(name)
     missing = []
     with torch.no_grad():
         for names in aliases.values():

@@ -32,7 +32,8 @@ def cmd_finetune_instruct(args) -> int:
     from lmspec.compiler.rewrites import RewriteError
 
     from .finetuned import model_to_finetune
-    from .instruct_train import InstructSetup, finetune_config, finetune_instruct
+    from .finetune_steps import finetune_config
+    from .instruct_train import InstructSetup, finetune_instruct
     from .train import ConfigError, TrainingError
 
     fractions = _split_fractions(args.split)

@@ -7,7 +7,6 @@ function of (seed, epoch) alone, so a stopped run is simply run again.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
+from .finetune_steps import scheduled_lr, steps_per_epoch, update
 from .instruct_data import IGNORE, Example, collate, length_buckets
 from .lora_training import trainable_weights
 from .metrics import MetricsLog, plot_loss_curve
-from .schedule import learning_rate
-from .train import METRICS_FILE, PLOT_FILE, TrainConfig, TrainingError, autocast, make_optimizer
+from .train import METRICS_FILE, PLOT_FILE, TrainConfig, autocast, make_optimizer
 
 
 @dataclass
@@ -39,43 +38,6 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "m
     """Cross-entropy over the targets that are not IGNORE: the answers and their end tokens."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=IGNORE, reduction=reduction)
-
-
-def steps_per_epoch(n_examples: int, batch: int) -> int:
-    return math.ceil(n_examples / batch)
-
-
-def finetune_config(args, n_train: int, max_length: int, context: int) -> TrainConfig:
-    """The TrainConfig of a finetune run on records: `args.epochs` passes over n_train examples in
-    batches of args.batch, with the optimiser options of runtime/cli_lora.py and a single checkpoint."""
-    steps = args.epochs * steps_per_epoch(n_train, args.batch)
-    return TrainConfig(steps=steps, batch=args.batch, seq=max_length, lr=args.lr, min_lr=args.min_lr,
-                       warmup=min(args.warmup, steps), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                       eval_every=args.eval_every, seed=args.seed, precision=args.precision,
-                       keep=1).resolved(context)
-
-
-def scheduled_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
-    """Set the learning rate of `step` (warm-up, then cosine decay over cfg.steps) and return it."""
-    lr = learning_rate(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig,
-           step: int) -> float:
-    """One optimizer update from `loss` (backward, gradient clipping, step); returns the loss's value,
-    raising TrainingError if it is not finite. `step` is the count after this update."""
-    loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise TrainingError(f"the loss became {value} at step {step}; try a lower --lr")
-    return value
 
 
 def evaluate_examples(model: torch.nn.Module, examples: list[Example], batch: int, pad_id: int,

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lmspec.compiler.checkpointing import BLOCK_META
 
@@ -88,10 +88,6 @@ def shard_model(model: fx.GraphModule, precision: str = "fp32") -> dict[str, lis
         fully_shard([model.get_submodule(n) for n in names], mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return units
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,47 @@
+"""The steps every finetuning loop shares (classification, instructions, DPO): its TrainConfig from
+the command line, the learning rate of a step, and one optimizer update."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedule import learning_rate
+from .train import TrainConfig, TrainingError
+
+
+def steps_per_epoch(n_examples: int, batch: int) -> int:
+    return math.ceil(n_examples / batch)
+
+
+def finetune_config(args, n_train: int, max_length: int, context: int) -> TrainConfig:
+    """The TrainConfig of a finetune run on records: `args.epochs` passes over n_train examples in
+    batches of args.batch, with the optimiser options of runtime/cli_lora.py and a single checkpoint."""
+    steps = args.epochs * steps_per_epoch(n_train, args.batch)
+    return TrainConfig(steps=steps, batch=args.batch, seq=max_length, lr=args.lr, min_lr=args.min_lr,
+                       warmup=min(args.warmup, steps), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       eval_every=args.eval_every, seed=args.seed, precision=args.precision,
+                       keep=1).resolved(context)
+
+
+def scheduled_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
+    """Set the learning rate of `step` (warm-up, then cosine decay over cfg.steps) and return it."""
+    lr = learning_rate(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig,
+           step: int) -> float:
+    """One optimizer update from `loss` (backward, gradient clipping, step); returns the loss's value,
+    raising TrainingError if it is not finite. `step` is the count after this update."""
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise TrainingError(f"the loss became {value} at step {step}; try a lower --lr")
+    return value
