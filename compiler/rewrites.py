@@ -34,3 +34,11 @@ def apply_rewrites(graph: ModelGraph, rewrites: list[dict]) -> ModelGraph:
         options = {k: v for k, v in record.items() if k != "kind"}
         graph = rewrite(graph, **options)
     return graph
+
+
+def graph_from_record(spec: dict) -> ModelGraph:
+    """The model a checkpoint's spec record describes: its sources built with its overrides, then
+    its rewrites. Needs nothing but the record (no files, no torch)."""
+    from .loader import load_spec
+    graph = load_spec(spec["file"], spec["overrides"], spec["model"], sources=spec["sources"])
+    return apply_rewrites(graph, spec["rewrites"]) if spec.get("rewrites") else graph

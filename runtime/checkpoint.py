@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,26 +23,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .atomic import fsync_dir
+from .checkpoint_layout import (  # noqa: F401  (the layout is part of this module's interface)
+    CHECKPOINTS_DIR, LATEST_FILE, META_FILE, MODEL_FILE, CheckpointError, find_checkpoint, step_dir_name,
+)
+from .checkpoint_layout import step_dirs as _step_dirs
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_DCP_DIR = "optimizer.dcp"  # an FSDP run's optimizer state instead, sharded (runtime/sharding.py)
 RNG_FILE = "rng.safetensors"
-META_FILE = "meta.json"
 FORMAT_VERSION = 1
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, corrupt or does not fit the model; the message names the file."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -150,15 +139,6 @@ def remove_stale_temporaries(parent: Path, spare: set[Path] = frozenset()) -> No
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-
-
-def _step_dirs(parent: Path) -> list[tuple[int, Path]]:
-    found = []
-    for entry in parent.iterdir():
-        match = _STEP_DIR.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
 
 
 def _prune(parent: Path, keep_newest: int, current: int) -> None:
@@ -305,32 +285,6 @@ class Checkpoint:
 
     def rng_states(self) -> dict[str, torch.Tensor]:
         return read_tensors(self.path / RNG_FILE)
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The step directory meant by `path` (a run dir, its checkpoints dir, or a step dir), or None
-    when the run has no checkpoint yet."""
-    path = Path(path)
-    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
-        return path
-    if _STEP_DIR.match(path.name) and path.is_dir():
-        return path  # a step directory that lost its files: load_checkpoint reports which
-    parent = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-    if not parent.is_dir():
-        return None
-    latest = parent / LATEST_FILE
-    if latest.is_file():
-        try:
-            name = latest.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{latest}: unreadable ({err})") from None
-        if not _STEP_DIR.match(name) or not (parent / name).is_dir():
-            raise CheckpointError(f"{latest}: names {name!r}, which is not a checkpoint directory in {parent}")
-        return parent / name
-    # No `latest`: a crash between renaming a checkpoint into place and writing `latest`.
-    # Every step_* directory is complete (they appear only by rename), so the newest is good.
-    dirs = _step_dirs(parent)
-    return dirs[-1][1] if dirs else None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -9,6 +9,7 @@ from pathlib import Path
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.compiler.graph import ModelGraph
+from lmspec.compiler.rewrites import graph_from_record
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .usage import UsageError, cli_overrides
@@ -28,14 +29,6 @@ def spec_record(graph: ModelGraph, overrides: dict, rewrites: list[dict] | None 
     `rewrites` are the compiler rewrites (compiler/rewrites.py) applied after building, in order."""
     record = {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
     return record | ({"rewrites": list(rewrites)} if rewrites else {})
-
-
-def graph_from_record(spec: dict) -> ModelGraph:
-    graph = load_spec(spec["file"], spec["overrides"], spec["model"], sources=spec["sources"])
-    if spec.get("rewrites"):
-        from lmspec.compiler.rewrites import apply_rewrites
-        graph = apply_rewrites(graph, spec["rewrites"])
-    return graph
 
 
 def _vocab_size(graph: ModelGraph) -> int | None:

@@ -42,7 +42,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     from lmspec.compiler.onnx_parity import check_parity
 
     from .checkpoint import load_checkpoint
-    from .commands import graph_from_record
+    from lmspec.compiler.rewrites import graph_from_record
     from .tokenizer import load_tokenizer
     from . import onnx_optimize
 

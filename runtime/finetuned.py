@@ -56,7 +56,7 @@ def with_tied_names(weights: dict[str, torch.Tensor], checkpoint: Checkpoint) ->
     """`weights` with each tied weight under every name it has in the checkpoint's model: the file
     keeps one name of a tied pair (lm_head.weight, say), and a rewrite that removes that user (the
     classification head) leaves a model that asks for the other (wte.weight)."""
-    from .commands import graph_from_record
+    from lmspec.compiler.rewrites import graph_from_record
     out = dict(weights)
     for name, param in graph_from_record(checkpoint.spec).params.items():
         if param.tied_to is not None:
@@ -101,7 +101,7 @@ def load_model(path) -> Loaded:
     from lmspec.compiler.lower import lower
     from lmspec.compiler.rewrites import RewriteError
 
-    from .commands import graph_from_record
+    from lmspec.compiler.rewrites import graph_from_record
     checkpoint = load_checkpoint(path)
     try:
         graph = graph_from_record(checkpoint.spec)
@@ -120,7 +120,7 @@ def model_to_finetune(args, seed: int) -> tuple[torch.nn.Module, object, Checkpo
     from lmspec.compiler.lora import ADAPTER_SUFFIXES
     from lmspec.compiler.lower import lower
 
-    from .commands import graph_from_record
+    from lmspec.compiler.rewrites import graph_from_record
     from .lora_training import lora_rewrite, mark_trainable
 
     base = load_model(args.checkpoint)

@@ -781,7 +781,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
     from safetensors import SafetensorError, safe_open
 
     from .checkpoint import MODEL_FILE, CheckpointError, load_checkpoint
-    from .commands import graph_from_record
+    from lmspec.compiler.rewrites import graph_from_record
     from .tokenizer import FileTokenizer, load_tokenizer
     from .usage import UsageError
 

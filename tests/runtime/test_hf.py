@@ -22,7 +22,7 @@ from conftest import SHARED_DATA, TESTS_DIR  # noqa: E402
 from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.runtime.checkpoint import load_checkpoint  # noqa: E402
 from lmspec.runtime.cli import main  # noqa: E402
-from lmspec.runtime.commands import graph_from_record  # noqa: E402
+from lmspec.compiler.rewrites import graph_from_record  # noqa: E402
 from lmspec.runtime.export_commands import export_bundle  # noqa: E402
 from lmspec.runtime.generate import generate  # noqa: E402
 

@@ -13,7 +13,8 @@ from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import apply_rewrites
 from lmspec.runtime.checkpoint import load_checkpoint, save_checkpoint
 from lmspec.runtime.cli import main as cli_main
-from lmspec.runtime.commands import graph_from_record, spec_record
+from lmspec.compiler.rewrites import graph_from_record
+from lmspec.runtime.commands import spec_record
 from lmspec.runtime.finetuned import base_record, load_model
 from lmspec.runtime.lora_training import mark_trainable, trainable_weights
 from lmspec.runtime.tokenizer import load_tokenizer
