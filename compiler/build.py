@@ -21,13 +21,14 @@ from .shapes import Sym, dim_add, dim_div, dim_mul, fmt_shape, is_dim
 from .values import POISON, FuncRef, TensorRef, describe
 
 DTYPES = {"f16", "bf16", "f32", "f64", "i32", "i64", "bool"}
-_SCALAR_FUNCS = {
+SCALAR_FUNCS = {
     "sqrt": math.sqrt, "exp": math.exp, "log": math.log,
     "min": min, "max": max, "int": int, "float": float,
 }
 
 
 MAX_REPEAT = 10_000  # far beyond any real model; stops a typo from building a graph for minutes
+MAX_INT_BITS = 4096  # hyper-parameter arithmetic beyond this is a typo, and big powers are slow
 
 
 @dataclass
@@ -92,9 +93,10 @@ class Builder:
         self._node_ids: dict[str, int] = {}
         self._block_stack: list[str] = []
         self._repeat_scope: str | None = None
+        self._layers_built = 0  # repeat iterations so far, nested ones included: bounded by MAX_REPEAT
 
     # ---- diagnostics ------------------------------------------------------------------------
-    def error(self, message: str, span, code: str = "E200") -> None:
+    def error(self, message: str, span, code: str) -> None:
         key = (message, span)
         if key not in self._seen:
             self._seen.add(key)
@@ -235,6 +237,11 @@ class Builder:
         if count > MAX_REPEAT:
             self.error(f"repeat count {count} is more than {MAX_REPEAT}", stmt.count.span, "E201")
             return
+        if self._layers_built + count > MAX_REPEAT:  # nested or many repeats add up
+            self.error(f"repeat count {count} makes more than {MAX_REPEAT:,} repeated layers in the model",
+                       stmt.count.span, "E201")
+            return
+        self._layers_built += count
         outer_repeat, outer_top = self._repeat_scope, frame.top_level
         frame.top_level = False
         try:
@@ -346,18 +353,18 @@ class Builder:
             if poisoned:
                 return POISON
             return self.apply_op(op, args, kwargs, e.span, frame, label, explicit)
-        if e.func in _SCALAR_FUNCS:
+        if e.func in SCALAR_FUNCS:
             if poisoned:
                 return POISON
             if kwargs or any(not isinstance(v, (int, float)) or isinstance(v, bool) for v, _ in args):
                 self.error(f"{e.func}() takes numbers only", e.span, "E104")
                 return POISON
             try:
-                return _SCALAR_FUNCS[e.func](*(v for v, _ in args))
-            except (TypeError, ValueError) as err:
+                return SCALAR_FUNCS[e.func](*(v for v, _ in args))
+            except (TypeError, ValueError, OverflowError) as err:
                 self.error(f"{e.func}(): {err}", e.span, "E104")
                 return POISON
-        names = [n for n in all_ops() if n != "input"] + list(frame.namespace) + list(_SCALAR_FUNCS)
+        names = [n for n in all_ops() if n != "input"] + list(frame.namespace) + list(SCALAR_FUNCS)
         self.error(f"unknown op or block '{e.func}'{_suggest(e.func, names)}", e.func_span, "E101")
         return POISON
 
@@ -596,9 +603,13 @@ def _scalar_binop(op: str, a, b):
         if op == "%":
             return a % b
         if op == "**":
+            if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b * abs(a).bit_length() > MAX_INT_BITS:
+                raise _ScalarError(f"{a} ** {b} is too large")  # computing it could take minutes
             return a ** b
     except ZeroDivisionError:
         raise _ScalarError("division by zero") from None
+    except OverflowError:
+        raise _ScalarError(f"{describe(a)} {op} {describe(b)} is too large for a float") from None
     raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
 
 

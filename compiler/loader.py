@@ -38,6 +38,10 @@ class _Loader:
         if path in self.given:
             return self.given[path]
         try:
+            if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+                # a FIFO or a device (`use "/dev/zero"`) would block or never end
+                self.diagnostics.append(Diagnostic(f"not a regular file: {path}", span, code="E002"))
+                return None
             with open(path, encoding="utf-8") as f:
                 return f.read()
         except FileNotFoundError:
@@ -125,30 +129,40 @@ def parse_overrides(pairs: list[str]) -> dict:
     return dict(parse_override(text) for text in pairs)
 
 
-def build_model(program: Program, overrides: dict | None = None, model: str | None = None) -> ModelGraph:
-    """The checked graph of one model of a loaded program; SpecError if anything is wrong."""
-    if program.diagnostics or program.main is None:
-        raise SpecError(program.diagnostics, program.sources)
+def _choose_models(program: Program, model: str | None) -> list[ast.Model]:
     main = program.main
     models = main.models
     if model is not None:
         models = [m for m in models if m.name == model]
         if not models:
             names = ", ".join(m.name for m in main.models) or "none"
-            raise SpecError([Diagnostic(f"no model named '{model}' in {main.file} (models: {names})", None,
-                                        code="E110")], program.sources)
+            raise SpecError([Diagnostic(f"no model named '{model}' (models: {names})", None, code="E110",
+                                        file=main.file)], program.sources)
     if not models:
-        raise SpecError([Diagnostic(f"{main.file} defines no model (only blocks)", None, code="E110")],
+        raise SpecError([Diagnostic("defines no model (only blocks)", None, code="E110", file=main.file)],
                         program.sources)
+    return models
+
+
+def _build(program: Program, model: ast.Model, overrides: dict | None) -> tuple[ModelGraph, list[Diagnostic]]:
+    graph = ModelGraph(model.name, program.main.file, sources=program.sources)
+    builder = Builder(graph, overrides or {})
+    builder.build_model(model, program.namespace)
+    return graph, builder.diagnostics
+
+
+def build_model(program: Program, overrides: dict | None = None, model: str | None = None) -> ModelGraph:
+    """The checked graph of one model of a loaded program; SpecError if anything is wrong."""
+    if program.diagnostics or program.main is None:
+        raise SpecError(program.diagnostics, program.sources)
+    models = _choose_models(program, model)
     if len(models) > 1:
         names = ", ".join(m.name for m in models)
-        raise SpecError([Diagnostic(f"{main.file} defines several models ({names}); choose one with --model",
-                                    None, code="E110")], program.sources)
-    graph = ModelGraph(models[0].name, main.file, sources=program.sources)
-    builder = Builder(graph, overrides or {})
-    builder.build_model(models[0], program.namespace)
-    if builder.diagnostics:
-        raise SpecError(builder.diagnostics, program.sources)
+        raise SpecError([Diagnostic(f"defines several models ({names}); choose one with --model", None,
+                                    code="E110", file=program.main.file)], program.sources)
+    graph, errors = _build(program, models[0], overrides)
+    if errors:
+        raise SpecError(errors, program.sources)
     return graph
 
 
@@ -158,17 +172,21 @@ def load_spec(path: str, overrides: dict | None = None, model: str | None = None
     return build_model(load_program(path, sources), overrides, model)
 
 
-def check_file(path: str, overrides: dict | None = None) -> tuple[list[Diagnostic], dict[str, str]]:
-    """Every diagnostic for one file: a library of blocks only needs to parse and resolve."""
-    program = load_program(path)
+def check_file(path: str, overrides: dict | None = None,
+               sources: dict[str, str] | None = None) -> tuple[list[Diagnostic], dict[str, str]]:
+    """Every diagnostic for one file, errors and warnings, in file order. A library of blocks only
+    needs to parse and resolve; a file with models builds each of them. `sources` gives the text
+    of files by path instead of reading them (an editor's unsaved buffer, a test's input)."""
+    from .lint import lint
+    program = load_program(path, sources)
     if program.diagnostics or program.main is None:
         return program.diagnostics, program.sources
-    if not program.main.models:
-        return [], program.sources
     diagnostics: list[Diagnostic] = []
+    built = []
     for m in program.main.models:
-        try:
-            build_model(program, overrides, m.name)
-        except SpecError as err:
-            diagnostics.extend(err.diagnostics)
+        graph, errors = _build(program, m, overrides)
+        diagnostics += errors
+        built.append((m, graph, not errors))
+    diagnostics += lint(program, built)
+    diagnostics.sort(key=lambda d: (d.path or "", d.span.line if d.span else 0, d.span.column if d.span else 0))
     return diagnostics, program.sources

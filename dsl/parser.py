@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast
@@ -14,6 +14,16 @@ _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 _OPENERS = {"LPAR", "LSQB"}
 _CLOSERS = {"RPAR", "RSQB"}
+
+
+MAX_DEPTH = 200  # far beyond what a person writes; the passes after parsing recurse once per level
+MAX_BRACKETS = 100  # brackets inside brackets: each is a level of the formatter's concrete tree too
+
+
+class _TooDeep(Exception):
+    def __init__(self, where):
+        super().__init__()
+        self.where = where  # a token, or a tree node's meta: both have line and column
 
 
 class _DropNewlinesInBrackets:
@@ -26,6 +36,8 @@ class _DropNewlinesInBrackets:
         for tok in stream:
             if tok.type in _OPENERS:
                 depth += 1
+                if depth > MAX_BRACKETS:
+                    raise _TooDeep(tok)
             elif tok.type in _CLOSERS:
                 depth = max(0, depth - 1)
             elif tok.type == "_NL" and depth:
@@ -118,7 +130,7 @@ class _ToAst(Transformer):
     def star_dim(self, meta):
         return ast.StarDim(self.span(meta))
 
-    def bounded_dim(self, meta, dim, bound):
+    def bounded_dim(self, meta, dim, _le, bound):
         return ast.BoundedDim(dim, bound, self.span(meta))
 
     # expressions
@@ -237,15 +249,37 @@ def _syntax_error(err: UnexpectedInput, file: str, text: str) -> Diagnostic:
     return Diagnostic(msg, span, code="E001")
 
 
+def _too_deep(tree):
+    """The meta of a node nested deeper than MAX_DEPTH, or None; iterative, since recursion is
+    exactly what such a tree would break."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return node.meta
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+    return None
+
+
+def _nesting_error(file: str, text: str, where, limit: str) -> SpecError:
+    span = ast.Span(file, where.line, where.column, where.line, where.column + 1)
+    return SpecError([Diagnostic(f"{limit} nested too deeply", span, code="E001")], {file: text})
+
+
 def parse(text: str, file: str = "<string>") -> ast.Module:
     """Parse one file; raise SpecError (with a located 'syntax error' diagnostic) on bad input."""
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
         raise SpecError([_syntax_error(err, file, text)], {file: text}) from None
+    except _TooDeep as err:
+        raise _nesting_error(file, text, err.where, f"brackets (more than {MAX_BRACKETS} levels)") from None
+    too_deep = _too_deep(tree)
+    if too_deep is not None:
+        raise _nesting_error(file, text, too_deep, f"expression (more than {MAX_DEPTH} levels)")
     try:
         module = _ToAst(file).transform(tree)
     except VisitError as err:  # a literal our transformer could not convert
-        raise SpecError([Diagnostic(f"syntax error: {err.orig_exc}", None, code="E001")], {file: text}) from None
+        raise SpecError([Diagnostic(f"syntax error: {err.orig_exc}", None, code="E001", file=file)], {file: text}) from None
     module.source = text
     return module

@@ -1,4 +1,4 @@
-"""The `lmspec` command line: check | info | plan | train | sample | export | generate | serve | data | tokenizer | import.
+"""The `lmspec` command line: check | fmt | diff | info | plan | train | sample | export | generate | serve | data | tokenizer | import | finetune | eval | …
 
 Each verb imports what it needs when it runs, so `check`, `info` and `plan` never import torch.
 A mistake in the user's input ends as a located message and a non-zero exit, not a traceback.
@@ -13,8 +13,10 @@ import sys
 from lmspec.dsl.diagnostics import SpecError
 
 from .cli_classify import add_classify_verbs
+from .cli_diff import add_diff_verbs
 from .cli_dpo import add_dpo_verbs
 from .cli_eval import add_eval_verbs
+from .cli_fmt import add_fmt_verbs
 from .cli_instruct import add_instruct_verbs
 from .cli_lora import add_lora_verbs
 from .usage import UsageError
@@ -23,6 +25,8 @@ EXAMPLES = {
     "check": """examples:
   lmspec check specs/gpt2.arch
   lmspec check 'specs/**/*.arch' --format json
+  lmspec check specs/ --strict --format github     # in CI: warnings fail too, annotated on the PR
+  lmspec check specs/ --format sarif > lmspec.sarif
   lmspec check specs/ --set layers=4""",
     "info": """examples:
   lmspec info specs/gpt2.arch
@@ -80,7 +84,7 @@ EXAMPLES = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmspec",
-        description="Build a language model from a spec: check it, plan it, train it, finetune and evaluate it, sample from it, export and serve it.",
+        description="Build a language model from a spec: check, format and diff it, plan it, train it, finetune and evaluate it, sample from it, export and serve it.",
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -105,8 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     c = verb("check", "Check spec files and report every error, located, before anything runs.",
              "spec_commands:cmd_check")
     c.add_argument("paths", nargs="+", metavar="PATH", help="spec files, directories or glob patterns")
-    c.add_argument("--format", choices=["human", "json"], default="human")
+    c.add_argument("--format", choices=["human", "json", "github", "sarif"], default="human",
+                   help="human (default: source line and caret, on stderr), json (a list of diagnostics), "
+                        "github (GitHub Actions annotations), sarif (SARIF 2.1.0 for code scanning)")
+    c.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1 on any)")
+    c.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour the human format: auto (default) when stderr is a terminal and NO_COLOR is unset")
     override_options(c)
+    add_fmt_verbs(verb, sub)
+    add_diff_verbs(verb, sub)
 
     i = verb("info", "Parameters, FLOPs per token and a per-block breakdown of a spec.", "spec_commands:cmd_info")
     i.add_argument("spec")

@@ -9,11 +9,14 @@ import sys
 from .usage import UsageError, cli_overrides
 
 
-def _expand(paths: list[str]) -> list[str]:
+def expand_spec_paths(paths: list[str]) -> list[str]:
     files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(glob.glob(os.path.join(p, "**", "*.arch"), recursive=True))
+            found = sorted(glob.glob(os.path.join(p, "**", "*.arch"), recursive=True))
+            if not found:  # in CI, a wrong directory must not pass as "checked 0 files: ok"
+                raise UsageError(f"no .arch files in {p}")
+            files += found
         elif any(ch in p for ch in "*?["):
             matched = sorted(glob.glob(p, recursive=True))
             if not matched:
@@ -24,23 +27,41 @@ def _expand(paths: list[str]) -> list[str]:
     return files
 
 
+def _use_colour(choice: str, stream) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    # https://no-color.org: any non-empty NO_COLOR turns colour off
+    return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
 def cmd_check(args) -> int:
     from lmspec.compiler import check_file
+    from lmspec.dsl import diagnostic_formats
     overrides = cli_overrides(args.set)
-    files = _expand(args.paths)
-    found = []
+    files = expand_spec_paths(args.paths)
+    diagnostics, sources = [], {}
     for path in files:
-        diagnostics, sources = check_file(path, overrides)
-        found.append((diagnostics, sources))
-    errors = sum(len(d) for d, _ in found)
+        found, read = check_file(path, overrides)
+        diagnostics += found
+        sources |= read
+    if args.strict:
+        for d in diagnostics:
+            d.severity = "error"
+    errors = sum(d.severity == "error" for d in diagnostics)
+    warnings = len(diagnostics) - errors
     if args.format == "json":
-        print(json.dumps([d.to_dict() for ds, _ in found for d in ds], indent=2))
+        print(diagnostic_formats.to_json(diagnostics))
+    elif args.format == "github":
+        if diagnostics:
+            print(diagnostic_formats.to_github(diagnostics))
+    elif args.format == "sarif":
+        print(diagnostic_formats.to_sarif(diagnostics))
     else:
-        for diagnostics, sources in found:
-            for d in diagnostics:
-                print(d.render(sources), file=sys.stderr)
-        status = "ok" if not errors else f"{errors} error{'s' * (errors != 1)}"
-        print(f"checked {len(files)} file{'s' * (len(files) != 1)}: {status}")
+        colour = _use_colour(args.color, sys.stderr)
+        for d in diagnostics:
+            print(d.render(sources, colour=colour), file=sys.stderr)
+        counts = [f"{n} {word}{'s' * (n != 1)}" for n, word in ((errors, "error"), (warnings, "warning")) if n]
+        print(f"checked {len(files)} file{'s' * (len(files) != 1)}: {', '.join(counts) or 'ok'}")
     return 1 if errors else 0
 
 

@@ -85,3 +85,10 @@ def test_comparisons_logic_and_conditionals():
 def test_dim_bound_is_not_a_comparison():
     m = parse("model m { input t: i64[b, s <= 8] }")
     assert isinstance(m.models[0].body[0].type.dims[1], ast.BoundedDim)
+
+
+def test_less_or_equal_is_a_comparison_in_expressions_and_a_bound_in_dims():
+    m = parse("model m {\n  c = a <= b\n  input t: i64[n <= 8]\n}\n", "t.arch")
+    c, inp = m.models[0].body
+    assert isinstance(c.value, ast.BinOp) and c.value.op == "<="
+    assert isinstance(inp.type.dims[0], ast.BoundedDim)
