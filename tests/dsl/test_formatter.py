@@ -282,6 +282,12 @@ def test_cli_check_writes_nothing_and_fails_on_unformatted_files(files):
     assert fmt("--check", "sub/clean.arch", cwd=files).returncode == 0
 
 
+def test_every_shipped_spec_is_formatted():
+    out = fmt("--check", "specs/", cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == f"{len(SPECS)} files would be left unchanged"
+
+
 def test_cli_diff_prints_a_unified_diff_and_writes_nothing(files):
     out = fmt("--diff", "messy.arch", "sub/clean.arch", cwd=files)
     assert out.returncode == 1
