@@ -31,7 +31,9 @@ EXAMPLES = {
     "info": """examples:
   lmspec info specs/gpt2.arch
   lmspec info specs/gpt2.arch --set layers=4 --set dim=256 --seq 512
-  lmspec info specs/gpt2.arch --graph gpt2.svg""",
+  lmspec info specs/gpt2.arch --graph gpt2.svg
+  lmspec info specs/llama3.2-1b.arch --tp 8           # how each parameter splits over 8 ranks
+  lmspec info specs/llama3.1-8b.arch --pp 4 --seq 4096  # the 4 pipeline stages and their balance""",
     "plan": """examples:
   lmspec plan specs/llama3.1-8b.arch --gpus 8 --gpu-memory 80GB --seq 4096 --precision bf16
   lmspec plan specs/llama3.1-70b.arch --gpus 64 --gpu-memory 80GB --tokens 15T --precision bf16 --strategy fsdp
@@ -42,7 +44,8 @@ EXAMPLES = {
   lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
   lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
   lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
-  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/""",
+  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/
+  torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/""",
     "data prepare": """examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
@@ -124,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seq", type=int, help="sequence length for FLOP counts (default: the context)")
     i.add_argument("--graph", metavar="FILE", help="also draw the graph to FILE (.dot, .svg, .png, .pdf)")
     i.add_argument("--format", choices=["human", "json"], default="human")
+    i.add_argument("--tp", type=int, metavar="N", help="also print how tensor parallelism over N ranks splits "
+                   "every parameter (refused, located, when heads or sizes do not divide)")
+    i.add_argument("--pp", type=int, metavar="N", help="also print the N pipeline stages the model is cut into, "
+                   "balanced by FLOPs and memory (at --seq)")
     override_options(i)
 
     pl = verb("plan", "What training a spec needs: parameters, FLOPs, compute, time, and memory per GPU "
@@ -137,6 +144,17 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--seq", type=int, help="training sequence length (default: the context, at most 4096)")
     pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass (default: 1)")
     pl.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both")
+    pl.add_argument("--global-batch", type=int,
+                    help="sequences per optimizer step for the 3-D layouts (default: 8 x --gpus x --micro-batch)")
+    pl.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b", help="pipeline schedule (default: 1f1b)")
+    pl.add_argument("--sequence-parallel", action="store_true",
+                    help="tensor-parallel layouts also split the activations at block boundaries")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; tp stays within one (default: 8)")
+    pl.add_argument("--nvlink-bandwidth", default="450GB/s",
+                    help="per GPU per direction within a node (default: 450GB/s, H100 SXM NVLink)")
+    pl.add_argument("--network-bandwidth", default="50GB/s",
+                    help="per GPU between nodes (default: 50GB/s, one 400 Gb/s InfiniBand NIC per GPU)")
+    pl.add_argument("--layouts", type=int, default=8, help="fitting layouts to list (default: 8; 0: none)")
     pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="fp32, or bf16/fp16 autocast (fp32 master weights and gradients)")
     pl.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
@@ -178,6 +196,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp replicates the model on every rank, fsdp (FSDP2) shards weights, "
                         "gradients and optimizer state per block (default: ddp, or the resumed run's)")
+    t.add_argument("--tp", type=int, metavar="N",
+                   help="under torchrun with N ranks: tensor parallel, each layer split over the N ranks "
+                        "(Megatron-style, DTensor; the split comes from the graph: `lmspec info --tp N` shows it)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

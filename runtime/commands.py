@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lmspec.compiler import load_spec
+from lmspec.dsl.diagnostics import SpecError
 from lmspec.compiler.lower import lower
 from lmspec.compiler.graph import ModelGraph
 from lmspec.compiler.rewrites import graph_from_record
@@ -48,13 +49,13 @@ def _build_for_tokenizer(spec: str, overrides: dict, model: str | None, tokenize
     return graph, overrides
 
 
-def _shard_data(path: str):
+def _shard_data(path: str, replicas=None):
     """Token shards written by `lmspec data tokenize` (memory-mapped), or None for plain text.
-    Under torchrun each rank reads its own windows."""
+    Under torchrun each data-parallel replica reads its own windows."""
     from .shards import META_FILE, ShardData
     if not (Path(path) / META_FILE).is_file():
         return None
-    return ShardData(path, rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    return ShardData(path, rank=replicas.rank, world_size=replicas.size) if replicas else ShardData(path)
 
 
 def _run_tokenizer(args, ckpt, shards, text):
@@ -81,11 +82,29 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     world = distributed.world_from_environment()  # torchrun's ranks; a world of one otherwise
+    if (args.tp or 1) > 1:
+        try:  # a spec that cannot split fails here, before any process group exists
+            _check_tensor_parallel(args, world)
+        except (SpecError, UsageError):
+            if world.main:
+                raise
+            return 1  # every rank finds the same mistake: rank 0 alone says it
     distributed.join(world)
     try:
         return _train_in_world(args, world)
     finally:
         distributed.leave(world)
+
+
+def _check_tensor_parallel(args, world) -> None:
+    from lmspec.compiler.tensor_parallel import tensor_parallel_plan
+    if args.tp != world.size:
+        raise UsageError(f"--tp {args.tp} splits each layer over all ranks: run it with exactly {args.tp} "
+                         f"(torchrun --nproc-per-node {args.tp}), not {world.size}")
+    if args.strategy == "fsdp":
+        raise UsageError("--tp does not combine with --strategy fsdp yet")
+    if not args.resume:
+        tensor_parallel_plan(load_spec(args.spec, cli_overrides(args.set), args.model), args.tp)
 
 
 def _train_in_world(args, world) -> int:
@@ -95,6 +114,8 @@ def _train_in_world(args, world) -> int:
     from .train import ConfigError, TrainConfig, TrainingError, train
 
     run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
+    tp = args.tp or 1
+    replicas = world.data_parallel(tp)  # ranks of one tensor-parallel group read the same batches
     try:
         existing = find_checkpoint(run_dir) if run_dir.exists() else None
         if args.resume and existing is None:
@@ -102,7 +123,7 @@ def _train_in_world(args, world) -> int:
         if existing is not None and not args.resume:
             raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
         ckpt = load_checkpoint(run_dir) if args.resume else None
-        shards = _shard_data(args.data) if args.data else None
+        shards = _shard_data(args.data, replicas) if args.data else None
         text = None if shards else (read_text_data(args.data) if args.data else default_corpus_text())
         tokenizer = _run_tokenizer(args, ckpt, shards, text)
         if ckpt is not None:
@@ -134,23 +155,29 @@ def _train_in_world(args, world) -> int:
         seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:
             raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}")
-        data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long), rank=world.rank,
-                                   world_size=world.size)
+        data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long), rank=replicas.rank,
+                                   world_size=replicas.size)
         data.check_seq(seq)
         model = lower(graph, seed=cfg.seed)
+        plan = None
+        if tp > 1:
+            from lmspec.compiler.tensor_parallel import tensor_parallel_plan
+            plan = tensor_parallel_plan(graph, tp)  # the graph as trained: its vocab may follow the tokenizer
         if world.main:
-            ranks = f" on {world.size} ranks ({cfg.strategy.upper()})" if world.size > 1 else ""
+            layout = f"TP {tp}" if tp > 1 else cfg.strategy.upper()
+            ranks = f" on {world.size} ranks ({layout})" if world.size > 1 else ""
             print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}")
         summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
-                        resume=args.resume, progress=not args.no_progress, world=world)
+                        resume=args.resume, progress=not args.no_progress, world=world,
+                        tensor_parallel_plan=plan)
     except (*USER_ERRORS, ConfigError, TrainingError) as err:
         return _fail("train", err)
     if not world.main:
         return 0
     print(_summary_line(summary))
     if args.sample_tokens > 0:
-        if world.size > 1 and cfg.strategy == "fsdp":  # rank 0 holds only its shards: sample the saved whole
+        if world.size > 1 and (cfg.strategy == "fsdp" or tp > 1):  # rank 0 holds only its shards: sample the saved whole
             model = lower(graph)
             load_checkpoint(summary["checkpoint"]).load_model(model)
         prompt = encode_prompt(tokenizer, "")

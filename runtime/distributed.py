@@ -21,6 +21,11 @@ class World:
         """Rank 0: the one that prints, logs and writes checkpoints."""
         return self.rank == 0
 
+    def data_parallel(self, tensor_parallel: int = 1) -> World:
+        """The world of data-parallel replicas when each replica is `tensor_parallel` consecutive
+        ranks: every rank of a replica draws the same batches."""
+        return World(self.rank // tensor_parallel, self.size // tensor_parallel)
+
 
 def world_from_environment() -> World:
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))

@@ -6,6 +6,8 @@ import json
 import math
 import textwrap
 
+from lmspec.compiler.plan import parse_bytes
+
 from .usage import UsageError, cli_overrides
 
 
@@ -23,7 +25,8 @@ def _quantity(parse, text: str | None, option: str):
 
 def cmd_plan(args) -> int:
     from lmspec.compiler import load_spec
-    from lmspec.compiler.plan import (STRATEGIES, make_plan, parse_bytes, parse_count, parse_flops)
+    from lmspec.compiler.plan import (GPUS_PER_NODE, NETWORK_BANDWIDTH, NVLINK_BANDWIDTH, STRATEGIES, make_plan,
+                                      parse_count, parse_flops)
     if args.gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
     if args.micro_batch < 1:
@@ -43,11 +46,39 @@ def cmd_plan(args) -> int:
     seq = args.seq or min(context or 4096, 4096)
     strategies = STRATEGIES if args.strategy == "both" else (args.strategy,)
     ckpt = (False, True) if args.activation_checkpointing is None else (args.activation_checkpointing,)
+    # the 3-D layouts' options (read with getattr: runtime/cli.py may not declare them)
+    global_batch = getattr(args, "global_batch", None)
+    if global_batch is not None and global_batch < 1:
+        raise UsageError(f"--global-batch must be at least 1, got {global_batch}")
+    per_node = getattr(args, "gpus_per_node", None)
+    per_node = GPUS_PER_NODE if per_node is None else per_node
+    if per_node < 1:
+        raise UsageError(f"--gpus-per-node must be at least 1, got {per_node}")
+    shown = getattr(args, "layouts", None)
+    shown = 8 if shown is None else shown
+    if shown < 0:
+        raise UsageError(f"--layouts must be 0 or more, got {shown}")
+    nvlink = _quantity(_bandwidth, getattr(args, "nvlink_bandwidth", None), "--nvlink-bandwidth")
+    network = _quantity(_bandwidth, getattr(args, "network_bandwidth", None), "--network-bandwidth")
     plan = make_plan(graph, gpus=args.gpus, gpu_memory=gpu_memory, seq=seq, micro_batch=args.micro_batch,
                      precision=args.precision, tokens=tokens, compute=compute, mfu=args.mfu,
-                     gpu_flops=gpu_flops, strategies=strategies, checkpointing=ckpt)
-    print(json.dumps(to_json(plan), indent=2) if args.format == "json" else render(plan))
+                     gpu_flops=gpu_flops, strategies=strategies, checkpointing=ckpt, global_batch=global_batch,
+                     schedule=getattr(args, "schedule", None) or "1f1b",
+                     sequence_parallel=bool(getattr(args, "sequence_parallel", False)), gpus_per_node=per_node,
+                     nvlink_bandwidth=nvlink or NVLINK_BANDWIDTH, network_bandwidth=network or NETWORK_BANDWIDTH)
+    if args.format == "json":
+        print(json.dumps(to_json(plan), indent=2))
+    else:
+        print(render(plan))
+        if plan.gpus > 1 and shown:
+            print("\n" + render_layouts(plan, shown))
     return 0
+
+
+def _bandwidth(text: str) -> float:
+    """'450GB/s', '50GB/s', '50GB' (bytes per second, per GPU, one direction)."""
+    text = text.strip()
+    return parse_bytes(text[:-2] if text.lower().endswith("/s") else text)
 
 
 def to_json(plan) -> dict:
@@ -71,6 +102,31 @@ def to_json(plan) -> dict:
             "logits": a.logits, "loss": a.loss_kept + a.loss_grads},
         "min_fsdp_gpus": {"without_checkpointing": plan.min_fsdp_gpus[False],
                           "with_checkpointing": plan.min_fsdp_gpus[True]},
+        "layouts": _layouts_json(plan),
+    }
+
+
+def _layout_json(x, gpu_memory: float) -> dict:
+    return {"dp": x.dp, "tp": x.tp, "pp": x.pp, "data_parallel": x.strategy,
+            "activation_checkpointing": x.checkpointing, "sequence_parallel": x.sequence_parallel,
+            "micro_batches": x.micro_batches, "worst_stage": x.stage,
+            "memory_bytes_per_gpu": {"weights": x.weights, "gradients": x.gradients, "optimizer": x.optimizer,
+                                     "activations": x.activations, "total": x.total},
+            "fits": x.fits(gpu_memory), "comm_bytes_per_gpu_per_step": dict(x.comm), "links": dict(x.links),
+            "bubble": x.bubble, "compute_seconds": x.compute_s, "exposed_seconds": dict(x.times),
+            "step_seconds": x.step_s}
+
+
+def _layouts_json(plan) -> dict:
+    grid = plan.grid
+    return {
+        "assumptions": {"global_batch": grid.global_batch, "schedule": grid.schedule,
+                        "gpus_per_node": grid.gpus_per_node, "max_tp": grid.max_tp,
+                        "nvlink_bandwidth": grid.nvlink_bandwidth, "network_bandwidth": grid.network_bandwidth,
+                        "mfu": plan.mfu, "gpu_flops": plan.gpu_flops, "tp_divides": grid.tp_limits},
+        "all": [_layout_json(x, plan.gpu_memory) for x in grid.layouts],  # fastest first
+        "fewest_gpus_that_fit": None if plan.grid_more is None else {
+            "gpus": plan.grid_more[0], "fastest": _layout_json(plan.grid_more[1], plan.gpu_memory)},
     }
 
 
@@ -152,3 +208,75 @@ def render(plan) -> str:
 
 def _precision(precision: str) -> str:
     return "fp32" if precision == "fp32" else f"{precision} autocast"
+
+
+def _layout_row(x, gpu_memory: float, tokens: float, scale: float) -> str:
+    comm = "".join(f"{x.comm[k] / scale:>8,.0f}" for k in ("dp", "tp", "pp"))
+    data = x.strategy + ("+sp" if x.sequence_parallel else "")
+    step = f"{x.step_s:,.2f} s" if x.step_s >= 0.1 else f"{x.step_s * 1e3:.3g} ms"
+    return (f"  {x.dp:>3}{x.tp:>4}{x.pp:>4}  {data:<9}{'per block' if x.checkpointing else 'no':<11}"
+            f"{x.micro_batches:>5}{x.total / scale:>9,.1f}  {x.fits(gpu_memory):<6}{comm}"
+            f"{x.bubble:>8.1%}{step:>11}{_si(tokens / x.step_s):>11}")
+
+
+_FITS = {"yes": "fits", "tight": "tight: within 100%, not 90%", "no": "does not fit"}
+
+
+def render_layouts(plan, shown: int = 8) -> str:
+    """The 3-D layouts section: the fastest that fit, the fastest that do not, and the assumptions."""
+    grid, mem = plan.grid, plan.gpu_memory
+    tokens = grid.global_batch * plan.seq
+    unit, scale = ("GB", 1e9) if max((x.total for x in grid.layouts), default=0) >= 1e9 else ("MB", 1e6)
+    fit = [x for x in grid.layouts if x.fits(mem) == "yes"]
+    unfit = [x for x in grid.layouts if x.fits(mem) != "yes"]
+    out = [f"layouts on {plan.gpus} GPUs ({grid.gpus_per_node} per node), data x tensor x pipeline parallel, "
+           f"fastest first:",
+           f"  global batch {grid.global_batch} x {plan.seq} tokens per step, "
+           f"{'1F1B' if grid.schedule == '1f1b' else 'GPipe'} schedule, {_precision(plan.precision)}, AdamW",
+           f"  {'dp':>3}{'tp':>4}{'pp':>4}  {'data':<9}{'checkpoint':<11}{'micro':>5}{unit + '/GPU':>9}  {'fits':<6}"
+           f"{'sent ' + unit + '/step per GPU':>24}{'bubble':>8}{'step':>11}{'tokens/s':>11}",
+           f"  {'':>11}  {'':<9}{'':<11}{'batches':>5}{'':>9}  {'':<6}{'dp':>8}{'tp':>8}{'pp':>8}"]
+    if fit:
+        out += [_layout_row(x, mem, tokens, scale) for x in fit[:shown]]
+        if len(fit) > shown:
+            out.append(f"  ... and {len(fit) - shown} more that fit (--format json lists them all)")
+    else:
+        out.append(f"  none fits in {_si(plan.gpu_memory, 'B')}")
+    if unfit:
+        out += ["  the fastest that do not fit:"] + [_layout_row(x, mem, tokens, scale) for x in unfit[:3]]
+    notes = []
+    ckpt = max((x.checkpointing for x in grid.layouts), default=False)  # with checkpointing where shown
+    pure = {x.strategy: x for x in grid.layouts if x.tp == x.pp == 1 and x.checkpointing == ckpt}
+    if pure:
+        said = ", ".join(f"{k} {v.total / scale:,.1f} {unit} ({_FITS[v.fits(mem)]})"
+                         for k, v in sorted(pure.items()))
+        notes.append(f"pure data parallel (dp={plan.gpus}, {'with' if ckpt else 'without'} checkpointing): {said}.")
+    if not fit:
+        per_gpu = 16 * plan.parameters / plan.gpus
+        more = plan.grid_more
+        notes.append(f"nothing fits on {plan.gpus} GPUs: the fp32 weights and gradients and the two AdamW "
+                     f"moments alone are 16 bytes x {_count(plan.parameters)} parameters = "
+                     f"{16 * plan.parameters / 1e9:,.0f} GB, {per_gpu / 1e9:,.1f} GB per GPU however they are split."
+                     + (f" The fewest GPUs (doubling) on which a layout fits: {more[0]}; the fastest there is "
+                        f"dp={more[1].dp} tp={more[1].tp} pp={more[1].pp} {more[1].strategy}"
+                        f"{' with' if more[1].checkpointing else ' without'} checkpointing, "
+                        f"{more[1].total / 1e9:,.1f} GB per GPU, {more[1].step_s:,.1f} s per step "
+                        f"(--gpus {more[0]})." if more else ""))
+    lim = grid.tp_limits
+    need = [f"{', '.join(map(str, lim[k]))} {label}" for k, label in
+            (("heads", "heads"), ("kv_heads", "kv heads"), ("hidden", "MLP hidden")) if lim[k]]
+    notes.append(f"tp (Megatron: q/k/v and MLP up/gate column-parallel, out and down row-parallel, embedding "
+                 f"and head vocab-parallel, norms replicated) divides {' and '.join(need) or 'the GPUs'}, is a "
+                 f"power of 2 and at most {grid.max_tp} (one node); pp splits the blocks into contiguous stages "
+                 f"(embedding on the first, head on the last) and needs micro-batches >= pp; memory is the "
+                 f"worst GPU's (stage 0 under 1F1B: pp micro-batches in flight).")
+    notes.append(f"step = micro-batches x the slowest stage's time per micro-batch (compute at {plan.mfu:.0%} MFU "
+                 f"of {_si(plan.gpu_flops, 'FLOP/s')}, recompute included, + tp and pp traffic, not overlapped) "
+                 f"x (1 + (pp-1)/micro-batches) + data-parallel traffic not hidden behind compute. "
+                 f"Bandwidth per GPU per direction: tp over NVLink {grid.nvlink_bandwidth / 1e9:,.0f} GB/s; dp and pp "
+                 f"over NVLink within a node, {grid.network_bandwidth / 1e9:,.0f} GB/s between nodes "
+                 f"(--nvlink-bandwidth, --network-bandwidth, --gpus-per-node).")
+    out.append("")
+    for note in notes:
+        out += textwrap.wrap(note, 100, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(out)

@@ -72,6 +72,18 @@ def cmd_info(args) -> int:
     graph = load_spec(args.spec, cli_overrides(args.set), args.model)
     if args.seq is not None and args.seq < 1:
         raise UsageError("--seq must be positive")
+    tensor_plan = None
+    if args.tp is not None:
+        from lmspec.compiler.tensor_parallel import format_tensor_parallel_plan, tensor_parallel_plan
+        if args.tp < 1:
+            raise UsageError("--tp must be positive")
+        tensor_plan = tensor_parallel_plan(graph, args.tp)  # before printing anything: a SpecError is located
+    stages = None
+    if args.pp is not None:
+        from lmspec.compiler.pipeline_stages import format_pipeline_stages, pipeline_stages
+        if args.pp < 1:
+            raise UsageError("--pp must be positive")
+        stages = pipeline_stages(graph, args.pp, args.seq or graph.context)
     seq = args.seq or graph.context
     params = parameter_count(graph)
     fpt = flops_per_token(graph, seq)
@@ -84,7 +96,16 @@ def cmd_info(args) -> int:
             "training_flops_per_token": 3 * fpt, "tied": tied,
             "breakdown": [{"name": g.name, "count": g.count, "parameters": g.params, "forward_flops": g.flops}
                           for g in groups],
-        }, indent=2))
+        } | ({"tensor_parallel": {
+            "tp": tensor_plan.tp, "parameters_per_rank": tensor_plan.per_rank_parameters,
+            "splits": [{"name": p.name, "shape": list(p.shape), "split": p.split, "dim": p.dim,
+                        "local_shape": list(p.local_shape), "tied_to": p.tied_to}
+                       for p in tensor_plan.params.values()],
+        }} if tensor_plan else {}) | ({"pipeline_stages": [{
+            "stage": st.index, "blocks": st.blocks, "holds_embedding": st.holds_embedding, "holds_head": st.holds_head,
+            "parameters": st.parameter_count, "forward_flops_per_token": st.flops_per_token,
+            "memory_bytes": st.memory_bytes,
+        } for st in stages]} if stages else {}), indent=2))
     else:
         print(f"model {graph.name}  ({graph.file})")
         print("  " + "  ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in graph.hyper.items()))
@@ -105,6 +126,12 @@ def cmd_info(args) -> int:
             name = g.name if g.count == 1 else f"{g.name} (x{g.count})"
             per = "each" if g.count > 1 else ""
             print(f"  {name:<24}{g.params:>16,}{g.flops / tokens / 1e6:>20,.2f} {per}")
+    if tensor_plan is not None and args.format != "json":
+        print()
+        print(format_tensor_parallel_plan(tensor_plan))
+    if stages is not None and args.format != "json":
+        print()
+        print(format_pipeline_stages(stages))
     if args.graph:
         from .graph_render import write_graph
         try:

@@ -64,6 +64,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward
     world_size: int = 1  # ranks the run trained on; `batch` is per rank, the global batch batch * world_size
     strategy: str = "ddp"  # with several ranks: ddp (replicated weights) or fsdp (sharded, FSDP2)
+    tensor_parallel: int = 1  # ranks each layer is split over (DTensor); the data-parallel ranks are world / this
 
     PRECISIONS = ("fp32", "bf16", "fp16")
     STRATEGIES = ("ddp", "fsdp")
@@ -160,6 +161,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     world: World = World(),
+    tensor_parallel_plan=None,
 ) -> dict:
     """Train `model` on `data`, writing checkpoints, metrics.jsonl and loss.png under `run_dir`.
 
@@ -171,7 +173,11 @@ def train(
     with cfg.strategy "fsdp" (weights, gradients and optimizer state sharded; see sharding.py): each
     rank takes its slice of every global batch, gradients are averaged across ranks, the logged
     loss is the mean over ranks, and only rank 0 writes metrics and plots. Checkpoints hold the
-    whole model either way, so a run resumes on any number of ranks under either strategy."""
+    whole model either way, so a run resumes on any number of ranks under either strategy.
+
+    With a `tensor_parallel_plan` (compiler/tensor_parallel.py) over every rank of the world, each
+    layer is split across the ranks instead (runtime/tensor_parallel.py); they all train on the same
+    batch, and checkpoints keep the single-process layout."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -181,7 +187,11 @@ def train(
 
     checkpoint: Checkpoint | None = None
     changed_on_resume: dict = {}
-    cfg = dataclasses.replace(cfg, world_size=world.size)
+    tp = tensor_parallel_plan.tp if tensor_parallel_plan is not None else 1
+    if world.size % tp:
+        raise ConfigError(f"tensor parallel over {tp} ranks needs a world whose size divides by it, got {world.size}")
+    replicas = world.data_parallel(tp)  # the ranks that draw different batches
+    cfg = dataclasses.replace(cfg, world_size=replicas.size, tensor_parallel=tp)
     if resume:
         checkpoint = load_checkpoint(run_dir)
         cfg, changed_on_resume = _config_for_resume(cfg, checkpoint)
@@ -206,8 +216,14 @@ def train(
     if checkpoint is not None:
         checkpoint.load_model(model)  # whole, before FSDP shards what is there
     ddp = None
-    sharded = world.size > 1 and cfg.strategy == "fsdp"
-    if sharded:
+    sharded = world.size > 1 and cfg.strategy == "fsdp" and tp == 1
+    if tp > 1:
+        from . import tensor_parallel
+        if replicas.size > 1:
+            raise ConfigError(f"tensor parallel together with data parallel is not supported yet: run "
+                              f"{tp} ranks for --tp {tp}, not {world.size}")
+        tensor_parallel.apply_tensor_parallel(model, tensor_parallel_plan, tensor_parallel.tensor_parallel_mesh(tp))
+    elif sharded:
         from . import sharding
         sharding.shard_model(model, cfg.precision)
     elif world.size > 1:
@@ -223,7 +239,9 @@ def train(
     forward = torch.compile(forward) if cfg.compile else forward
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
-        if sharded:
+        if tp > 1:
+            tensor_parallel.load_tensor_parallel_optimizer(checkpoint, optimizer, model, tensor_parallel_plan)
+        elif sharded:
             sharding.load_optimizer(checkpoint, optimizer, model)
         else:
             checkpoint.load_optimizer(optimizer, model)
@@ -240,10 +258,10 @@ def train(
 
     # The windows of the global batch, each rank evaluating its slice: the mean over ranks is the
     # validation loss one process computes with the same global batch.
-    mine = slice(world.rank * cfg.batch, (world.rank + 1) * cfg.batch)
-    val_set = [(x[mine], y[mine]) for x, y in data.val_batches(cfg.batch * world.size, cfg.seq, cfg.eval_batches)
+    mine = slice(replicas.rank * cfg.batch, (replicas.rank + 1) * cfg.batch)
+    val_set = [(x[mine], y[mine]) for x, y in data.val_batches(cfg.batch * replicas.size, cfg.seq, cfg.eval_batches)
                ] if cfg.eval_batches else []
-    tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum * world.size
+    tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum * replicas.size
     session_start = time.perf_counter()
     elapsed_before = float(totals.get("elapsed", 0.0))
     last_checkpoint = checkpoint.path if checkpoint is not None else None
@@ -287,7 +305,11 @@ def train(
                 fields = dict(rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
                               metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
                               spec=spec, keep=cfg.keep)
-                if sharded:  # every rank takes part: each writes its optimizer shards
+                if tp > 1:  # every rank takes part in gathering the whole weights; rank 0 writes
+                    last_checkpoint = tensor_parallel.save_tensor_parallel_checkpoint(
+                        world, run_dir, step=step, model=model, optimizer=optimizer, plan=tensor_parallel_plan,
+                        **fields)
+                elif sharded:  # every rank takes part: each writes its optimizer shards
                     last_checkpoint = sharding.save_sharded_checkpoint(world, run_dir, step=step, model=model,
                                                                        optimizer=optimizer, **fields)
                 elif world.main:

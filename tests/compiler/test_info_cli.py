@@ -68,3 +68,32 @@ def test_output_cut_short_by_a_closed_pipe_is_no_error():
     proc.stdout.close()
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 0 and "error" not in stderr, stderr
+
+
+def test_info_prints_the_tensor_parallel_split():
+    out = info("specs/llama3.2-1b.arch", "--tp", "8")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith(("block.", "embed."))}
+    # 32 query heads and 8 kv heads of 64 over 8 ranks: (4 + 2 * 1) * 64 rows of q|k|v on each
+    assert "[3072, 2048]" in rows["block.{0-15}.attn.qkv.weight"] and "[384, 2048]" in rows["block.{0-15}.attn.qkv.weight"]
+    assert "[2048, 1024]" in rows["block.{0-15}.mlp.proj.weight"]  # the 8192 hidden, by row
+    assert "[16032, 2048]" in rows["embed.weight"]  # 128256 / 8 vocab rows
+    data = json.loads(info("specs/llama3.2-1b.arch", "--tp", "8", "--format", "json").stdout)["tensor_parallel"]
+    per_layer = 3072 * 2048 // 8 + 2048 * 2048 // 8 + 16384 * 2048 // 8 + 2048 * 8192 // 8 + 2 * 2048
+    assert data["parameters_per_rank"] == 128256 * 2048 // 8 + 16 * per_layer + 2048
+
+
+def test_info_refuses_a_split_that_does_not_divide_at_the_op():
+    out = info("specs/gpt2.arch", "--tp", "5")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "specs/gpt2.arch:11:21: error: attention: 12 heads do not divide over tensor-parallel size 5" in out.stderr
+
+
+def test_info_prints_pipeline_stages_covering_every_block():
+    data = json.loads(info("specs/llama3.1-8b.arch", "--pp", "4", "--seq", "4096", "--format", "json").stdout)
+    stages = data["pipeline_stages"]
+    assert [b for s in stages for b in s["blocks"]] == [f"block.{i}" for i in range(32)]
+    assert stages[0]["holds_embedding"] and stages[-1]["holds_head"]
+    assert sum(s["parameters"] for s in stages) == data["parameters"]
+    out = info("specs/tiny.arch", "--pp", "5")
+    assert out.returncode == 1 and "specs/tiny.arch:9:3: error: --pp 5 needs at least 5 repeated layers" in out.stderr

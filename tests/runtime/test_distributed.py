@@ -195,3 +195,50 @@ def test_a_corrupt_optimizer_shard_is_a_located_error(fsdp_ranks, tmp_path):
     out = lmspec("train", *COMMON, "--steps", "12", "--out", str(copy), "--resume")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "optimizer.dcp: corrupt or incomplete" in out.stderr
+
+
+# ---- tensor parallel (--tp): each layer split over the ranks, every rank on the same batch --------
+
+@pytest.fixture(scope="module")
+def tp_ranks(tmp_path_factory):
+    run = tmp_path_factory.mktemp("tp") / "run"
+    out = torchrun("train", *COMMON, "--tp", "2", "--steps", "8", "--batch", "4", "--grad-accum", "2", "--out", run)
+    assert out.returncode == 0, out.stderr
+    return run, out
+
+
+def test_tensor_parallel_equals_one_process(tp_ranks, one_process):
+    run, out = tp_ranks
+    assert "on 2 ranks (TP 2)" in out.stdout and out.stdout.count("done: step 8") == 1
+    assert close(losses(run), losses(one_process)) and close(val_losses(run), val_losses(one_process))
+    wa, wb = weights(run, 8), weights(one_process, 8)
+    assert wa.keys() == wb.keys()  # the single-process layout: whole, unpermuted, the tied head once
+    assert all(wa[k].shape == wb[k].shape and torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    meta = json.loads((run / "checkpoints" / "step_000008" / "meta.json").read_text())
+    assert meta["train_config"]["tensor_parallel"] == 2 and meta["train_config"]["world_size"] == 1
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_tensor_parallel_checkpoint_resumes_on_one_rank_and_on_two(tp_ranks, tmp_path, ranks):
+    import shutil
+    run, _ = tp_ranks
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    args = ["train", *COMMON, "--out", str(copy), "--resume"]
+    out = lmspec(*args) if ranks == 1 else torchrun(*args, "--tp", "2")
+    assert out.returncode == 0, out.stderr
+    assert close(losses(copy), losses(run)) and close(val_losses(copy), val_losses(run))
+    wa, wb = weights(copy, 8), weights(run, 8)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_heads_that_do_not_split_are_refused_before_any_process_group(tmp_path):
+    out = torchrun("train", *COMMON, "--set", "heads=1", "--tp", "2", "--steps", "2", "--out", tmp_path / "run",
+                   env={**os.environ, "LMSPEC_DIST_TIMEOUT": "20"})
+    assert out.returncode != 0
+    assert out.stderr.count("1 heads do not divide over tensor-parallel size 2") == 1  # said once, by rank 0
+    assert "specs/tiny.arch:10:" in out.stderr and not (tmp_path / "run").exists()
+    assert "runtime/commands.py" not in out.stderr  # torchrun reports the failed ranks; no lmspec traceback
+    wrong = lmspec("train", *COMMON, "--tp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
+    assert wrong.returncode == 2 and "--tp 2 splits each layer over all ranks" in wrong.stderr

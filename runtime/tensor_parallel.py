@@ -1,0 +1,343 @@
+"""Tensor parallelism for lowered models, with PyTorch's DTensor API, following the graph's plan.
+
+compiler/tensor_parallel.py decides, from the ModelGraph, how each parameter splits; this module
+applies that plan to a lowered model in place with `parallelize_module` (ColwiseParallel,
+RowwiseParallel, SequenceParallel) and Replicate DTensor parameters (replicated modules). Every parameter
+becomes a DTensor on the 1-D "tp" mesh, so the optimizer, `clip_grad_norm_` and the state dicts see
+one kind of tensor. No collective is written by hand: DTensor inserts them (the all-reduce after a
+row-parallel layer, the all-reduce of the input gradient before a column-parallel one).
+
+Per attention op: qkv column-parallel (ColwiseParallel: weight and bias Shard(0)), proj row-parallel
+(RowwiseParallel: weight Shard(1), bias Replicate, output all-reduced), q_norm/k_norm
+SequenceParallel over the heads dim (each rank normalises its own heads; the weight's gradient is
+summed over ranks). The module is told its local head counts (`heads`, `kv_heads` attributes, which
+Attention.forward already reads), so it runs unchanged on its heads. Per MLP: fc column-, proj
+row-parallel. Embedding: vocab-parallel (RowwiseParallel on nn.Embedding: rows Shard(0), masked
+lookup, output all-reduced). Output head over the vocab: ColwiseParallel with its output gathered
+(Replicate): the logits are whole on every rank, so the loss is the ordinary cross-entropy (simple;
+loss_parallel would save the vocab all-gather). A tied head keeps one DTensor parameter with the
+embedding (both are Shard(0) of [vocab, dim]). Everything else (norms, position tables, plain
+linears, MoE) is replicated: Replicate DTensor parameters whose module runs on their local values
+(swapped in for the call), so any op code works and every rank computes the same gradients.
+
+Fused layouts. A fused tensor's rows are sections ([q heads | k heads | v heads] of qkv, [gate | up]
+of a gated MLP's fc); a contiguous Shard(0) of the canonical layout would give rank 0 all of q and
+part of k. Before distributing, the rows are permuted (compiler.tensor_parallel.fused_row_order) so
+that rank r's contiguous chunk is [q_r | k_r | v_r] (or [gate_r | up_r]); then Shard(0) is exactly
+Megatron's split, and the op module's own `split` / `chunk` of its local output is right. The
+permutation is an implementation detail of the running model: `full_state_dict` gathers and
+un-permutes, `load_full_state_dict` permutes and scatters, so checkpoints (model.safetensors and the
+by-name optimizer state) keep the single-process layout and names, and resume on any tp or none.
+
+Data: every rank of a tp group must see the same batch (tp is not data parallelism); dropout masks
+in replicated regions agree because every rank seeds alike (attention-probability dropout on a
+rank's heads does not match one process's draw, only its distribution).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from lmspec.compiler.tensor_parallel import (
+    ATTENTION,
+    EMBEDDING,
+    HEAD,
+    MLP,
+    TensorParallelPlan,
+    fused_row_order,
+    inverse_order,
+)
+
+from .checkpoint import (
+    CHECKPOINTS_DIR,
+    OPTIMIZER_FILE,
+    TMP_PREFIX,
+    Checkpoint,
+    CheckpointError,
+    _save_tensors,
+    read_optimizer_by_name,
+    remove_stale_temporaries,
+    save_checkpoint,
+    step_dir_name,
+)
+from .distributed import World, barrier
+
+MESH_DIM = "tp"
+
+
+def tensor_parallel_mesh(tp: int, device_type: str | None = None) -> DeviceMesh:
+    """The 1-D mesh of `tp` ranks (the whole world: every rank is in the one tp group). The process
+    group must exist already (distributed.join)."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    return init_device_mesh(device_type, (tp,), mesh_dim_names=(MESH_DIM,))
+
+
+def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh: DeviceMesh) -> fx.GraphModule:
+    """Parallelize a lowered model in place, as `plan` says; returns it. Call it on a model whose
+    (canonical) weights are in place and identical on every rank (same seed, or a loaded checkpoint),
+    before the optimizer is created."""
+    if mesh.size() != plan.tp:
+        raise ValueError(f"the plan is for {plan.tp} ranks but the mesh has {mesh.size()}")
+    missing = [m for m in plan.modules if not _has_module(model, m)]
+    if missing:
+        raise ValueError(f"the plan names modules the model lacks: {', '.join(missing[:3])}")
+    with torch.no_grad():  # fused tensors: each rank's contiguous chunk becomes [q_r|k_r|v_r] / [gate_r|up_r]
+        for name, split in plan.params.items():
+            if split.tied_to is None and len(split.sections) > 1:
+                p = model.get_parameter(name)
+                p.copy_(p[_order(split, plan.tp, p.device)])
+    for path, rule in plan.modules.items():
+        module = model.get_submodule(path)
+        if rule.kind == ATTENTION:
+            styles = {"qkv": ColwiseParallel(), "proj": RowwiseParallel()}
+            for norm in ("q_norm", "k_norm"):  # [batch, seq, heads, head_dim]: each rank its heads
+                if hasattr(module, norm):
+                    styles[norm] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            parallelize_module(module, mesh, styles)
+            module.heads, module.kv_heads = rule.heads, rule.kv_heads
+        elif rule.kind == MLP:
+            parallelize_module(module, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel()})
+        elif rule.kind == EMBEDDING:
+            parallelize_module(module, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+        elif rule.kind == HEAD:
+            parallelize_module(module, mesh, ColwiseParallel(output_layouts=Replicate()))
+        else:
+            _replicate(module, mesh)
+    # parallelize_module gives each module a new Parameter: tie the aliases to their owner again
+    for name, split in plan.params.items():
+        if split.tied_to is not None:
+            *parents, leaf = name.split(".")
+            setattr(model.get_submodule(".".join(parents)), leaf, model.get_parameter(split.tied_to))
+    model.tensor_parallel = plan
+    return model
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _order(split, tp: int, device) -> torch.Tensor:
+    return torch.tensor(fused_row_order(split.shape[split.dim], split.sections, tp), device=device)
+
+
+def _inverse(split, tp: int, device) -> torch.Tensor:
+    return torch.tensor(inverse_order(fused_row_order(split.shape[split.dim], split.sections, tp)), device=device)
+
+
+def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Replicate a module's parameters as DTensors, while its forward runs on plain tensors: just
+    before it, each parameter is swapped for its local value (`to_local()`, differentiable: the
+    gradient comes back to the DTensor as Replicate), and put back after. Any op code runs unchanged
+    (MoE routing, hand-written blocks), where DTensor sharding rules might be missing. Correct
+    because a replicated module sees the same inputs and output gradients on every rank."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and not isinstance(p, DTensor):
+                sub.register_parameter(name, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]),
+                                                          requires_grad=p.requires_grad))
+    module.register_forward_pre_hook(_to_local_parameters)
+    module.register_forward_hook(_restore_parameters, always_call=True)
+
+
+def _to_local_parameters(module, args):
+    stash = []
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if isinstance(p, DTensor):
+                stash.append((sub, name, p))
+                sub._parameters[name] = p.to_local()
+    module._tp_stash = stash
+
+
+def _restore_parameters(module, args, output):
+    for sub, name, p in getattr(module, "_tp_stash", ()):
+        sub._parameters[name] = p
+    module._tp_stash = []
+    return output
+
+
+# ------------------------------------------------------------------------------ canonical weights
+
+def _canonical(value: torch.Tensor, split, plan: TensorParallelPlan) -> torch.Tensor:
+    """A parameter-shaped tensor (a weight, a gradient, an optimizer moment) of the running model as
+    one process would hold it: gathered (collective) and un-permuted, on the CPU."""
+    if isinstance(value, DTensor):  # only a parallelized model's tensors are permuted
+        value = value.full_tensor()
+        if split is not None and len(split.sections) > 1:
+            value = value[_inverse(split, plan.tp, value.device)]
+    return value.detach().cpu()
+
+
+def full_state_dict(model: nn.Module, plan: TensorParallelPlan | None = None) -> dict[str, torch.Tensor]:
+    """The single-process state_dict of a tensor-parallel model: the same names (tied ones under each
+    name, as nn.Module.state_dict gives them), whole and in the canonical layout, on the CPU of every
+    rank. Collective: every rank calls it."""
+    plan = plan or model.tensor_parallel
+    seen: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen[id(value)] = _canonical(value, plan.params.get(name), plan).clone()
+        out[name] = seen[id(value)]
+    return out
+
+
+def full_gradients(model: nn.Module, plan: TensorParallelPlan | None = None) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient, whole and canonical, by name (tied ones once). Collective."""
+    plan = plan or model.tensor_parallel
+    return {name: _canonical(p.grad, plan.params.get(name), plan)
+            for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _local_share(full: torch.Tensor, current: torch.Tensor, split, plan: TensorParallelPlan) -> torch.Tensor:
+    """This rank's part of a canonical whole tensor, laid out as `current` (a DTensor or not)."""
+    full = full.to(device=current.device, dtype=current.dtype)
+    if split is not None and len(split.sections) > 1:
+        full = full[_order(split, plan.tp, full.device)]
+    if isinstance(current, DTensor):  # every rank holds `full`: cut locally, no communication
+        return distribute_tensor(full, current.device_mesh, current.placements, src_data_rank=None).to_local()
+    return full
+
+
+def load_full_state_dict(model: nn.Module, plan: TensorParallelPlan | None, state: dict[str, torch.Tensor]) -> None:
+    """Copy canonical whole weights (a single-process state_dict or model.safetensors, where a tied
+    weight may appear under one of its names only) into a tensor-parallel model. Every rank passes
+    the same `state`; no communication."""
+    plan = plan or model.tensor_parallel
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(value), []).append(name)
+        tensors[id(value)] = value
+    unexpected = set(state) - {n for names in aliases.values() for n in names}
+    if unexpected:
+        raise CheckpointError(f"weights for names the model lacks: {', '.join(sorted(unexpected)[:5])}")
+    with torch.no_grad():
+        for key, names in aliases.items():
+            given = next((n for n in names if n in state), None)
+            if given is None:
+                raise CheckpointError(f"no weights for {names[0]}")
+            current = tensors[key]
+            if tuple(state[given].shape) != tuple(current.shape):
+                raise CheckpointError(f"{given}: shape {tuple(state[given].shape)} does not fit {tuple(current.shape)}")
+            local = _local_share(state[given], current, plan.params.get(given), plan)
+            (current.to_local() if isinstance(current, DTensor) else current).copy_(local)
+
+
+# ------------------------------------------------------------------------------ optimizer state
+
+def _names_by_group(optimizer, model) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              plan: TensorParallelPlan | None = None) -> dict:
+    """The optimizer state keyed by parameter name with whole, canonical tensors, in the form
+    checkpoint.read_optimizer_by_name returns ({"state": {name: {...}}, "param_groups": [...]}).
+    Collective."""
+    plan = plan or model.tensor_parallel
+    sd = optimizer.state_dict()
+    groups_names = _names_by_group(optimizer, model)
+    index_to_name, groups = {}, []
+    for saved, names in zip(sd["param_groups"], groups_names):
+        index_to_name.update(zip(saved["params"], names))
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
+    state = {}
+    for index in sorted(sd["state"]):
+        name = index_to_name[index]
+        state[name] = {k: _canonical(v, plan.params.get(name), plan) if isinstance(v, torch.Tensor) and v.dim() else
+                       (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd["state"][index].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   plan: TensorParallelPlan | None, by_name: dict) -> None:
+    """Restore optimizer state saved by name in the canonical layout (by any run: one process, DDP,
+    tensor parallel of any size) into this tensor-parallel run's optimizer. No communication."""
+    plan = plan or model.tensor_parallel
+    current = _names_by_group(optimizer, model)
+    if [list(g["params"]) for g in by_name["param_groups"]] != current:
+        raise CheckpointError("the saved optimizer's parameter groups do not match the model's parameters")
+    index = {n: i for i, n in enumerate(n for names in current for n in names)}
+    params = dict(model.named_parameters())
+    state = {}
+    for name, values in by_name["state"].items():
+        p = params[name]
+        state[index[name]] = {k: _local_share(v, p, plan.params.get(name), plan).to(v.dtype) if
+                              isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) and v.dim()
+                              else v for k, v in values.items()}
+        for k, v in state[index[name]].items():  # moments as DTensors laid out like their parameter
+            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim():
+                state[index[name]][k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+    groups = [g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"the optimizer state does not fit this run: {err}") from None
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: nn.Module,
+                                    optimizer: torch.optim.Optimizer, plan: TensorParallelPlan | None = None,
+                                    **fields) -> Path | None:
+    """A checkpoint of a tensor-parallel run in the single-process layout (model.safetensors with
+    tied weights once, optimizer.safetensors by name); every rank calls it (the gathers are
+    collective), rank 0 writes. `fields` are save_checkpoint's rng, train_config, metrics,
+    tokenizer, spec, keep. Returns the directory on rank 0, None on the others."""
+    from .sharding import kept_names
+    plan = plan or model.tensor_parallel
+    weights = full_state_dict(model, plan)
+    weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights}
+    optim = full_optimizer_state_dict(model, optimizer, plan)
+    path = None
+    if world.main:
+        parent = Path(run_dir) / CHECKPOINTS_DIR
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(parent)
+        staging = parent / f"{TMP_PREFIX}optim-{step_dir_name(step)}-{os.getpid()}"
+        tensors, metadata = _flatten_by_name(optim)
+        _save_tensors(tensors, staging, metadata)
+        path = save_checkpoint(run_dir, step=step, model=None, weights=weights, optimizer=None,
+                               move_in={OPTIMIZER_FILE: staging}, **fields)
+    barrier(world)
+    return path
+
+
+def _flatten_by_name(by_name: dict) -> tuple[dict, dict]:
+    import json
+    tensors, extra = {}, {}
+    for name, values in by_name["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.contiguous()
+            else:
+                extra.setdefault(name, {})[key] = value
+    return tensors, {"param_groups": json.dumps(by_name["param_groups"]), "extra_state": json.dumps(extra)}
+
+
+def load_tensor_parallel_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: nn.Module,
+                                   plan: TensorParallelPlan | None = None) -> None:
+    """Resume the optimizer of a tensor-parallel run from a checkpoint with optimizer.safetensors
+    (one process, DDP, or tensor parallel of any size)."""
+    if not (checkpoint.path / OPTIMIZER_FILE).is_file():
+        raise CheckpointError(f"{checkpoint.path}: no {OPTIMIZER_FILE} (an FSDP checkpoint's sharded optimizer "
+                              f"state cannot resume a tensor-parallel run)")
+    load_full_optimizer_state_dict(model, optimizer, plan, read_optimizer_by_name(checkpoint.path))
