@@ -197,6 +197,29 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
     return tensors, metadata
 
 
+def save_gathered_checkpoint(run_dir: str | os.PathLike, *, step: int, weights: dict[str, torch.Tensor],
+                             optimizer_by_name: dict, **fields) -> Path:
+    """A checkpoint in the single-process layout from state gathered off several ranks (tensor or
+    pipeline parallel): `weights` as model.safetensors holds them (a tied weight once), and the
+    optimizer state keyed by parameter name as read_optimizer_by_name returns it. `fields` are
+    save_checkpoint's rng, train_config, metrics, tokenizer, spec, keep."""
+    parent = Path(run_dir) / CHECKPOINTS_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent)
+    staging = parent / f"{TMP_PREFIX}optim-{step_dir_name(step)}-{os.getpid()}"
+    tensors, extra = {}, {}
+    for name, values in optimizer_by_name["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}.{key}"] = value.detach().contiguous()
+            else:
+                extra.setdefault(name, {})[key] = value
+    metadata = {"param_groups": json.dumps(optimizer_by_name["param_groups"]), "extra_state": json.dumps(extra)}
+    _save_tensors(tensors, staging, metadata)
+    return save_checkpoint(run_dir, step=step, model=None, weights=weights, optimizer=None,
+                           move_in={OPTIMIZER_FILE: staging}, **fields)
+
+
 def read_optimizer_by_name(step_dir: Path) -> dict:
     """optimizer.safetensors as an optimizer state dict keyed by parameter name, the form
     torch.distributed.checkpoint.state_dict uses: {"state": {name: {...}}, "param_groups": [...]}

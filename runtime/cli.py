@@ -45,7 +45,8 @@ EXAMPLES = {
   lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
   lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
   torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/
-  torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/""",
+  torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/
+  torchrun --nproc-per-node 4 -m lmspec.runtime train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16""",
     "data prepare": """examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
@@ -199,6 +200,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--tp", type=int, metavar="N",
                    help="under torchrun with N ranks: tensor parallel, each layer split over the N ranks "
                         "(Megatron-style, DTensor; the split comes from the graph: `lmspec info --tp N` shows it)")
+    t.add_argument("--pp", type=int, metavar="N",
+                   help="under torchrun with N ranks: pipeline parallel, the model cut into N stages at block "
+                        "boundaries (`lmspec info --pp N` shows the cut), run with torch.distributed.pipelining")
+    t.add_argument("--micro-batches", type=int, metavar="M",
+                   help="with --pp: micro-batches each batch is split into (default: one per stage)")
+    t.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], help="with --pp: the pipeline schedule (default: 1f1b)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -82,9 +82,9 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     world = distributed.world_from_environment()  # torchrun's ranks; a world of one otherwise
-    if (args.tp or 1) > 1:
+    if (args.tp or 1) > 1 or (args.pp or 1) > 1:
         try:  # a spec that cannot split fails here, before any process group exists
-            _check_tensor_parallel(args, world)
+            _check_model_parallel(args, world)
         except (SpecError, UsageError):
             if world.main:
                 raise
@@ -96,15 +96,24 @@ def cmd_train(args) -> int:
         distributed.leave(world)
 
 
-def _check_tensor_parallel(args, world) -> None:
+def _check_model_parallel(args, world) -> None:
+    """--tp N or --pp N: the world is exactly the N ranks, and the spec splits that way."""
+    from lmspec.compiler.pipeline_stages import pipeline_stages
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
-    if args.tp != world.size:
-        raise UsageError(f"--tp {args.tp} splits each layer over all ranks: run it with exactly {args.tp} "
-                         f"(torchrun --nproc-per-node {args.tp}), not {world.size}")
+    if (args.tp or 1) > 1 and (args.pp or 1) > 1:
+        raise UsageError("--tp and --pp do not combine yet")
+    flag, n = ("--tp", args.tp) if (args.tp or 1) > 1 else ("--pp", args.pp)
+    if n != world.size:
+        raise UsageError(f"{flag} {n} splits the model over all ranks: run it with exactly {n} "
+                         f"(torchrun --nproc-per-node {n}), not {world.size}")
     if args.strategy == "fsdp":
-        raise UsageError("--tp does not combine with --strategy fsdp yet")
+        raise UsageError(f"{flag} does not combine with --strategy fsdp yet")
     if not args.resume:
-        tensor_parallel_plan(load_spec(args.spec, cli_overrides(args.set), args.model), args.tp)
+        graph = load_spec(args.spec, cli_overrides(args.set), args.model)
+        if flag == "--tp":
+            tensor_parallel_plan(graph, n)
+        else:
+            pipeline_stages(graph, n)
 
 
 def _train_in_world(args, world) -> int:
@@ -114,8 +123,8 @@ def _train_in_world(args, world) -> int:
     from .train import ConfigError, TrainConfig, TrainingError, train
 
     run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
-    tp = args.tp or 1
-    replicas = world.data_parallel(tp)  # ranks of one tensor-parallel group read the same batches
+    tp, pp = args.tp or 1, args.pp or 1
+    replicas = world.data_parallel(tp * pp)  # the ranks of one model-parallel group read the same batches
     try:
         existing = find_checkpoint(run_dir) if run_dir.exists() else None
         if args.resume and existing is None:
@@ -142,7 +151,9 @@ def _train_in_world(args, world) -> int:
                                       activation_checkpointing=args.activation_checkpointing
                                       or saved.activation_checkpointing,
                                       compile=args.compile or saved.compile,
-                                      strategy=args.strategy or saved.strategy)
+                                      strategy=args.strategy or saved.strategy,
+                                      micro_batches=args.micro_batches or saved.micro_batches,
+                                      pipeline_schedule=args.pp_schedule or saved.pipeline_schedule)
         else:
             cfg = TrainConfig(
                 steps=args.steps or 500, batch=args.batch, seq=args.seq, lr=args.lr, min_lr=args.min_lr,
@@ -151,6 +162,7 @@ def _train_in_world(args, world) -> int:
                 eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
                 precision=args.precision, activation_checkpointing=args.activation_checkpointing,
                 compile=args.compile, strategy=args.strategy or "ddp",
+                micro_batches=args.micro_batches or 0, pipeline_schedule=args.pp_schedule or "1f1b",
             )
         seq = cfg.seq or graph.context
         if graph.context is not None and seq > graph.context:
@@ -159,25 +171,28 @@ def _train_in_world(args, world) -> int:
                                    world_size=replicas.size)
         data.check_seq(seq)
         model = lower(graph, seed=cfg.seed)
-        plan = None
+        plan = stages = None
         if tp > 1:
             from lmspec.compiler.tensor_parallel import tensor_parallel_plan
             plan = tensor_parallel_plan(graph, tp)  # the graph as trained: its vocab may follow the tokenizer
+        if pp > 1:
+            from lmspec.compiler.pipeline_stages import pipeline_stages
+            stages = pipeline_stages(graph, pp, seq)
         if world.main:
-            layout = f"TP {tp}" if tp > 1 else cfg.strategy.upper()
+            layout = f"TP {tp}" if tp > 1 else f"PP {pp}" if pp > 1 else cfg.strategy.upper()
             ranks = f" on {world.size} ranks ({layout})" if world.size > 1 else ""
             print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}")
         summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
                         resume=args.resume, progress=not args.no_progress, world=world,
-                        tensor_parallel_plan=plan)
+                        tensor_parallel_plan=plan, pipeline_stages=stages, graph=graph)
     except (*USER_ERRORS, ConfigError, TrainingError) as err:
         return _fail("train", err)
     if not world.main:
         return 0
     print(_summary_line(summary))
     if args.sample_tokens > 0:
-        if world.size > 1 and (cfg.strategy == "fsdp" or tp > 1):  # rank 0 holds only its shards: sample the saved whole
+        if world.size > 1 and (cfg.strategy == "fsdp" or tp * pp > 1):  # rank 0 holds a part: sample the saved whole
             model = lower(graph)
             load_checkpoint(summary["checkpoint"]).load_model(model)
         prompt = encode_prompt(tokenizer, "")

@@ -352,6 +352,48 @@ class Pipeline:
             tensor.copy_(source.to(tensor.device, tensor.dtype))
 
 
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The optimizer state of the whole model keyed by parameter name, in read_optimizer_by_name's
+        form, on rank 0 (None elsewhere); a tied weight's copy is left out: its owner holds the same
+        state. Collective. Every stage's state is pickled to stage 0 whole: fine for the models a
+        CPU test or one node trains; a sharded writer (torch.distributed.checkpoint) is the way past that."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        state = {}
+        for p, values in optimizer.state.items():
+            name = names[id(p)]
+            if name not in self.stage.tied_copies:
+                state[name] = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                               for k, v in values.items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [names[id(p)] for p in g["params"] if names[id(p)] not in self.stage.tied_copies]}
+                  for g in optimizer.param_groups]
+        mine = {"state": state, "param_groups": groups}
+        if len(self.stages) == 1:
+            return mine
+        everyone = [None] * len(self.stages) if self.is_first else None
+        dist.gather_object(mine, everyone, dst=self._rank_of(0), group=self.group)
+        if not self.is_first:
+            return None
+        merged = {"state": {}, "param_groups": [dict(g, params=[]) for g in groups]}
+        for part in everyone:  # in stage order, so the names follow the model's order
+            merged["state"].update(part["state"])
+            for into, g in zip(merged["param_groups"], part["param_groups"]):
+                into["params"] += g["params"]
+        return merged
+
+    @torch.no_grad()
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, by_name: dict) -> None:
+        """Give this rank's optimizer its parameters' state from a whole-model state keyed by name
+        (read_optimizer_by_name); a tied copy takes its owner's state, under whichever of its names
+        the state was saved."""
+        for name, p in self.module.named_parameters():
+            source = next((by_name["state"][a] for a in [name, *self._aliases(name)] if a in by_name["state"]), None)
+            if source is None:
+                raise KeyError(f"the optimizer state holds nothing for {name}")
+            optimizer.state[p] = {k: v.to(p.device).clone() if isinstance(v, torch.Tensor) and v.dim() else
+                                  (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in source.items()}
+
+
 def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage], rank: int, world,
                    n_microbatches: int, schedule: str = "1f1b", loss_fn=None, group=None) -> Pipeline:
     """This rank's stage of `model` (one stage per rank: len(stages) ranks in `group`, default the

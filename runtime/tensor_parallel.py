@@ -35,7 +35,6 @@ rank's heads does not match one process's draw, only its distribution).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -61,16 +60,11 @@ from lmspec.compiler.tensor_parallel import (
 )
 
 from .checkpoint import (
-    CHECKPOINTS_DIR,
     OPTIMIZER_FILE,
-    TMP_PREFIX,
     Checkpoint,
     CheckpointError,
-    _save_tensors,
     read_optimizer_by_name,
-    remove_stale_temporaries,
-    save_checkpoint,
-    step_dir_name,
+    save_gathered_checkpoint,
 )
 from .distributed import World, barrier
 
@@ -309,28 +303,9 @@ def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: 
     optim = full_optimizer_state_dict(model, optimizer, plan)
     path = None
     if world.main:
-        parent = Path(run_dir) / CHECKPOINTS_DIR
-        parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(parent)
-        staging = parent / f"{TMP_PREFIX}optim-{step_dir_name(step)}-{os.getpid()}"
-        tensors, metadata = _flatten_by_name(optim)
-        _save_tensors(tensors, staging, metadata)
-        path = save_checkpoint(run_dir, step=step, model=None, weights=weights, optimizer=None,
-                               move_in={OPTIMIZER_FILE: staging}, **fields)
+        path = save_gathered_checkpoint(run_dir, step=step, weights=weights, optimizer_by_name=optim, **fields)
     barrier(world)
     return path
-
-
-def _flatten_by_name(by_name: dict) -> tuple[dict, dict]:
-    import json
-    tensors, extra = {}, {}
-    for name, values in by_name["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{name}.{key}"] = value.contiguous()
-            else:
-                extra.setdefault(name, {})[key] = value
-    return tensors, {"param_groups": json.dumps(by_name["param_groups"]), "extra_state": json.dumps(extra)}
 
 
 def load_tensor_parallel_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: nn.Module,

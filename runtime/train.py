@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
+                         save_gathered_checkpoint)
 from .data import TokenData
 from .distributed import World
 from .metrics import MetricsLog, plot_loss_curve
@@ -65,6 +66,9 @@ class TrainConfig:
     world_size: int = 1  # ranks the run trained on; `batch` is per rank, the global batch batch * world_size
     strategy: str = "ddp"  # with several ranks: ddp (replicated weights) or fsdp (sharded, FSDP2)
     tensor_parallel: int = 1  # ranks each layer is split over (DTensor); the data-parallel ranks are world / this
+    pipeline_parallel: int = 1  # pipeline stages, one rank each (torch.distributed.pipelining)
+    micro_batches: int = 0  # a pipeline's micro-batches per batch (0: as many as stages)
+    pipeline_schedule: str = "1f1b"  # 1f1b | gpipe
 
     PRECISIONS = ("fp32", "bf16", "fp16")
     STRATEGIES = ("ddp", "fsdp")
@@ -162,6 +166,8 @@ def train(
     progress: bool = True,
     world: World = World(),
     tensor_parallel_plan=None,
+    pipeline_stages=None,
+    graph=None,
 ) -> dict:
     """Train `model` on `data`, writing checkpoints, metrics.jsonl and loss.png under `run_dir`.
 
@@ -176,8 +182,10 @@ def train(
     whole model either way, so a run resumes on any number of ranks under either strategy.
 
     With a `tensor_parallel_plan` (compiler/tensor_parallel.py) over every rank of the world, each
-    layer is split across the ranks instead (runtime/tensor_parallel.py); they all train on the same
-    batch, and checkpoints keep the single-process layout."""
+    layer is split across the ranks instead (runtime/tensor_parallel.py); with `pipeline_stages`
+    (compiler/pipeline_stages.py, one per rank, and the model's `graph`) each rank runs one stage
+    of a pipeline (runtime/pipeline_parallel.py). Either way every rank trains on the same batch, and
+    checkpoints keep the single-process layout."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -188,10 +196,11 @@ def train(
     checkpoint: Checkpoint | None = None
     changed_on_resume: dict = {}
     tp = tensor_parallel_plan.tp if tensor_parallel_plan is not None else 1
-    if world.size % tp:
-        raise ConfigError(f"tensor parallel over {tp} ranks needs a world whose size divides by it, got {world.size}")
-    replicas = world.data_parallel(tp)  # the ranks that draw different batches
-    cfg = dataclasses.replace(cfg, world_size=replicas.size, tensor_parallel=tp)
+    pp = len(pipeline_stages) if pipeline_stages else 1
+    if world.size % (tp * pp):
+        raise ConfigError(f"{tp * pp} model-parallel ranks need a world whose size divides by them, got {world.size}")
+    replicas = world.data_parallel(tp * pp)  # the ranks that draw different batches
+    cfg = dataclasses.replace(cfg, world_size=replicas.size, tensor_parallel=tp, pipeline_parallel=pp)
     if resume:
         checkpoint = load_checkpoint(run_dir)
         cfg, changed_on_resume = _config_for_resume(cfg, checkpoint)
@@ -215,9 +224,15 @@ def train(
     _check_vocab(model, tokenizer, device)
     if checkpoint is not None:
         checkpoint.load_model(model)  # whole, before FSDP shards what is there
-    ddp = None
-    sharded = world.size > 1 and cfg.strategy == "fsdp" and tp == 1
-    if tp > 1:
+    ddp = pipe = None
+    sharded = world.size > 1 and cfg.strategy == "fsdp" and tp * pp == 1
+    if pp > 1:
+        from .pipeline_parallel import build_pipeline
+        _check_pipeline(cfg, pp, tp, replicas)
+        pipe = build_pipeline(model, graph, pipeline_stages, world.rank, world, n_microbatches=cfg.micro_batches or pp,
+                              schedule=cfg.pipeline_schedule, loss_fn=_loss)
+        model = pipe.module  # this rank's stage: the optimizer, evaluation and checkpoints see it
+    elif tp > 1:
         from . import tensor_parallel
         if replicas.size > 1:
             raise ConfigError(f"tensor parallel together with data parallel is not supported yet: run "
@@ -239,7 +254,9 @@ def train(
     forward = torch.compile(forward) if cfg.compile else forward
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
-        if tp > 1:
+        if pipe is not None:
+            pipe.load_optimizer_state(optimizer, _optimizer_by_name(checkpoint))
+        elif tp > 1:
             tensor_parallel.load_tensor_parallel_optimizer(checkpoint, optimizer, model, tensor_parallel_plan)
         elif sharded:
             sharding.load_optimizer(checkpoint, optimizer, model)
@@ -276,8 +293,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler, data, cfg,
-                                   batch_generator, device, sharded)
+            if pipe is not None:
+                loss = _pipeline_step(pipe, optimizer, data, cfg, batch_generator)
+            else:
+                loss = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler, data, cfg,
+                                       batch_generator, device, sharded)
             loss = distributed.mean(world, loss)
             tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if not math.isfinite(loss):
@@ -288,7 +308,8 @@ def train(
 
             last = step == cfg.steps
             if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                val_loss = distributed.mean(world, evaluate(model, val_set, cfg.precision))
+                val_loss = distributed.mean(world, _pipeline_evaluate(pipe, val_set) if pipe is not None
+                                            else evaluate(model, val_set, cfg.precision))
                 if sharded:  # FSDP keeps the root gathered after a forward that has no backward
                     model.reshard()
                 record["val_loss"] = totals["val_loss"] = val_loss
@@ -305,7 +326,13 @@ def train(
                 fields = dict(rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
                               metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
                               spec=spec, keep=cfg.keep)
-                if tp > 1:  # every rank takes part in gathering the whole weights; rank 0 writes
+                if pipe is not None:  # every stage sends its weights and optimizer state to rank 0
+                    weights, optim = pipe.full_state_dict(), pipe.full_optimizer_state(optimizer)
+                    if world.main:
+                        last_checkpoint = save_gathered_checkpoint(run_dir, step=step, weights=weights,
+                                                                   optimizer_by_name=optim, **fields)
+                    distributed.barrier(world)
+                elif tp > 1:  # every rank takes part in gathering the whole weights; rank 0 writes
                     last_checkpoint = tensor_parallel.save_tensor_parallel_checkpoint(
                         world, run_dir, step=step, model=model, optimizer=optimizer, plan=tensor_parallel_plan,
                         **fields)
@@ -397,6 +424,55 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total / cfg.grad_accum
+
+
+def _check_pipeline(cfg: TrainConfig, pp: int, tp: int, replicas: World) -> None:
+    if tp > 1 or replicas.size > 1:
+        raise ConfigError(f"pipeline parallel together with tensor or data parallel is not supported yet: "
+                          f"run {pp} ranks for --pp {pp}")
+    unsupported = [name for name, on in (("--precision " + cfg.precision, cfg.precision != "fp32"),
+                                         ("--activation-checkpointing", cfg.activation_checkpointing),
+                                         ("--compile", cfg.compile)) if on]
+    if unsupported:
+        raise ConfigError(f"--pp does not combine with {', '.join(unsupported)} yet")
+    micro = cfg.micro_batches or pp
+    if cfg.pipeline_schedule not in ("1f1b", "gpipe"):
+        raise ConfigError(f"pipeline schedule must be 1f1b or gpipe, got {cfg.pipeline_schedule!r}")
+    if cfg.batch % micro or (cfg.pipeline_schedule == "1f1b" and micro < pp):
+        raise ConfigError(f"--batch {cfg.batch} must split into {micro} equal micro-batches"
+                          + (f", at least {pp} (one per stage) for 1F1B" if cfg.pipeline_schedule == "1f1b" else ""))
+
+
+def _pipeline_step(pipe, optimizer, data, cfg, generator) -> float:
+    """One optimizer step of a pipeline: every rank draws the same batches (the first stage feeds
+    the tokens, the last scores the targets), then clips by the whole model's norm."""
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        x, y = data.train_batch(cfg.batch, cfg.seq, generator)
+        total += pipe.step(x, y, scale=1 / cfg.grad_accum)
+    if cfg.grad_clip > 0:
+        pipe.clip_grad_norm_(cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum
+
+
+def _pipeline_evaluate(pipe, batches) -> float:
+    pipe.eval()
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(pipe.device)):
+            losses = [pipe.eval_loss(x, y) for x, y in batches]
+    finally:
+        pipe.train()
+    return sum(losses) / len(losses)
+
+
+def _optimizer_by_name(checkpoint: Checkpoint) -> dict:
+    from .checkpoint import OPTIMIZER_FILE, read_optimizer_by_name
+    if not (checkpoint.path / OPTIMIZER_FILE).is_file():
+        raise CheckpointError(f"{checkpoint.path}: no {OPTIMIZER_FILE} (an FSDP checkpoint's sharded optimizer "
+                              f"state cannot resume a pipeline-parallel run yet)")
+    return read_optimizer_by_name(checkpoint.path)
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def check_one(path: Path, text: str) -> list[Diagnostic]:
     return diagnostics
 
 
-FAST = settings(max_examples=1500, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=1000, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

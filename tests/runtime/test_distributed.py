@@ -218,7 +218,7 @@ def test_tensor_parallel_equals_one_process(tp_ranks, one_process):
     assert meta["train_config"]["tensor_parallel"] == 2 and meta["train_config"]["world_size"] == 1
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_tensor_parallel_checkpoint_resumes_on_one_rank_and_on_two(tp_ranks, tmp_path, ranks):
     import shutil
     run, _ = tp_ranks
@@ -241,4 +241,43 @@ def test_heads_that_do_not_split_are_refused_before_any_process_group(tmp_path):
     assert "specs/tiny.arch:10:" in out.stderr and not (tmp_path / "run").exists()
     assert "runtime/commands.py" not in out.stderr  # torchrun reports the failed ranks; no lmspec traceback
     wrong = lmspec("train", *COMMON, "--tp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
-    assert wrong.returncode == 2 and "--tp 2 splits each layer over all ranks" in wrong.stderr
+    assert wrong.returncode == 2 and "--tp 2 splits the model over all ranks" in wrong.stderr
+
+
+# ---- pipeline parallel (--pp): one stage per rank, every rank on the same batch ------------------
+
+@pytest.fixture(scope="module")
+def pp_ranks(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pp") / "run"
+    out = torchrun("train", *COMMON, "--pp", "2", "--micro-batches", "2", "--steps", "8", "--batch", "4",
+                   "--grad-accum", "2", "--out", run)
+    assert out.returncode == 0, out.stderr
+    return run, out
+
+
+def test_pipeline_parallel_equals_one_process(pp_ranks, one_process):
+    run, out = pp_ranks
+    assert "on 2 ranks (PP 2)" in out.stdout and out.stdout.count("done: step 8") == 1
+    assert close(losses(run), losses(one_process)) and close(val_losses(run), val_losses(one_process))
+    wa, wb = weights(run, 8), weights(one_process, 8)
+    assert wa.keys() == wb.keys()  # gathered from both stages, the head tied across them stored once
+    assert all(wa[k].shape == wb[k].shape and torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    oa = load_file(str(run / "checkpoints" / "step_000008" / "optimizer.safetensors"))
+    ob = load_file(str(one_process / "checkpoints" / "step_000008" / "optimizer.safetensors"))
+    assert oa.keys() == ob.keys() and all(torch.allclose(oa[k], ob[k], atol=1e-6) for k in oa)
+
+
+@pytest.mark.parametrize("source, layout", [("pp", []), ("tp", ["--pp", "2", "--micro-batches", "2"])],
+                         ids=["pp-on-one-rank", "tp-on-two-pipeline-stages"])
+def test_a_model_parallel_checkpoint_resumes_under_another_layout(pp_ranks, tp_ranks, tmp_path, source, layout):
+    import shutil
+    run = (pp_ranks if source == "pp" else tp_ranks)[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    args = ["train", *COMMON, "--out", str(copy), "--resume", *layout]
+    out = torchrun(*args) if layout else lmspec(*args)
+    assert out.returncode == 0, out.stderr
+    assert close(losses(copy), losses(run)) and close(val_losses(copy), val_losses(run))
+    wa, wb = weights(copy, 8), weights(run, 8)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

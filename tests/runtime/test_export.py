@@ -223,6 +223,7 @@ def test_fp16_export_runs_and_reports_its_difference(tiny_run, tmp_path):
     assert len(c.tokens) == 8
 
 
+@pytest.mark.slow  # another opset of the same export the default run already checks
 def test_opset_option(tiny_run, tmp_path):
     import onnx
     out = lmspec_cli("export", tiny_run, "-o", tmp_path / "m.onnx", "--opset", "18")
@@ -240,7 +241,8 @@ def test_opset_option(tiny_run, tmp_path):
                                 "rope_original": 8}),
     ("specs/mistral-7b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 1, "head_dim": 16, "ffn": 96,
                                "window": 3}),
-    ("specs/qwen3-0.6b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 32, "ffn": 96}),
+    pytest.param("specs/qwen3-0.6b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 32,
+                                           "ffn": 96}, marks=pytest.mark.slow),  # QK-norm: qwen3-moe-tiny has it too
     ("specs/qwen3-moe-tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
                                    "experts": 4, "top_k": 2, "moe_ffn": 32}),
 ])
