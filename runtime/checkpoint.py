@@ -225,6 +225,9 @@ def read_optimizer_by_name(step_dir: Path) -> dict:
     torch.distributed.checkpoint.state_dict uses: {"state": {name: {...}}, "param_groups": [...]}
     with each group's "params" a list of names."""
     path = Path(step_dir) / OPTIMIZER_FILE
+    if not path.is_file() and (Path(step_dir) / OPTIMIZER_DCP_DIR).is_dir():
+        raise CheckpointError(f"{step_dir}: no {OPTIMIZER_FILE}: an FSDP checkpoint's sharded optimizer state "
+                              f"({OPTIMIZER_DCP_DIR}/) resumes only an FSDP run or one process")
     tensors = read_tensors(path)
     try:
         with safe_open(str(path), "pt") as f:

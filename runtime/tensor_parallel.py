@@ -60,7 +60,6 @@ from lmspec.compiler.tensor_parallel import (
 )
 
 from .checkpoint import (
-    OPTIMIZER_FILE,
     Checkpoint,
     CheckpointError,
     read_optimizer_by_name,
@@ -312,7 +311,4 @@ def load_tensor_parallel_optimizer(checkpoint: Checkpoint, optimizer: torch.opti
                                    plan: TensorParallelPlan | None = None) -> None:
     """Resume the optimizer of a tensor-parallel run from a checkpoint with optimizer.safetensors
     (one process, DDP, or tensor parallel of any size)."""
-    if not (checkpoint.path / OPTIMIZER_FILE).is_file():
-        raise CheckpointError(f"{checkpoint.path}: no {OPTIMIZER_FILE} (an FSDP checkpoint's sharded optimizer "
-                              f"state cannot resume a tensor-parallel run)")
     load_full_optimizer_state_dict(model, optimizer, plan, read_optimizer_by_name(checkpoint.path))

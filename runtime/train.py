@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
-                         save_gathered_checkpoint)
+from .checkpoint import (Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, read_optimizer_by_name,
+                         save_checkpoint, save_gathered_checkpoint)
 from .data import TokenData
 from .distributed import World
 from .metrics import MetricsLog, plot_loss_curve
@@ -255,7 +255,7 @@ def train(
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
         if pipe is not None:
-            pipe.load_optimizer_state(optimizer, _optimizer_by_name(checkpoint))
+            pipe.load_optimizer_state(optimizer, read_optimizer_by_name(checkpoint.path))
         elif tp > 1:
             tensor_parallel.load_tensor_parallel_optimizer(checkpoint, optimizer, model, tensor_parallel_plan)
         elif sharded:
@@ -465,14 +465,6 @@ def _pipeline_evaluate(pipe, batches) -> float:
     finally:
         pipe.train()
     return sum(losses) / len(losses)
-
-
-def _optimizer_by_name(checkpoint: Checkpoint) -> dict:
-    from .checkpoint import OPTIMIZER_FILE, read_optimizer_by_name
-    if not (checkpoint.path / OPTIMIZER_FILE).is_file():
-        raise CheckpointError(f"{checkpoint.path}: no {OPTIMIZER_FILE} (an FSDP checkpoint's sharded optimizer "
-                              f"state cannot resume a pipeline-parallel run yet)")
-    return read_optimizer_by_name(checkpoint.path)
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
