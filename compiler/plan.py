@@ -1,5 +1,6 @@
 """What training a spec takes, read off its graph (no torch): parameters, FLOPs per token, the
-compute a token budget needs and how long it runs, and memory per GPU under DDP and FSDP2.
+compute a token budget needs and how long it runs, and memory per GPU under DDP and FSDP2 (and, for
+the 3-D layouts, FSDP2 with CPU offload, whose state lives in host memory).
 
 Memory per GPU is weights + gradients + AdamW state (two fp32 moments) + activations:
 
@@ -44,14 +45,26 @@ order), so tp stays inside a node, dp crosses nodes once tp x dp exceeds one, an
   (2(dp-1)/dp of them per GPU); FSDP2 all-gathers the parameters (16-bit under autocast) forward and
   backward and reduce-scatters fp32 gradients (runtime/sharding.py's reduce_dtype) for every
   micro-batch, which is what sharding, as its memory counts it (only two blocks unsharded), costs.
+- CPU offload ("offload": FSDP2's CPUOffloadPolicy, `lmspec train --strategy fsdp --cpu-offload`; only
+  with pp = 1 and dp > 1, as the trainer runs it): the sharded fp32 weights and gradients and AdamW's two
+  moments live in host memory, 16 bytes x p / dp per GPU (p: a GPU's parameters after the tp split), x the
+  GPUs of a node per node, which must fit within HEADROOM of the node's host memory. The GPU keeps FSDP's
+  unsharded part only (the root and two blocks: weights, 16-bit under autocast, and fp32 gradients) and
+  the activations; no optimizer state. Each micro-batch copies the fp32 weight shard host -> device for
+  the forward and for the backward all-gather and the fp32 gradient shard back, 12 x p / dp bytes over
+  PCIe per GPU, which overlaps compute as FSDP's collectives do (the two add up before the window is
+  subtracted); the NVLink/network traffic is FSDP's. AdamW then steps on the CPU, not overlapped: 28
+  bytes of host memory traffic per parameter (it reads the weight, the gradient and the two moments and
+  writes back all but the gradient) x p / dp at HOST_OPTIMIZER_BANDWIDTH per GPU.
 - Time: a stage's time per micro-batch is its FLOPs on one GPU (1/tp of its ops') x 3, plus a forward of
   its blocks under checkpointing, at the assumed MFU of the GPU's peak, plus its tp and pp traffic,
   which sit on the critical path (Megatron's all-reduces block; p2p is mostly exposed). A pipeline runs
   m + pp - 1 slots of the slowest stage: compute x (1 + (pp-1)/m), i.e. the bubble fraction above of
   the total. Data-parallel traffic overlaps compute: DDP's bucketed all-reduce the last micro-batch's
-  backward, FSDP's prefetched collectives all of it; only what exceeds that is added. Bandwidths are
-  per GPU per direction: NVLink within a node, the network (one NIC per GPU) between nodes. Latency
-  is ignored, so times under milliseconds are optimistic.
+  backward, FSDP's prefetched collectives (and offload's PCIe copies) all of it; only what exceeds that
+  is added, and then offload's CPU optimizer step. Bandwidths are per GPU per direction: NVLink within
+  a node, the network (one NIC per GPU) between nodes, PCIe to the host. Latency is ignored, so times
+  under milliseconds are optimistic.
 """
 from __future__ import annotations
 
@@ -68,7 +81,8 @@ from .values import TensorRef
 BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "bool": 1}
 _FLOATS = ("f16", "bf16", "f32", "f64")
 LOW_DTYPE = {"fp32": None, "bf16": "bf16", "fp16": "f16"}  # --precision -> autocast's dtype
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp")  # the memory table's
+LAYOUT_STRATEGIES = STRATEGIES + ("offload",)  # the 3-D layouts' (offload: FSDP2 with CPU offload)
 ADAM_BYTES = 8  # two fp32 moments per parameter
 HEADROOM = 0.9  # "fits" when the total is within 90% of the GPU (CUDA context, fragmentation, NCCL)
 CHINCHILLA_TOKENS_PER_PARAM = 20
@@ -79,6 +93,12 @@ NETWORK_BANDWIDTH = 50e9  # bytes/s per GPU between nodes: one 400 Gb/s InfiniBa
 GPUS_PER_NODE = 8
 BACKWARD_SHARE = 2 / 3  # of a micro-batch's training FLOPs: backward is twice forward
 TP_OPS = ("attention", "mlp", "moe")  # ops that Megatron-style tensor parallelism splits inside
+HOST_MEMORY = 2e12  # bytes of host memory per node: a DGX H100's 2 TB
+PCIE_BANDWIDTH = 50e9  # bytes/s per GPU per direction to the host: PCIe Gen5 x16 (64 GB/s), as copies attain
+# bytes/s of host memory traffic per GPU that a CPU AdamW step attains: assumed, about a quarter of a DGX
+# H100's peak per GPU (2 sockets x 8 channels of DDR5-4800 = 614 GB/s, 77 GB/s per GPU)
+HOST_OPTIMIZER_BANDWIDTH = 20e9
+CPU_ADAM_BYTES = 28  # per parameter: reads fp32 weight, gradient, two moments; writes weight, two moments
 
 
 # ---------------------------------------------------------------- quantities with units
@@ -284,9 +304,16 @@ class MemoryRow:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def fits(self, gpu_memory: float) -> str:
-        if self.total <= HEADROOM * gpu_memory:
-            return "yes"
-        return "tight" if self.total <= gpu_memory else "no"
+        return _fits(self.total, gpu_memory)
+
+
+_VERDICTS = ("yes", "tight", "no")
+
+
+def _fits(total: float, capacity: float) -> str:
+    if total <= HEADROOM * capacity:
+        return "yes"
+    return "tight" if total <= capacity else "no"
 
 
 @dataclass
@@ -391,9 +418,13 @@ def min_fsdp_gpus(graph: ModelGraph, acts: Activations, precision: str, gpu_memo
 def make_plan(graph: ModelGraph, *, gpus: int = 1, gpu_memory: float = 80e9, seq: int | None = None,
               micro_batch: int = 1, precision: str = "fp32", tokens: float | None = None,
               compute: float | None = None, mfu: float = 0.4, gpu_flops: float = H100_BF16_FLOPS,
-              strategies=STRATEGIES, checkpointing=(False, True), global_batch: int | None = None,
+              strategies=LAYOUT_STRATEGIES, checkpointing=(False, True), global_batch: int | None = None,
               schedule: str = "1f1b", sequence_parallel: bool = False, gpus_per_node: int = GPUS_PER_NODE,
-              nvlink_bandwidth: float = NVLINK_BANDWIDTH, network_bandwidth: float = NETWORK_BANDWIDTH) -> Plan:
+              nvlink_bandwidth: float = NVLINK_BANDWIDTH, network_bandwidth: float = NETWORK_BANDWIDTH,
+              host_memory: float = HOST_MEMORY, pcie_bandwidth: float = PCIE_BANDWIDTH,
+              host_optimizer_bandwidth: float = HOST_OPTIMIZER_BANDWIDTH) -> Plan:
+    """`strategies` name the layouts' data parallelism; the memory table shows those of them it knows
+    (ddp, fsdp)."""
     seq = seq or graph.context
     n = parameter_count(graph)
     fwd = flops_per_token(graph, seq)
@@ -409,12 +440,13 @@ def make_plan(graph: ModelGraph, *, gpus: int = 1, gpu_memory: float = 80e9, seq
     if compute is not None:
         budgets.append(budget("compute", compute / train))
     acts = activations(graph, seq, micro_batch, precision)
-    rows = memory_rows(graph, acts, gpus, precision, strategies, checkpointing)
+    rows = memory_rows(graph, acts, gpus, precision, [s for s in strategies if s in STRATEGIES], checkpointing)
     groups = _param_groups(graph)
     options = dict(seq=seq, micro_batch=micro_batch, precision=precision, mfu=mfu, gpu_flops=gpu_flops,
                    schedule=schedule, sequence_parallel=sequence_parallel, strategies=strategies,
                    checkpointing=checkpointing, gpus_per_node=gpus_per_node, nvlink_bandwidth=nvlink_bandwidth,
-                   network_bandwidth=network_bandwidth)
+                   network_bandwidth=network_bandwidth, host_memory=host_memory, pcie_bandwidth=pcie_bandwidth,
+                   host_optimizer_bandwidth=host_optimizer_bandwidth)
     grid = layouts(graph, acts, gpus=gpus, global_batch=global_batch, **options)
     more = None
     if not any(x.fits(gpu_memory) == "yes" for x in grid.layouts):
@@ -457,7 +489,7 @@ class Layout:
     dp: int
     tp: int
     pp: int
-    strategy: str  # ddp | fsdp: how the dp replicas hold the state
+    strategy: str  # ddp | fsdp | offload: how the dp replicas hold the state
     checkpointing: bool
     sequence_parallel: bool
     micro_batches: int  # per step, per pipeline (gradient accumulation when pp = 1)
@@ -466,19 +498,24 @@ class Layout:
     gradients: float
     optimizer: float
     activations: float
-    comm: dict[str, float]  # bytes each GPU sends per step: dp, tp, pp (the busiest stage's)
+    comm: dict[str, float]  # bytes each GPU sends per step: dp, tp, pp (the busiest stage's), pcie (offload)
     links: dict[str, str]  # dp / pp: "nvlink" or "network"
     bubble: float  # fraction of the pipeline's time a stage idles: (pp-1)/(m+pp-1)
     compute_s: float  # m micro-batches' compute on the slowest stage, no bubble
     step_s: float
-    times: dict[str, float] = field(default_factory=dict)  # exposed seconds: bubble, tp, pp, dp
+    # exposed seconds: bubble, tp, pp, dp (with offload's PCIe copies), offload (its CPU optimizer step)
+    times: dict[str, float] = field(default_factory=dict)
+    host: float = 0.0  # bytes per GPU in host memory (offload's state)
+    host_node: float = 0.0  # ... per node: host x the GPUs of a node
+    host_memory: float = math.inf  # bytes of host memory per node
 
     @property
     def total(self) -> float:
         return self.weights + self.gradients + self.optimizer + self.activations
 
     def fits(self, gpu_memory: float) -> str:
-        return MemoryRow.fits(self, gpu_memory)  # type: ignore[arg-type]
+        """The worse of the GPU's verdict and the host's (per node)."""
+        return max(_fits(self.total, gpu_memory), _fits(self.host_node, self.host_memory), key=_VERDICTS.index)
 
     @property
     def name(self) -> str:
@@ -495,6 +532,9 @@ class LayoutPlan:
     network_bandwidth: float
     tp_limits: dict[str, list[int]]  # what tp must divide: heads, kv_heads, hidden
     max_tp: int
+    host_memory: float = HOST_MEMORY  # per node
+    pcie_bandwidth: float = PCIE_BANDWIDTH
+    host_optimizer_bandwidth: float = HOST_OPTIMIZER_BANDWIDTH
 
 
 def _tp_split(op: str, local: str, out_dim: int | None, width: int) -> bool:
@@ -602,9 +642,11 @@ def _stage_activations(acts: Activations, st: Stage, last: bool, tp: int, sp: bo
 
 def layouts(graph: ModelGraph, acts: Activations, *, gpus: int, seq: int, micro_batch: int, precision: str,
             mfu: float, gpu_flops: float, global_batch: int | None = None, schedule: str = "1f1b",
-            sequence_parallel: bool = False, strategies=STRATEGIES, checkpointing=(False, True),
+            sequence_parallel: bool = False, strategies=LAYOUT_STRATEGIES, checkpointing=(False, True),
             gpus_per_node: int = GPUS_PER_NODE, nvlink_bandwidth: float = NVLINK_BANDWIDTH,
-            network_bandwidth: float = NETWORK_BANDWIDTH) -> LayoutPlan:
+            network_bandwidth: float = NETWORK_BANDWIDTH, host_memory: float = HOST_MEMORY,
+            pcie_bandwidth: float = PCIE_BANDWIDTH,
+            host_optimizer_bandwidth: float = HOST_OPTIMIZER_BANDWIDTH) -> LayoutPlan:
     """Every dp x tp x pp = gpus layout the model allows, with memory, traffic and time per step."""
     low = LOW_DTYPE[precision]
     mixed = low is not None
@@ -633,22 +675,28 @@ def layouts(graph: ModelGraph, acts: Activations, *, gpus: int, seq: int, micro_
             sp = sequence_parallel and tp > 1
             links = {"dp": "nvlink" if tp * dp <= gpus_per_node else "network",
                      "pp": "nvlink" if gpus <= gpus_per_node else "network"}
-            bw = {"nvlink": nvlink_bandwidth, "network": network_bandwidth}
+            bw = {"nvlink": nvlink_bandwidth, "network": network_bandwidth,
+                  "pcie": pcie_bandwidth, "host": host_optimizer_bandwidth}
             for strategy in strategies:
-                if strategy == "fsdp" and dp == 1:
+                if strategy != "ddp" and dp == 1:
                     continue  # nothing to shard over
+                if strategy == "offload" and pp > 1:
+                    continue  # the trainer's CPU offload does not run with pipeline parallelism
                 for ckpt in checkpointing:
-                    found.append(_layout(acts, sts, dp, tp, pp, m, strategy, ckpt, sp, schedule, mixed,
-                                         act_bytes, rate, links, bw, nvlink_bandwidth))
+                    x = _layout(acts, sts, dp, tp, pp, m, strategy, ckpt, sp, schedule, mixed, act_bytes, rate,
+                                links, bw, nvlink_bandwidth)
+                    x.host_node, x.host_memory = x.host * min(gpus_per_node, gpus), host_memory
+                    found.append(x)
         tp *= 2
     found.sort(key=lambda x: (x.step_s, x.total))
     return LayoutPlan(found, global_batch, schedule, gpus_per_node, nvlink_bandwidth, network_bandwidth,
-                      limits, max_tp)
+                      limits, max_tp, host_memory, pcie_bandwidth, host_optimizer_bandwidth)
 
 
 def _layout(acts, sts, dp, tp, pp, m, strategy, ckpt, sp, schedule, mixed, act_bytes, rate, links, bw,
             nvlink) -> Layout:
-    mem, comm, per_mb, t_compute, t_dp = [], [], [], [], []
+    mem, comm, per_mb, t_compute, t_dp, t_cpu, host = [], [], [], [], [], [], []
+    offload = strategy == "offload"
     ring = 2 * (tp - 1) / tp  # bytes a GPU sends in a ring all-reduce, per byte reduced
     for st in sts:
         last = st.index == pp - 1
@@ -658,7 +706,12 @@ def _layout(acts, sts, dp, tp, pp, m, strategy, ckpt, sp, schedule, mixed, act_b
             state = (4 * p + (2 * st.copies if mixed else 0), 4 * p, ADAM_BYTES * p)
         else:
             unsharded = st.root + min(2, len(st.blocks)) * st.largest
-            state = (4 * p / dp + unsharded * (2 if mixed else 4), 4 * p / dp + unsharded * 4, ADAM_BYTES * p / dp)
+            gathered = (unsharded * (2 if mixed else 4), unsharded * 4)  # weights, gradients
+            if offload:  # the shards live in host memory
+                state = (*gathered, 0.0)
+            else:
+                state = (4 * p / dp + gathered[0], 4 * p / dp + gathered[1], ADAM_BYTES * p / dp)
+        host.append((4 + 4 + ADAM_BYTES) * p / dp if offload else 0.0)
         a = _stage_activations(acts, st, last, tp, sp, ckpt, in_flight)
         mem.append((*state, a))
         # bytes sent per micro-batch: tensor parallelism's all-reduces (or all-gather + reduce-scatter
@@ -672,23 +725,27 @@ def _layout(acts, sts, dp, tp, pp, m, strategy, ckpt, sp, schedule, mixed, act_b
             dp_b = 2 * (dp - 1) / dp * 4 * p
         else:  # per micro-batch: all-gather forward and backward, reduce-scatter the fp32 gradients
             dp_b = m * (dp - 1) / dp * p * (2 * (2 if mixed else 4) + 4)
-        comm.append({"dp": dp_b, "tp": m * tp_b, "pp": m * pp_b})
+        # offload: per micro-batch the fp32 weight shard to the GPU for the forward's and the backward's
+        # all-gathers, the fp32 gradient shard back
+        pcie_b = m * (2 * 4 + 4) * p / dp if offload else 0.0
+        comm.append({"dp": dp_b, "tp": m * tp_b, "pp": m * pp_b, "pcie": pcie_b})
         tc = (3 * st.flops + ckpt * st.block_flops) / rate
         t_compute.append(tc)
         per_mb.append(tc + tp_b / nvlink + pp_b / bw[links["pp"]])
         # data parallel traffic hides behind compute: DDP's behind the last micro-batch's backward, FSDP's
         # (prefetched, per micro-batch) behind all of it
         window = BACKWARD_SHARE * tc if strategy == "ddp" else m * tc
-        t_dp.append(max(0.0, dp_b / bw[links["dp"]] - window))
+        t_dp.append(max(0.0, dp_b / bw[links["dp"]] + pcie_b / bw["pcie"] - window))
+        t_cpu.append(CPU_ADAM_BYTES * p / dp / bw["host"] if offload else 0.0)  # after the backward: no overlap
     worst = max(range(pp), key=lambda s: sum(mem[s]))
     slowest = max(per_mb)
-    step = (m + pp - 1) * slowest + max(t_dp)
+    step = (m + pp - 1) * slowest + max(t_dp) + max(t_cpu)
     compute = m * max(t_compute)
     s = max(range(pp), key=lambda i: per_mb[i])
     times = {"bubble": (pp - 1) * slowest,
              "tp": m * comm[s]["tp"] / m / nvlink if tp > 1 else 0.0,
              "pp": m * comm[s]["pp"] / m / bw[links["pp"]] if pp > 1 else 0.0,
-             "dp": max(t_dp)}
+             "dp": max(t_dp), "offload": max(t_cpu)}
     return Layout(dp, tp, pp, strategy, ckpt, sp, m, worst, *mem[worst],
-                  comm={k: max(c[k] for c in comm) for k in ("dp", "tp", "pp")}, links=links,
-                  bubble=(pp - 1) / (m + pp - 1), compute_s=compute, step_s=step, times=times)
+                  comm={k: max(c[k] for c in comm) for k in ("dp", "tp", "pp", "pcie")}, links=links,
+                  bubble=(pp - 1) / (m + pp - 1), compute_s=compute, step_s=step, times=times, host=host[worst])

@@ -2,7 +2,8 @@
 
     RUN/checkpoints/step_000500/model.safetensors      weights (tied weights stored once)
                                /optimizer.safetensors  optimizer state, keyed `<param name>.<state key>`
-                               (or /optimizer.dcp/     the same, sharded, from an FSDP run)
+                               (or /optimizer.dcp/     the same through torch.distributed.checkpoint,
+                                                       from an FSDP or a model-parallel run)
                                /rng.safetensors        RNG states (torch CPU/CUDA, the data generator)
                                /meta.json              step, train config, metrics, tokenizer, spec
     RUN/checkpoints/latest                             the name of the newest complete directory
@@ -197,37 +198,15 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module)
     return tensors, metadata
 
 
-def save_gathered_checkpoint(run_dir: str | os.PathLike, *, step: int, weights: dict[str, torch.Tensor],
-                             optimizer_by_name: dict, **fields) -> Path:
-    """A checkpoint in the single-process layout from state gathered off several ranks (tensor or
-    pipeline parallel): `weights` as model.safetensors holds them (a tied weight once), and the
-    optimizer state keyed by parameter name as read_optimizer_by_name returns it. `fields` are
-    save_checkpoint's rng, train_config, metrics, tokenizer, spec, keep."""
-    parent = Path(run_dir) / CHECKPOINTS_DIR
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(parent)
-    staging = parent / f"{TMP_PREFIX}optim-{step_dir_name(step)}-{os.getpid()}"
-    tensors, extra = {}, {}
-    for name, values in optimizer_by_name["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{name}.{key}"] = value.detach().contiguous()
-            else:
-                extra.setdefault(name, {})[key] = value
-    metadata = {"param_groups": json.dumps(optimizer_by_name["param_groups"]), "extra_state": json.dumps(extra)}
-    _save_tensors(tensors, staging, metadata)
-    return save_checkpoint(run_dir, step=step, model=None, weights=weights, optimizer=None,
-                           move_in={OPTIMIZER_FILE: staging}, **fields)
-
-
-def read_optimizer_by_name(step_dir: Path) -> dict:
-    """optimizer.safetensors as an optimizer state dict keyed by parameter name, the form
+def read_optimizer_by_name(step_dir: Path, names=None) -> dict:
+    """A checkpoint's optimizer state keyed by parameter name, the form
     torch.distributed.checkpoint.state_dict uses: {"state": {name: {...}}, "param_groups": [...]}
-    with each group's "params" a list of names."""
+    with each group's "params" a list of names. From optimizer.safetensors, or from optimizer.dcp
+    (an FSDP or model-parallel run's), there only the parameters in `names` if given."""
     path = Path(step_dir) / OPTIMIZER_FILE
     if not path.is_file() and (Path(step_dir) / OPTIMIZER_DCP_DIR).is_dir():
-        raise CheckpointError(f"{step_dir}: no {OPTIMIZER_FILE}: an FSDP checkpoint's sharded optimizer state "
-                              f"({OPTIMIZER_DCP_DIR}/) resumes only an FSDP run or one process")
+        from .parallel_checkpoint import read_optimizer_dcp_by_name
+        return read_optimizer_dcp_by_name(Path(step_dir) / OPTIMIZER_DCP_DIR, names)
     tensors = read_tensors(path)
     try:
         with safe_open(str(path), "pt") as f:

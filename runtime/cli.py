@@ -46,7 +46,8 @@ EXAMPLES = {
   lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
   torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/
   torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/
-  torchrun --nproc-per-node 4 -m lmspec.runtime train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16""",
+  torchrun --nproc-per-node 4 -m lmspec.runtime train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16
+  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --pp 2 --micro-batches 4 --batch 8   # 2 replicas""",
     "data prepare": """examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
@@ -144,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--compute", help="FLOPs to spend: 1e24, 6e23")
     pl.add_argument("--seq", type=int, help="training sequence length (default: the context, at most 4096)")
     pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass (default: 1)")
-    pl.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both")
+    pl.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both",
+                    help="data parallelism to show; fsdp includes FSDP with CPU offload in the layouts "
+                         "(default: both)")
     pl.add_argument("--global-batch", type=int,
                     help="sequences per optimizer step for the 3-D layouts (default: 8 x --gpus x --micro-batch)")
     pl.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b", help="pipeline schedule (default: 1f1b)")
@@ -155,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="per GPU per direction within a node (default: 450GB/s, H100 SXM NVLink)")
     pl.add_argument("--network-bandwidth", default="50GB/s",
                     help="per GPU between nodes (default: 50GB/s, one 400 Gb/s InfiniBand NIC per GPU)")
+    pl.add_argument("--host-memory", default="2TB",
+                    help="host memory per node, for the CPU-offload layouts (default: 2TB, a DGX H100's)")
+    pl.add_argument("--pcie-bandwidth", default="50GB/s",
+                    help="per GPU per direction to the host, for the CPU-offload layouts "
+                         "(default: 50GB/s, PCIe Gen5 x16)")
     pl.add_argument("--layouts", type=int, default=8, help="fitting layouts to list (default: 8; 0: none)")
     pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="fp32, or bf16/fp16 autocast (fp32 master weights and gradients)")
@@ -197,12 +205,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp replicates the model on every rank, fsdp (FSDP2) shards weights, "
                         "gradients and optimizer state per block (default: ddp, or the resumed run's)")
+    t.add_argument("--cpu-offload", action="store_true",
+                   help="with --strategy fsdp: keep the sharded weights, gradients and AdamW state in host memory "
+                        "(FSDP2 CPUOffloadPolicy), for a model whose state does not fit the GPUs (`lmspec plan` says when)")
     t.add_argument("--tp", type=int, metavar="N",
-                   help="under torchrun with N ranks: tensor parallel, each layer split over the N ranks "
-                        "(Megatron-style, DTensor; the split comes from the graph: `lmspec info --tp N` shows it)")
+                   help="under torchrun: tensor parallel, each layer split over N ranks (Megatron-style, "
+                        "DTensor; the split comes from the graph: `lmspec info --tp N` shows it). Combines with "
+                        "--pp; ranks beyond tp x pp are data-parallel replicas (mesh pp x dp x tp, tp fastest)")
     t.add_argument("--pp", type=int, metavar="N",
-                   help="under torchrun with N ranks: pipeline parallel, the model cut into N stages at block "
-                        "boundaries (`lmspec info --pp N` shows the cut), run with torch.distributed.pipelining")
+                   help="under torchrun: pipeline parallel, the model cut into N stages at block boundaries "
+                        "(`lmspec info --pp N` shows the cut), run with torch.distributed.pipelining")
     t.add_argument("--micro-batches", type=int, metavar="M",
                    help="with --pp: micro-batches each batch is split into (default: one per stage)")
     t.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], help="with --pp: the pipeline schedule (default: 1f1b)")

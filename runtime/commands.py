@@ -97,23 +97,24 @@ def cmd_train(args) -> int:
 
 
 def _check_model_parallel(args, world) -> None:
-    """--tp N or --pp N: the world is exactly the N ranks, and the spec splits that way."""
+    """--tp N and/or --pp M: the world holds whole model-parallel groups of N x M ranks (the rest of
+    its size is data-parallel replicas), and the spec splits that way."""
     from lmspec.compiler.pipeline_stages import pipeline_stages
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
-    if (args.tp or 1) > 1 and (args.pp or 1) > 1:
-        raise UsageError("--tp and --pp do not combine yet")
-    flag, n = ("--tp", args.tp) if (args.tp or 1) > 1 else ("--pp", args.pp)
-    if n != world.size:
-        raise UsageError(f"{flag} {n} splits the model over all ranks: run it with exactly {n} "
-                         f"(torchrun --nproc-per-node {n}), not {world.size}")
-    if args.strategy == "fsdp":
-        raise UsageError(f"{flag} does not combine with --strategy fsdp yet")
+    tp, pp = args.tp or 1, args.pp or 1
+    flags = " ".join(f"{f} {n}" for f, n in (("--tp", tp), ("--pp", pp)) if n > 1)
+    if world.size % (tp * pp):
+        raise UsageError(f"{flags} splits each copy of the model over {tp * pp} ranks: run a multiple of "
+                         f"{tp * pp} (torchrun --nproc-per-node {tp * pp}), not {world.size}")
+    if args.strategy == "fsdp" and world.size > tp * pp and pp > 1:
+        raise UsageError("--pp with --strategy fsdp is not supported yet: a pipeline's data-parallel "
+                         "replicas average gradients as DDP does (leave --strategy out)")
     if not args.resume:
         graph = load_spec(args.spec, cli_overrides(args.set), args.model)
-        if flag == "--tp":
-            tensor_parallel_plan(graph, n)
-        else:
-            pipeline_stages(graph, n)
+        if tp > 1:
+            tensor_parallel_plan(graph, tp)
+        if pp > 1:
+            pipeline_stages(graph, pp)
 
 
 def _train_in_world(args, world) -> int:
@@ -124,7 +125,7 @@ def _train_in_world(args, world) -> int:
 
     run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
     tp, pp = args.tp or 1, args.pp or 1
-    replicas = world.data_parallel(tp * pp)  # the ranks of one model-parallel group read the same batches
+    replicas = world.data_parallel(tp, pp)  # the ranks of one model-parallel group read the same batches
     try:
         existing = find_checkpoint(run_dir) if run_dir.exists() else None
         if args.resume and existing is None:
@@ -151,7 +152,7 @@ def _train_in_world(args, world) -> int:
                                       activation_checkpointing=args.activation_checkpointing
                                       or saved.activation_checkpointing,
                                       compile=args.compile or saved.compile,
-                                      strategy=args.strategy or saved.strategy,
+                                      strategy=args.strategy or saved.strategy, cpu_offload=args.cpu_offload,
                                       micro_batches=args.micro_batches or saved.micro_batches,
                                       pipeline_schedule=args.pp_schedule or saved.pipeline_schedule)
         else:
@@ -161,7 +162,7 @@ def _train_in_world(args, world) -> int:
                 grad_clip=args.grad_clip, grad_accum=args.grad_accum, eval_every=args.eval_every,
                 eval_batches=args.eval_batches, ckpt_every=args.ckpt_every, keep=args.keep, seed=args.seed,
                 precision=args.precision, activation_checkpointing=args.activation_checkpointing,
-                compile=args.compile, strategy=args.strategy or "ddp",
+                compile=args.compile, strategy=args.strategy or "ddp", cpu_offload=args.cpu_offload,
                 micro_batches=args.micro_batches or 0, pipeline_schedule=args.pp_schedule or "1f1b",
             )
         seq = cfg.seq or graph.context
@@ -179,7 +180,10 @@ def _train_in_world(args, world) -> int:
             from lmspec.compiler.pipeline_stages import pipeline_stages
             stages = pipeline_stages(graph, pp, seq)
         if world.main:
-            layout = f"TP {tp}" if tp > 1 else f"PP {pp}" if pp > 1 else cfg.strategy.upper()
+            data_parallel = f"{cfg.strategy.upper()} {replicas.size}" if replicas.size > 1 else ""
+            layout = " x ".join(part for part in (data_parallel, f"TP {tp}" * (tp > 1), f"PP {pp}" * (pp > 1)) if part)
+            layout = layout if tp * pp > 1 else cfg.strategy.upper()
+            layout += ", CPU offload" if cfg.cpu_offload else ""
             ranks = f" on {world.size} ranks ({layout})" if world.size > 1 else ""
             print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
                   f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}")

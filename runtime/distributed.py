@@ -21,10 +21,11 @@ class World:
         """Rank 0: the one that prints, logs and writes checkpoints."""
         return self.rank == 0
 
-    def data_parallel(self, tensor_parallel: int = 1) -> World:
-        """The world of data-parallel replicas when each replica is `tensor_parallel` consecutive
-        ranks: every rank of a replica draws the same batches."""
-        return World(self.rank // tensor_parallel, self.size // tensor_parallel)
+    def data_parallel(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> World:
+        """The world of data-parallel replicas when ranks are laid out pp x dp x tp, tp fastest
+        (runtime/parallel_layout.py): every rank of a replica draws the same batches."""
+        replicas = self.size // (tensor_parallel * pipeline_parallel)
+        return World((self.rank // tensor_parallel) % replicas, replicas)
 
 
 def world_from_environment() -> World:

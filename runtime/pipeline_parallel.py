@@ -16,7 +16,9 @@ A head tied to the embedding lives on two stages (the last keeps a copy under th
 after each step the two copies' gradients are summed over a group of the two ranks, so AdamW moves
 them alike and they stay equal. Checkpoints keep the single-process layout: `full_state_dict()`
 gathers the canonical weights (a tied weight once, under the name safetensors' save_model keeps)
-to rank 0, and `load_full_state_dict()` reads such a state on every rank.
+to rank 0, `save_checkpoint()` has every rank write its share of the optimizer state through
+torch.distributed.checkpoint, and `load_full_state_dict()` / `load_optimizer_state()` read such a
+state (of any layout) on every rank, each its own stage's.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from lmspec.compiler.checkpointing import BLOCK_META
 from lmspec.compiler.graph import ModelGraph
 from lmspec.compiler.pipeline_stages import Stage
+from torch.distributed.tensor import DTensor
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -277,7 +280,10 @@ class Pipeline:
             p = self._tied_param(tie)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=tie.group)
+            if isinstance(p, DTensor) and p.grad.placements != p.placements:
+                # the vocab-parallel embedding's gradient comes back Replicate; its copy's is Shard(0)
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+            dist.all_reduce(_local(p.grad), group=tie.group)
             if before is not None:
                 p.grad += before
 
@@ -291,7 +297,8 @@ class Pipeline:
         grads = [p.grad for p in self._owned() if p.grad is not None]
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
         for g in grads:
-            sq += g.detach().double().pow(2).sum()
+            part = g.detach().double().pow(2).sum()  # under tensor parallelism, summed over the shards
+            sq += part.full_tensor() if isinstance(part, DTensor) else part
         if len(self.stages) > 1:
             dist.all_reduce(sq, group=self.group)
         norm = math.sqrt(float(sq))
@@ -316,10 +323,12 @@ class Pipeline:
         """The whole model's weights on rank 0's CPU, keyed as the single-process model.safetensors
         is (a tied weight once); an empty dict on the other ranks. Collective."""
         mine = {}
-        for name, tensor in self.module.state_dict().items():
+        for name, tensor in self._canonical_state().items():
             if name in self.stage.tied_copies:
                 continue  # the owner's stage sends it
             mine[self._kept_name(name)] = tensor
+        if self._tp is not None and self._tp_rank:
+            return {}  # tensor-parallel rank 0 of each stage has it all
         if len(self.stages) == 1:
             return {k: v.detach().cpu().clone() for k, v in mine.items()}
         metas = [None] * len(self.stages)
@@ -331,17 +340,36 @@ class Pipeline:
             for key in sorted(metas[s]):
                 shape, dtype = metas[s][key]
                 if self.stage.index == s:
-                    dist.send(mine[key].detach().contiguous(), dst=self._rank_of(0), group=self.group)
+                    dist.send(mine[key].detach().to(self.device).contiguous(), dst=self._rank_of(0), group=self.group)
                 elif self.is_first:
                     buf = torch.empty(shape, dtype=getattr(torch, dtype.split(".")[-1]), device=self.device)
                     dist.recv(buf, src=self._rank_of(s), group=self.group)
                     out[key] = buf.cpu()
         return out
 
+    @property
+    def _tp(self):
+        """The tensor-parallel plan this stage runs under, or None."""
+        return getattr(self.module, "tensor_parallel", None)
+
+    @property
+    def _tp_rank(self) -> int:
+        mesh = next((p.device_mesh for p in self.module.parameters() if isinstance(p, DTensor)), None)
+        return mesh.get_local_rank() if mesh is not None else 0
+
+    def _canonical_state(self) -> dict[str, torch.Tensor]:
+        """This stage's state_dict, whole and in the single-process layout (collective over the
+        tensor-parallel group when there is one)."""
+        if self._tp is not None:
+            from .tensor_parallel import full_state_dict
+            return full_state_dict(self.module, self._tp)
+        return self.module.state_dict()
+
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy a whole-model state (as model.safetensors holds it, a tied weight under any of its
         names) into this rank's stage."""
+        mine = {}
         for name, tensor in self.module.state_dict().items():
             source = next((state[a] for a in [name, *self._aliases(name)] if a in state), None)
             if source is None:
@@ -349,57 +377,74 @@ class Pipeline:
             if tuple(source.shape) != tuple(tensor.shape):
                 raise ValueError(f"{name}: the weights hold shape {tuple(source.shape)}, "
                                  f"the model {tuple(tensor.shape)}")
-            tensor.copy_(source.to(tensor.device, tensor.dtype))
+            mine[name] = source
+        if self._tp is not None:
+            from .tensor_parallel import load_full_state_dict
+            load_full_state_dict(self.module, self._tp, mine)
+            return
+        for name, tensor in self.module.state_dict().items():
+            tensor.copy_(mine[name].to(tensor.device, tensor.dtype))
 
 
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
-        """The optimizer state of the whole model keyed by parameter name, in read_optimizer_by_name's
-        form, on rank 0 (None elsewhere); a tied weight's copy is left out: its owner holds the same
-        state. Collective. Every stage's state is pickled to stage 0 whole: fine for the models a
-        CPU test or one node trains; a sharded writer (torch.distributed.checkpoint) is the way past that."""
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        state = {}
-        for p, values in optimizer.state.items():
-            name = names[id(p)]
-            if name not in self.stage.tied_copies:
-                state[name] = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                               for k, v in values.items()}
-        groups = [{**{k: v for k, v in g.items() if k != "params"},
-                   "params": [names[id(p)] for p in g["params"] if names[id(p)] not in self.stage.tied_copies]}
-                  for g in optimizer.param_groups]
-        mine = {"state": state, "param_groups": groups}
-        if len(self.stages) == 1:
-            return mine
-        everyone = [None] * len(self.stages) if self.is_first else None
-        dist.gather_object(mine, everyone, dst=self._rank_of(0), group=self.group)
-        if not self.is_first:
-            return None
-        merged = {"state": {}, "param_groups": [dict(g, params=[]) for g in groups]}
-        for part in everyone:  # in stage order, so the names follow the model's order
-            merged["state"].update(part["state"])
-            for into, g in zip(merged["param_groups"], part["param_groups"]):
-                into["params"] += g["params"]
-        return merged
+    def save_checkpoint(self, world, run_dir, optimizer: torch.optim.Optimizer, mesh=None, *, step: int,
+                        **fields):
+        """A checkpoint of the whole model; every rank calls it. The weights are gathered to rank 0
+        (model.safetensors); each rank writes its share of the AdamW state, whole and by name,
+        through torch.distributed.checkpoint (runtime/parallel_checkpoint.py). A tied weight's copy
+        is left out: its owner holds the same state. Returns the directory on rank 0."""
+        from .parallel_checkpoint import owned_optimizer_state, param_groups_by_name, save_model_parallel_checkpoint
+        from .parallel_layout import stage_peers
+        weights = self.full_state_dict()
+        peers, index = stage_peers(mesh)
+        skip = set(self.stage.tied_copies)
+        state = owned_optimizer_state(self.module, optimizer, plan=self._tp, skip=skip, peers=peers, index=index)
+        groups = param_groups_by_name(self.module, optimizer, skip, group=self.group, stages=len(self.stages))
+        return save_model_parallel_checkpoint(world, run_dir, step=step, weights=weights, state=state,
+                                              param_groups=groups, **fields)
+
+    def needed_names(self) -> set[str]:
+        """The names under which a whole-model state may hold this stage's parameters."""
+        return {a for name, _ in self.module.named_parameters() for a in [name, *self._aliases(name)]}
 
     @torch.no_grad()
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, by_name: dict) -> None:
         """Give this rank's optimizer its parameters' state from a whole-model state keyed by name
         (read_optimizer_by_name); a tied copy takes its owner's state, under whichever of its names
         the state was saved."""
+        mine = {}
         for name, p in self.module.named_parameters():
             source = next((by_name["state"][a] for a in [name, *self._aliases(name)] if a in by_name["state"]), None)
             if source is None:
                 raise KeyError(f"the optimizer state holds nothing for {name}")
+            mine[name] = source
+        if self._tp is not None:
+            from .tensor_parallel import load_full_optimizer_state_dict
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            groups = [{**saved, "params": [names[id(p)] for p in g["params"]]}
+                      for saved, g in zip(by_name["param_groups"], optimizer.param_groups)]
+            load_full_optimizer_state_dict(self.module, optimizer, self._tp, {"state": mine, "param_groups": groups})
+            return
+        for name, p in self.module.named_parameters():
             optimizer.state[p] = {k: v.to(p.device).clone() if isinstance(v, torch.Tensor) and v.dim() else
-                                  (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in source.items()}
+                                  (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in mine[name].items()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage], rank: int, world,
-                   n_microbatches: int, schedule: str = "1f1b", loss_fn=None, group=None) -> Pipeline:
+                   n_microbatches: int, schedule: str = "1f1b", loss_fn=None, group=None, mesh=None,
+                   tensor_parallel_plan=None) -> Pipeline:
     """This rank's stage of `model` (one stage per rank: len(stages) ranks in `group`, default the
     world) and its schedule. Collective when a tied weight crosses stages (it makes the process
-    group that sums the copies' gradients), so every rank calls it at the same point."""
+    group that sums the copies' gradients), so every rank calls it at the same point.
+
+    With a pp x dp x tp `mesh` (runtime/parallel_layout.py) the stages run over its "pp" groups, and
+    with a `tensor_parallel_plan` each stage is split over its "tp" group as well."""
     size = getattr(world, "size", world)
+    if mesh is not None:
+        group = mesh["pp"].get_group()
     if group is not None:
         size, rank = dist.get_world_size(group), dist.get_rank(group)
     if len(stages) != size:
@@ -418,18 +463,31 @@ def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage]
     stage = stages[rank]
     module = stage_module(model, stages, rank)
     module.train(model.training)
+    if tensor_parallel_plan is not None:
+        from .tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(module, tensor_parallel_plan, mesh["tp"], stage=True)
     pipe = Pipeline(module=module, stage=stage, stages=stages, graph=graph, rank=rank, world=size,
                     n_microbatches=n_microbatches, schedule_name=schedule, group=group, loss_fn=loss_fn)
     # ties across stages: one group per tied weight, made by every rank in the same order
+    # (under a mesh, one group per data- and tensor-parallel coordinate: the copies of one shard)
     owner_stage = {name: s.index for s in stages for name in s.parameters}
+    grid = mesh.mesh if mesh is not None else None
+    mine = tuple(mesh.get_local_rank(d) for d in ("dp", "tp")) if mesh is not None else ()
+    places = [(d, t) for d in range(grid.size(1)) for t in range(grid.size(2))] if grid is not None else [()]
     for s in stages:
         for name, target in sorted(s.tied_copies.items()):
-            members = sorted({pipe._rank_of(owner_stage[target]), pipe._rank_of(s.index)})
-            tie_group = dist.new_group(members) if size > 1 else None
-            if stage.index == s.index:
-                pipe._ties.append(_Tie(name, tie_group))
-            elif stage.index == owner_stage[target]:
-                pipe._ties.append(_Tie(target, tie_group))
+            for place in places:
+                if grid is not None:
+                    members = sorted({int(grid[(owner_stage[target], *place)]), int(grid[(s.index, *place)])})
+                else:
+                    members = sorted({pipe._rank_of(owner_stage[target]), pipe._rank_of(s.index)})
+                tie_group = dist.new_group(members) if size > 1 else None
+                if place != mine:
+                    continue
+                if stage.index == s.index:
+                    pipe._ties.append(_Tie(name, tie_group))
+                elif stage.index == owner_stage[target]:
+                    pipe._ties.append(_Tie(target, tie_group))
     device = pipe.device
     pipe._pipe_stage = PipelineStage(module, rank, len(stages), device, group=group)
     pipe._schedule = SCHEDULES[schedule](pipe._pipe_stage, n_microbatches, loss_fn=pipe._loss, scale_grads=False)

@@ -1,12 +1,13 @@
 """`lmspec plan`: what training a spec needs (parameters, FLOPs, compute, time, memory per GPU under
-DDP and FSDP), read off its graph. Like `check` and `info`, it never imports torch."""
+DDP and FSDP, and host memory under FSDP with CPU offload), read off its graph. Like `check` and `info`,
+it never imports torch."""
 from __future__ import annotations
 
 import json
 import math
 import textwrap
 
-from lmspec.compiler.plan import parse_bytes
+from lmspec.compiler.plan import HEADROOM, parse_bytes
 
 from .usage import UsageError, cli_overrides
 
@@ -25,8 +26,8 @@ def _quantity(parse, text: str | None, option: str):
 
 def cmd_plan(args) -> int:
     from lmspec.compiler import load_spec
-    from lmspec.compiler.plan import (GPUS_PER_NODE, NETWORK_BANDWIDTH, NVLINK_BANDWIDTH, STRATEGIES, make_plan,
-                                      parse_count, parse_flops)
+    from lmspec.compiler.plan import (GPUS_PER_NODE, HOST_MEMORY, LAYOUT_STRATEGIES, NETWORK_BANDWIDTH,
+                                      NVLINK_BANDWIDTH, PCIE_BANDWIDTH, make_plan, parse_count, parse_flops)
     if args.gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
     if args.micro_batch < 1:
@@ -44,7 +45,8 @@ def cmd_plan(args) -> int:
     if args.seq is not None and context is not None and args.seq > context:
         raise UsageError(f"--seq {args.seq} is more than the context of {graph.name} ({context})")
     seq = args.seq or min(context or 4096, 4096)
-    strategies = STRATEGIES if args.strategy == "both" else (args.strategy,)
+    # FSDP with CPU offload is FSDP (`lmspec train --strategy fsdp --cpu-offload`): it comes with fsdp
+    strategies = {"both": LAYOUT_STRATEGIES, "fsdp": ("fsdp", "offload")}.get(args.strategy, (args.strategy,))
     ckpt = (False, True) if args.activation_checkpointing is None else (args.activation_checkpointing,)
     # the 3-D layouts' options (read with getattr: runtime/cli.py may not declare them)
     global_batch = getattr(args, "global_batch", None)
@@ -60,12 +62,15 @@ def cmd_plan(args) -> int:
         raise UsageError(f"--layouts must be 0 or more, got {shown}")
     nvlink = _quantity(_bandwidth, getattr(args, "nvlink_bandwidth", None), "--nvlink-bandwidth")
     network = _quantity(_bandwidth, getattr(args, "network_bandwidth", None), "--network-bandwidth")
+    host_memory = _quantity(parse_bytes, getattr(args, "host_memory", None), "--host-memory")
+    pcie = _quantity(_bandwidth, getattr(args, "pcie_bandwidth", None), "--pcie-bandwidth")
     plan = make_plan(graph, gpus=args.gpus, gpu_memory=gpu_memory, seq=seq, micro_batch=args.micro_batch,
                      precision=args.precision, tokens=tokens, compute=compute, mfu=args.mfu,
                      gpu_flops=gpu_flops, strategies=strategies, checkpointing=ckpt, global_batch=global_batch,
                      schedule=getattr(args, "schedule", None) or "1f1b",
                      sequence_parallel=bool(getattr(args, "sequence_parallel", False)), gpus_per_node=per_node,
-                     nvlink_bandwidth=nvlink or NVLINK_BANDWIDTH, network_bandwidth=network or NETWORK_BANDWIDTH)
+                     nvlink_bandwidth=nvlink or NVLINK_BANDWIDTH, network_bandwidth=network or NETWORK_BANDWIDTH,
+                     host_memory=host_memory or HOST_MEMORY, pcie_bandwidth=pcie or PCIE_BANDWIDTH)
     if args.format == "json":
         print(json.dumps(to_json(plan), indent=2))
     else:
@@ -112,6 +117,7 @@ def _layout_json(x, gpu_memory: float) -> dict:
             "micro_batches": x.micro_batches, "worst_stage": x.stage,
             "memory_bytes_per_gpu": {"weights": x.weights, "gradients": x.gradients, "optimizer": x.optimizer,
                                      "activations": x.activations, "total": x.total},
+            "host_memory_bytes": {"per_gpu": x.host, "per_node": x.host_node},
             "fits": x.fits(gpu_memory), "comm_bytes_per_gpu_per_step": dict(x.comm), "links": dict(x.links),
             "bubble": x.bubble, "compute_seconds": x.compute_s, "exposed_seconds": dict(x.times),
             "step_seconds": x.step_s}
@@ -123,6 +129,8 @@ def _layouts_json(plan) -> dict:
         "assumptions": {"global_batch": grid.global_batch, "schedule": grid.schedule,
                         "gpus_per_node": grid.gpus_per_node, "max_tp": grid.max_tp,
                         "nvlink_bandwidth": grid.nvlink_bandwidth, "network_bandwidth": grid.network_bandwidth,
+                        "host_memory_per_node": grid.host_memory, "pcie_bandwidth": grid.pcie_bandwidth,
+                        "host_optimizer_bandwidth": grid.host_optimizer_bandwidth,
                         "mfu": plan.mfu, "gpu_flops": plan.gpu_flops, "tp_divides": grid.tp_limits},
         "all": [_layout_json(x, plan.gpu_memory) for x in grid.layouts],  # fastest first
         "fewest_gpus_that_fit": None if plan.grid_more is None else {
@@ -206,6 +214,35 @@ def render(plan) -> str:
     return "\n".join(out)
 
 
+def _offload_unfit(offload, host_memory: float, gpu_memory: float) -> str:
+    """Why no offload layout fits either: the host memory, or what stays on the GPU."""
+    host = min(x.host_node for x in offload)
+    gpu = min(x.total for x in offload)
+    if host > HEADROOM * host_memory:
+        return (f", and offloaded to host memory (offload layouts) they take {host / 1e9:,.0f} GB per node at "
+                f"least, more than 90% of its {_si(host_memory, 'B')} (--host-memory)")
+    if gpu > HEADROOM * gpu_memory:
+        return (f"; offloaded to host memory (offload layouts), what stays on each GPU (the unsharded root and "
+                f"two blocks, the activations) is still {gpu / 1e9:,.1f} GB at least, more than 90% of "
+                f"{_si(gpu_memory, 'B')}")
+    return "; offloaded to host memory (offload layouts), none fits both its GPU and its host memory"
+
+
+def _offload_note(offload, grid, gpu_memory: float) -> str:
+    fit = [x for x in offload if x.fits(gpu_memory) == "yes"]
+    x = (fit or offload)[0]  # the fastest (that fits)
+    return (f"offload: FSDP2 with CPU offload (`lmspec train --strategy fsdp --cpu-offload`; pp = 1 only): the "
+            f"sharded fp32 weights, gradients and AdamW moments live in host memory, 16 bytes x parameters / dp "
+            f"per GPU ({x.host_node / 1e9:,.0f} GB per node for {x.name}, of the node's "
+            f"{_si(grid.host_memory, 'B')}, --host-memory); each GPU keeps the unsharded root and two blocks and "
+            f"the activations. Each micro-batch copies the fp32 weight shard to the GPU twice (forward, backward) "
+            f"and the fp32 gradient shard back over PCIe at {grid.pcie_bandwidth / 1e9:,.0f} GB/s per GPU "
+            f"(--pcie-bandwidth): {x.comm['pcie'] / 1e9:,.0f} GB per GPU per step, overlapping compute like "
+            f"FSDP's traffic (only the excess adds to the step); AdamW steps on the CPU, not overlapped (28 bytes "
+            f"of host memory traffic per parameter at {grid.host_optimizer_bandwidth / 1e9:,.0f} GB/s per GPU): "
+            f"{x.times['offload']:,.1f} s per step.")
+
+
 def _precision(precision: str) -> str:
     return "fp32" if precision == "fp32" else f"{precision} autocast"
 
@@ -214,7 +251,7 @@ def _layout_row(x, gpu_memory: float, tokens: float, scale: float) -> str:
     comm = "".join(f"{x.comm[k] / scale:>8,.0f}" for k in ("dp", "tp", "pp"))
     data = x.strategy + ("+sp" if x.sequence_parallel else "")
     step = f"{x.step_s:,.2f} s" if x.step_s >= 0.1 else f"{x.step_s * 1e3:.3g} ms"
-    return (f"  {x.dp:>3}{x.tp:>4}{x.pp:>4}  {data:<9}{'per block' if x.checkpointing else 'no':<11}"
+    return (f"  {x.dp:>3}{x.tp:>4}{x.pp:>4}  {data:<11}{'per block' if x.checkpointing else 'no':<11}"
             f"{x.micro_batches:>5}{x.total / scale:>9,.1f}  {x.fits(gpu_memory):<6}{comm}"
             f"{x.bubble:>8.1%}{step:>11}{_si(tokens / x.step_s):>11}")
 
@@ -233,9 +270,9 @@ def render_layouts(plan, shown: int = 8) -> str:
            f"fastest first:",
            f"  global batch {grid.global_batch} x {plan.seq} tokens per step, "
            f"{'1F1B' if grid.schedule == '1f1b' else 'GPipe'} schedule, {_precision(plan.precision)}, AdamW",
-           f"  {'dp':>3}{'tp':>4}{'pp':>4}  {'data':<9}{'checkpoint':<11}{'micro':>5}{unit + '/GPU':>9}  {'fits':<6}"
+           f"  {'dp':>3}{'tp':>4}{'pp':>4}  {'data':<11}{'checkpoint':<11}{'micro':>5}{unit + '/GPU':>9}  {'fits':<6}"
            f"{'sent ' + unit + '/step per GPU':>24}{'bubble':>8}{'step':>11}{'tokens/s':>11}",
-           f"  {'':>11}  {'':<9}{'':<11}{'batches':>5}{'':>9}  {'':<6}{'dp':>8}{'tp':>8}{'pp':>8}"]
+           f"  {'':>11}  {'':<11}{'':<11}{'batches':>5}{'':>9}  {'':<6}{'dp':>8}{'tp':>8}{'pp':>8}"]
     if fit:
         out += [_layout_row(x, mem, tokens, scale) for x in fit[:shown]]
         if len(fit) > shown:
@@ -248,20 +285,25 @@ def render_layouts(plan, shown: int = 8) -> str:
     ckpt = max((x.checkpointing for x in grid.layouts), default=False)  # with checkpointing where shown
     pure = {x.strategy: x for x in grid.layouts if x.tp == x.pp == 1 and x.checkpointing == ckpt}
     if pure:
-        said = ", ".join(f"{k} {v.total / scale:,.1f} {unit} ({_FITS[v.fits(mem)]})"
-                         for k, v in sorted(pure.items()))
+        said = ", ".join(f"{k} {v.total / scale:,.1f} {unit}"
+                         + (f" + {v.host_node / 1e9:,.0f} GB of host memory per node" if v.host else "")
+                         + f" ({_FITS[v.fits(mem)]})" for k, v in sorted(pure.items()))
         notes.append(f"pure data parallel (dp={plan.gpus}, {'with' if ckpt else 'without'} checkpointing): {said}.")
+    offload = [x for x in grid.layouts if x.strategy == "offload"]
     if not fit:
         per_gpu = 16 * plan.parameters / plan.gpus
         more = plan.grid_more
         notes.append(f"nothing fits on {plan.gpus} GPUs: the fp32 weights and gradients and the two AdamW "
                      f"moments alone are 16 bytes x {_count(plan.parameters)} parameters = "
-                     f"{16 * plan.parameters / 1e9:,.0f} GB, {per_gpu / 1e9:,.1f} GB per GPU however they are split."
+                     f"{16 * plan.parameters / 1e9:,.0f} GB, {per_gpu / 1e9:,.1f} GB per GPU however they are split"
+                     + (_offload_unfit(offload, grid.host_memory, mem) if offload else "") + "."
                      + (f" The fewest GPUs (doubling) on which a layout fits: {more[0]}; the fastest there is "
                         f"dp={more[1].dp} tp={more[1].tp} pp={more[1].pp} {more[1].strategy}"
                         f"{' with' if more[1].checkpointing else ' without'} checkpointing, "
                         f"{more[1].total / 1e9:,.1f} GB per GPU, {more[1].step_s:,.1f} s per step "
                         f"(--gpus {more[0]})." if more else ""))
+    if offload:
+        notes.append(_offload_note(offload, grid, mem))
     lim = grid.tp_limits
     need = [f"{', '.join(map(str, lim[k]))} {label}" for k, label in
             (("heads", "heads"), ("kv_heads", "kv heads"), ("hidden", "MLP hidden")) if lim[k]]
@@ -272,8 +314,10 @@ def render_layouts(plan, shown: int = 8) -> str:
                  f"worst GPU's (stage 0 under 1F1B: pp micro-batches in flight).")
     notes.append(f"step = micro-batches x the slowest stage's time per micro-batch (compute at {plan.mfu:.0%} MFU "
                  f"of {_si(plan.gpu_flops, 'FLOP/s')}, recompute included, + tp and pp traffic, not overlapped) "
-                 f"x (1 + (pp-1)/micro-batches) + data-parallel traffic not hidden behind compute. "
-                 f"Bandwidth per GPU per direction: tp over NVLink {grid.nvlink_bandwidth / 1e9:,.0f} GB/s; dp and pp "
+                 f"x (1 + (pp-1)/micro-batches) + data-parallel traffic "
+                 + ("(and offload's PCIe copies) not hidden behind compute (+ offload's CPU AdamW step). "
+                    if offload else "not hidden behind compute. ")
+                 + f"Bandwidth per GPU per direction: tp over NVLink {grid.nvlink_bandwidth / 1e9:,.0f} GB/s; dp and pp "
                  f"over NVLink within a node, {grid.network_bandwidth / 1e9:,.0f} GB/s between nodes "
                  f"(--nvlink-bandwidth, --network-bandwidth, --gpus-per-node).")
     out.append("")

@@ -29,22 +29,12 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from lmspec.compiler.checkpointing import BLOCK_META
 
-from .checkpoint import (
-    CHECKPOINTS_DIR,
-    OPTIMIZER_DCP_DIR,
-    TMP_PREFIX,
-    Checkpoint,
-    CheckpointError,
-    read_optimizer_by_name,
-    remove_stale_temporaries,
-    save_checkpoint,
-    step_dir_name,
-)
-from .distributed import World, barrier
+from .checkpoint import OPTIMIZER_DCP_DIR, Checkpoint, CheckpointError, read_optimizer_by_name
+from .distributed import World
 
 STRATEGIES = ("ddp", "fsdp")
 _LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,15 +68,21 @@ def block_units(model: fx.GraphModule) -> dict[str, list[str]]:
     return units
 
 
-def shard_model(model: fx.GraphModule, precision: str = "fp32") -> dict[str, list[str]]:
+def shard_model(model: fx.GraphModule, precision: str = "fp32", mesh=None, offload: bool = False
+                ) -> dict[str, list[str]]:
     """Apply FSDP2 in place: one `fully_shard` group per block, then the root. Under mixed
-    precision the weights are gathered in 16 bits and gradients reduced in fp32. Returns the units."""
+    precision the weights are gathered in 16 bits and gradients reduced in fp32. `mesh`: the
+    data-parallel sub-mesh of a tensor-parallel run (2-D FSDP x TP); default the whole world.
+    `offload`: the shards (weights, gradients, so AdamW's state too) live in host memory, copied
+    to the device for each all-gather (CPUOffloadPolicy); the optimizer steps on the CPU.
+    Returns the units."""
     policy = MixedPrecisionPolicy(param_dtype=_LOW.get(precision), reduce_dtype=torch.float32
                                   if precision in _LOW else None)
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     units = block_units(model)
     for names in units.values():
-        fully_shard([model.get_submodule(n) for n in names], mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard([model.get_submodule(n) for n in names], mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
     return units
 
 
@@ -125,26 +121,13 @@ def kept_names(model: torch.nn.Module) -> list[str]:
 
 
 def save_sharded_checkpoint(world: World, run_dir, *, step: int, model, optimizer, **fields) -> Path | None:
-    """A checkpoint of an FSDP run; every rank calls it. The ranks write their optimizer shards into
-    a staging directory; rank 0 then writes the consolidated weights and the rest through
-    save_checkpoint, which moves the shards in before the atomic rename. Returns the checkpoint
-    directory on rank 0, None on the others."""
-    parent = Path(run_dir) / CHECKPOINTS_DIR
-    staging = parent / f"{TMP_PREFIX}dcp-{step_dir_name(step)}"  # the same name on every rank
-    if world.main:
-        parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(parent)
-        staging.mkdir()
-    barrier(world)
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(staging))
-    weights = consolidated_weights(model)
-    path = None
-    if world.main:
-        path = save_checkpoint(run_dir, step=step, model=None, weights=weights, optimizer=None,
-                               move_in={OPTIMIZER_DCP_DIR: staging}, **fields)
-    barrier(world)
-    return path
-
+    """A checkpoint of an FSDP run; every rank calls it. The ranks write their optimizer shards
+    through torch.distributed.checkpoint; rank 0 writes the consolidated weights and the rest
+    (parallel_checkpoint.save_with_optimizer_dcp). Returns the checkpoint directory on rank 0,
+    None on the others."""
+    from .parallel_checkpoint import save_with_optimizer_dcp
+    return save_with_optimizer_dcp(world, run_dir, step=step, optimizer_state=get_optimizer_state_dict(model, optimizer),
+                                   weights=lambda: consolidated_weights(model), **fields)
 
 def load_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
     """Restore optimizer state saved by any run (sharded or not, on any number of ranks) into this

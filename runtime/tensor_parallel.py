@@ -27,7 +27,8 @@ that rank r's contiguous chunk is [q_r | k_r | v_r] (or [gate_r | up_r]); then S
 Megatron's split, and the op module's own `split` / `chunk` of its local output is right. The
 permutation is an implementation detail of the running model: `full_state_dict` gathers and
 un-permutes, `load_full_state_dict` permutes and scatters, so checkpoints (model.safetensors and the
-by-name optimizer state) keep the single-process layout and names, and resume on any tp or none.
+optimizer state by name, written through torch.distributed.checkpoint) keep the single-process layout
+and names, and resume on any tp or none.
 
 Data: every rank of a tp group must see the same batch (tp is not data parallelism); dropout masks
 in replicated regions agree because every rank seeds alike (attention-probability dropout on a
@@ -59,13 +60,8 @@ from lmspec.compiler.tensor_parallel import (
     inverse_order,
 )
 
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    read_optimizer_by_name,
-    save_gathered_checkpoint,
-)
-from .distributed import World, barrier
+from .checkpoint import Checkpoint, CheckpointError, read_optimizer_by_name
+from .distributed import World
 
 MESH_DIM = "tp"
 
@@ -77,21 +73,27 @@ def tensor_parallel_mesh(tp: int, device_type: str | None = None) -> DeviceMesh:
     return init_device_mesh(device_type, (tp,), mesh_dim_names=(MESH_DIM,))
 
 
-def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh: DeviceMesh) -> fx.GraphModule:
+def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh: DeviceMesh,
+                          stage: bool = False) -> fx.GraphModule:
     """Parallelize a lowered model in place, as `plan` says; returns it. Call it on a model whose
     (canonical) weights are in place and identical on every rank (same seed, or a loaded checkpoint),
-    before the optimizer is created."""
+    before the optimizer is created. `stage`: the model is one pipeline stage, holding some of the
+    plan's modules (a head whose tied embedding lives on another stage keeps its own copy, split
+    as the embedding is)."""
     if mesh.size() != plan.tp:
         raise ValueError(f"the plan is for {plan.tp} ranks but the mesh has {mesh.size()}")
     missing = [m for m in plan.modules if not _has_module(model, m)]
-    if missing:
+    if missing and not stage:
         raise ValueError(f"the plan names modules the model lacks: {', '.join(missing[:3])}")
+    present = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     with torch.no_grad():  # fused tensors: each rank's contiguous chunk becomes [q_r|k_r|v_r] / [gate_r|up_r]
         for name, split in plan.params.items():
-            if split.tied_to is None and len(split.sections) > 1:
+            if split.tied_to is None and len(split.sections) > 1 and name in present:
                 p = model.get_parameter(name)
                 p.copy_(p[_order(split, plan.tp, p.device)])
     for path, rule in plan.modules.items():
+        if path in missing:
+            continue
         module = model.get_submodule(path)
         if rule.kind == ATTENTION:
             styles = {"qkv": ColwiseParallel(), "proj": RowwiseParallel()}
@@ -110,7 +112,7 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
             _replicate(module, mesh)
     # parallelize_module gives each module a new Parameter: tie the aliases to their owner again
     for name, split in plan.params.items():
-        if split.tied_to is not None:
+        if split.tied_to is not None and split.tied_to in present and name in present:
             *parents, leaf = name.split(".")
             setattr(model.get_submodule(".".join(parents)), leaf, model.get_parameter(split.tied_to))
     model.tensor_parallel = plan
@@ -204,7 +206,10 @@ def _local_share(full: torch.Tensor, current: torch.Tensor, split, plan: TensorP
     if split is not None and len(split.sections) > 1:
         full = full[_order(split, plan.tp, full.device)]
     if isinstance(current, DTensor):  # every rank holds `full`: cut locally, no communication
-        return distribute_tensor(full, current.device_mesh, current.placements, src_data_rank=None).to_local()
+        # (Replicate -> Shard is a local slice, and it knows FSDP x TP's _StridedShard)
+        replicated = DTensor.from_local(full, current.device_mesh, [Replicate()] * current.device_mesh.ndim,
+                                        run_check=False)
+        return replicated.redistribute(current.device_mesh, current.placements).to_local()
     return full
 
 
@@ -278,7 +283,8 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
                               else v for k, v in values.items()}
         for k, v in state[index[name]].items():  # moments as DTensors laid out like their parameter
             if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim():
-                state[index[name]][k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+                state[index[name]][k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                           shape=p.shape, stride=p.stride())  # uneven shards
     groups = [g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -290,25 +296,32 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
 
 def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: nn.Module,
                                     optimizer: torch.optim.Optimizer, plan: TensorParallelPlan | None = None,
-                                    **fields) -> Path | None:
-    """A checkpoint of a tensor-parallel run in the single-process layout (model.safetensors with
-    tied weights once, optimizer.safetensors by name); every rank calls it (the gathers are
-    collective), rank 0 writes. `fields` are save_checkpoint's rng, train_config, metrics,
-    tokenizer, spec, keep. Returns the directory on rank 0, None on the others."""
+                                    mesh: DeviceMesh | None = None, **fields) -> Path | None:
+    """A checkpoint of a tensor-parallel run (and its data-parallel replicas, `mesh`): the whole
+    weights in model.safetensors (tied ones once) written by rank 0, the AdamW state through
+    torch.distributed.checkpoint, each rank writing its share whole and un-permuted
+    (runtime/parallel_checkpoint.py), so any layout resumes it. Every rank calls it (the gathers
+    are collective). `fields` are save_checkpoint's rng, train_config, metrics, tokenizer, spec,
+    keep. Returns the directory on rank 0, None on the others."""
+    from .parallel_checkpoint import owned_optimizer_state, param_groups_by_name, save_model_parallel_checkpoint
+    from .parallel_layout import stage_peers
     from .sharding import kept_names
     plan = plan or model.tensor_parallel
     weights = full_state_dict(model, plan)
-    weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights}
-    optim = full_optimizer_state_dict(model, optimizer, plan)
-    path = None
-    if world.main:
-        path = save_gathered_checkpoint(run_dir, step=step, weights=weights, optimizer_by_name=optim, **fields)
-    barrier(world)
-    return path
+    weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights} if world.main else {}
+    peers, index = stage_peers(mesh) if mesh is not None else (plan.tp, _mesh_rank(model))
+    state = owned_optimizer_state(model, optimizer, plan=plan, peers=peers, index=index)
+    return save_model_parallel_checkpoint(world, run_dir, step=step, weights=weights, state=state,
+                                          param_groups=param_groups_by_name(model, optimizer), **fields)
+
+
+def _mesh_rank(model: nn.Module) -> int:
+    mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
+    return mesh.get_local_rank()
 
 
 def load_tensor_parallel_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: nn.Module,
                                    plan: TensorParallelPlan | None = None) -> None:
-    """Resume the optimizer of a tensor-parallel run from a checkpoint with optimizer.safetensors
-    (one process, DDP, or tensor parallel of any size)."""
+    """Resume the optimizer of a tensor-parallel run from any checkpoint (one process, DDP, FSDP,
+    tensor or pipeline parallel of any size)."""
     load_full_optimizer_state_dict(model, optimizer, plan, read_optimizer_by_name(checkpoint.path))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import (Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, read_optimizer_by_name,
-                         save_checkpoint, save_gathered_checkpoint)
+                         save_checkpoint)
 from .data import TokenData
 from .distributed import World
 from .metrics import MetricsLog, plot_loss_curve
@@ -65,6 +65,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward
     world_size: int = 1  # ranks the run trained on; `batch` is per rank, the global batch batch * world_size
     strategy: str = "ddp"  # with several ranks: ddp (replicated weights) or fsdp (sharded, FSDP2)
+    cpu_offload: bool = False  # fsdp: sharded weights, gradients and AdamW state live in host memory
     tensor_parallel: int = 1  # ranks each layer is split over (DTensor); the data-parallel ranks are world / this
     pipeline_parallel: int = 1  # pipeline stages, one rank each (torch.distributed.pipelining)
     micro_batches: int = 0  # a pipeline's micro-batches per batch (0: as many as stages)
@@ -107,6 +108,9 @@ class TrainConfig:
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
         need(self.precision in self.PRECISIONS, "precision", f"must be one of {', '.join(self.PRECISIONS)}")
         need(self.strategy in self.STRATEGIES, "strategy", f"must be one of {', '.join(self.STRATEGIES)}")
+        need(not self.cpu_offload or self.strategy == "fsdp", "cpu_offload", "needs strategy fsdp")
+        # GradScaler unscales on the accelerator; offloaded gradients are on the host
+        need(not self.cpu_offload or self.precision != "fp16", "cpu_offload", "does not combine with fp16 (use bf16)")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -181,11 +185,12 @@ def train(
     loss is the mean over ranks, and only rank 0 writes metrics and plots. Checkpoints hold the
     whole model either way, so a run resumes on any number of ranks under either strategy.
 
-    With a `tensor_parallel_plan` (compiler/tensor_parallel.py) over every rank of the world, each
-    layer is split across the ranks instead (runtime/tensor_parallel.py); with `pipeline_stages`
-    (compiler/pipeline_stages.py, one per rank, and the model's `graph`) each rank runs one stage
-    of a pipeline (runtime/pipeline_parallel.py). Either way every rank trains on the same batch, and
-    checkpoints keep the single-process layout."""
+    With a `tensor_parallel_plan` (compiler/tensor_parallel.py) each layer is split over tp ranks
+    (runtime/tensor_parallel.py); with `pipeline_stages` (compiler/pipeline_stages.py, and the
+    model's `graph`) each rank runs one stage of a pipeline (runtime/pipeline_parallel.py); both
+    compose, and a world larger than tp x pp holds data-parallel replicas of the model-parallel
+    group, laid out pp x dp x tp (runtime/parallel_layout.py). The ranks of one replica train on the
+    same batches; checkpoints keep the single-process layout."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -199,7 +204,7 @@ def train(
     pp = len(pipeline_stages) if pipeline_stages else 1
     if world.size % (tp * pp):
         raise ConfigError(f"{tp * pp} model-parallel ranks need a world whose size divides by them, got {world.size}")
-    replicas = world.data_parallel(tp * pp)  # the ranks that draw different batches
+    replicas = world.data_parallel(tp, pp)  # the ranks that draw different batches
     cfg = dataclasses.replace(cfg, world_size=replicas.size, tensor_parallel=tp, pipeline_parallel=pp)
     if resume:
         checkpoint = load_checkpoint(run_dir)
@@ -224,23 +229,31 @@ def train(
     _check_vocab(model, tokenizer, device)
     if checkpoint is not None:
         checkpoint.load_model(model)  # whole, before FSDP shards what is there
-    ddp = pipe = None
-    sharded = world.size > 1 and cfg.strategy == "fsdp" and tp * pp == 1
+    ddp = pipe = mesh = None
+    # FSDP2 over the data-parallel replicas: of the whole model, or of each one's tp shards (2-D)
+    sharded = cfg.strategy == "fsdp" and replicas.size > 1 and pp == 1
+    if tp * pp > 1:  # model parallel, with data-parallel replicas when the world holds several copies
+        from .parallel_layout import layout_mesh
+        if cfg.strategy == "fsdp" and replicas.size > 1 and pp > 1:
+            raise ConfigError("--pp with --strategy fsdp is not supported yet: the data-parallel "
+                              "replicas of a pipeline average their gradients as DDP does")
+        mesh = layout_mesh(world, tp, pp, device.type)
     if pp > 1:
         from .pipeline_parallel import build_pipeline
-        _check_pipeline(cfg, pp, tp, replicas)
-        pipe = build_pipeline(model, graph, pipeline_stages, world.rank, world, n_microbatches=cfg.micro_batches or pp,
-                              schedule=cfg.pipeline_schedule, loss_fn=_loss)
+        _check_pipeline(cfg, pp)
+        pipe = build_pipeline(model, graph, pipeline_stages, mesh.get_local_rank("pp"), world,
+                              n_microbatches=cfg.micro_batches or pp, schedule=cfg.pipeline_schedule,
+                              loss_fn=_loss, mesh=mesh, tensor_parallel_plan=tensor_parallel_plan if tp > 1 else None)
         model = pipe.module  # this rank's stage: the optimizer, evaluation and checkpoints see it
     elif tp > 1:
         from . import tensor_parallel
-        if replicas.size > 1:
-            raise ConfigError(f"tensor parallel together with data parallel is not supported yet: run "
-                              f"{tp} ranks for --tp {tp}, not {world.size}")
-        tensor_parallel.apply_tensor_parallel(model, tensor_parallel_plan, tensor_parallel.tensor_parallel_mesh(tp))
+        tensor_parallel.apply_tensor_parallel(model, tensor_parallel_plan, mesh["tp"])
+        if sharded:
+            from . import sharding
+            sharding.shard_model(model, cfg.precision, mesh=mesh["dp"], offload=cfg.cpu_offload)
     elif sharded:
         from . import sharding
-        sharding.shard_model(model, cfg.precision)
+        sharding.shard_model(model, cfg.precision, offload=cfg.cpu_offload)
     elif world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
         # It broadcasts rank 0's weights, so every rank starts alike; gradients live in its
@@ -255,7 +268,7 @@ def train(
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     if checkpoint is not None:
         if pipe is not None:
-            pipe.load_optimizer_state(optimizer, read_optimizer_by_name(checkpoint.path))
+            pipe.load_optimizer_state(optimizer, read_optimizer_by_name(checkpoint.path, pipe.needed_names()))
         elif tp > 1:
             tensor_parallel.load_tensor_parallel_optimizer(checkpoint, optimizer, model, tensor_parallel_plan)
         elif sharded:
@@ -294,10 +307,10 @@ def train(
                 group["lr"] = lr
             t0 = time.perf_counter()
             if pipe is not None:
-                loss = _pipeline_step(pipe, optimizer, data, cfg, batch_generator)
+                loss = _pipeline_step(pipe, optimizer, data, cfg, batch_generator, mesh)
             else:
                 loss = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler, data, cfg,
-                                       batch_generator, device, sharded)
+                                       batch_generator, device, sharded, None if sharded else mesh)
             loss = distributed.mean(world, loss)
             tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if not math.isfinite(loss):
@@ -326,16 +339,14 @@ def train(
                 fields = dict(rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
                               metrics=dict(totals, tokens=step * tokens_per_step), tokenizer=tokenizer.to_json(),
                               spec=spec, keep=cfg.keep)
-                if pipe is not None:  # every stage sends its weights and optimizer state to rank 0
-                    weights, optim = pipe.full_state_dict(), pipe.full_optimizer_state(optimizer)
-                    if world.main:
-                        last_checkpoint = save_gathered_checkpoint(run_dir, step=step, weights=weights,
-                                                                   optimizer_by_name=optim, **fields)
-                    distributed.barrier(world)
-                elif tp > 1:  # every rank takes part in gathering the whole weights; rank 0 writes
+                # model parallel: the weights gathered to rank 0, the optimizer state written by every
+                # rank through torch.distributed.checkpoint (its share, whole and by name)
+                if pipe is not None:
+                    last_checkpoint = pipe.save_checkpoint(world, run_dir, optimizer, mesh, step=step, **fields)
+                elif tp > 1:
                     last_checkpoint = tensor_parallel.save_tensor_parallel_checkpoint(
                         world, run_dir, step=step, model=model, optimizer=optimizer, plan=tensor_parallel_plan,
-                        **fields)
+                        mesh=mesh, **fields)
                 elif sharded:  # every rank takes part: each writes its optimizer shards
                     last_checkpoint = sharding.save_sharded_checkpoint(world, run_dir, step=step, model=model,
                                                                        optimizer=optimizer, **fields)
@@ -398,10 +409,11 @@ def _no_sync(ddp, model, sharded: bool):
 
 
 def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, generator, device,
-                    sharded: bool = False) -> float:
+                    sharded: bool = False, mesh=None) -> float:
     """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss. `forward` is
     the model, wrapped in DistributedDataParallel under torchrun, compiled with --compile; `no_sync`
-    (several ranks only) defers the gradient reduction."""
+    (several ranks only) defers the gradient reduction; a tensor-parallel run's `mesh` says over
+    which ranks the replicas average their gradients."""
     total = 0.0
     for micro in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
@@ -414,6 +426,8 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
             # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
             scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item()
+    from .parallel_layout import average_gradients
+    average_gradients(model.parameters(), mesh)
     scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
     if sharded:
         from .sharding import agree_on_overflow
@@ -426,10 +440,7 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
     return total / cfg.grad_accum
 
 
-def _check_pipeline(cfg: TrainConfig, pp: int, tp: int, replicas: World) -> None:
-    if tp > 1 or replicas.size > 1:
-        raise ConfigError(f"pipeline parallel together with tensor or data parallel is not supported yet: "
-                          f"run {pp} ranks for --pp {pp}")
+def _check_pipeline(cfg: TrainConfig, pp: int) -> None:
     unsupported = [name for name, on in (("--precision " + cfg.precision, cfg.precision != "fp32"),
                                          ("--activation-checkpointing", cfg.activation_checkpointing),
                                          ("--compile", cfg.compile)) if on]
@@ -443,13 +454,16 @@ def _check_pipeline(cfg: TrainConfig, pp: int, tp: int, replicas: World) -> None
                           + (f", at least {pp} (one per stage) for 1F1B" if cfg.pipeline_schedule == "1f1b" else ""))
 
 
-def _pipeline_step(pipe, optimizer, data, cfg, generator) -> float:
-    """One optimizer step of a pipeline: every rank draws the same batches (the first stage feeds
-    the tokens, the last scores the targets), then clips by the whole model's norm."""
+def _pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> float:
+    """One optimizer step of a pipeline: every rank of a replica draws the same batches (the first
+    stage feeds the tokens, the last scores the targets), replicas average their gradients, then
+    clip by the whole model's norm."""
+    from .parallel_layout import average_gradients
     total = 0.0
     for _ in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
         total += pipe.step(x, y, scale=1 / cfg.grad_accum)
+    average_gradients(pipe.parameters(), mesh)
     if cfg.grad_clip > 0:
         pipe.clip_grad_norm_(cfg.grad_clip)
     optimizer.step()

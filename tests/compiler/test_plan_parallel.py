@@ -61,24 +61,103 @@ def _block_activations_bf16(tp, sp=False):
     return replicated / (tp if sp else 1) + split / tp
 
 
-def test_70b_on_8_gpus_nothing_fits_and_the_cli_says_where_it_does():
+def test_70b_on_8_gpus_only_cpu_offload_fits_and_the_cli_names_it():
     out = plan_cli("specs/llama3.1-70b.arch", "--gpus", "8", "--gpu-memory", "80GB", "--precision", "bf16")
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())  # notes wrap at 100 columns
     assert "layouts on 8 GPUs" in text and "the fastest that do not fit:" in text
-    assert "pure data parallel (dp=8, with checkpointing): ddp 1,286.2 GB (does not fit)" in text
-    # fp32 weights + fp32 gradients + two fp32 moments: 16 bytes a parameter, 1,129 GB > 8 x 80 GB,
-    # whatever the split: no layout can fit, and the plan says so and where one does
+    # fp32 weights + fp32 gradients + two fp32 moments: 16 bytes a parameter, 1,129 GB > 8 x 80 GB, so no
+    # layout fits on the GPUs alone; pure DDP (all of it on every GPU) least of all
     assert 16 * N70 / 8 > 80e9
-    assert "nothing fits on 8 GPUs" in text and "141.1 GB per GPU however they are split" in text
-    assert "The fewest GPUs (doubling) on which a layout fits: 32" in text
+    assert "pure data parallel (dp=8, with checkpointing): ddp 1,286.2 GB (does not fit), fsdp 182.3 GB " \
+           "(does not fit), offload 41.2 GB + 1,129 GB of host memory per node (fits)" in text
+    assert "8 1 1 offload per block 8 41.2 yes" in text and "4 2 1 offload per block 16 26.1 yes" in text
+    assert "8 1 1 ddp no 8 1,401.0 no" in text
+    assert "nothing fits" not in text and "however they are split" not in text
+    assert "offload: FSDP2 with CPU offload (`lmspec train --strategy fsdp --cpu-offload`; pp = 1 only)" in text
     p = make_plan(spec("llama3.1-70b"), gpus=8, gpu_memory=80e9, seq=4096, precision="bf16")
-    assert p.grid.layouts and all(x.fits(80e9) == "no" for x in p.grid.layouts)
-    assert all(x.total > 16 * N70 / 8 for x in p.grid.layouts)
-    assert p.grid_more[0] == 32 and p.grid_more[1].fits(80e9) == "yes"
+    fit = [x for x in p.grid.layouts if x.fits(80e9) == "yes"]
+    assert fit and all(x.strategy == "offload" and x.pp == 1 for x in fit)
+    assert all(x.total > 16 * N70 / 8 for x in p.grid.layouts if x.strategy != "offload")
+    assert all(x.fits(80e9) == "no" for x in p.grid.layouts if x.strategy == "ddp" and x.dp == 8)
+    assert p.grid_more is None  # nothing to look for on more GPUs
     # every dp x tp x pp = 8 with tp a power of 2 dividing 64 heads, 8 kv heads and 28672
     assert {(x.dp, x.tp, x.pp) for x in p.grid.layouts} == {
         (8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8), (4, 2, 1), (2, 2, 2), (1, 2, 4), (2, 4, 1), (1, 4, 2), (1, 8, 1)}
+
+
+def test_70b_offload_dp8_memory_by_hand(llama70b):
+    """dp=8 x tp=1 x pp=1, FSDP2 with CPU offload, checkpointing, on 8 x 80 GB: the GPU keeps the unsharded
+    root and two blocks (bf16 weights, fp32 gradients) and the activations; the host, 16 bytes a parameter,
+    sharded over the 8 GPUs of the node."""
+    p = make_plan(llama70b, gpus=8, gpu_memory=80e9, seq=4096, precision="bf16")
+    attention = D * H * HD + 2 * D * KV * HD + H * HD * D  # q; k and v (8 kv heads of 128); out
+    mlp = 3 * D * F  # gate, up, down
+    block = attention + mlp + 2 * D  # and two RMSNorm gains
+    root = V * D + D + D * V  # embedding, final RMSNorm, untied head
+    assert block == 855_654_400 and root == 2_101_354_496
+    assert root + L * block == N70
+    assert p.block_params[None] == root
+    assert [v for k, v in p.block_params.items() if k is not None] == [block] * L
+    x = find(p, 8, 1, 1, "offload", True)
+    fsdp = find(p, 8, 1, 1, "fsdp", True)
+    unsharded = root + 2 * block
+    assert x.weights == pytest.approx(2 * unsharded, rel=1e-9)  # gathered in bf16
+    assert x.gradients == pytest.approx(4 * unsharded, rel=1e-9)
+    assert x.optimizer == 0
+    assert x.activations == fsdp.activations  # checked by hand in test_70b_fsdp4_tp8_memory_by_hand
+    assert x.total == pytest.approx(unsharded * (2 + 4) + fsdp.activations, rel=1e-9)
+    assert x.total == pytest.approx(41.2e9, rel=1e-3) and x.total <= 0.9 * 80e9
+    assert x.host == pytest.approx(16 * N70 / 8, rel=1e-9)
+    assert x.host_node == pytest.approx(16 * N70 / 8 * 8, rel=1e-9)  # 1,129 GB of the node's 2 TB
+    assert x.fits(80e9) == "yes"
+    # time: m = 8 micro-batches each copy the fp32 shard in twice and the fp32 gradient shard out, over
+    # PCIe at 50 GB/s, hidden behind the compute (as FSDP's NVLink traffic is); AdamW on the CPU is not
+    m = x.micro_batches
+    assert m == 8 and x.comm["pcie"] == pytest.approx(m * 12 * N70 / 8, rel=1e-9)
+    assert x.comm["dp"] == fsdp.comm["dp"] and x.times["dp"] == 0
+    assert x.times["offload"] == pytest.approx(28 * N70 / 8 / 20e9, rel=1e-9)
+    assert x.step_s == pytest.approx(fsdp.step_s + 28 * N70 / 8 / 20e9, rel=1e-9)
+    data = json.loads(plan_cli("specs/llama3.1-70b.arch", "--gpus", "8", "--precision", "bf16",
+                               "--format", "json").stdout)["layouts"]
+    [j] = [j for j in data["all"] if (j["dp"], j["tp"], j["pp"], j["data_parallel"], j["activation_checkpointing"])
+           == (8, 1, 1, "offload", True)]
+    assert j["host_memory_bytes"] == {"per_gpu": x.host, "per_node": x.host_node}
+    assert j["fits"] == "yes" and j["comm_bytes_per_gpu_per_step"]["pcie"] == x.comm["pcie"]
+    assert data["assumptions"]["host_memory_per_node"] == 2e12 and data["assumptions"]["pcie_bandwidth"] == 50e9
+
+
+def test_70b_offload_does_not_fit_a_small_host():
+    out = plan_cli("specs/llama3.1-70b.arch", "--gpus", "8", "--gpu-memory", "80GB", "--precision", "bf16",
+                   "--host-memory", "512GB")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "none fits in 80 GB" in text
+    assert "offload 41.2 GB + 1,129 GB of host memory per node (does not fit)" in text
+    assert "nothing fits on 8 GPUs" in text and "141.1 GB per GPU however they are split, and offloaded to " \
+        "host memory (offload layouts) they take 1,129 GB per node at least, more than 90% of its 512 GB " \
+        "(--host-memory)" in text
+    assert "The fewest GPUs (doubling) on which a layout fits: 32" in text
+    p = make_plan(spec("llama3.1-70b"), gpus=8, gpu_memory=80e9, seq=4096, precision="bf16", host_memory=512e9)
+    offload = [x for x in p.grid.layouts if x.strategy == "offload"]
+    assert offload and all(x.fits(80e9) == "no" for x in offload)
+    assert p.grid_more[0] == 32 and p.grid_more[1].fits(80e9) == "yes"
+
+
+def test_offload_only_without_pipeline_and_with_replicas():
+    for name, gpus in (("tiny", 8), ("tiny", 1), ("llama3.1-70b", 32)):
+        p = make_plan(spec(name), gpus=gpus, seq=128, precision="bf16")
+        offload = [x for x in p.grid.layouts if x.strategy == "offload"]
+        assert all(x.pp == 1 and x.dp > 1 for x in offload)
+        assert {(x.dp, x.tp) for x in offload} == {(x.dp, x.tp) for x in p.grid.layouts
+                                                   if x.strategy == "fsdp" and x.pp == 1}
+        assert all(x.host == 0 and x.host_node == 0 and x.comm["pcie"] == 0 for x in p.grid.layouts
+                   if x.strategy != "offload")
+    assert not [x for x in make_plan(spec("tiny"), gpus=1, seq=128).grid.layouts if x.strategy == "offload"]
+    # --strategy ddp leaves it out, fsdp brings it (it is FSDP, with --cpu-offload)
+    for strategy, expected in (("ddp", {"ddp"}), ("fsdp", {"fsdp", "offload"}), ("both", {"ddp", "fsdp", "offload"})):
+        data = json.loads(_run(strategy=strategy))["layouts"]
+        assert {x["data_parallel"] for x in data["all"]} == expected
 
 
 def test_70b_on_32_gpus_names_layouts_that_fit(llama70b):
@@ -286,6 +365,8 @@ def test_layout_options_without_cli_declarations():
     (dict(global_batch=0), "--global-batch must be at least 1"),
     (dict(nvlink_bandwidth="fast"), "--nvlink-bandwidth: 'fast' is not a memory size"),
     (dict(gpus_per_node=0), "--gpus-per-node must be at least 1"),
+    (dict(host_memory="lots"), "--host-memory: 'lots' is not a memory size"),
+    (dict(pcie_bandwidth="0GB/s"), "--pcie-bandwidth must be positive"),
 ])
 def test_layout_option_errors(extra, message):
     from lmspec.runtime.usage import UsageError

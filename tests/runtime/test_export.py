@@ -239,8 +239,8 @@ def test_opset_option(tiny_run, tmp_path):
     ("specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 4, "kv_heads": None}),
     ("specs/llama3.2-1b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96,
                                 "rope_original": 8}),
-    ("specs/mistral-7b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 1, "head_dim": 16, "ffn": 96,
-                               "window": 3}),
+    pytest.param("specs/mistral-7b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 1, "head_dim": 16,
+                                           "ffn": 96, "window": 3}, marks=pytest.mark.slow),  # llama's, plus a window
     pytest.param("specs/qwen3-0.6b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 32,
                                            "ffn": 96}, marks=pytest.mark.slow),  # QK-norm: qwen3-moe-tiny has it too
     ("specs/qwen3-moe-tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
