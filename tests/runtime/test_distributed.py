@@ -276,9 +276,7 @@ def test_pipeline_parallel_equals_one_process(pp_ranks, one_process):
     assert oa.keys() == ob.keys() and all(torch.allclose(oa[k], ob[k], atol=1e-6) for k in oa)
 
 
-# (tp x pp -> FSDP x TP, below, is another change of layout)
-@pytest.mark.parametrize("source, layout", [("pp", []), pytest.param("tp", ["--pp", "2", "--micro-batches", "2"],
-                                                                     marks=pytest.mark.slow)],
+@pytest.mark.parametrize("source, layout", [("pp", []), ("tp", ["--pp", "2", "--micro-batches", "2"])],
                          ids=["pp-on-one-rank", "tp-on-two-pipeline-stages"])
 def test_a_model_parallel_checkpoint_resumes_under_another_layout(pp_ranks, tp_ranks, tmp_path, source, layout):
     import shutil
