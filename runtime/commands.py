@@ -103,6 +103,10 @@ def _check_model_parallel(args, world) -> None:
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
     tp, pp = args.tp or 1, args.pp or 1
     flags = " ".join(f"{f} {n}" for f, n in (("--tp", tp), ("--pp", pp)) if n > 1)
+    unsupported = [name for name, on in (("--precision fp16", args.precision == "fp16"),
+                                         ("--compile", args.compile)) if on and pp > 1]
+    if unsupported:  # fp16's loss scale would have to be agreed across the stages
+        raise UsageError(f"--pp does not combine with {', '.join(unsupported)} yet (bf16 does)")
     if world.size % (tp * pp):
         raise UsageError(f"{flags} splits each copy of the model over {tp * pp} ranks: run a multiple of "
                          f"{tp * pp} (torchrun --nproc-per-node {tp * pp}), not {world.size}")

@@ -429,19 +429,34 @@ class Pipeline:
                                   (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in mine[name].items()}
 
 
+def _run_forward_in(module: torch.nn.Module, context) -> None:
+    """Make `module(...)` run its forward inside `context()` (autocast): PipelineStage calls the
+    module itself, so the context has to travel with it."""
+    forward = module.forward
+
+    def forward_in_context(*args, **kwargs):
+        with context():
+            return forward(*args, **kwargs)
+
+    module.forward = forward_in_context
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage], rank: int, world,
                    n_microbatches: int, schedule: str = "1f1b", loss_fn=None, group=None, mesh=None,
-                   tensor_parallel_plan=None) -> Pipeline:
+                   tensor_parallel_plan=None, checkpointed=(), autocast=None) -> Pipeline:
     """This rank's stage of `model` (one stage per rank: len(stages) ranks in `group`, default the
     world) and its schedule. Collective when a tied weight crosses stages (it makes the process
     group that sums the copies' gradients), so every rank calls it at the same point.
 
     With a pp x dp x tp `mesh` (runtime/parallel_layout.py) the stages run over its "pp" groups, and
-    with a `tensor_parallel_plan` each stage is split over its "tp" group as well."""
+    with a `tensor_parallel_plan` each stage is split over its "tp" group as well. `checkpointed`:
+    blocks whose activations are recomputed in the backward pass (those of this stage are rewritten
+    in its own graph, compiler/checkpointing.py); `autocast`: a context (mixed precision) the
+    stage's forward runs in."""
     size = getattr(world, "size", world)
     if mesh is not None:
         group = mesh["pp"].get_group()
@@ -463,9 +478,15 @@ def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage]
     stage = stages[rank]
     module = stage_module(model, stages, rank)
     module.train(model.training)
+    mine = [b for b in stage.blocks if b in set(checkpointed)]
+    if mine:
+        from lmspec.compiler.checkpointing import checkpoint_blocks
+        checkpoint_blocks(module, ",".join(mine))
     if tensor_parallel_plan is not None:
         from .tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(module, tensor_parallel_plan, mesh["tp"], stage=True)
+    if autocast is not None:
+        _run_forward_in(module, autocast)
     pipe = Pipeline(module=module, stage=stage, stages=stages, graph=graph, rank=rank, world=size,
                     n_microbatches=n_microbatches, schedule_name=schedule, group=group, loss_fn=loss_fn)
     # ties across stages: one group per tied weight, made by every rank in the same order

@@ -216,10 +216,12 @@ def train(
                             f"resume it or choose another directory")
     cfg = cfg.resolved(context)
     data.check_seq(cfg.seq, validation=cfg.eval_batches > 0)
+    checkpointed: list[str] = []
     if cfg.activation_checkpointing:
-        from lmspec.compiler.checkpointing import checkpoint_blocks
-        try:
-            checkpoint_blocks(model, cfg.activation_checkpointing)
+        from lmspec.compiler.checkpointing import checkpoint_blocks, select_blocks
+        try:  # a pipeline checkpoints its own stage's blocks, once the stage is cut (build_pipeline)
+            checkpointed = (select_blocks(model, cfg.activation_checkpointing) if pp > 1 else
+                            checkpoint_blocks(model, cfg.activation_checkpointing))
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if world.main:
@@ -243,7 +245,8 @@ def train(
         _check_pipeline(cfg, pp)
         pipe = build_pipeline(model, graph, pipeline_stages, mesh.get_local_rank("pp"), world,
                               n_microbatches=cfg.micro_batches or pp, schedule=cfg.pipeline_schedule,
-                              loss_fn=_loss, mesh=mesh, tensor_parallel_plan=tensor_parallel_plan if tp > 1 else None)
+                              loss_fn=_loss, mesh=mesh, tensor_parallel_plan=tensor_parallel_plan if tp > 1 else None,
+                              checkpointed=checkpointed, autocast=lambda: autocast(device, cfg.precision))
         model = pipe.module  # this rank's stage: the optimizer, evaluation and checkpoints see it
     elif tp > 1:
         from . import tensor_parallel
@@ -441,8 +444,8 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
 
 
 def _check_pipeline(cfg: TrainConfig, pp: int) -> None:
-    unsupported = [name for name, on in (("--precision " + cfg.precision, cfg.precision != "fp32"),
-                                         ("--activation-checkpointing", cfg.activation_checkpointing),
+    # fp16 would need a loss scale agreed across stages; bf16 has fp32's range and needs none
+    unsupported = [name for name, on in (("--precision fp16", cfg.precision == "fp16"),
                                          ("--compile", cfg.compile)) if on]
     if unsupported:
         raise ConfigError(f"--pp does not combine with {', '.join(unsupported)} yet")
