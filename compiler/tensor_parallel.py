@@ -68,6 +68,9 @@ class TensorParallelPlan:
     tp: int
     params: dict[str, ParamSplit] = field(default_factory=dict)  # in the graph's order
     modules: dict[str, ModuleRule] = field(default_factory=dict)
+    # Megatron's sequence parallelism: between attention and MLP the residual stream (and the norms,
+    # position table and anything else replicated that runs on it) is split along the sequence
+    sequence_parallel: bool = False
 
     @property
     def total_parameters(self) -> int:
@@ -86,12 +89,18 @@ class TensorParallelPlan:
         return format_tensor_parallel_plan(self)
 
 
-def tensor_parallel_plan(graph: ModelGraph, tp: int) -> TensorParallelPlan:
+# Ops that mix positions, so cannot run on a rank's slice of the sequence: hand-written attention
+# (scores, softmax over keys, the mask) and reshapes that may move the sequence dim
+CROSS_POSITION_OPS = ("matmul", "softmax", "causal_mask", "transpose", "reshape", "split", "last_token")
+
+
+def tensor_parallel_plan(graph: ModelGraph, tp: int, sequence_parallel: bool = False) -> TensorParallelPlan:
     """The split of every parameter of `graph` over `tp` ranks; SpecError (E103, located at the op)
-    where heads, kv heads, an MLP's hidden size or the vocabulary do not divide by tp."""
+    where heads, kv heads, an MLP's hidden size or the vocabulary do not divide by tp, or, with
+    `sequence_parallel`, where an op outside attention mixes positions."""
     if not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive int, got {tp!r}")
-    plan = TensorParallelPlan(tp)
+    plan = TensorParallelPlan(tp, sequence_parallel=sequence_parallel)
     by_node: dict[str, list] = {}
     for p in graph.params.values():
         by_node.setdefault(p.node, []).append(p)
@@ -105,6 +114,10 @@ def tensor_parallel_plan(graph: ModelGraph, tp: int) -> TensorParallelPlan:
         if not any((d.message, d.span) == (diagnostic.message, diagnostic.span) for d in errors):
             errors.append(diagnostic)
 
+    mixing = next((d for _, d in graph.nodes() if d["op"] in CROSS_POSITION_OPS), None) if sequence_parallel else None
+    if mixing is not None:  # the first is enough to say why
+        refuse(mixing, "mixes positions, so it cannot run on a slice of the sequence: sequence parallelism "
+                       "needs every op outside attention and the MLP to act on each position alone")
     for node_id, data in graph.nodes():
         params = by_node.get(node_id)
         if not params:
@@ -276,6 +289,9 @@ def format_tensor_parallel_plan(plan: TensorParallelPlan) -> str:
     lines.append("")
     lines.append(f"tensor parallel over {plan.tp} ranks: {_count(total)} parameters, {_count(mine)} per rank "
                  f"({100 * mine / total:.1f}%)" if total else f"tensor parallel over {plan.tp} ranks: no parameters")
+    if plan.sequence_parallel:
+        lines.append("sequence parallel: between attention and MLP the residual stream, the norms and the "
+                     f"position table run on 1/{plan.tp} of the sequence (all-gather in, reduce-scatter out)")
     return "\n".join(lines)
 
 

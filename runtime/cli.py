@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=["human", "json"], default="human")
     i.add_argument("--tp", type=int, metavar="N", help="also print how tensor parallelism over N ranks splits "
                    "every parameter (refused, located, when heads or sizes do not divide)")
+    i.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: plan sequence parallelism too (refused, located, at an op that mixes positions)")
     i.add_argument("--pp", type=int, metavar="N", help="also print the N pipeline stages the model is cut into, "
                    "balanced by FLOPs and memory (at --seq)")
     override_options(i)
@@ -204,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     t.add_argument("--strategy", choices=["ddp", "fsdp"],
                    help="under torchrun: ddp replicates the model on every rank, fsdp (FSDP2) shards weights, "
-                        "gradients and optimizer state per block (default: ddp, or the resumed run's)")
+                        "gradients and optimizer state per block over the data-parallel ranks (with --tp/--pp: "
+                        "each stage's tp shards over the replicas) (default: ddp, or the resumed run's)")
     t.add_argument("--cpu-offload", action="store_true",
                    help="with --strategy fsdp: keep the sharded weights, gradients and AdamW state in host memory "
                         "(FSDP2 CPUOffloadPolicy), for a model whose state does not fit the GPUs (`lmspec plan` says when)")
@@ -212,6 +215,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="under torchrun: tensor parallel, each layer split over N ranks (Megatron-style, "
                         "DTensor; the split comes from the graph: `lmspec info --tp N` shows it). Combines with "
                         "--pp; ranks beyond tp x pp are data-parallel replicas (mesh pp x dp x tp, tp fastest)")
+    t.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: Megatron's sequence parallelism, the residual stream and norms split along the "
+                        "sequence between attention and MLP (less activation memory, the same bytes sent)")
     t.add_argument("--pp", type=int, metavar="N",
                    help="under torchrun: pipeline parallel, the model cut into N stages at block boundaries "
                         "(`lmspec info --pp N` shows the cut), run with torch.distributed.pipelining")

@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     world = distributed.world_from_environment()  # torchrun's ranks; a world of one otherwise
-    if (args.tp or 1) > 1 or (args.pp or 1) > 1:
+    if (args.tp or 1) > 1 or (args.pp or 1) > 1 or args.sequence_parallel:
         try:  # a spec that cannot split fails here, before any process group exists
             _check_model_parallel(args, world)
         except (SpecError, UsageError):
@@ -102,6 +102,8 @@ def _check_model_parallel(args, world) -> None:
     from lmspec.compiler.pipeline_stages import pipeline_stages
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
     tp, pp = args.tp or 1, args.pp or 1
+    if args.sequence_parallel and tp == 1:
+        raise UsageError("--sequence-parallel splits the sequence over the tensor-parallel ranks: give --tp N")
     flags = " ".join(f"{f} {n}" for f, n in (("--tp", tp), ("--pp", pp)) if n > 1)
     unsupported = [name for name, on in (("--precision fp16", args.precision == "fp16"),
                                          ("--compile", args.compile)) if on and pp > 1]
@@ -110,13 +112,10 @@ def _check_model_parallel(args, world) -> None:
     if world.size % (tp * pp):
         raise UsageError(f"{flags} splits each copy of the model over {tp * pp} ranks: run a multiple of "
                          f"{tp * pp} (torchrun --nproc-per-node {tp * pp}), not {world.size}")
-    if args.strategy == "fsdp" and world.size > tp * pp and pp > 1:
-        raise UsageError("--pp with --strategy fsdp is not supported yet: a pipeline's data-parallel "
-                         "replicas average gradients as DDP does (leave --strategy out)")
     if not args.resume:
         graph = load_spec(args.spec, cli_overrides(args.set), args.model)
         if tp > 1:
-            tensor_parallel_plan(graph, tp)
+            tensor_parallel_plan(graph, tp, sequence_parallel=args.sequence_parallel)
         if pp > 1:
             pipeline_stages(graph, pp)
 
@@ -179,7 +178,8 @@ def _train_in_world(args, world) -> int:
         plan = stages = None
         if tp > 1:
             from lmspec.compiler.tensor_parallel import tensor_parallel_plan
-            plan = tensor_parallel_plan(graph, tp)  # the graph as trained: its vocab may follow the tokenizer
+            # the graph as trained: its vocab may follow the tokenizer
+            plan = tensor_parallel_plan(graph, tp, sequence_parallel=args.sequence_parallel)
         if pp > 1:
             from lmspec.compiler.pipeline_stages import pipeline_stages
             stages = pipeline_stages(graph, pp, seq)

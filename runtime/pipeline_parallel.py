@@ -186,6 +186,7 @@ class Pipeline:
     loss_fn: object = None
     _schedule: object = None
     _pipe_stage: object = None
+    mesh: object = None  # the pp x dp x tp mesh, when built on one
     _ties: list[_Tie] = field(default_factory=list)
     _scale: float = 1.0
     _unscaled: dict = field(default_factory=dict)
@@ -327,8 +328,8 @@ class Pipeline:
             if name in self.stage.tied_copies:
                 continue  # the owner's stage sends it
             mine[self._kept_name(name)] = tensor
-        if self._tp is not None and self._tp_rank:
-            return {}  # tensor-parallel rank 0 of each stage has it all
+        if self._peer_index:
+            return {}  # the first of the ranks that hold this stage sends it
         if len(self.stages) == 1:
             return {k: v.detach().cpu().clone() for k, v in mine.items()}
         metas = [None] * len(self.stages)
@@ -353,14 +354,20 @@ class Pipeline:
         return getattr(self.module, "tensor_parallel", None)
 
     @property
-    def _tp_rank(self) -> int:
-        mesh = next((p.device_mesh for p in self.module.parameters() if isinstance(p, DTensor)), None)
-        return mesh.get_local_rank() if mesh is not None else 0
+    def _distributed(self) -> bool:
+        """Whether the stage's parameters are DTensors (split over tp, sharded by FSDP, or both)."""
+        return any(isinstance(p, DTensor) for p in self.module.parameters())
+
+    @property
+    def _peer_index(self) -> int:
+        """This rank's place among the ranks that hold the same stage (0: the one that reports)."""
+        from .parallel_layout import stage_peers
+        return stage_peers(self.mesh)[1]
 
     def _canonical_state(self) -> dict[str, torch.Tensor]:
         """This stage's state_dict, whole and in the single-process layout (collective over the
-        tensor-parallel group when there is one)."""
-        if self._tp is not None:
+        ranks that split or shard the stage, when they do)."""
+        if self._distributed:
             from .tensor_parallel import full_state_dict
             return full_state_dict(self.module, self._tp)
         return self.module.state_dict()
@@ -378,7 +385,7 @@ class Pipeline:
                 raise ValueError(f"{name}: the weights hold shape {tuple(source.shape)}, "
                                  f"the model {tuple(tensor.shape)}")
             mine[name] = source
-        if self._tp is not None:
+        if self._distributed:
             from .tensor_parallel import load_full_state_dict
             load_full_state_dict(self.module, self._tp, mine)
             return
@@ -417,7 +424,7 @@ class Pipeline:
             if source is None:
                 raise KeyError(f"the optimizer state holds nothing for {name}")
             mine[name] = source
-        if self._tp is not None:
+        if self._distributed:
             from .tensor_parallel import load_full_optimizer_state_dict
             names = {id(p): n for n, p in self.module.named_parameters()}
             groups = [{**saved, "params": [names[id(p)] for p in g["params"]]}
@@ -447,7 +454,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage], rank: int, world,
                    n_microbatches: int, schedule: str = "1f1b", loss_fn=None, group=None, mesh=None,
-                   tensor_parallel_plan=None, checkpointed=(), autocast=None) -> Pipeline:
+                   tensor_parallel_plan=None, checkpointed=(), autocast=None, fsdp: bool = False,
+                   precision: str = "fp32", cpu_offload: bool = False) -> Pipeline:
     """This rank's stage of `model` (one stage per rank: len(stages) ranks in `group`, default the
     world) and its schedule. Collective when a tied weight crosses stages (it makes the process
     group that sums the copies' gradients), so every rank calls it at the same point.
@@ -456,7 +464,9 @@ def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage]
     with a `tensor_parallel_plan` each stage is split over its "tp" group as well. `checkpointed`:
     blocks whose activations are recomputed in the backward pass (those of this stage are rewritten
     in its own graph, compiler/checkpointing.py); `autocast`: a context (mixed precision) the
-    stage's forward runs in."""
+    stage's forward runs in; `fsdp`: the stage is sharded over the mesh's "dp" group with FSDP2
+    (at `precision`, optionally offloaded to the CPU), which the schedule drives (it defers the
+    reduce-scatter to the last micro-batch)."""
     size = getattr(world, "size", world)
     if mesh is not None:
         group = mesh["pp"].get_group()
@@ -485,10 +495,13 @@ def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage]
     if tensor_parallel_plan is not None:
         from .tensor_parallel import apply_tensor_parallel
         apply_tensor_parallel(module, tensor_parallel_plan, mesh["tp"], stage=True)
+    if fsdp:
+        from .sharding import shard_model
+        shard_model(module, precision, mesh=mesh["dp"], offload=cpu_offload)
     if autocast is not None:
         _run_forward_in(module, autocast)
     pipe = Pipeline(module=module, stage=stage, stages=stages, graph=graph, rank=rank, world=size,
-                    n_microbatches=n_microbatches, schedule_name=schedule, group=group, loss_fn=loss_fn)
+                    n_microbatches=n_microbatches, schedule_name=schedule, group=group, loss_fn=loss_fn, mesh=mesh)
     # ties across stages: one group per tied weight, made by every rank in the same order
     # (under a mesh, one group per data- and tensor-parallel coordinate: the copies of one shard)
     owner_stage = {name: s.index for s in stages for name in s.parameters}

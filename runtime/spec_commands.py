@@ -77,7 +77,8 @@ def cmd_info(args) -> int:
         from lmspec.compiler.tensor_parallel import format_tensor_parallel_plan, tensor_parallel_plan
         if args.tp < 1:
             raise UsageError("--tp must be positive")
-        tensor_plan = tensor_parallel_plan(graph, args.tp)  # before printing anything: a SpecError is located
+        # before printing anything: a SpecError is located
+        tensor_plan = tensor_parallel_plan(graph, args.tp, sequence_parallel=getattr(args, "sequence_parallel", False))
     stages = None
     if args.pp is not None:
         from lmspec.compiler.pipeline_stages import format_pipeline_stages, pipeline_stages

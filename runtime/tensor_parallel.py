@@ -42,7 +42,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
@@ -55,6 +55,7 @@ from lmspec.compiler.tensor_parallel import (
     EMBEDDING,
     HEAD,
     MLP,
+    REPLICATED,
     TensorParallelPlan,
     fused_row_order,
     inverse_order,
@@ -91,32 +92,78 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
             if split.tied_to is None and len(split.sections) > 1 and name in present:
                 p = model.get_parameter(name)
                 p.copy_(p[_order(split, plan.tp, p.device)])
+    sp = plan.sequence_parallel
+    # under sequence parallelism the row-parallel outputs are reduce-scattered along the sequence
+    # instead of all-reduced, and attention and the MLP gather the sequence on the way in
+    out = Shard(1) if sp else Replicate()
     for path, rule in plan.modules.items():
         if path in missing:
             continue
         module = model.get_submodule(path)
+        if sp and rule.kind in (ATTENTION, MLP):
+            module.register_forward_pre_hook(_gather_sequence(mesh))
         if rule.kind == ATTENTION:
-            styles = {"qkv": ColwiseParallel(), "proj": RowwiseParallel()}
+            styles = {"qkv": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)}
             for norm in ("q_norm", "k_norm"):  # [batch, seq, heads, head_dim]: each rank its heads
                 if hasattr(module, norm):
                     styles[norm] = SequenceParallel(sequence_dim=2, use_local_output=True)
             parallelize_module(module, mesh, styles)
             module.heads, module.kv_heads = rule.heads, rule.kv_heads
         elif rule.kind == MLP:
-            parallelize_module(module, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel()})
+            parallelize_module(module, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)})
         elif rule.kind == EMBEDDING:
-            parallelize_module(module, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+            parallelize_module(module, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=out))
         elif rule.kind == HEAD:
-            parallelize_module(module, mesh, ColwiseParallel(output_layouts=Replicate()))
+            parallelize_module(module, mesh, ColwiseParallel(input_layouts=out, output_layouts=Replicate()))
         else:
             _replicate(module, mesh)
+            if sp and rule.op == "position":  # the table's rows for this rank's slice of the sequence
+                module.register_forward_hook(_slice_sequence(mesh))
     # parallelize_module gives each module a new Parameter: tie the aliases to their owner again
     for name, split in plan.params.items():
         if split.tied_to is not None and split.tied_to in present and name in present:
             *parents, leaf = name.split(".")
             setattr(model.get_submodule(".".join(parents)), leaf, model.get_parameter(split.tied_to))
     model.tensor_parallel = plan
+    # a replicated module fed a slice of the sequence computes part of its weights' gradient
+    model.sequence_parallel_params = [p for path, rule in plan.modules.items() if sp and path not in missing
+                                      and rule.kind == REPLICATED for p in model.get_submodule(path).parameters()]
     return model
+
+
+def _gather_sequence(mesh: DeviceMesh):
+    """A pre-hook: the module's first input, split along the sequence (dim 1), made whole on every
+    rank (all-gather; its gradient is reduce-scattered back)."""
+    def hook(module, args):
+        x, *rest = args
+        whole = DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()])
+        return (whole.to_local(), *rest)
+    return hook
+
+
+def _slice_sequence(mesh: DeviceMesh):
+    """A forward hook: this rank's rows (positions) of a [..., seq, dim] output."""
+    def hook(module, args, output):
+        n, r = mesh.size(), mesh.get_local_rank()
+        if output.size(-2) % n:
+            raise ValueError(f"sequence parallelism: a sequence of {output.size(-2)} does not split over {n} ranks")
+        size = output.size(-2) // n
+        return output.narrow(-2, r * size, size)
+    return hook
+
+
+@torch.no_grad()
+def reduce_sequence_parallel_gradients(model: nn.Module) -> None:
+    """Sum over the tp group the gradients of replicated modules that saw a slice of the sequence
+    each (norms, position tables): each rank holds its slice's part. Call after the backward
+    passes of a step, before clipping."""
+    params = getattr(model, "sequence_parallel_params", ())
+    if not params:
+        return
+    group = params[0].device_mesh.get_group()
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad.to_local(), group=group)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
@@ -169,6 +216,15 @@ def _restore_parameters(module, args, output):
 
 # ------------------------------------------------------------------------------ canonical weights
 
+def _plan_of(model: nn.Module, plan: TensorParallelPlan | None) -> TensorParallelPlan | None:
+    """The plan a model was parallelized with; None for DTensors of FSDP alone (nothing permuted)."""
+    return plan if plan is not None else getattr(model, "tensor_parallel", None)
+
+
+def _split(plan: TensorParallelPlan | None, name: str):
+    return plan.params.get(name) if plan is not None else None
+
+
 def _canonical(value: torch.Tensor, split, plan: TensorParallelPlan) -> torch.Tensor:
     """A parameter-shaped tensor (a weight, a gradient, an optimizer moment) of the running model as
     one process would hold it: gathered (collective) and un-permuted, on the CPU."""
@@ -183,20 +239,20 @@ def full_state_dict(model: nn.Module, plan: TensorParallelPlan | None = None) ->
     """The single-process state_dict of a tensor-parallel model: the same names (tied ones under each
     name, as nn.Module.state_dict gives them), whole and in the canonical layout, on the CPU of every
     rank. Collective: every rank calls it."""
-    plan = plan or model.tensor_parallel
+    plan = _plan_of(model, plan)
     seen: dict[int, torch.Tensor] = {}
     out = {}
     for name, value in model.state_dict(keep_vars=True).items():
         if id(value) not in seen:
-            seen[id(value)] = _canonical(value, plan.params.get(name), plan).clone()
+            seen[id(value)] = _canonical(value, _split(plan, name), plan).clone()
         out[name] = seen[id(value)]
     return out
 
 
 def full_gradients(model: nn.Module, plan: TensorParallelPlan | None = None) -> dict[str, torch.Tensor]:
     """Each parameter's gradient, whole and canonical, by name (tied ones once). Collective."""
-    plan = plan or model.tensor_parallel
-    return {name: _canonical(p.grad, plan.params.get(name), plan)
+    plan = _plan_of(model, plan)
+    return {name: _canonical(p.grad, _split(plan, name), plan)
             for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -217,7 +273,7 @@ def load_full_state_dict(model: nn.Module, plan: TensorParallelPlan | None, stat
     """Copy canonical whole weights (a single-process state_dict or model.safetensors, where a tied
     weight may appear under one of its names only) into a tensor-parallel model. Every rank passes
     the same `state`; no communication."""
-    plan = plan or model.tensor_parallel
+    plan = _plan_of(model, plan)
     aliases: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for name, value in model.state_dict(keep_vars=True).items():
@@ -234,7 +290,7 @@ def load_full_state_dict(model: nn.Module, plan: TensorParallelPlan | None, stat
             current = tensors[key]
             if tuple(state[given].shape) != tuple(current.shape):
                 raise CheckpointError(f"{given}: shape {tuple(state[given].shape)} does not fit {tuple(current.shape)}")
-            local = _local_share(state[given], current, plan.params.get(given), plan)
+            local = _local_share(state[given], current, _split(plan, given), plan)
             (current.to_local() if isinstance(current, DTensor) else current).copy_(local)
 
 
@@ -250,7 +306,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     """The optimizer state keyed by parameter name with whole, canonical tensors, in the form
     checkpoint.read_optimizer_by_name returns ({"state": {name: {...}}, "param_groups": [...]}).
     Collective."""
-    plan = plan or model.tensor_parallel
+    plan = _plan_of(model, plan)
     sd = optimizer.state_dict()
     groups_names = _names_by_group(optimizer, model)
     index_to_name, groups = {}, []
@@ -260,7 +316,7 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     state = {}
     for index in sorted(sd["state"]):
         name = index_to_name[index]
-        state[name] = {k: _canonical(v, plan.params.get(name), plan) if isinstance(v, torch.Tensor) and v.dim() else
+        state[name] = {k: _canonical(v, _split(plan, name), plan) if isinstance(v, torch.Tensor) and v.dim() else
                        (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd["state"][index].items()}
     return {"state": state, "param_groups": groups}
 
@@ -269,7 +325,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
                                    plan: TensorParallelPlan | None, by_name: dict) -> None:
     """Restore optimizer state saved by name in the canonical layout (by any run: one process, DDP,
     tensor parallel of any size) into this tensor-parallel run's optimizer. No communication."""
-    plan = plan or model.tensor_parallel
+    plan = _plan_of(model, plan)
     current = _names_by_group(optimizer, model)
     if [list(g["params"]) for g in by_name["param_groups"]] != current:
         raise CheckpointError("the saved optimizer's parameter groups do not match the model's parameters")
@@ -278,7 +334,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     state = {}
     for name, values in by_name["state"].items():
         p = params[name]
-        state[index[name]] = {k: _local_share(v, p, plan.params.get(name), plan).to(v.dtype) if
+        state[index[name]] = {k: _local_share(v, p, _split(plan, name), plan).to(v.dtype) if
                               isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) and v.dim()
                               else v for k, v in values.items()}
         for k, v in state[index[name]].items():  # moments as DTensors laid out like their parameter
@@ -306,7 +362,7 @@ def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: 
     from .parallel_checkpoint import owned_optimizer_state, param_groups_by_name, save_model_parallel_checkpoint
     from .parallel_layout import stage_peers
     from .sharding import kept_names
-    plan = plan or model.tensor_parallel
+    plan = _plan_of(model, plan)
     weights = full_state_dict(model, plan)
     weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights} if world.main else {}
     peers, index = stage_peers(mesh) if mesh is not None else (plan.tp, _mesh_rank(model))

@@ -189,8 +189,9 @@ def train(
     (runtime/tensor_parallel.py); with `pipeline_stages` (compiler/pipeline_stages.py, and the
     model's `graph`) each rank runs one stage of a pipeline (runtime/pipeline_parallel.py); both
     compose, and a world larger than tp x pp holds data-parallel replicas of the model-parallel
-    group, laid out pp x dp x tp (runtime/parallel_layout.py). The ranks of one replica train on the
-    same batches; checkpoints keep the single-process layout."""
+    group, laid out pp x dp x tp (runtime/parallel_layout.py), which average gradients (ddp) or
+    shard each stage over the dp group (fsdp). The ranks of one replica train on the same batches;
+    checkpoints keep the single-process layout."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -216,6 +217,9 @@ def train(
                             f"resume it or choose another directory")
     cfg = cfg.resolved(context)
     data.check_seq(cfg.seq, validation=cfg.eval_batches > 0)
+    if tensor_parallel_plan is not None and tensor_parallel_plan.sequence_parallel and cfg.seq % tp:
+        raise ConfigError(f"sequence parallelism splits each sequence over {tp} ranks: --seq {cfg.seq} "
+                          f"must divide by {tp}")
     checkpointed: list[str] = []
     if cfg.activation_checkpointing:
         from lmspec.compiler.checkpointing import checkpoint_blocks, select_blocks
@@ -232,13 +236,11 @@ def train(
     if checkpoint is not None:
         checkpoint.load_model(model)  # whole, before FSDP shards what is there
     ddp = pipe = mesh = None
-    # FSDP2 over the data-parallel replicas: of the whole model, or of each one's tp shards (2-D)
-    sharded = cfg.strategy == "fsdp" and replicas.size > 1 and pp == 1
+    # FSDP2 over the data-parallel replicas: of the whole model, of each one's tp shards (2-D), or of
+    # each pipeline stage (and its tp shards: 3-D)
+    sharded = cfg.strategy == "fsdp" and replicas.size > 1
     if tp * pp > 1:  # model parallel, with data-parallel replicas when the world holds several copies
         from .parallel_layout import layout_mesh
-        if cfg.strategy == "fsdp" and replicas.size > 1 and pp > 1:
-            raise ConfigError("--pp with --strategy fsdp is not supported yet: the data-parallel "
-                              "replicas of a pipeline average their gradients as DDP does")
         mesh = layout_mesh(world, tp, pp, device.type)
     if pp > 1:
         from .pipeline_parallel import build_pipeline
@@ -246,7 +248,8 @@ def train(
         pipe = build_pipeline(model, graph, pipeline_stages, mesh.get_local_rank("pp"), world,
                               n_microbatches=cfg.micro_batches or pp, schedule=cfg.pipeline_schedule,
                               loss_fn=_loss, mesh=mesh, tensor_parallel_plan=tensor_parallel_plan if tp > 1 else None,
-                              checkpointed=checkpointed, autocast=lambda: autocast(device, cfg.precision))
+                              checkpointed=checkpointed, autocast=lambda: autocast(device, cfg.precision),
+                              fsdp=sharded, precision=cfg.precision, cpu_offload=cfg.cpu_offload)
         model = pipe.module  # this rank's stage: the optimizer, evaluation and checkpoints see it
     elif tp > 1:
         from . import tensor_parallel
@@ -310,7 +313,7 @@ def train(
                 group["lr"] = lr
             t0 = time.perf_counter()
             if pipe is not None:
-                loss = _pipeline_step(pipe, optimizer, data, cfg, batch_generator, mesh)
+                loss = _pipeline_step(pipe, optimizer, data, cfg, batch_generator, None if sharded else mesh)
             else:
                 loss = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler, data, cfg,
                                        batch_generator, device, sharded, None if sharded else mesh)
@@ -430,6 +433,8 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
             scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item()
     from .parallel_layout import average_gradients
+    from .tensor_parallel import reduce_sequence_parallel_gradients
+    reduce_sequence_parallel_gradients(model)
     average_gradients(model.parameters(), mesh)
     scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
     if sharded:
@@ -466,6 +471,8 @@ def _pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> float:
     for _ in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
         total += pipe.step(x, y, scale=1 / cfg.grad_accum)
+    from .tensor_parallel import reduce_sequence_parallel_gradients
+    reduce_sequence_parallel_gradients(pipe.module)
     average_gradients(pipe.parameters(), mesh)
     if cfg.grad_clip > 0:
         pipe.clip_grad_norm_(cfg.grad_clip)

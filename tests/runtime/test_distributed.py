@@ -211,7 +211,9 @@ def test_a_corrupt_optimizer_shard_is_a_located_error(fsdp_ranks, tmp_path):
 @pytest.fixture(scope="module")
 def tp_ranks(tmp_path_factory):
     run = tmp_path_factory.mktemp("tp") / "run"
-    out = torchrun("train", *COMMON, "--tp", "2", "--steps", "8", "--batch", "4", "--grad-accum", "2", "--out", run)
+    # with sequence parallelism: the residual stream, norms and position table split along the sequence
+    out = torchrun("train", *COMMON, "--tp", "2", "--sequence-parallel", "--steps", "8", "--batch", "4",
+                   "--grad-accum", "2", "--out", run)
     assert out.returncode == 0, out.stderr
     return run, out
 
@@ -349,17 +351,29 @@ def test_fsdp_over_tensor_parallel_replicas_resumes_a_pipeline_checkpoint(tp_pp_
     same_run(copy, one_process, optimizer=True)
 
 
+PP2 = ["--pp", "2", "--micro-batches", "2"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, ranks", [(["--pp", "2", "--micro-batches", "2"], 4), (["--tp", "2"], 4),
-                                           (["--tp", "2", "--pp", "2", "--micro-batches", "2"], 8)],
-                         ids=["dp2-pp2", "dp2-tp2", "dp2-tp2-pp2"])
+@pytest.mark.parametrize("layout, ranks", [(PP2, 4), (["--tp", "2"], 4), (["--tp", "2", *PP2], 8),
+                                           (["--strategy", "fsdp", *PP2], 4),
+                                           (["--strategy", "fsdp", "--tp", "2", *PP2], 8)],
+                         ids=["ddp2-pp2", "ddp2-tp2", "ddp2-tp2-pp2", "fsdp2-pp2", "fsdp2-tp2-pp2"])
 def test_data_parallel_replicas_of_model_parallel_groups(one_process, tmp_path, layout, ranks):
+    """Then the step-4 checkpoint resumes on one process and continues identically."""
+    import shutil
     run = tmp_path / "run"
     out = torchrun("train", *COMMON, *layout, "--steps", "8", "--batch", "2", "--grad-accum", "2", "--out", run,
                    ranks=ranks)
     assert out.returncode == 0, out.stderr
-    assert "(DDP 2 x " in out.stdout
-    same_run(run, one_process)
+    assert ("(FSDP 2 x " if "fsdp" in layout else "(DDP 2 x ") in out.stdout
+    same_run(run, one_process, optimizer=True)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    resumed = lmspec("train", *COMMON, "--out", str(copy), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    same_run(copy, one_process, optimizer=True)
 
 
 def test_a_world_that_does_not_hold_whole_model_parallel_groups_is_refused(tmp_path):

@@ -63,6 +63,7 @@ def test_the_plan_splits_heads_rows_and_vocab():
 
 def test_heads_that_do_not_divide_are_a_located_error_before_any_process_group():
     import torch.distributed as dist
+    from lmspec.compiler.loader import load_spec
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
     from lmspec.dsl.diagnostics import SpecError
     with pytest.raises(SpecError) as err:
@@ -75,6 +76,11 @@ def test_heads_that_do_not_divide_are_a_located_error_before_any_process_group()
     messages = [d.message for d in err.value.diagnostics]
     assert len(messages) == 3 and any("4 heads do not divide" in m for m in messages)
     assert all(d.span.file.endswith("tiny.arch") for d in err.value.diagnostics)
+    with pytest.raises(SpecError) as err:  # hand-written attention cannot run on a slice of the sequence
+        tensor_parallel_plan(load_spec(str(ROOT / "specs/handwritten.arch")), 2, sequence_parallel=True)
+    (d,) = err.value.diagnostics
+    assert d.code == "E103" and d.message.startswith("split: mixes positions")
+    assert (Path(d.span.file).name, d.span.line) == ("attention.arch", 6)
     assert not dist.is_initialized()
 
 
@@ -101,6 +107,11 @@ def test_two_ranks_equal_one_process(two_ranks, case):
     assert max(r["param_diff"].values()) <= 1e-5, r["param_diff"]
     assert max(r["optim_diff"].values()) <= 1e-5
     assert abs(r["loss2_tp"] - r["loss2_one"]) <= 1e-5  # after the step, on the next batch
+    # sequence parallel (norms, position table and residual split along the sequence): the same again
+    assert r["sp_norm_seq"] * 2 == r["seq"]  # a norm sees half the sequence
+    assert abs(r["sp_loss"] - r["loss_one"]) <= 1e-5
+    assert max(r["sp_grad_diff"].values()) <= 1e-5, r["sp_grad_diff"]
+    assert max(r["sp_param_diff"].values()) <= 1e-5, r["sp_param_diff"]
 
 
 def test_a_tensor_parallel_checkpoint_has_the_single_process_layout(two_ranks):
@@ -177,6 +188,23 @@ def _worker(out: str) -> None:
         by_name_one = tpm.full_optimizer_state_dict(one, opt_one, plan)["state"]  # plain tensors pass through
         r["optim_diff"] = diff({f"{n}.{k}": v for n, s in by_name_tp.items() for k, v in s.items()},
                                {f"{n}.{k}": v for n, s in by_name_one.items() for k, v in s.items()})
+        # sequence parallelism: the same numbers, with the residual stream split along the sequence
+        sp_plan = tensor_parallel_plan(graph, 2, sequence_parallel=True)
+        sp = tpm.apply_tensor_parallel(lower(graph, seed=0), sp_plan, mesh)
+        opt_sp = make_optimizer(sp, cfg)
+        norm = next(path for path, rule in sp_plan.modules.items() if rule.op in ("layernorm", "rmsnorm"))
+        seen = []
+        sp.get_submodule(norm).register_forward_pre_hook(lambda module, args: seen.append(args[0].size(1)))
+        logits = sp(x)
+        r["sp_norm_seq"], r["seq"] = seen[0], x.size(1)
+        loss_sp = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss_sp.backward()
+        tpm.reduce_sequence_parallel_gradients(sp)
+        torch.nn.utils.clip_grad_norm_(sp.parameters(), 0.5)
+        r["sp_loss"] = loss_sp.item()
+        r["sp_grad_diff"] = diff(tpm.full_gradients(sp, sp_plan), grads_one)
+        opt_sp.step()
+        r["sp_param_diff"] = diff(tpm.full_state_dict(sp, sp_plan), one.state_dict())
         with torch.no_grad():
             r["loss2_one"] = F.cross_entropy(one(x2).reshape(-1, vocab), y.reshape(-1)).item()
             r["loss2_tp"] = F.cross_entropy(tp(x2).reshape(-1, vocab), y.reshape(-1)).item()
