@@ -101,14 +101,14 @@ def _check_model_parallel(args, world) -> None:
     its size is data-parallel replicas), and the spec splits that way."""
     from lmspec.compiler.pipeline_stages import pipeline_stages
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
+
+    from .train import pipeline_refusal
     tp, pp = args.tp or 1, args.pp or 1
     if args.sequence_parallel and tp == 1:
         raise UsageError("--sequence-parallel splits the sequence over the tensor-parallel ranks: give --tp N")
     flags = " ".join(f"{f} {n}" for f, n in (("--tp", tp), ("--pp", pp)) if n > 1)
-    unsupported = [name for name, on in (("--precision fp16", args.precision == "fp16"),
-                                         ("--compile", args.compile)) if on and pp > 1]
-    if unsupported:  # fp16's loss scale would have to be agreed across the stages
-        raise UsageError(f"--pp does not combine with {', '.join(unsupported)} yet (bf16 does)")
+    if pp > 1 and (refusal := pipeline_refusal(args.precision, args.compile)):
+        raise UsageError(refusal)
     if world.size % (tp * pp):
         raise UsageError(f"{flags} splits each copy of the model over {tp * pp} ranks: run a multiple of "
                          f"{tp * pp} (torchrun --nproc-per-node {tp * pp}), not {world.size}")

@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.tensor import DTensor
 
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -40,23 +39,11 @@ from .distributed import World, barrier
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
 
 
-def _canonical_moments(name: str, values: dict, plan) -> dict:
-    """One parameter's optimizer state, whole and in the single-process layout (a collective over
-    the tensor-parallel group when the state is a DTensor)."""
-    from .tensor_parallel import _canonical
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, torch.Tensor) and value.dim():
-            out[key] = _canonical(value, plan.params.get(name) if plan is not None else None, plan)
-        else:
-            out[key] = value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
-    return out
-
-
 def owned_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, plan=None,
                           skip=frozenset(), peers: int = 1, index: int = 0) -> dict[str, dict]:
     """This rank's share of the optimizer state by name: parameter i of the module (those in `skip`,
     a tied copy, left out) when i % peers == index. Every peer calls it (the gathers are collective)."""
+    from .tensor_parallel import canonical_optimizer_state
     names = {id(p): n for n, p in module.named_parameters()}
     state, i = {}, 0
     for group in optimizer.param_groups:
@@ -64,11 +51,7 @@ def owned_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimi
             name = names[id(p)]
             if name in skip or p not in optimizer.state:
                 continue
-            tensors = optimizer.state[p]
-            if plan is not None or any(isinstance(v, DTensor) for v in tensors.values()):
-                whole = _canonical_moments(name, tensors, plan)
-            else:
-                whole = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+            whole = canonical_optimizer_state(name, optimizer.state[p], plan)  # every peer takes part
             if i % peers == index:
                 state[name] = whole
             i += 1

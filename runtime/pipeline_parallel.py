@@ -354,11 +354,6 @@ class Pipeline:
         return getattr(self.module, "tensor_parallel", None)
 
     @property
-    def _distributed(self) -> bool:
-        """Whether the stage's parameters are DTensors (split over tp, sharded by FSDP, or both)."""
-        return any(isinstance(p, DTensor) for p in self.module.parameters())
-
-    @property
     def _peer_index(self) -> int:
         """This rank's place among the ranks that hold the same stage (0: the one that reports)."""
         from .parallel_layout import stage_peers
@@ -366,11 +361,9 @@ class Pipeline:
 
     def _canonical_state(self) -> dict[str, torch.Tensor]:
         """This stage's state_dict, whole and in the single-process layout (collective over the
-        ranks that split or shard the stage, when they do)."""
-        if self._distributed:
-            from .tensor_parallel import full_state_dict
-            return full_state_dict(self.module, self._tp)
-        return self.module.state_dict()
+        ranks that split or shard the stage, when they do; plain tensors pass through)."""
+        from .tensor_parallel import full_state_dict
+        return full_state_dict(self.module, self._tp)
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -385,12 +378,8 @@ class Pipeline:
                 raise ValueError(f"{name}: the weights hold shape {tuple(source.shape)}, "
                                  f"the model {tuple(tensor.shape)}")
             mine[name] = source
-        if self._distributed:
-            from .tensor_parallel import load_full_state_dict
-            load_full_state_dict(self.module, self._tp, mine)
-            return
-        for name, tensor in self.module.state_dict().items():
-            tensor.copy_(mine[name].to(tensor.device, tensor.dtype))
+        from .tensor_parallel import load_full_state_dict
+        load_full_state_dict(self.module, self._tp, mine)  # each rank keeps its split or shards, if any
 
 
     def save_checkpoint(self, world, run_dir, optimizer: torch.optim.Optimizer, mesh=None, *, step: int,
@@ -424,16 +413,11 @@ class Pipeline:
             if source is None:
                 raise KeyError(f"the optimizer state holds nothing for {name}")
             mine[name] = source
-        if self._distributed:
-            from .tensor_parallel import load_full_optimizer_state_dict
-            names = {id(p): n for n, p in self.module.named_parameters()}
-            groups = [{**saved, "params": [names[id(p)] for p in g["params"]]}
-                      for saved, g in zip(by_name["param_groups"], optimizer.param_groups)]
-            load_full_optimizer_state_dict(self.module, optimizer, self._tp, {"state": mine, "param_groups": groups})
-            return
-        for name, p in self.module.named_parameters():
-            optimizer.state[p] = {k: v.to(p.device).clone() if isinstance(v, torch.Tensor) and v.dim() else
-                                  (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in mine[name].items()}
+        from .tensor_parallel import load_full_optimizer_state_dict
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        groups = [{**saved, "params": [names[id(p)] for p in g["params"]]}
+                  for saved, g in zip(by_name["param_groups"], optimizer.param_groups)]
+        load_full_optimizer_state_dict(self.module, optimizer, self._tp, {"state": mine, "param_groups": groups})
 
 
 def _run_forward_in(module: torch.nn.Module, context) -> None:

@@ -61,7 +61,7 @@ from lmspec.compiler.tensor_parallel import (
     inverse_order,
 )
 
-from .checkpoint import Checkpoint, CheckpointError, read_optimizer_by_name
+from .checkpoint import Checkpoint, CheckpointError, _param_names_by_group, read_optimizer_by_name
 from .distributed import World
 
 MESH_DIM = "tp"
@@ -296,9 +296,11 @@ def load_full_state_dict(model: nn.Module, plan: TensorParallelPlan | None, stat
 
 # ------------------------------------------------------------------------------ optimizer state
 
-def _names_by_group(optimizer, model) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+def canonical_optimizer_state(name: str, values: dict, plan: TensorParallelPlan | None) -> dict:
+    """One parameter's optimizer state (moments, step) whole and in the single-process layout, on
+    the CPU; collective when the moments are DTensors."""
+    return {k: _canonical(v, _split(plan, name), plan) if isinstance(v, torch.Tensor) and v.dim() else
+            (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -306,19 +308,9 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     """The optimizer state keyed by parameter name with whole, canonical tensors, in the form
     checkpoint.read_optimizer_by_name returns ({"state": {name: {...}}, "param_groups": [...]}).
     Collective."""
-    plan = _plan_of(model, plan)
-    sd = optimizer.state_dict()
-    groups_names = _names_by_group(optimizer, model)
-    index_to_name, groups = {}, []
-    for saved, names in zip(sd["param_groups"], groups_names):
-        index_to_name.update(zip(saved["params"], names))
-        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": names})
-    state = {}
-    for index in sorted(sd["state"]):
-        name = index_to_name[index]
-        state[name] = {k: _canonical(v, _split(plan, name), plan) if isinstance(v, torch.Tensor) and v.dim() else
-                       (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in sd["state"][index].items()}
-    return {"state": state, "param_groups": groups}
+    from .parallel_checkpoint import owned_optimizer_state, param_groups_by_name
+    return {"state": owned_optimizer_state(model, optimizer, plan=_plan_of(model, plan)),
+            "param_groups": param_groups_by_name(model, optimizer)}
 
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -326,7 +318,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     """Restore optimizer state saved by name in the canonical layout (by any run: one process, DDP,
     tensor parallel of any size) into this tensor-parallel run's optimizer. No communication."""
     plan = _plan_of(model, plan)
-    current = _names_by_group(optimizer, model)
+    current = _param_names_by_group(optimizer, model)
     if [list(g["params"]) for g in by_name["param_groups"]] != current:
         raise CheckpointError("the saved optimizer's parameter groups do not match the model's parameters")
     index = {n: i for i, n in enumerate(n for names in current for n in names)}

@@ -448,12 +448,16 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
     return total / cfg.grad_accum
 
 
+def pipeline_refusal(precision: str, compile: bool) -> str | None:
+    """Why a pipeline cannot run with these settings, or None. fp16 would need a loss scale agreed
+    across the stages; bf16 has fp32's range and needs none."""
+    unsupported = [name for name, on in (("--precision fp16", precision == "fp16"), ("--compile", compile)) if on]
+    return f"--pp does not combine with {', '.join(unsupported)} yet (bf16 does)" if unsupported else None
+
+
 def _check_pipeline(cfg: TrainConfig, pp: int) -> None:
-    # fp16 would need a loss scale agreed across stages; bf16 has fp32's range and needs none
-    unsupported = [name for name, on in (("--precision fp16", cfg.precision == "fp16"),
-                                         ("--compile", cfg.compile)) if on]
-    if unsupported:
-        raise ConfigError(f"--pp does not combine with {', '.join(unsupported)} yet")
+    if refusal := pipeline_refusal(cfg.precision, cfg.compile):
+        raise ConfigError(refusal)
     micro = cfg.micro_batches or pp
     if cfg.pipeline_schedule not in ("1f1b", "gpipe"):
         raise ConfigError(f"pipeline schedule must be 1f1b or gpipe, got {cfg.pipeline_schedule!r}")

@@ -36,6 +36,15 @@ def close(a: dict, b: dict, tol: float = 1e-5) -> bool:
     return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
 
 
+def resumable_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run whose `latest` points back at step 4, to resume from there."""
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    return copy
+
+
 def optimizer_state(run: Path, step: int = 8) -> dict:
     """AdamW's state by `name.field`, read back from optimizer.safetensors or optimizer.dcp."""
     from lmspec.runtime.checkpoint import read_optimizer_by_name
@@ -78,11 +87,8 @@ def test_ddp_equals_one_process_with_the_global_batch(two_ranks, one_process):
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
-    import shutil
     run, _ = two_ranks
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(run, tmp_path)
     out = lmspec("train", *COMMON, "--out", str(copy), "--resume")
     assert out.returncode == 0, out.stderr
     assert abs(losses(copy)[8] - losses(run)[8]) <= 1e-5
@@ -154,11 +160,8 @@ def test_fsdp_equals_one_process_with_the_global_batch(fsdp_ranks, one_process):
 @pytest.mark.parametrize("ranks, strategy", [(1, None), (2, "fsdp")])
 def test_an_fsdp_checkpoint_resumes_on_one_rank_and_on_two(fsdp_ranks, tmp_path, ranks, strategy):
     """On two ranks it resumes with --cpu-offload: the shards and AdamW state in host memory."""
-    import shutil
     run, _ = fsdp_ranks
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(run, tmp_path)
     args = ["train", *COMMON, "--out", str(copy), "--resume"]
     out = lmspec(*args) if ranks == 1 else torchrun(*args, "--cpu-offload")
     assert out.returncode == 0, out.stderr
@@ -169,10 +172,7 @@ def test_an_fsdp_checkpoint_resumes_on_one_rank_and_on_two(fsdp_ranks, tmp_path,
 
 
 def test_a_one_process_checkpoint_resumes_sharded(one_process, tmp_path):
-    import shutil
-    copy = tmp_path / "copy"
-    shutil.copytree(one_process, copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(one_process, tmp_path)
     out = torchrun("train", *COMMON, "--out", copy, "--resume", "--strategy", "fsdp")
     assert out.returncode == 0, out.stderr
     assert "(FSDP)" in out.stdout and close(losses(copy), losses(one_process))
@@ -231,11 +231,8 @@ def test_tensor_parallel_equals_one_process(tp_ranks, one_process):
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_tensor_parallel_checkpoint_resumes_on_one_rank_and_on_two(tp_ranks, tmp_path, ranks):
-    import shutil
     run, _ = tp_ranks
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(run, tmp_path)
     args = ["train", *COMMON, "--out", str(copy), "--resume"]
     out = lmspec(*args) if ranks == 1 else torchrun(*args, "--tp", "2")
     assert out.returncode == 0, out.stderr
@@ -297,11 +294,8 @@ def test_tp_and_pp_compose_with_bf16_and_activation_checkpointing(pp_ranks, tmp_
 @pytest.mark.parametrize("source, layout", [("pp", []), ("tp", ["--pp", "2", "--micro-batches", "2"])],
                          ids=["pp-on-one-rank", "tp-on-two-pipeline-stages"])
 def test_a_model_parallel_checkpoint_resumes_under_another_layout(pp_ranks, tp_ranks, tmp_path, source, layout):
-    import shutil
     run = (pp_ranks if source == "pp" else tp_ranks)[0]
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(run, tmp_path)
     args = ["train", *COMMON, "--out", str(copy), "--resume", *layout]
     out = torchrun(*args) if layout else lmspec(*args)
     assert out.returncode == 0, out.stderr
@@ -341,10 +335,7 @@ def test_tensor_and_pipeline_parallel_compose(tp_pp_ranks, one_process):
 def test_fsdp_over_tensor_parallel_replicas_resumes_a_pipeline_checkpoint(tp_pp_ranks, one_process, tmp_path):
     """2-D FSDP x TP (fully_shard over the dp sub-mesh of DTensor shards), continuing the tp x pp run
     from its step-4 checkpoint: another layout, the same trajectory as one process."""
-    import shutil
-    copy = tmp_path / "copy"
-    shutil.copytree(tp_pp_ranks[0], copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(tp_pp_ranks[0], tmp_path)
     out = torchrun("train", *COMMON, "--tp", "2", "--strategy", "fsdp", "--out", copy, "--resume", ranks=4)
     assert out.returncode == 0, out.stderr
     assert "on 4 ranks (FSDP 2 x TP 2)" in out.stdout
@@ -361,16 +352,13 @@ PP2 = ["--pp", "2", "--micro-batches", "2"]
                          ids=["ddp2-pp2", "ddp2-tp2", "ddp2-tp2-pp2", "fsdp2-pp2", "fsdp2-tp2-pp2"])
 def test_data_parallel_replicas_of_model_parallel_groups(one_process, tmp_path, layout, ranks):
     """Then the step-4 checkpoint resumes on one process and continues identically."""
-    import shutil
     run = tmp_path / "run"
     out = torchrun("train", *COMMON, *layout, "--steps", "8", "--batch", "2", "--grad-accum", "2", "--out", run,
                    ranks=ranks)
     assert out.returncode == 0, out.stderr
     assert ("(FSDP 2 x " if "fsdp" in layout else "(DDP 2 x ") in out.stdout
     same_run(run, one_process, optimizer=True)
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    (copy / "checkpoints" / "latest").write_text("step_000004\n")
+    copy = resumable_copy(run, tmp_path)
     resumed = lmspec("train", *COMMON, "--out", str(copy), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     same_run(copy, one_process, optimizer=True)
