@@ -34,8 +34,8 @@ from .instruct_data import Example, check_record, collate, length_buckets, token
 from .finetune_steps import scheduled_lr, steps_per_epoch, update
 from .instruct_train import masked_loss
 from .lora_training import trainable_weights
-from .metrics import MetricsLog
-from .train import METRICS_FILE, TrainConfig, autocast, make_optimizer
+from .metrics import LOSS_PANEL, MetricsLog, Panel, plot_loss_curve
+from .train import METRICS_FILE, PLOT_FILE, TrainConfig, autocast, make_optimizer
 
 ANSWERS = ("chosen", "rejected")
 
@@ -140,6 +140,11 @@ def freeze(reference: torch.nn.Module) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------------------------- loop
 
+# loss.png of a DPO run: its loss is per pair, not per token, and the reward margin is what moves.
+DPO_PANELS = (Panel(LOSS_PANEL.key, LOSS_PANEL.val_key, "DPO loss (nats/pair)"),
+              Panel("margin", "val_margin", "reward margin"))
+
+
 @dataclass
 class DPOSetup:
     """What the run needs besides its TrainConfig (of which `steps` is filled in from the epochs)."""
@@ -156,8 +161,8 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
                  val_set: list[Pair], cfg: TrainConfig, setup: DPOSetup, run_dir, spec: dict,
                  progress: bool = True) -> dict:
     """Train the policy against the frozen reference; evaluate at step 0, every `eval_every` steps
-    and at the end (train sample and validation: loss, margin, accuracy); write metrics.jsonl and
-    the final checkpoint under `run_dir`. Returns the last evaluation and a summary."""
+    and at the end (train sample and validation: loss, margin, accuracy); write metrics.jsonl,
+    loss.png (loss and reward margin) and the final checkpoint under `run_dir`. Returns the last evaluation and a summary."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(policy.parameters()).device
@@ -214,5 +219,6 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
                                  optimizer=None, rng=None, train_config=train_config, tokenizer=tokenizer.to_json(),
                                  spec=spec, metrics=dict(last), keep=cfg.keep,
                                  weights=trainable_weights(policy) if setup.trainable_only else None)
+    plot_loss_curve(run_dir / METRICS_FILE, run_dir / PLOT_FILE, DPO_PANELS)
     return last | {"steps": step, "checkpoint": str(checkpoint), "metrics": str(run_dir / METRICS_FILE),
-                   "elapsed": time.perf_counter() - start}
+                   "plot": str(run_dir / PLOT_FILE), "elapsed": time.perf_counter() - start}

@@ -61,7 +61,7 @@ def cmd_finetune_dpo(args) -> int:
         print(f"done: {summary['steps']} steps, "
               + (f"{shown} loss {summary[f'{shown}_loss']:.4f}, reward margin {summary[f'{shown}_margin']:+.4f}, "
                  f"reward accuracy {summary[f'{shown}_accuracy']:.2f}, " if shown else "")
-              + f"{summary['elapsed']:.0f} s\ncheckpoint {summary['checkpoint']}")
+              + f"{summary['elapsed']:.0f} s\ncheckpoint {summary['checkpoint']}\nloss curve {summary['plot']}")
     except (*USER_ERRORS, TemplateError, RewriteError, ConfigError, TrainingError) as err:
         return _fail("finetune dpo", err)
     return 0

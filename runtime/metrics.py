@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text_atomically
@@ -52,28 +53,42 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Training and validation loss against step, as a PNG (replaced atomically)."""
+@dataclass(frozen=True)
+class Panel:
+    """One plot of a metrics log: a training series and its validation twin against step."""
+    key: str
+    val_key: str
+    ylabel: str
+
+
+LOSS_PANEL = Panel("loss", "val_loss", "cross-entropy loss (nats/token)")
+
+
+def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
+                    panels: tuple[Panel, ...] = (LOSS_PANEL,)) -> None:
+    """Training and validation series against step, one panel above the other, as a PNG (replaced
+    atomically): the loss by default."""
     # The object-oriented API with the Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records = read_metrics(jsonl_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-
-    fig = Figure(figsize=(8, 5), dpi=100)
+    fig = Figure(figsize=(8, 5 if len(panels) == 1 else 3.2 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1.0)
-    if val:
-        ax.plot(*zip(*val), label="validation", marker="o", markersize=3, linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.grid(True, alpha=0.3)
-    if train or val:
-        ax.legend()
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        train = [(r["step"], r[panel.key]) for r in records if r.get(panel.key) is not None]
+        val = [(r["step"], r[panel.val_key]) for r in records if r.get(panel.val_key) is not None]
+        if train:
+            ax.plot(*zip(*train), label="train", linewidth=1.0)
+        if val:
+            ax.plot(*zip(*val), label="validation", marker="o", markersize=3, linewidth=1.5)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, alpha=0.3)
+        if train or val:
+            ax.legend()
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".tmp-{png_path.name}-{os.getpid()}")
     try:

@@ -7,7 +7,7 @@ sub-meshes give the groups each kind of parallelism talks over, so no group is m
 
 Data parallelism over model-parallel replicas: every replica draws its own batches, and after the
 backward pass each gradient (for a DTensor, its local shard: replicas hold the same shards) is
-averaged over the dp group, as DDP would, or the replicas shard the state with FSDP2 over the dp
+averaged over the dp group in buckets, as DDP would, or the replicas shard the state with FSDP2 over the dp
 sub-mesh (`fully_shard(..., mesh=mesh["dp"])`, the 2-D FSDP x TP that DTensor supports).
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from .collectives import all_reduce_in_buckets
 from .distributed import World
 
 MESH_DIMS = ("pp", "dp", "tp")
@@ -46,19 +46,13 @@ def stage_peers(mesh: DeviceMesh | None) -> tuple[int, int]:
     return mesh["dp"].size() * tp, mesh.get_local_rank("dp") * tp + mesh.get_local_rank("tp")
 
 
-@torch.no_grad()
 def average_gradients(parameters, mesh: DeviceMesh | None) -> None:
     """Average each gradient over the data-parallel replicas of a model-parallel run (a no-op
-    without replicas). One all-reduce per parameter: simple, and what the CPU tests need."""
+    without replicas), a bucket of gradients per all-reduce, as DDP does."""
     if mesh is None or mesh["dp"].size() == 1:
         return
-    group, size = mesh["dp"].get_group(), mesh["dp"].size()
-    for p in parameters:
-        if p.grad is None:
-            continue
-        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        dist.all_reduce(grad, group=group)
-        grad.div_(size)
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in parameters if p.grad is not None]
+    all_reduce_in_buckets(grads, mesh["dp"].get_group(), divide_by=mesh["dp"].size())
 
 
 # DTensor logs a note each time it redistributes over two mesh dims in two collectives (the clip's

@@ -160,10 +160,8 @@ def reduce_sequence_parallel_gradients(model: nn.Module) -> None:
     params = getattr(model, "sequence_parallel_params", ())
     if not params:
         return
-    group = params[0].device_mesh.get_group()
-    for p in params:
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad.to_local(), group=group)
+    from .collectives import all_reduce_in_buckets
+    all_reduce_in_buckets([p.grad.to_local() for p in params if p.grad is not None], params[0].device_mesh.get_group())
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

@@ -162,6 +162,9 @@ def test_finetune_dpo_raises_the_held_out_margin(tmp_path, base_run, capsys):
     config = meta["train_config"]
     assert (config["finetune"], config["template"], config["beta"]) == ("dpo", "alpaca", 0.1)
     assert "base" not in meta["spec"] and meta["metrics"]["val_margin"] == evals[-1]["val_margin"]
+    png = (out / "loss.png").read_bytes()
+    assert f"loss curve {out / 'loss.png'}" in captured.out and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(png[20:24], "big") == 640  # IHDR height: two 320-pixel panels, loss and margin
 
     from lmspec.runtime.finetuned import load_model
     assert load_model(out).model.context == 256
