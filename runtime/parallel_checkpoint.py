@@ -43,7 +43,7 @@ def owned_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimi
                           skip=frozenset(), peers: int = 1, index: int = 0) -> dict[str, dict]:
     """This rank's share of the optimizer state by name: parameter i of the module (those in `skip`,
     a tied copy, left out) when i % peers == index. Every peer calls it (the gathers are collective)."""
-    from .tensor_parallel import canonical_optimizer_state
+    from .canonical_state import canonical_optimizer_state
     names = {id(p): n for n, p in module.named_parameters()}
     state, i = {}, 0
     for group in optimizer.param_groups:

@@ -362,7 +362,7 @@ class Pipeline:
     def _canonical_state(self) -> dict[str, torch.Tensor]:
         """This stage's state_dict, whole and in the single-process layout (collective over the
         ranks that split or shard the stage, when they do; plain tensors pass through)."""
-        from .tensor_parallel import full_state_dict
+        from .canonical_state import full_state_dict
         return full_state_dict(self.module, self._tp)
 
     @torch.no_grad()
@@ -378,7 +378,7 @@ class Pipeline:
                 raise ValueError(f"{name}: the weights hold shape {tuple(source.shape)}, "
                                  f"the model {tuple(tensor.shape)}")
             mine[name] = source
-        from .tensor_parallel import load_full_state_dict
+        from .canonical_state import load_full_state_dict
         load_full_state_dict(self.module, self._tp, mine)  # each rank keeps its split or shards, if any
 
 
@@ -413,7 +413,7 @@ class Pipeline:
             if source is None:
                 raise KeyError(f"the optimizer state holds nothing for {name}")
             mine[name] = source
-        from .tensor_parallel import load_full_optimizer_state_dict
+        from .canonical_state import load_full_optimizer_state_dict
         names = {id(p): n for n, p in self.module.named_parameters()}
         groups = [{**saved, "params": [names[id(p)] for p in g["params"]]}
                   for saved, g in zip(by_name["param_groups"], optimizer.param_groups)]

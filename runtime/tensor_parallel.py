@@ -25,10 +25,10 @@ of a gated MLP's fc); a contiguous Shard(0) of the canonical layout would give r
 part of k. Before distributing, the rows are permuted (compiler.tensor_parallel.fused_row_order) so
 that rank r's contiguous chunk is [q_r | k_r | v_r] (or [gate_r | up_r]); then Shard(0) is exactly
 Megatron's split, and the op module's own `split` / `chunk` of its local output is right. The
-permutation is an implementation detail of the running model: `full_state_dict` gathers and
-un-permutes, `load_full_state_dict` permutes and scatters, so checkpoints (model.safetensors and the
-optimizer state by name, written through torch.distributed.checkpoint) keep the single-process layout
-and names, and resume on any tp or none.
+permutation is an implementation detail of the running model: runtime/canonical_state.py's
+`full_state_dict` gathers and un-permutes, `load_full_state_dict` permutes and scatters, so
+checkpoints (model.safetensors and the optimizer state by name, written through
+torch.distributed.checkpoint) keep the single-process layout and names, and resume on any tp or none.
 
 Data: every rank of a tp group must see the same batch (tp is not data parallelism); dropout masks
 in replicated regions agree because every rank seeds alike (attention-probability dropout on a
@@ -50,18 +50,10 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lmspec.compiler.tensor_parallel import (
-    ATTENTION,
-    EMBEDDING,
-    HEAD,
-    MLP,
-    REPLICATED,
-    TensorParallelPlan,
-    fused_row_order,
-    inverse_order,
-)
+from lmspec.compiler.tensor_parallel import ATTENTION, EMBEDDING, HEAD, MLP, REPLICATED, TensorParallelPlan
 
-from .checkpoint import Checkpoint, CheckpointError, _param_names_by_group, read_optimizer_by_name
+from .canonical_state import fused_order, full_state_dict, load_full_optimizer_state_dict, plan_of
+from .checkpoint import Checkpoint, read_optimizer_by_name
 from .distributed import World
 
 MESH_DIM = "tp"
@@ -91,7 +83,7 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
         for name, split in plan.params.items():
             if split.tied_to is None and len(split.sections) > 1 and name in present:
                 p = model.get_parameter(name)
-                p.copy_(p[_order(split, plan.tp, p.device)])
+                p.copy_(p[fused_order(split, plan.tp, p.device)])
     sp = plan.sequence_parallel
     # under sequence parallelism the row-parallel outputs are reduce-scattered along the sequence
     # instead of all-reduced, and attention and the MLP gather the sequence on the way in
@@ -172,14 +164,6 @@ def _has_module(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _order(split, tp: int, device) -> torch.Tensor:
-    return torch.tensor(fused_row_order(split.shape[split.dim], split.sections, tp), device=device)
-
-
-def _inverse(split, tp: int, device) -> torch.Tensor:
-    return torch.tensor(inverse_order(fused_row_order(split.shape[split.dim], split.sections, tp)), device=device)
-
-
 def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
     """Replicate a module's parameters as DTensors, while its forward runs on plain tensors: just
     before it, each parameter is swapped for its local value (`to_local()`, differentiable: the
@@ -212,132 +196,6 @@ def _restore_parameters(module, args, output):
     return output
 
 
-# ------------------------------------------------------------------------------ canonical weights
-
-def _plan_of(model: nn.Module, plan: TensorParallelPlan | None) -> TensorParallelPlan | None:
-    """The plan a model was parallelized with; None for DTensors of FSDP alone (nothing permuted)."""
-    return plan if plan is not None else getattr(model, "tensor_parallel", None)
-
-
-def _split(plan: TensorParallelPlan | None, name: str):
-    return plan.params.get(name) if plan is not None else None
-
-
-def _canonical(value: torch.Tensor, split, plan: TensorParallelPlan) -> torch.Tensor:
-    """A parameter-shaped tensor (a weight, a gradient, an optimizer moment) of the running model as
-    one process would hold it: gathered (collective) and un-permuted, on the CPU."""
-    if isinstance(value, DTensor):  # only a parallelized model's tensors are permuted
-        value = value.full_tensor()
-        if split is not None and len(split.sections) > 1:
-            value = value[_inverse(split, plan.tp, value.device)]
-    return value.detach().cpu()
-
-
-def full_state_dict(model: nn.Module, plan: TensorParallelPlan | None = None) -> dict[str, torch.Tensor]:
-    """The single-process state_dict of a tensor-parallel model: the same names (tied ones under each
-    name, as nn.Module.state_dict gives them), whole and in the canonical layout, on the CPU of every
-    rank. Collective: every rank calls it."""
-    plan = _plan_of(model, plan)
-    seen: dict[int, torch.Tensor] = {}
-    out = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if id(value) not in seen:
-            seen[id(value)] = _canonical(value, _split(plan, name), plan).clone()
-        out[name] = seen[id(value)]
-    return out
-
-
-def full_gradients(model: nn.Module, plan: TensorParallelPlan | None = None) -> dict[str, torch.Tensor]:
-    """Each parameter's gradient, whole and canonical, by name (tied ones once). Collective."""
-    plan = _plan_of(model, plan)
-    return {name: _canonical(p.grad, _split(plan, name), plan)
-            for name, p in model.named_parameters() if p.grad is not None}
-
-
-def _local_share(full: torch.Tensor, current: torch.Tensor, split, plan: TensorParallelPlan) -> torch.Tensor:
-    """This rank's part of a canonical whole tensor, laid out as `current` (a DTensor or not)."""
-    full = full.to(device=current.device, dtype=current.dtype)
-    if split is not None and len(split.sections) > 1:
-        full = full[_order(split, plan.tp, full.device)]
-    if isinstance(current, DTensor):  # every rank holds `full`: cut locally, no communication
-        # (Replicate -> Shard is a local slice, and it knows FSDP x TP's _StridedShard)
-        replicated = DTensor.from_local(full, current.device_mesh, [Replicate()] * current.device_mesh.ndim,
-                                        run_check=False)
-        return replicated.redistribute(current.device_mesh, current.placements).to_local()
-    return full
-
-
-def load_full_state_dict(model: nn.Module, plan: TensorParallelPlan | None, state: dict[str, torch.Tensor]) -> None:
-    """Copy canonical whole weights (a single-process state_dict or model.safetensors, where a tied
-    weight may appear under one of its names only) into a tensor-parallel model. Every rank passes
-    the same `state`; no communication."""
-    plan = _plan_of(model, plan)
-    aliases: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        aliases.setdefault(id(value), []).append(name)
-        tensors[id(value)] = value
-    unexpected = set(state) - {n for names in aliases.values() for n in names}
-    if unexpected:
-        raise CheckpointError(f"weights for names the model lacks: {', '.join(sorted(unexpected)[:5])}")
-    with torch.no_grad():
-        for key, names in aliases.items():
-            given = next((n for n in names if n in state), None)
-            if given is None:
-                raise CheckpointError(f"no weights for {names[0]}")
-            current = tensors[key]
-            if tuple(state[given].shape) != tuple(current.shape):
-                raise CheckpointError(f"{given}: shape {tuple(state[given].shape)} does not fit {tuple(current.shape)}")
-            local = _local_share(state[given], current, _split(plan, given), plan)
-            (current.to_local() if isinstance(current, DTensor) else current).copy_(local)
-
-
-# ------------------------------------------------------------------------------ optimizer state
-
-def canonical_optimizer_state(name: str, values: dict, plan: TensorParallelPlan | None) -> dict:
-    """One parameter's optimizer state (moments, step) whole and in the single-process layout, on
-    the CPU; collective when the moments are DTensors."""
-    return {k: _canonical(v, _split(plan, name), plan) if isinstance(v, torch.Tensor) and v.dim() else
-            (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
-
-
-def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
-                              plan: TensorParallelPlan | None = None) -> dict:
-    """The optimizer state keyed by parameter name with whole, canonical tensors, in the form
-    checkpoint.read_optimizer_by_name returns ({"state": {name: {...}}, "param_groups": [...]}).
-    Collective."""
-    from .parallel_checkpoint import owned_optimizer_state, param_groups_by_name
-    return {"state": owned_optimizer_state(model, optimizer, plan=_plan_of(model, plan)),
-            "param_groups": param_groups_by_name(model, optimizer)}
-
-
-def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
-                                   plan: TensorParallelPlan | None, by_name: dict) -> None:
-    """Restore optimizer state saved by name in the canonical layout (by any run: one process, DDP,
-    tensor parallel of any size) into this tensor-parallel run's optimizer. No communication."""
-    plan = _plan_of(model, plan)
-    current = _param_names_by_group(optimizer, model)
-    if [list(g["params"]) for g in by_name["param_groups"]] != current:
-        raise CheckpointError("the saved optimizer's parameter groups do not match the model's parameters")
-    index = {n: i for i, n in enumerate(n for names in current for n in names)}
-    params = dict(model.named_parameters())
-    state = {}
-    for name, values in by_name["state"].items():
-        p = params[name]
-        state[index[name]] = {k: _local_share(v, p, _split(plan, name), plan).to(v.dtype) if
-                              isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) and v.dim()
-                              else v for k, v in values.items()}
-        for k, v in state[index[name]].items():  # moments as DTensors laid out like their parameter
-            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim():
-                state[index[name]][k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
-                                                           shape=p.shape, stride=p.stride())  # uneven shards
-    groups = [g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"the optimizer state does not fit this run: {err}") from None
-
-
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: nn.Module,
@@ -352,7 +210,7 @@ def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: 
     from .parallel_checkpoint import owned_optimizer_state, param_groups_by_name, save_model_parallel_checkpoint
     from .parallel_layout import stage_peers
     from .sharding import kept_names
-    plan = _plan_of(model, plan)
+    plan = plan_of(model, plan)
     weights = full_state_dict(model, plan)
     weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights} if world.main else {}
     peers, index = stage_peers(mesh) if mesh is not None else (plan.tp, _mesh_rank(model))

@@ -131,6 +131,7 @@ def _worker(out: str) -> None:
 
     from lmspec.compiler.lower import lower
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
+    from lmspec.runtime import canonical_state as canon
     from lmspec.runtime import tensor_parallel as tpm
     from lmspec.runtime.checkpoint import load_checkpoint, read_optimizer_by_name, read_tensors
     from lmspec.runtime.distributed import World
@@ -161,12 +162,12 @@ def _worker(out: str) -> None:
         tpm.apply_tensor_parallel(tp, plan, mesh)
         r = results[case] = {}
         reference = {k: v.detach().clone() for k, v in one.state_dict().items()}
-        full = tpm.full_state_dict(tp, plan)
+        full = canon.full_state_dict(tp, plan)
         r["state_dict_exact"] = full.keys() == reference.keys() and all(torch.equal(full[k], reference[k])
                                                                          for k in full)
-        tpm.load_full_state_dict(tp, plan, {k: v for k, v in reference.items() if k != "lm_head.weight"
+        canon.load_full_state_dict(tp, plan, {k: v for k, v in reference.items() if k != "lm_head.weight"
                                             or case == "llama"})  # a tied weight under one name only
-        again = tpm.full_state_dict(tp, plan)
+        again = canon.full_state_dict(tp, plan)
         r["reload_exact"] = all(torch.equal(again[k], reference[k]) for k in again)
         qkv = tp.get_parameter("block.0.attn.qkv.weight")
         r["sharded"] = qkv.to_local().shape[0] * 2 == qkv.shape[0]
@@ -178,14 +179,14 @@ def _worker(out: str) -> None:
         loss_one, loss_tp = step(one, x, y), step(tp, x, y)
         r["loss_one"], r["loss_tp"] = loss_one.item(), loss_tp.item()
         grads_one = {n: p.grad for n, p in one.named_parameters()}
-        grads_tp = tpm.full_gradients(tp, plan)
+        grads_tp = canon.full_gradients(tp, plan)
         r["grad_names"] = list(grads_tp)
         r["grad_diff"] = diff(grads_tp, grads_one)
         opt_one.step()
         opt_tp.step()
-        r["param_diff"] = diff(tpm.full_state_dict(tp, plan), one.state_dict())
-        by_name_tp = tpm.full_optimizer_state_dict(tp, opt_tp, plan)["state"]
-        by_name_one = tpm.full_optimizer_state_dict(one, opt_one, plan)["state"]  # plain tensors pass through
+        r["param_diff"] = diff(canon.full_state_dict(tp, plan), one.state_dict())
+        by_name_tp = canon.full_optimizer_state_dict(tp, opt_tp, plan)["state"]
+        by_name_one = canon.full_optimizer_state_dict(one, opt_one, plan)["state"]  # plain tensors pass through
         r["optim_diff"] = diff({f"{n}.{k}": v for n, s in by_name_tp.items() for k, v in s.items()},
                                {f"{n}.{k}": v for n, s in by_name_one.items() for k, v in s.items()})
         # sequence parallelism: the same numbers, with the residual stream split along the sequence
@@ -202,9 +203,9 @@ def _worker(out: str) -> None:
         tpm.reduce_sequence_parallel_gradients(sp)
         torch.nn.utils.clip_grad_norm_(sp.parameters(), 0.5)
         r["sp_loss"] = loss_sp.item()
-        r["sp_grad_diff"] = diff(tpm.full_gradients(sp, sp_plan), grads_one)
+        r["sp_grad_diff"] = diff(canon.full_gradients(sp, sp_plan), grads_one)
         opt_sp.step()
-        r["sp_param_diff"] = diff(tpm.full_state_dict(sp, sp_plan), one.state_dict())
+        r["sp_param_diff"] = diff(canon.full_state_dict(sp, sp_plan), one.state_dict())
         with torch.no_grad():
             r["loss2_one"] = F.cross_entropy(one(x2).reshape(-1, vocab), y.reshape(-1)).item()
             r["loss2_tp"] = F.cross_entropy(tp(x2).reshape(-1, vocab), y.reshape(-1)).item()
@@ -234,7 +235,7 @@ def _worker(out: str) -> None:
         opt.zero_grad()
         step(model, x3, y)
         opt.step()
-    a, b = tpm.full_state_dict(tp, plan), tpm.full_state_dict(fresh, plan)
+    a, b = canon.full_state_dict(tp, plan), canon.full_state_dict(fresh, plan)
     c["resumed_exact"] = all(torch.equal(a[k], b[k]) for k in a)
     dist.barrier()
     if rank == 0:
