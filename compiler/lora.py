@@ -147,8 +147,6 @@ def without_lora(graph: ModelGraph) -> ModelGraph:
 def merge_lora(graph: ModelGraph, weights: dict) -> tuple[ModelGraph, dict]:
     """Fold the adapters into their matrices, W' = W + scale * B A (computed in float32, stored in W's
     dtype): the graph without LoRA and its weights without adapter tensors. `weights` is not changed."""
-    import torch
-
     if not is_lora(graph):
         raise RewriteError("lora: the model has no LoRA adapters to merge")
     merged = {name: t for name, t in weights.items() if not name.endswith(ADAPTER_SUFFIXES)}

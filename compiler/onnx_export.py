@@ -11,6 +11,13 @@ The ONNX model follows Hugging Face Optimum's decoder layout, so it looks famili
 
 The first call passes a past of length 0. A model whose attention is written by hand (matmul,
 softmax, causal_mask) cannot use a cache: it exports with `input_ids` and `logits` only.
+
+A classifier (compiler/classify_head.py's rewrite) exports without a cache, since it reads each text
+once (`export_classifier_onnx`):
+
+    inputs   input_ids            int64 [batch, seq]          right-padded texts
+             lengths              int64 [batch]               each row's number of real tokens
+    outputs  logits               float [batch, classes]
 """
 from __future__ import annotations
 
@@ -26,17 +33,20 @@ from torch import nn
 
 from lmspec.dsl.diagnostics import Diagnostic, SpecError
 
+from .classify_head import LENGTHS_INPUT
 from .graph import ModelGraph
 from .registry import get_op
 from .torch_modules import Attention, plain_attention, visible_keys
 
 DEFAULT_OPSET = 20  # Gelu and LayerNormalization are single ops; onnxruntime >= 1.17 runs it
 MIN_OPSET = 18  # the oldest opset torch's exporter (torch.export + onnxscript) writes
+MAX_OPSET = 23  # the newest
 PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit allowed for an fp32 export
 
 # Dimension names of the exported graph, as Hugging Face Optimum names them.
 BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = f"{PAST} + {SEQUENCE}"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ExportError(Exception):
@@ -127,6 +137,17 @@ class PlainDecoder(nn.Module):
         return _logits(self.model(input_ids))
 
 
+class TextClassifier(nn.Module):
+    """A lowered classifier: right-padded tokens and each row's length in, class logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, lengths):
+        return _logits(self.model(input_ids, lengths))
+
+
 def _logits(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -151,19 +172,31 @@ def example_lengths(context: int | None) -> tuple[int, int]:
     return seq, max(2, min(4, context - seq))
 
 
+def spec_inputs(graph: ModelGraph) -> list[str]:
+    """The names the spec gives the model's inputs, in order (`tokens`, and a classifier's `lengths`)."""
+    return [graph.g.nodes[node]["args"]["name"] for node in graph.inputs]
+
+
+def is_classifier(graph: ModelGraph) -> bool:
+    """Whether `graph` is a classifier: (tokens, lengths) -> [batch, classes] logits."""
+    inputs = spec_inputs(graph)
+    return len(inputs) == 2 and inputs[1] == LENGTHS_INPUT and len(graph.outputs) == 1 \
+        and len(graph.outputs[0][1].shape) == 2
+
+
 def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: int = DEFAULT_OPSET) -> CacheLayout | None:
     """Write `model` (lowered from `graph`, in eval mode) to `path` as ONNX; return its cache layout,
     None when it exports without a cache. Raises SpecError for an op that cannot be exported and
     ExportError when the exporter fails, naming the op where it can."""
-    check_exportable(graph)
-    if not MIN_OPSET <= opset <= 23:
-        raise ExportError(f"--opset {opset}: torch's exporter writes opsets {MIN_OPSET} to 23")
+    check_before_tracing(graph, opset)
+    if len(graph.inputs) != 1:  # the decoders below feed the token ids alone
+        kind = "a classifier: export it with export_classifier_onnx" if is_classifier(graph) else \
+            "only models of one input, the token ids, export as language models"
+        raise ExportError(f"{graph.name} takes {len(graph.inputs)} inputs ({', '.join(spec_inputs(graph))}); {kind}")
     model = model.eval()
     layout = cache_layout(model)
-    vocab_inputs = graph.hyper.get("vocab", 2)
     batch, (seq, past) = 2, example_lengths(graph.context)
-    high = int(vocab_inputs) if isinstance(vocab_inputs, int) else 2
-    ids = torch.randint(0, high, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = example_ids(graph, batch, seq)
     if layout is None:
         wrapper, args = PlainDecoder(model), (ids,)
         input_names, output_names = ["input_ids"], ["logits"]
@@ -180,6 +213,45 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
         b, s, p = (torch.export.Dim(n) for n in (BATCH, SEQUENCE, PAST))
         dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
                 "position_ids": {0: b, 1: s}, "past_flat": tuple({0: b, 2: p} for _ in past_kv)}
+    _write(wrapper, args, input_names, output_names, dims, graph, path, opset)
+    if layout is not None:
+        _rename_dim(Path(path), "attention_mask", 1, TOTAL)
+    return layout
+
+
+def export_classifier_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """Write classifier `model` (lowered from `graph`, in eval mode) to `path` as ONNX: input_ids and
+    lengths in, logits [batch, classes] out, batch and sequence dynamic. Raises as export_onnx does."""
+    check_before_tracing(graph, opset)
+    if not is_classifier(graph):
+        raise ExportError(f"{graph.name} is not a classifier: it takes ({', '.join(spec_inputs(graph))}), "
+                          f"not (tokens, {LENGTHS_INPUT}), or its output is not [batch, classes]")
+    batch, (seq, _) = 2, example_lengths(graph.context)
+    ids = example_ids(graph, batch, seq)
+    lengths = torch.tensor([seq, seq - 1])  # rows of different lengths, so no length is baked in
+    b, s = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
+    dims = {"input_ids": {0: b, 1: s}, "lengths": {0: b}}
+    _write(TextClassifier(model.eval()), (ids, lengths), ["input_ids", "lengths"], ["logits"], dims, graph, path,
+           opset)
+
+
+def check_before_tracing(graph: ModelGraph, opset: int) -> None:
+    """What can be refused before the (slow) exporter runs: ops it cannot export, an opset it does not write."""
+    check_exportable(graph)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset}: torch's exporter writes opsets {MIN_OPSET} to {MAX_OPSET}")
+
+
+def example_ids(graph: ModelGraph, batch: int, seq: int) -> torch.Tensor:
+    """Token ids to trace with: seeded, within the vocabulary."""
+    vocab = graph.hyper.get("vocab", 2)
+    high = int(vocab) if isinstance(vocab, int) else 2
+    return torch.randint(0, high, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _write(wrapper: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dims: dict,
+           graph: ModelGraph, path: str | Path, opset: int) -> None:
+    """Trace `wrapper` on `args` with torch's exporter and save the ONNX model to `path`."""
     try:
         with _quiet_exporter(), _plain_attention():
             program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, opset_version=opset,
@@ -187,10 +259,7 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
                                         dynamic_shapes=dims)
     except Exception as err:  # the exporter raises many kinds; all mean the same to the user
         raise ExportError(_export_failure(err, graph)) from None
-    program.save(str(path), external_data=_needs_external_data(model))
-    if layout is not None:
-        _rename_dim(Path(path), "attention_mask", 1, TOTAL)
-    return layout
+    program.save(str(path), external_data=_needs_external_data(wrapper))
 
 
 @contextlib.contextmanager
@@ -263,7 +332,7 @@ class _quiet_exporter:
 
 def _export_failure(err: Exception, graph: ModelGraph) -> str:
     """The exporter's complaint, located at the spec line of the op it names, where it names one."""
-    text = str(err)
+    text = _ANSI_ESCAPE.sub("", str(err))  # the exporter colours its messages for a terminal
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
     nodes = {node_id: data for node_id, data in graph.nodes()}
     for name in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text):

@@ -3,6 +3,9 @@
 The check every export ends with: a random prompt through onnxruntime with an empty cache, then a
 few more tokens with the cache that call returned, each compared with the PyTorch model run over the
 whole sequence without any cache. So the comparison covers the export and the cache layout at once.
+
+A classifier's check runs right-padded batches of texts of different lengths (the padding random
+ids) through both, and compares the class logits and the predicted classes.
 """
 from __future__ import annotations
 
@@ -29,6 +32,28 @@ class Parity:
         if self.filled_cache is not None:
             text += f", {self.filled_cache:.2e} with a filled one"
         return text
+
+    def as_dict(self) -> dict:
+        return {"empty_cache": self.empty_cache, "filled_cache": self.filled_cache}
+
+
+@dataclass
+class ClassifierParity:
+    logits: float  # max |ONNX - PyTorch| over the class logits of every text
+    same_class: int  # texts for which both predict the same class
+    texts: int
+    lengths: tuple[int, int]  # the shortest and longest text
+
+    @property
+    def worst(self) -> float:
+        return self.logits
+
+    def describe(self) -> str:
+        return (f"max |logits difference|: {self.logits:.2e} over {self.texts} right-padded texts of "
+                f"{self.lengths[0]} to {self.lengths[1]} tokens; the same class for {self.same_class} of {self.texts}")
+
+    def as_dict(self) -> dict:
+        return {"logits": self.logits, "same_class": self.same_class, "texts": self.texts}
 
 
 def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_size: int, context: int | None,
@@ -58,6 +83,30 @@ def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_si
     past = dict(zip(layout.input_names(), first[1:]))
     second = session.run(None, _feeds(ids[:, prompt_len:].numpy(), prompt_len, past))
     return Parity(parity_empty, _max_diff(second[0], reference[:, prompt_len:]))
+
+
+def check_classifier_parity(model: nn.Module, session, vocab_size: int, context: int | None,
+                            seed: int = 0) -> ClassifierParity:
+    """Compare `session` (an onnxruntime InferenceSession of an exported classifier) with `model`."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.eval()
+    diffs, same, lengths = [], 0, []
+    for tokens, rows in _padded_batches(context or 64, vocab_size, gen):
+        with torch.no_grad():
+            reference = model(tokens, rows).float().numpy()
+        logits = session.run(["logits"], {"input_ids": tokens.numpy(), "lengths": rows.numpy()})[0]
+        diffs.append(_max_diff(logits, reference))
+        same += int((logits.argmax(-1) == reference.argmax(-1)).sum())
+        lengths += rows.tolist()
+    return ClassifierParity(max(diffs), same, len(lengths), (min(lengths), max(lengths)))
+
+
+def _padded_batches(context: int, vocab_size: int, gen: torch.Generator):
+    """(tokens, lengths) of two batches of different widths, each with a full-width row, a row of one
+    token and two in between; random ids in the padding too, which must not change any logit."""
+    for width in sorted({min(16, context), min(5, context)}, reverse=True):
+        lengths = torch.cat([torch.tensor([width, 1]), torch.randint(1, width + 1, (2,), generator=gen)])
+        yield torch.randint(0, vocab_size, (len(lengths), width), generator=gen), lengths
 
 
 def _feeds(ids: np.ndarray, past_len: int, past: dict) -> dict:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import MODEL_FILE, CheckpointError, find_checkpoint, save_checkpoint
-from .classify_data import TextEncoder, finetuning_splits, parse_labels, parse_split, read_examples
+from .classify_data import finetuning_splits, parse_labels, parse_split, read_examples
 from .commands import USER_ERRORS, _fail
+from .instruct_data import pad_id_for
+from .onnx_classifier import print_predictions
+from .text_encoder import TextEncoder
 from .tokenizer import load_tokenizer
 from .usage import UsageError
 
@@ -105,7 +108,7 @@ def cmd_finetune_classify(args) -> int:
         model, graph, base, spec, adapters_only = _classifier_to_train(args, labels)
         tokenizer = load_tokenizer(base.checkpoint.tokenizer)
         context = int(model.context)
-        encoder = TextEncoder(tokenizer, min(args.max_length or context, context))
+        encoder = TextEncoder(tokenizer, min(args.max_length or context, context), pad_id_for(tokenizer))
         encoded = {name: Encoded([encoder.encode(e.text) for e in part], [e.label for e in part])
                    for name, part in parts.items()}
         steps = args.epochs * steps_per_epoch(len(encoded["train"]), args.batch)
@@ -160,10 +163,12 @@ def classifier_inputs(loaded) -> tuple[list[str], TextEncoder]:
     labels = record.get("labels") or [str(i) for i in range(record["classes"])]
     tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
     context = int(loaded.model.context)
-    return labels, TextEncoder(tokenizer, min(loaded.checkpoint.train_config.get("max_length") or context, context))
+    max_length = min(loaded.checkpoint.train_config.get("max_length") or context, context)
+    return labels, TextEncoder(tokenizer, max_length, pad_id_for(tokenizer))
 
 
 def cmd_classify(args) -> int:
+    """`lmspec classify CHECKPOINT TEXT...` (onnx_classifier.cmd_classify sends checkpoints here)."""
     from lmspec.compiler.rewrites import RewriteError
 
     from .classify_train import predict
@@ -175,8 +180,5 @@ def cmd_classify(args) -> int:
         probs = predict(loaded.model, [encoder.encode(t) for t in args.texts], 32, encoder.pad_id)
     except (*USER_ERRORS, RewriteError) as err:
         return _fail("classify", err)
-    width = max(len(n) for n in labels)
-    for text, p in zip(args.texts, probs):
-        best = int(p.argmax())
-        print(f"{labels[best]:<{width}}  {p[best].item():.3f}  {text}")
+    print_predictions(labels, args.texts, probs)
     return 0

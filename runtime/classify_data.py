@@ -6,22 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .corpus import DataError, _read_file
-from .instruct_data import pad_id_for
-from .tokenizer import CharTokenizer
 from .usage import UsageError
-
-REPLACEMENT_CHARS = ("?", " ")  # what a character the tokenizer lacks becomes, the first it knows
-# Windows-1252 punctuation that arrives as C1 control characters in text decoded as Latin-1 (the SMS
-# corpus has them): the characters they stand for.
-_C1_PUNCTUATION = {"\x91": "'", "\x92": "'", "\x93": '"', "\x94": '"', "\x96": "-", "\x97": "-", "\x85": "..."}
-
 
 @dataclass(frozen=True)
 class Example:
@@ -143,38 +134,6 @@ def finetuning_splits(examples: list[Example], fractions: tuple[float, float, fl
     if limit:  # a quick run: the first N after a shuffle, so every class can appear
         examples = split(examples, (1.0, 0.0, 0.0), seed)["train"][:limit]
     return split(examples, fractions, seed)
-
-
-class TextEncoder:
-    """Texts to token ids for the classifier: at most `max_length` tokens (the first ones), and at
-    least one. A character tokenizer maps a character it lacks to the same character without accents
-    (é -> e) when it knows that one, else to '?' (or ' '), so any text can be classified; `replaced`
-    counts such characters."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.replaced = 0
-        self.pad_id = pad_id_for(tokenizer)  # <|pad|>, else end-of-text, else 0
-        if isinstance(tokenizer, CharTokenizer):
-            known = set(tokenizer.chars)
-            self._fallback = next((c for c in REPLACEMENT_CHARS if c in known), "")
-            self._known = known
-
-    def encode(self, text: str) -> list[int]:
-        if isinstance(self.tokenizer, CharTokenizer):
-            text = "".join(self._known_char(ch) for ch in text)
-        ids = self.tokenizer.encode(text)[:self.max_length]
-        return ids or [self.pad_id]  # a text of nothing the tokenizer knows still gets one position
-
-    def _known_char(self, ch: str) -> str:
-        if ch in self._known:
-            return ch
-        folded = _C1_PUNCTUATION.get(ch) or unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode()
-        self.replaced += 1
-        if folded and all(c in self._known for c in folded):
-            return folded
-        return self._fallback
 
 
 def make_batch(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

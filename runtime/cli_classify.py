@@ -32,9 +32,11 @@ def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_options(c)
 
-    p = verb("classify", "Predict the class of texts with a classifier checkpoint.",
-             "classify_commands:cmd_classify", top, examples="""examples:
+    p = verb("classify", "Predict the class of texts with a classifier checkpoint, or its ONNX export "
+             "(onnxruntime only).", "onnx_classifier:cmd_classify", top, examples="""examples:
   lmspec classify runs/spam "You won a free cruise, call now" "see you at 6?"
+  lmspec export runs/spam -o exported/spam.onnx && lmspec classify exported/spam.onnx "see you at 6?"
 """)
-    p.add_argument("checkpoint", help="a classifier run or checkpoint (from `lmspec finetune classify`)")
+    p.add_argument("checkpoint", metavar="MODEL", help="a classifier run or checkpoint (from `lmspec finetune "
+                   "classify`), or its export (a .onnx file or a directory holding one, from `lmspec export`)")
     p.add_argument("texts", nargs="+", metavar="TEXT")

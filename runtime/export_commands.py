@@ -1,5 +1,5 @@
-"""`lmspec export` (checkpoint -> ONNX bundle, checked against PyTorch) and `lmspec generate`
-(onnxruntime only: this module imports torch only inside `export_bundle`)."""
+"""`lmspec export` (checkpoint -> ONNX bundle, checked against PyTorch; a language model or a
+classifier) and `lmspec generate` (onnxruntime only: torch is imported only on the export path)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from .onnx_model import BUNDLE_FORMAT, BUNDLE_VERSION, BundleError, bundle_sidecar
+from .onnx_model import BUNDLE_FORMAT, BUNDLE_VERSION, CLASSIFIER, LANGUAGE_MODEL, BundleError, bundle_sidecar
 from .tokenizer import TokenizerError
 from .usage import UsageError
 
 QUANTIZED_TOLERANCE_NOTE = "int8 weights: logits differ by design; the fp32 export was checked to 1e-4"
+CLASSIFIER_QUANTIZED_NOTE = ("int8 weights: logits differ by design, what counts is the predicted class; "
+                             "the fp32 export was checked to 1e-4")
 
 
 def _fail(verb: str, err) -> int:
@@ -29,7 +31,8 @@ def output_path(out: str) -> Path:
 
 def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize: bool = False,
                   quantize: str | None = None, fp16: bool = False, log=print) -> dict:
-    """Export a checkpoint to `out` with its sidecar; returns the sidecar's content.
+    """Export a checkpoint, a language model or a classifier, to `out` with its sidecar; returns the
+    sidecar's content.
 
     The fp32 export is checked against PyTorch (ExportError beyond 1e-4), then optimised, quantised
     or converted as asked, and each of those checked again. Files are written in a temporary
@@ -37,13 +40,8 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     import onnxruntime as ort
     import torch
 
-    from lmspec.compiler.lower import lower
-    from lmspec.compiler.onnx_export import DEFAULT_OPSET, PARITY_TOLERANCE, ExportError, export_onnx
-    from lmspec.compiler.onnx_parity import check_parity
+    from lmspec.compiler.onnx_export import DEFAULT_OPSET, PARITY_TOLERANCE, ExportError
 
-    from .checkpoint import load_checkpoint
-    from lmspec.compiler.rewrites import graph_from_record
-    from .tokenizer import load_tokenizer
     from . import onnx_optimize
 
     if quantize not in (None, "int8"):
@@ -52,13 +50,8 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
         raise UsageError("--quantize int8 and --fp16 exclude each other")
     opset = opset or DEFAULT_OPSET
     destination = output_path(out)
-    ckpt = load_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(ckpt.tokenizer)
-    graph = graph_from_record(ckpt.spec)
-    model = lower(graph)
-    ckpt.load_model(model)
-    model.eval()
-    vocab = _vocab(graph, tokenizer)
+    target = export_target(checkpoint, log)
+    graph, model = target.graph, target.model
 
     destination.parent.mkdir(parents=True, exist_ok=True)
     work = destination.parent / f".tmp-export-{os.getpid()}"
@@ -67,19 +60,19 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     try:
         started = time.perf_counter()
         exported = work / "fp32.onnx"
-        layout = export_onnx(model, graph, exported, opset=opset)
+        target.export(exported, opset)
         log(f"exported {graph.name} ({sum(p.numel() for p in model.parameters()):,} parameters, opset {opset}) "
             f"in {time.perf_counter() - started:.1f} s")
 
         def parity_of(path: Path, label: str, enforce: bool):
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             with torch.no_grad():
-                result = check_parity(model, session, layout, vocab, graph.context)
+                result = target.check(session)
             log(f"parity {label}: {result.describe()}")
             if enforce and not result.worst <= PARITY_TOLERANCE:  # `not <=` also catches NaN
                 raise ExportError(f"the {label} ONNX model does not match PyTorch: max |logits difference| "
                                   f"{result.worst:.3e} > {PARITY_TOLERANCE:g}; nothing was written")
-            return {"empty_cache": result.empty_cache, "filled_cache": result.filled_cache}
+            return result.as_dict()
 
         parity = {"fp32": parity_of(exported, "fp32", enforce=True)}
         final, fused = exported, {}
@@ -94,7 +87,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             quantized = work / "int8.onnx"
             onnx_optimize.quantize_int8(final, quantized)
             parity["int8"] = parity_of(quantized, "int8", enforce=False)
-            log(f"  ({QUANTIZED_TOLERANCE_NOTE})")
+            log(f"  ({target.quantized_note})")
             final = quantized
         if fp16:
             half = work / "fp16.onnx"
@@ -103,15 +96,17 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             log("  (float16 rounds every activation: meant for GPU execution providers)")
             final = half
 
+        ckpt = target.checkpoint
         meta = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
+            "kind": target.kind,
             "name": graph.name,
             "file": destination.name,
             "context": graph.context,
-            "vocab_size": vocab,
-            "eot_id": tokenizer.eot_id,
-            "cache": layout.as_dict() if layout is not None else None,
+            "vocab_size": target.vocab,
+            "eot_id": target.tokenizer.eot_id,
+            **target.sidecar_fields(),
             "dtype": "float16" if fp16 else "float32",
             "quantized": quantize,
             "optimized": optimize,
@@ -131,6 +126,94 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     size = destination.stat().st_size + _data_size(destination)
     log(f"wrote {destination} ({size / 2**20:.1f} MiB) and {bundle_sidecar(destination).name}")
     return meta
+
+
+class ModelExport:
+    """A checkpoint's model on its way to ONNX: `export` writes it, `check` compares a session of the
+    export with PyTorch, `sidecar_fields` is what its kind adds to the sidecar."""
+
+    kind: str  # the sidecar's "kind"
+    quantized_note: str  # what the parity of an int8 export means
+
+    def __init__(self, loaded, model, graph, tokenizer):
+        # `reference` is the checkpoint's model as it was trained, which parity compares with;
+        # `model` is what gets exported (the same, or with its LoRA adapters folded in).
+        self.reference, self.checkpoint, self.model, self.graph = loaded.model, loaded.checkpoint, model, graph
+        self.tokenizer, self.vocab = tokenizer, _vocab(graph, tokenizer)
+
+
+class LanguageModelExport(ModelExport):
+    """A language model's export: with the KV cache where its attention allows one."""
+
+    kind = LANGUAGE_MODEL
+    quantized_note = QUANTIZED_TOLERANCE_NOTE
+    layout = None  # known once exported
+
+    def export(self, path: Path, opset: int) -> None:
+        from lmspec.compiler.onnx_export import export_onnx
+        self.layout = export_onnx(self.model, self.graph, path, opset=opset)
+
+    def check(self, session):
+        from lmspec.compiler.onnx_parity import check_parity
+        return check_parity(self.reference, session, self.layout, self.vocab, self.graph.context)
+
+    def sidecar_fields(self) -> dict:
+        return {"cache": self.layout.as_dict() if self.layout is not None else None}
+
+
+class ClassifierExport(ModelExport):
+    """A classifier's export: tokens and lengths in, class logits out, no cache; its sidecar names
+    the classes and how texts are encoded (`lmspec classify BUNDLE` encodes them the same way)."""
+
+    kind = CLASSIFIER
+    quantized_note = CLASSIFIER_QUANTIZED_NOTE
+
+    def __init__(self, loaded, model, graph, tokenizer, labels: list[str], encoder):
+        super().__init__(loaded, model, graph, tokenizer)
+        self.labels, self.encoder = labels, encoder
+
+    def export(self, path: Path, opset: int) -> None:
+        from lmspec.compiler.onnx_export import export_classifier_onnx
+        export_classifier_onnx(self.model, self.graph, path, opset=opset)
+
+    def check(self, session):
+        from lmspec.compiler.onnx_parity import check_classifier_parity
+        return check_classifier_parity(self.reference, session, self.vocab, self.graph.context)
+
+    def sidecar_fields(self) -> dict:
+        return {"cache": None, "labels": self.labels, "max_length": self.encoder.max_length,
+                "pad_id": self.encoder.pad_id}
+
+
+def export_target(checkpoint: str, log=print) -> ModelExport:
+    """What `checkpoint` exports as: its model rebuilt with its rewrites (an adapter checkpoint on
+    its base), LoRA adapters folded into their weights, as a classifier or a language model."""
+    from .classify_commands import classifier_inputs, classify_record
+    from .finetuned import load_model
+    from .tokenizer import load_tokenizer
+
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+    graph, model = _adapters_folded(loaded, log)
+    if classify_record(loaded.checkpoint) is None:
+        return LanguageModelExport(loaded, model, graph, tokenizer)
+    labels, encoder = classifier_inputs(loaded)
+    return ClassifierExport(loaded, model, graph, tokenizer, labels, encoder)
+
+
+def _adapters_folded(loaded, log) -> tuple:
+    """(graph, model) with the LoRA adapters folded into their matrices (W + scale B A, as `lmspec
+    lora merge` does), so the ONNX graph holds one MatMul per layer, not three."""
+    from lmspec.compiler.lora import adapted_matrices, is_lora, merge_lora
+    from lmspec.compiler.lower import lower
+
+    if not is_lora(loaded.graph):
+        return loaded.graph, loaded.model
+    graph, weights = merge_lora(loaded.graph, loaded.model.state_dict())
+    model = lower(graph)
+    model.load_state_dict(weights, strict=True)
+    log(f"folded the LoRA adapters of {len(adapted_matrices(loaded.graph))} matrices into their weights")
+    return graph, model.eval()
 
 
 def _install(src: Path, destination: Path) -> None:
@@ -181,12 +264,13 @@ def cmd_export(args) -> int:
     if getattr(args, "model_type", None):
         raise UsageError("--model-type is only for `lmspec export hf`")
     from lmspec.compiler.onnx_export import ExportError
+    from lmspec.compiler.rewrites import RewriteError
 
     from .checkpoint import CheckpointError
     try:
         meta = export_bundle(args.checkpoint, args.output, opset=args.opset, optimize=args.optimize,
                              quantize=args.quantize, fp16=args.fp16)
-    except (ExportError, CheckpointError, TokenizerError) as err:
+    except (ExportError, CheckpointError, TokenizerError, RewriteError) as err:
         return _fail("export", err)
     return 0 if meta else 1
 

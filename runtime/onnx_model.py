@@ -4,6 +4,10 @@ A bundle is the ONNX file and, beside it, `<name>.lmspec.json` (see `bundle_side
 tokenizer, the cache layout and what generation needs (context, end-of-text id). Generation keeps
 the KV cache between steps, batches prompts of different lengths by padding them on the left (with
 an attention mask and per-row positions), and drops finished rows from the batch as it goes.
+
+The sidecar's "kind" says what the model is: a language model (also when it has none, as the first
+bundles do) or a classifier, whose sidecar adds its labels, max length and pad id, and which
+runtime/onnx_classifier.py runs instead.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from .tokenizer import TokenizerError, load_tokenizer
 BUNDLE_FORMAT = "lmspec-onnx"
 BUNDLE_VERSION = 1
 SIDECAR_SUFFIX = ".lmspec.json"
+LANGUAGE_MODEL, CLASSIFIER = "language_model", "classifier"  # a sidecar's "kind"
 
 
 class BundleError(Exception):
@@ -44,6 +49,37 @@ def find_model_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise BundleError(f"{path}: no such ONNX model (export one with `lmspec export`)")
     return path
+
+
+def is_bundle_path(path: str | os.PathLike) -> bool:
+    """Whether `path` means an exported bundle rather than a checkpoint: a .onnx file (there or not),
+    or a directory holding one."""
+    path = Path(path)
+    return path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx")))
+
+
+def bundle_kind(meta: dict) -> str:
+    return meta.get("kind", LANGUAGE_MODEL)
+
+
+def bundle_tokenizer(onnx_path: Path, meta: dict):
+    try:
+        return load_tokenizer(meta["tokenizer"])
+    except TokenizerError as err:
+        raise BundleError(f"{bundle_sidecar(onnx_path)}: its tokenizer is unusable: {err}") from None
+
+
+def open_session(onnx_path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """An onnxruntime session of the bundle's model; a BundleError for a file onnxruntime cannot load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for a corrupt file
+        raise BundleError(f"{onnx_path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
 
 
 @dataclass
@@ -176,22 +212,13 @@ class OnnxModel:
     """An exported model in an onnxruntime session, with its tokenizer and generation settings."""
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
         self.path = find_model_file(path)
         self.meta = read_sidecar(self.path)
-        try:
-            self.tokenizer = load_tokenizer(self.meta["tokenizer"])
-        except TokenizerError as err:
-            raise BundleError(f"{bundle_sidecar(self.path)}: its tokenizer is unusable: {err}") from None
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=providers or ["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime raises its own exception types for a corrupt file
-            raise BundleError(f"{self.path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
+        if bundle_kind(self.meta) == CLASSIFIER:
+            raise BundleError(f"{self.path}: an exported classifier ({', '.join(self.meta['labels'])}), not a "
+                              f"language model: it does not generate text; use `lmspec classify {self.path} TEXT...`")
+        self.tokenizer = bundle_tokenizer(self.path, self.meta)
+        self.session = open_session(self.path, threads, providers)
         self.name: str = self.meta["name"]
         self.context: int = self.meta["context"]
         self.vocab_size: int = self.meta["vocab_size"]
@@ -379,4 +406,20 @@ def read_sidecar(onnx_path: Path) -> dict:
                                   and len(cache.get("kv_heads", [])) == cache["layers"]
                                   and len(cache.get("head_dim", [])) == cache["layers"]):
         raise BundleError(f"{path}: corrupt: 'cache' does not describe the layers")
+    if bundle_kind(meta) not in (LANGUAGE_MODEL, CLASSIFIER):
+        raise BundleError(f"{path}: corrupt: 'kind' is {meta['kind']!r}, not {LANGUAGE_MODEL!r} or {CLASSIFIER!r}")
+    if bundle_kind(meta) == CLASSIFIER:
+        _check_classifier_fields(path, meta)
     return meta
+
+
+def _check_classifier_fields(path: Path, meta: dict) -> None:
+    labels = meta.get("labels")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        raise BundleError(f"{path}: corrupt: a classifier's 'labels' must be a list of at least two names")
+    for key, least in (("max_length", 1), ("pad_id", 0)):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise BundleError(f"{path}: corrupt: a classifier's {key!r} missing or not an integer >= {least}")
+    if meta["max_length"] > meta["context"]:  # longer texts would run past the position table
+        raise BundleError(f"{path}: corrupt: 'max_length' {meta['max_length']} exceeds the context {meta['context']}")

@@ -12,6 +12,26 @@ SHARED_DATA = TESTS_DIR.parent.parent / "shared" / "data"
 
 from reference_gpt import GPT, GPTConfig  # noqa: E402  (tests/ is on pytest's pythonpath)
 
+SMS = SHARED_DATA / "SMSSpamCollection.tsv"
+# tiny.arch cut down further: a base that trains and finetunes in seconds
+TINY_BASE_SETTINGS = ("--set", "layers=2", "--set", "dim=32", "--set", "heads=2", "--set", "context=32")
+
+
+def train_tiny_base(run: Path) -> Path:
+    """A tiny character-level model, barely trained (3 steps on the-verdict): a base to finetune."""
+    from lmspec.runtime.cli import main
+    assert main(["train", "specs/tiny.arch", *TINY_BASE_SETTINGS, "--data", str(SHARED_DATA / "the-verdict.txt"),
+                 "--steps", "3", "--no-progress", "--sample-tokens", "0", "--out", str(run)]) == 0
+    return run
+
+
+def finetune_spam(base: Path, out: Path, *extra: str, max_length: int = 24) -> int:
+    """`lmspec finetune classify` on 48 balanced SMS texts, one epoch: its exit code."""
+    from lmspec.runtime.cli import main
+    return main(["finetune", "classify", str(base), "--data", str(SMS), "--labels", "ham,spam", "--balance",
+                 "--limit", "48", "--epochs", "1", "--max-length", str(max_length), "--no-progress",
+                 "--out", str(out), *extra])
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

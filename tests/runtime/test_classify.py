@@ -8,23 +8,21 @@ import re
 import pytest
 import torch
 
-from conftest import SHARED_DATA, lmspec_cli
+from conftest import SMS, finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.compiler import load_spec
 from lmspec.compiler.classify_head import classification_head
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint import load_checkpoint, read_tensors
 from lmspec.runtime.classify_commands import trainable_names
-from lmspec.runtime.classify_data import (Example, TextEncoder, balance, make_batch, parse_split, read_examples,
-                                          split)
+from lmspec.runtime.classify_data import Example, balance, make_batch, parse_split, read_examples, split
 from lmspec.runtime.classify_train import Encoded, train_classifier
 from lmspec.runtime.cli import main
 from lmspec.runtime.corpus import DataError
+from lmspec.runtime.text_encoder import TextEncoder
 from lmspec.runtime.tokenizer import CharTokenizer
 from lmspec.runtime.train import TrainConfig
 from lmspec.runtime.usage import UsageError
 
-SMS = SHARED_DATA / "SMSSpamCollection.tsv"
-BASE_SETTINGS = ("--set", "layers=2", "--set", "dim=32", "--set", "heads=2", "--set", "context=32")
 
 
 def test_sms_data_balanced_and_split_as_the_book():
@@ -56,7 +54,7 @@ def test_csv_with_header_and_jsonl_fields(tmp_path):
 
 
 def test_characters_the_vocabulary_lacks():
-    encoder = TextEncoder(CharTokenizer("?abcef "), max_length=6)
+    encoder = TextEncoder(CharTokenizer("?abcef "), max_length=6, pad_id=0)
     assert encoder.encode("café £5 abc") == encoder.tokenizer.encode("cafe ?")  # folded, replaced, cut at 6
     assert encoder.replaced == 3  # é, £, 5 (counted while encoding)
     assert encoder.encode("£") == encoder.tokenizer.encode("?")
@@ -88,15 +86,10 @@ def test_frozen_weights_stay_bit_identical(tmp_path):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("classify") / "base"
-    assert main(["train", "specs/tiny.arch", *BASE_SETTINGS, "--data", str(SHARED_DATA / "the-verdict.txt"),
-                 "--steps", "3", "--no-progress", "--sample-tokens", "0", "--out", str(run)]) == 0
-    return run
+    return train_tiny_base(tmp_path_factory.mktemp("classify") / "base")
 
 
-def finetune(base, out, *extra):
-    return main(["finetune", "classify", str(base), "--data", str(SMS), "--labels", "ham,spam", "--balance",
-                 "--limit", "48", "--epochs", "1", "--max-length", "24", "--no-progress", "--out", str(out), *extra])
+finetune = finetune_spam
 
 
 def test_finetune_and_classify_end_to_end(base_run, tmp_path, capsys):

@@ -225,7 +225,7 @@ def test_finetune_then_chat_over_a_pipe(tmp_path, base_run, bpe):
     assert [r["step"] for r in records] == list(range(0, 11))  # 5 steps an epoch, two epochs, and step 0
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 5 and val[-1] < val[0]  # steps 0, 3, 6, 9, 10
-    assert f"step 10 (epoch 2.00)" in result.stdout
+    assert "step 10 (epoch 2.00)" in result.stdout
     meta = json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["train_config"]["template"] == "alpaca" and meta["train_config"]["finetune"] == "instruct"
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
