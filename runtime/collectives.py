@@ -1,8 +1,9 @@
 """Collectives over many tensors at once: one all-reduce per bucket, not one per tensor.
 
-A model has hundreds of parameters; reducing each gradient on its own pays a collective's latency
-hundreds of times per step. Flattening them into buckets of a few megabytes (DDP's own remedy) pays it
-a handful of times and leaves every sum unchanged: each element is still summed over the same ranks.
+A model has hundreds of parameters, most of them small (biases, norms); reducing each gradient on its
+own pays a collective's fixed cost hundreds of times per step. Flattening the small ones into buckets
+(DDP's remedy) pays it a handful of times, and leaves every sum unchanged: each element is still summed
+over the same ranks. Large gradients are reduced in place, which saves copying them in and out.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket_cap_mb
+ALONE_BYTES = 2 ** 20  # gradients this large are all-reduced where they are, unbucketed
 
 
 @torch.no_grad()
@@ -33,10 +35,15 @@ def all_reduce_in_buckets(tensors: Iterable[torch.Tensor], group, divide_by: int
 
 
 def _buckets(tensors: Iterable[torch.Tensor], bucket_bytes: int) -> Iterator[list[torch.Tensor]]:
-    """Consecutive runs of tensors sharing dtype and device, each run cut at about bucket_bytes."""
+    """Consecutive runs of tensors sharing dtype and device, each run cut at about bucket_bytes. A
+    tensor of ALONE_BYTES or more is reduced by itself, in place: its collective's fixed cost is
+    small beside its transfer, and copying it into a bucket and back would cost more than it saves."""
     bucket: list[torch.Tensor] = []
     size = 0
     for t in tensors:
+        if t.numel() * t.element_size() >= ALONE_BYTES and t.is_contiguous():
+            yield [t]
+            continue
         if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device
                        or size + t.numel() * t.element_size() > bucket_bytes):
             yield bucket
