@@ -79,7 +79,10 @@ EXAMPLES = {
   lmspec serve exported/tiny.onnx
   lmspec serve exported/tiny.onnx --port 8080 --max-tokens 256
   curl localhost:8000/v1/completions -H 'content-type: application/json' \\
-       -d '{"model": "tiny", "prompt": "The ", "max_tokens": 50}'""",
+       -d '{"model": "tiny", "prompt": "The ", "max_tokens": 50}'
+  lmspec serve exported/spam/                  # a classifier bundle: POST /v1/classify
+  curl localhost:8000/v1/classify -H 'content-type: application/json' \\
+       -d '{"input": ["WINNER!! Claim your prize now", "see you at 6?"]}'""",
     "sample": """examples:
   lmspec sample runs/tiny --prompt "The " --max-tokens 200
   lmspec sample runs/tiny/checkpoints/step_000500 --temperature 0.8 --top-k 40 --seed 1""",
@@ -268,16 +271,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
 
-    sv = verb("serve", "Serve an exported ONNX model over HTTP with an OpenAI-compatible API.", "serve:cmd_serve")
-    sv.add_argument("model", help="an exported .onnx file, or a directory holding one")
+    sv = verb("serve", "Serve an exported ONNX model over HTTP: a language model with an OpenAI-compatible API "
+              "(/v1/completions, /v1/chat/completions), a classifier with POST /v1/classify.", "serve:cmd_serve")
+    sv.add_argument("model", help="an exported .onnx file (language model or classifier), or a directory holding one")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", help="the model name clients ask for (default: the spec's model name)")
-    sv.add_argument("--max-tokens", type=int, default=1024, help="the most tokens one request may generate")
-    sv.add_argument("--max-prompt-tokens", type=int, help="the longest prompt accepted (default: the context)")
+    sv.add_argument("--max-tokens", type=int, default=1024,
+                    help="the most tokens one request may generate (language models)")
+    sv.add_argument("--max-prompt-tokens", type=int,
+                    help="the longest prompt accepted (language models; default: the context)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
-    sv.add_argument("--max-batch", type=int, default=16, help="requests generated together in one batch")
+    sv.add_argument("--max-batch", type=int, default=16,
+                    help="requests generated together in one batch (language models)")
     sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
 
     d = group("data", "Prepare a text corpus: clean and deduplicate it, tokenize it into shards.")

@@ -1,7 +1,8 @@
 """`lmspec serve`: an exported ONNX model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, the last two
-with server-sent events when `stream` is true.
+with server-sent events when `stream` is true. A classifier bundle is served by serve_classifier.py
+instead (POST /v1/classify), on the same app skeleton: new_app and add_model_routes below.
 
 One worker thread owns the model: requests are checked and tokenized on the event loop, queued, and
 the worker takes up to --max-batch of them at a time and generates for them together as one batch
@@ -25,6 +26,8 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat_template import check_messages, chat_template_for
-from .onnx_model import BundleError, GenerationRequest, OnnxModel, check_request
+from .onnx_model import (CLASSIFIER, BundleError, GenerationRequest, OnnxModel, bundle_kind, check_request,
+                         find_model_file, read_sidecar)
 from .serve_scheduler import Scheduler, Ticket
 from .usage import UsageError
 
@@ -97,12 +101,20 @@ class ChatBody(_Sampling):
 
 
 # Fields that take one of several types: pydantic reports a failure per type; one sentence says it better.
-UNION_FIELDS = {"prompt": "a string or a list of strings", "stop": "a string or a list of strings"}
+UNION_FIELDS = {"prompt": "a string or a list of strings", "stop": "a string or a list of strings",
+                "input": "a string or a list of strings"}
 
 
 # Options whose silent omission would hand a client something other than what it asked for.
 UNSUPPORTED = {"echo": "echoing the prompt", "suffix": "a suffix", "logprobs": "log-probabilities",
                "top_logprobs": "log-probabilities", "tools": "tool calls", "functions": "function calls"}
+
+
+def check_model(asked: str | None, served: str) -> None:
+    """A request may leave the model out; naming another one is a 404, as OpenAI answers."""
+    if asked is not None and asked != served:
+        raise ApiError(404, f"the model {asked!r} does not exist; this server serves {served!r}",
+                       param="model", code="model_not_found")
 
 
 def _reject_unsupported(data: dict) -> None:
@@ -140,14 +152,8 @@ class Api:
         self.model, self.settings = model, settings
         self.scheduler = Scheduler(model, settings.max_batch)
         self.template = chat_template_for(model.tokenizer)
-        self.created = int(model.path.stat().st_mtime)
 
     # -- checks
-
-    def check_model(self, body: _Sampling) -> None:
-        if body.model is not None and body.model != self.settings.name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.settings.name!r}",
-                           param="model", code="model_not_found")
 
     def sampling(self, body: _Sampling, max_tokens: int | None, default_max_tokens: int) -> dict:
         """GenerationRequest arguments from a body's sampling fields, each checked."""
@@ -195,7 +201,7 @@ class Api:
     # -- requests
 
     def completion_requests(self, body: CompletionBody) -> list[GenerationRequest]:
-        self.check_model(body)
+        check_model(body.model, self.settings.name)
         args = self.sampling(body, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -211,7 +217,7 @@ class Api:
         return requests
 
     def chat_request(self, body: ChatBody) -> GenerationRequest:
-        self.check_model(body)
+        check_model(body.model, self.settings.name)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         args = self.sampling(body, max_tokens, self.settings.max_tokens)
         try:
@@ -285,7 +291,7 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")  # Python's json reads NaN and Infinity; JSON has neither
 
 
-def _parse(model_class: type[BaseModel], data: object) -> BaseModel:
+def parse_body(model_class: type[BaseModel], data: object) -> BaseModel:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _reject_unsupported(data)
@@ -302,18 +308,11 @@ def _sse(data: dict | str) -> str:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
-    api = Api(model, settings)
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        api.scheduler.start()
-        yield
-        api.scheduler.stop()
-
+def new_app(lifespan) -> FastAPI:
+    """An app whose every error, ours or the framework's (no route, wrong method, a crash), is answered
+    with the OpenAI-style error body."""
     # No /docs: the routes read their bodies themselves (to bound their size), so there is no schema to show.
     app = FastAPI(title="lmspec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.api = api
 
     @app.exception_handler(ApiError)
     async def api_error(_request, err: ApiError):
@@ -337,27 +336,65 @@ def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
     async def internal_error(_request, err: Exception):
         return _error_response(ApiError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error"))
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": settings.name, "queued": api.scheduler.queue.qsize(),
-                "batches": api.scheduler.batches}
+    return app
 
-    def model_card() -> dict:
-        return {"id": settings.name, "object": "model", "created": api.created, "owned_by": "lmspec"}
+
+def add_model_routes(app: FastAPI, card: dict, health: Callable[[], dict]) -> None:
+    """GET /health (`health()`'s fields after the status) and GET /v1/models[/NAME] (`card` is the one
+    model's entry), the same on every server."""
+    name = card["id"]
+
+    @app.get("/health")
+    async def health_route():
+        return {"status": "ok", "model": name, **health()}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [card]}
 
-    @app.get("/v1/models/{name:path}")
-    async def one_model(name: str):
-        if name != settings.name:
-            raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
-        return model_card()
+    @app.get("/v1/models/{asked:path}")
+    async def one_model(asked: str):
+        if asked != name:
+            raise ApiError(404, f"the model {asked!r} does not exist", param="model", code="model_not_found")
+        return card
+
+
+def model_card(name: str, path: Path, **extra) -> dict:
+    return {"id": name, "object": "model", "created": int(path.stat().st_mtime), "owned_by": "lmspec", **extra}
+
+
+def refuse_routes(app: FastAPI, paths: tuple[str, ...], message: str) -> None:
+    """POST routes this kind of model cannot answer: a 400 that says which routes it can, rather than
+    a bare "no route"."""
+    async def refuse():
+        raise ApiError(400, message, code="unsupported_for_model")
+
+    for path in paths:
+        app.post(path)(refuse)
+
+
+COMPLETION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
+    api = Api(model, settings)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        api.scheduler.start()
+        yield
+        api.scheduler.stop()
+
+    app = new_app(lifespan)
+    app.state.api = api
+    add_model_routes(app, model_card(settings.name, model.path),
+                     lambda: {"queued": api.scheduler.queue.qsize(), "batches": api.scheduler.batches})
+    refuse_routes(app, ("/v1/classify",), f"{settings.name} is a language model, not a classifier: it answers "
+                  f"{' and '.join(COMPLETION_ROUTES)}")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionBody, await read_json(request, settings.max_body_bytes))
+        body = parse_body(CompletionBody, await read_json(request, settings.max_body_bytes))
         requests = api.completion_requests(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.name}
@@ -371,7 +408,7 @@ def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(ChatBody, await read_json(request, settings.max_body_bytes))
+        body = parse_body(ChatBody, await read_json(request, settings.max_body_bytes))
         generation = api.chat_request(body)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.name}
@@ -465,18 +502,47 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Served:
+    """What `lmspec serve` runs: the app, the model's name, what the start-up line says it answers,
+    and notes for stderr."""
+    app: FastAPI
+    name: str
+    answers: str
+    notes: tuple[str, ...] = ()
+
+
+def served_language_model(path: Path, args) -> Served:
+    model = OnnxModel(path, threads=args.threads)
+    settings = ServeSettings(name=args.name or model.name, max_tokens=args.max_tokens,
+                             max_prompt_tokens=args.max_prompt_tokens or model.context,
+                             max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
+    notes = ()
+    if settings.max_prompt_tokens > model.context:
+        notes = (f"prompts longer than the model's context ({model.context} tokens) are cut to their last "
+                 f"{model.context} tokens",)
+    return Served(create_app(model, settings), settings.name,
+                  f"OpenAI-compatible; batches of up to {settings.max_batch}", notes)
+
+
+def served_bundle(args) -> Served:
+    """The server for the bundle's kind: a language model here, a classifier in serve_classifier."""
+    path = find_model_file(args.model)
+    if bundle_kind(read_sidecar(path)) == CLASSIFIER:
+        from .serve_classifier import served_classifier  # it builds on this module: imported when needed
+        return served_classifier(path, args)
+    return served_language_model(path, args)
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
     _check_args(args)
     try:
-        model = OnnxModel(args.model, threads=args.threads)
+        served = served_bundle(args)
     except BundleError as err:
         print(f"lmspec serve: error: {err}", file=sys.stderr)
         return 1
-    settings = ServeSettings(name=args.name or model.name, max_tokens=args.max_tokens,
-                             max_prompt_tokens=args.max_prompt_tokens or model.context,
-                             max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
     try:
         sock = _bind(args.host, args.port)
     except OSError as err:
@@ -486,12 +552,10 @@ def cmd_serve(args) -> int:
     if not _is_loopback(address):
         print(f"lmspec serve: warning: listening on {address}, reachable from other machines; this server "
               f"has no authentication (use --host 127.0.0.1 to keep it local)", file=sys.stderr)
-    if settings.max_prompt_tokens > model.context:
-        print(f"lmspec serve: note: prompts longer than the model's context ({model.context} tokens) "
-              f"are cut to their last {model.context} tokens", file=sys.stderr)
+    for note in served.notes:
+        print(f"lmspec serve: note: {note}", file=sys.stderr)
     host = f"[{address}]" if ":" in address else address
-    print(f"serving {settings.name} at http://{host}:{port}/v1 (OpenAI-compatible; "
-          f"batches of up to {settings.max_batch}; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(create_app(model, settings), log_level="info", timeout_graceful_shutdown=5)
+    print(f"serving {served.name} at http://{host}:{port}/v1 ({served.answers}; Ctrl-C stops)", flush=True)
+    config = uvicorn.Config(served.app, log_level="info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -199,9 +199,9 @@ def one_clear_line(proc, *words):
         assert word in proc.stderr, proc.stderr
 
 
-def test_generate_and_serve_refuse_a_classifier_bundle(spam_bundle):
+def test_generate_refuses_a_classifier_bundle(spam_bundle):
+    # `lmspec serve` serves one (POST /v1/classify): tests/runtime/test_serve_classifier.py
     one_clear_line(lmspec_cli("generate", spam_bundle, "--prompt", "hello"), "classifier", "lmspec classify")
-    one_clear_line(lmspec_cli("serve", spam_bundle, "--port", "0"), "classifier", "lmspec classify")
 
 
 def test_classify_refuses_a_language_model_bundle(lm_sidecar_bundle, capsys):
