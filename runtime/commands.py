@@ -91,9 +91,11 @@ def cmd_train(args) -> int:
             return 1  # every rank finds the same mistake: rank 0 alone says it
     distributed.join(world)
     try:
-        return _train_in_world(args, world)
+        code = _train_in_world(args, world)
     finally:
         distributed.leave(world)
+    distributed.exit_rank(world, code)
+    return code
 
 
 def _check_model_parallel(args, world) -> None:
