@@ -165,18 +165,18 @@ def rewrites_without_lora(rewrites: list[dict]) -> list[dict]:
     return [r for r in rewrites if not (isinstance(r, dict) and r.get("kind") == "lora")]
 
 
-def init_adapters(model, graph: ModelGraph, seed: int) -> None:
-    """A ~ kaiming-uniform (bound 1/sqrt(in), as nn.Linear and PEFT do), B = 0: a fresh adapted model
-    computes exactly what its base does. A generator of their own keeps the base weights' draws the
-    same with or without adapters."""
+def adapter_fills(graph: ModelGraph, seed: int):
+    """(name, shape, fill) of the adapters' initial values, in model order (compiler/lower.py's
+    initial_fills): A ~ kaiming-uniform (bound 1/sqrt(in), as nn.Linear and PEFT do), B = 0, so a
+    fresh adapted model computes exactly what its base does. A generator of their own keeps the base
+    weights' draws the same with or without adapters."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name in lora_parameter_names(graph):
-            tensor = model.get_parameter(name)
-            if name.endswith(".lora_b"):
-                tensor.zero_()
-            else:
-                bound = tensor.shape[1] ** -0.5
-                tensor.uniform_(-bound, bound, generator=gen)
+    for name in lora_parameter_names(graph):
+        shape = graph.params[name].shape
+        if name.endswith(".lora_b"):
+            yield name, shape, torch.Tensor.zero_
+        else:
+            bound = shape[1] ** -0.5
+            yield name, shape, lambda t, bound=bound: t.uniform_(-bound, bound, generator=gen)

@@ -6,7 +6,9 @@ The result is an ordinary nn.Module with readable generated code (`print(model.c
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -16,7 +18,7 @@ from .analysis import residual_params
 from .build import OpCall
 from .checkpointing import BLOCK_META
 from .graph import ModelGraph
-from .lora import NODE_ATTR as LORA_ATTR, init_adapters, lora_parameter_names
+from .lora import NODE_ATTR as LORA_ATTR, adapter_fills, lora_parameter_names
 from .registry import get_op
 from .shapes import Sym
 from .values import TensorRef
@@ -157,33 +159,121 @@ def _class_name(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("-", "_").split("_")) or "Model"
 
 
-def initialize(model: nn.Module, graph: ModelGraph, seed: int = 0) -> None:
-    """GPT-2 initialisation as each op declares it; residual projections get 0.02/sqrt(#residual)."""
+def initial_fills(graph: ModelGraph, seed: int = 0) -> Iterator[tuple[str, tuple, Callable[[torch.Tensor], None]]]:
+    """(name, shape, fill) for each parameter with a value of its own, in the order the seed's random
+    stream draws them: `fill(t)` sets a float32 tensor of that shape to its initial value in place,
+    and must be called in this order. GPT-2 initialisation as each op declares it, residual
+    projections at 0.02/sqrt(#residual), then LoRA adapters (their own stream, so the base weights'
+    draws do not depend on them). A tied parameter has no value of its own: it is its owner's."""
     gen = torch.Generator().manual_seed(seed)
     residual = residual_params(graph)
     scale = 1.0 / math.sqrt(len(residual)) if residual else 1.0
     adapters = set(lora_parameter_names(graph))
+    for name, p in graph.params.items():
+        if p.tied_to is not None or name in adapters:
+            continue
+        node = graph.g.nodes[p.node]
+        kind, std = get_op(node["op"]).init(name[len(node["module"]) + 1:], node["args"])
+        if kind == "zeros":
+            yield name, p.shape, torch.Tensor.zero_
+        elif kind == "fill":
+            yield name, p.shape, lambda t, value=float(std): t.fill_(value)
+        else:
+            std = std * (scale if name in residual else 1.0)
+            yield name, p.shape, lambda t, std=std: t.normal_(0.0, std, generator=gen)
+    yield from adapter_fills(graph, seed)
+
+
+def initial_weights(graph: ModelGraph, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each parameter's initial value, whole and on the CPU, one at a time (initial_fills' order).
+    Every process that walks the stream gets the same weights whatever part of them it keeps: one
+    process, a data-parallel replica, an FSDP or tensor-parallel shard, a pipeline stage."""
+    for name, shape, fill in initial_fills(graph, seed):
+        value = torch.empty(shape)
+        fill(value)
+        yield name, value
+
+
+def initialize(model: nn.Module, graph: ModelGraph, seed: int = 0) -> None:
+    """Set every parameter of a model on one device to its initial value: drawn in place on the CPU,
+    else drawn on the CPU (where the stream is) and copied over, one parameter at a time."""
     with torch.no_grad():
-        for name, p in graph.params.items():
-            if p.tied_to is not None or name in adapters:
-                continue
-            node = graph.g.nodes[p.node]
-            kind, std = get_op(node["op"]).init(name[len(node["module"]) + 1:], node["args"])
-            tensor = model.get_parameter(name)
-            if kind == "zeros":
-                tensor.zero_()
-            elif kind == "fill":
-                tensor.fill_(std)
+        for name, shape, fill in initial_fills(graph, seed):
+            p = model.get_parameter(name)
+            if p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous():
+                fill(p)
             else:
-                tensor.normal_(0.0, std * (scale if name in residual else 1.0), generator=gen)
-    init_adapters(model, graph, seed)
+                value = torch.empty(shape)
+                fill(value)
+                p.copy_(value)
 
 
-def lower(graph: ModelGraph, seed: int = 0) -> fx.GraphModule:
-    """The model as an nn.Module: `model(tokens, cache=None) -> logits`, initialised from `seed`."""
-    model = _Lowering(graph).run()
-    initialize(model, graph, seed)
+@contextlib.contextmanager
+def _constructors_not_initialising():
+    """Module constructors fill their new weights (kaiming, normal, ones): on `meta` the values are
+    never kept, and the first such op on `meta` costs over a second of imports (its kernels are
+    written in Python). The weights get their values from initial_fills instead."""
+    from torch.nn import init
+    names = [n for n in vars(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for name in names:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def build(graph: ModelGraph) -> fx.GraphModule:
+    """The model with its parameters on the `meta` device: shapes and names, no storage. Small
+    constant buffers (rotary frequencies) are real, on the CPU. Parallel training shards or cuts this
+    and materialises only its own part (runtime/materialise.py); `lower` materialises it whole."""
+    with torch.device("meta"), _constructors_not_initialising():
+        model = _Lowering(graph).run()
     model.context = graph.context
     model.supports_kv_cache = all(get_op(d["op"]).cache_safe for _, d in graph.nodes())
     model.output_names = [name for name, _ in graph.outputs]
+    return model
+
+
+def to_empty(model: nn.Module, device, buffer_device=None) -> nn.Module:
+    """Give a model built on `meta` uninitialised storage on `device` (its buffers on
+    `buffer_device`, default the same), keeping the values of the buffers that were built real."""
+    buffers = {name: b for name, b in model.named_buffers() if not b.is_meta}
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    if any(type(p) is not nn.Parameter for p in model.parameters()):  # DTensors (FSDP, TP): theirs
+        model.to_empty(device=device)
+    else:  # torch.empty, not to_empty's empty_like, whose meta kernel is Python that imports sympy
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                            requires_grad=p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None and b.is_meta:
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+    # moving off `meta` gives each module a new Parameter: tie the aliases to one again
+    for first, *others in (names for names in aliases.values() if len(names) > 1):
+        for name in others:
+            *parents, leaf = name.split(".")
+            model.get_submodule(".".join(parents))._parameters[leaf] = model.get_parameter(first)
+    buffer_device = torch.device(buffer_device or device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            *parents, leaf = name.split(".")
+            owner = model.get_submodule(".".join(parents))
+            owner._buffers[leaf] = value.to(buffer_device)
+    return model
+
+
+def lower(graph: ModelGraph, seed: int | None = 0, device=None) -> fx.GraphModule:
+    """The model as an nn.Module: `model(tokens, cache=None) -> logits`, on `device` (default the
+    CPU), initialised from `seed`; seed None leaves the weights uninitialised, for a caller that
+    loads them. No other copy of the weights is made on the way: it is built on `meta`."""
+    model = to_empty(build(graph), device or "cpu")
+    if seed is not None:
+        initialize(model, graph, seed)
     return model

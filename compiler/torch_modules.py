@@ -80,7 +80,8 @@ def rope_frequencies(rotary_dim: int, theta: float, scaling: str | None = None, 
     """Inverse frequencies of rotary embeddings, [rotary_dim / 2], computed as Hugging Face does
     (so imported checkpoints match to the last bit); "linear" divides them by `factor`, "llama3"
     rescales the low frequencies smoothly (Llama 3.1's long-context scaling)."""
-    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    # on the CPU even while a model is built on `meta`: a small table its buffer keeps (compiler/lower.py)
+    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
     if scaling == "linear":
         return inv / factor
     if scaling == "llama3":

@@ -439,7 +439,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage], rank: int, world,
                    n_microbatches: int, schedule: str = "1f1b", loss_fn=None, group=None, mesh=None,
                    tensor_parallel_plan=None, checkpointed=(), autocast=None, fsdp: bool = False,
-                   precision: str = "fp32", cpu_offload: bool = False) -> Pipeline:
+                   precision: str = "fp32", cpu_offload: bool = False, materialise=None) -> Pipeline:
     """This rank's stage of `model` (one stage per rank: len(stages) ranks in `group`, default the
     world) and its schedule. Collective when a tied weight crosses stages (it makes the process
     group that sums the copies' gradients), so every rank calls it at the same point.
@@ -450,7 +450,8 @@ def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage]
     in its own graph, compiler/checkpointing.py); `autocast`: a context (mixed precision) the
     stage's forward runs in; `fsdp`: the stage is sharded over the mesh's "dp" group with FSDP2
     (at `precision`, optionally offloaded to the CPU), which the schedule drives (it defers the
-    reduce-scatter to the last micro-batch)."""
+    reduce-scatter to the last micro-batch). `materialise(stage)`: gives a stage cut from a model built on
+    `meta` its weights, once split and sharded (runtime/materialise.py), before the schedule sees it."""
     size = getattr(world, "size", world)
     if mesh is not None:
         group = mesh["pp"].get_group()
@@ -482,6 +483,8 @@ def build_pipeline(model: fx.GraphModule, graph: ModelGraph, stages: list[Stage]
     if fsdp:
         from .sharding import shard_model
         shard_model(module, precision, mesh=mesh["dp"], offload=cpu_offload)
+    if materialise is not None:
+        materialise(module)
     if autocast is not None:
         _run_forward_in(module, autocast)
     pipe = Pipeline(module=module, stage=stage, stages=stages, graph=graph, rank=rank, world=size,

@@ -78,12 +78,20 @@ def shard_model(model: fx.GraphModule, precision: str = "fp32", mesh=None, offlo
     Returns the units."""
     policy = MixedPrecisionPolicy(param_dtype=_LOW.get(precision), reduce_dtype=torch.float32
                                   if precision in _LOW else None)
-    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    on_gpu = (mesh.device_type if mesh is not None else "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
+    offload_policy = CPUOffloadPolicy(pin_memory=on_gpu) if offload else OffloadPolicy()
     units = block_units(model)
     for names in units.values():
         fully_shard([model.get_submodule(n) for n in names], mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload_policy)
     return units
+
+
+def data_parallel_mesh(world: World, device: torch.device):
+    """The 1-D mesh of every rank, on the run's device type (not whatever accelerator is present:
+    `--device cpu` on a GPU machine shards over gloo)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (world.size,))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import torch
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.compiler.kv_cache import make_cache
+from reference_build import built_on_the_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"layers": 2, "dim": 64, "heads": 4, "vocab": 97, "context": 32}
@@ -45,6 +46,28 @@ def test_gpt2_initialisation():
     assert torch.all(m.get_parameter("block.3.ln.weight") == 1)
     again = lower(g, seed=0)
     assert torch.equal(again.get_parameter("block.5.attn.qkv.weight"), m.get_parameter("block.5.attn.qkv.weight"))
+
+
+@pytest.mark.parametrize("spec, overrides", [
+    ("gpt2.arch", SMALL),
+    ("llama3.2-1b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96, "vocab": 101}),
+    ("qwen3-moe-tiny.arch", {}),
+])
+def test_the_meta_build_gives_the_weights_of_the_cpu_build(spec, overrides):
+    from lmspec.compiler.lora import add_lora
+    from lmspec.compiler.lower import build
+
+    graph = load_spec(str(ROOT / "specs" / spec), overrides)
+    for g in (graph, add_lora(graph, rank=4, alpha=8.0, targets=["attn.qkv", "mlp.*"])):
+        reference, model = built_on_the_cpu(g, seed=11), lower(g, seed=11)
+        assert reference.state_dict().keys() == model.state_dict().keys()
+        for name, value in reference.state_dict().items():  # buffers (rotary frequencies) too
+            assert torch.equal(model.state_dict()[name], value), name
+        tied = [n for n, p in g.params.items() if p.tied_to]
+        assert all(model.get_parameter(n) is model.get_parameter(g.params[n].tied_to) for n in tied)
+        tokens = torch.randint(0, 90, (2, 12))
+        assert torch.equal(model.eval()(tokens), reference.eval()(tokens))
+    assert all(p.is_meta for p in build(graph).parameters())
 
 
 def test_kv_cache_gives_the_same_logits_as_a_full_forward():
