@@ -242,11 +242,12 @@ def _unflatten_optimizer(step_dir: Path, optimizer: torch.optim.Optimizer, model
     return {"state": {index[n]: values for n, values in by_name["state"].items()}, "param_groups": groups}
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, read straight onto `device`."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: corrupt or unreadable ({err})") from None
 

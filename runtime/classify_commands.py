@@ -37,10 +37,10 @@ def trainable_names(graph, blocks: int | None) -> list[str] | None:
             if graph.g.nodes[p.node]["block"] in chosen or order[p.node] > after]
 
 
-def _classifier_to_train(args, labels: list[str]):
+def _classifier_to_train(args, labels: list[str], device=None):
     """(model, graph, base Loaded, spec record, adapters only?): the checkpoint's model with the
-    classification head (and LoRA adapters with --lora), its base weights loaded, and only what
-    should train taking gradients."""
+    classification head (and LoRA adapters with --lora) on `device` (default the CPU), its base
+    weights loaded, and only what should train taking gradients."""
     from lmspec.compiler.classify_head import HEAD_MODULE
     from lmspec.compiler.lower import lower
     from lmspec.compiler.rewrites import apply_rewrites
@@ -48,18 +48,18 @@ def _classifier_to_train(args, labels: list[str]):
     from .finetuned import base_record, load_model
     from .lora_training import lora_rewrite, mark_trainable
 
-    base = load_model(args.checkpoint)
+    base = load_model(args.checkpoint, device)
     lora = lora_rewrite(args)
     new = [{"kind": CLASSIFY, "classes": len(labels), "labels": labels}] + ([lora] if lora else [])
     graph = apply_rewrites(base.graph, new)
-    spec = {k: v for k, v in base.checkpoint.spec.items() if k != "base"}
+    spec = {k: v for k, v in base.spec.items() if k != "base"}  # base.spec: a padded vocabulary unpadded
     spec["rewrites"] = list(spec.get("rewrites", [])) + new
     if lora:
-        if base.checkpoint.spec.get("base"):
+        if base.spec.get("base"):
             raise CheckpointError(f"{base.checkpoint.path}: holds adapters on another checkpoint; fold them in "
                                   f"first (lmspec lora merge) and finetune the merged checkpoint")
         spec["base"] = base_record(base.checkpoint)
-    model = lower(graph, seed=args.seed)
+    model = lower(graph, seed=args.seed, device=device)
     # Every weight of the base keeps its name; what is new is the head (and adapters); what the base
     # has beyond the model is its vocabulary head, which the rewrite removed.
     missing, _ = model.load_state_dict(base.model.state_dict(), strict=False)
@@ -84,10 +84,12 @@ def cmd_finetune_classify(args) -> int:
 
     from .classify_train import Encoded, format_confusion, score_split, train_classifier, write_confusion
     from .corpus import DataError
+    from .device import resolve_device
     from .finetune_steps import steps_per_epoch
     from .lora_training import trainable_weights
     from .train import ConfigError, TrainConfig, TrainingError
 
+    device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     labels = parse_labels(args.labels)
     fractions = parse_split(args.split)
     if args.epochs < 1 or args.batch < 1:
@@ -105,7 +107,7 @@ def cmd_finetune_classify(args) -> int:
             raise DataError(f"{args.data}: no example of {', '.join(absent)}")
         parts = finetuning_splits(examples, fractions, args.seed, args.balance, args.limit)
         examples = [e for part in parts.values() for e in part]
-        model, graph, base, spec, adapters_only = _classifier_to_train(args, labels)
+        model, graph, base, spec, adapters_only = _classifier_to_train(args, labels, device)
         tokenizer = load_tokenizer(base.checkpoint.tokenizer)
         context = int(model.context)
         encoder = TextEncoder(tokenizer, min(args.max_length or context, context), pad_id_for(tokenizer))
@@ -172,10 +174,12 @@ def cmd_classify(args) -> int:
     from lmspec.compiler.rewrites import RewriteError
 
     from .classify_train import predict
+    from .device import resolve_device
     from .finetuned import load_model
 
+    device = resolve_device(args.device)  # a GPU that is not there: said before the checkpoint is read
     try:
-        loaded = load_model(args.checkpoint)
+        loaded = load_model(args.checkpoint, device)
         labels, encoder = classifier_inputs(loaded)
         probs = predict(loaded.model, [encoder.encode(t) for t in args.texts], 32, encoder.pad_id)
     except (*USER_ERRORS, RewriteError) as err:

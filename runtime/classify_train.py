@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .atomic import write_text_atomically
 from .classify_data import make_batch
-from .finetune_steps import scheduled_lr, update
+from .device import to_device
+from .finetune_steps import loss_scaler, scheduled_lr, update
 from .metrics import MetricsLog
 from .train import METRICS_FILE, TrainConfig, autocast, make_optimizer
 
@@ -42,6 +43,7 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
+    scaler = loss_scaler(cfg, device)
     log = MetricsLog.fresh(Path(run_dir) / METRICS_FILE)
     order_rng = random.Random(cfg.seed)
     records, step, start = [], 0, time.time()
@@ -54,12 +56,12 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
         for first in range(0, len(order), cfg.batch):
             rows = order[first:first + cfg.batch]
             tokens, lengths = make_batch([train.ids[i] for i in rows], pad_id)
-            targets = torch.tensor([train.labels[i] for i in rows], device=device)
+            targets = to_device(torch.tensor([train.labels[i] for i in rows]), device)
             scheduled_lr(optimizer, cfg, step)
             with autocast(device, cfg.precision):
-                logits = model(tokens.to(device), lengths.to(device))
+                logits = model(to_device(tokens, device), to_device(lengths, device))
             step += 1
-            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, step))
+            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, step, scaler))
             bar.update(1)
         record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
                   "val_accuracy": accuracy(predict(model, val.ids, cfg.batch, pad_id), val.labels) if len(val) else None,
@@ -84,7 +86,8 @@ def predict(model: torch.nn.Module, ids: list[list[int]], batch: int, pad_id: in
             for first in range(0, len(order), batch):
                 rows = order[first:first + batch]
                 tokens, lengths = make_batch([ids[i] for i in rows], pad_id)
-                probs = torch.softmax(model(tokens.to(device), lengths.to(device)).float(), dim=-1).cpu()
+                logits = model(to_device(tokens, device), to_device(lengths, device))
+                probs = torch.softmax(logits.float(), dim=-1).cpu()  # kept per text, on the host
                 for row, p in zip(rows, probs):
                     out[row] = p
     finally:
@@ -101,12 +104,14 @@ def score_split(model: torch.nn.Module, part: Encoded, classes: int, batch: int,
 
 def accuracy(probs: torch.Tensor, labels: list[int]) -> float:
     # counted in integers: a float32 mean would write 0.44999998807907104 for 18 of 40 into the JSON
-    return int((probs.argmax(-1) == torch.tensor(labels)).sum()) / len(labels)
+    return int((probs.argmax(-1) == torch.tensor(labels, device=probs.device)).sum()) / len(labels)
 
 
 def confusion_matrix(probs: torch.Tensor, labels: list[int], classes: int) -> list[list[int]]:
     """matrix[true][predicted]: how many texts of each class were predicted as each class."""
     matrix = [[0] * classes for _ in range(classes)]
+    if not labels:  # an empty split (a small --limit) has no class axis to take the argmax over
+        return matrix
     for truth, guess in zip(labels, probs.argmax(-1).tolist()):
         matrix[truth][guess] += 1
     return matrix

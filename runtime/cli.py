@@ -19,7 +19,8 @@ from .cli_eval import add_eval_verbs
 from .cli_fmt import add_fmt_verbs
 from .cli_instruct import add_instruct_verbs
 from .cli_lora import add_lora_verbs
-from .usage import UsageError
+from .device import add_device_option
+from .usage import UsageError, add_provider_option
 
 EXAMPLES = {
     "check": """examples:
@@ -44,6 +45,8 @@ EXAMPLES = {
   lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
   lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
   lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
+  lmspec train specs/gpt2.arch --device cuda:1 --precision bf16 --compile --pad-vocab 64 --batch 16 --seq 1024
+  lmspec train specs/tiny.arch --device cpu --peak-tflops 2   # MFU in the metrics against a CPU's peak
   torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/
   torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/
   torchrun --nproc-per-node 4 -m lmspec.runtime train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16
@@ -85,7 +88,8 @@ EXAMPLES = {
        -d '{"input": ["WINNER!! Claim your prize now", "see you at 6?"]}'""",
     "sample": """examples:
   lmspec sample runs/tiny --prompt "The " --max-tokens 200
-  lmspec sample runs/tiny/checkpoints/step_000500 --temperature 0.8 --top-k 40 --seed 1""",
+  lmspec sample runs/tiny/checkpoints/step_000500 --temperature 0.8 --top-k 40 --seed 1
+  lmspec sample runs/gpt2 --device cuda --prompt "Once upon a time" """,
 }
 
 
@@ -227,6 +231,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--micro-batches", type=int, metavar="M",
                    help="with --pp: micro-batches each batch is split into (default: one per stage)")
     t.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], help="with --pp: the pipeline schedule (default: 1f1b)")
+    t.add_argument("--pad-vocab", type=int, metavar="N",
+                   help="round the model's vocab up to a multiple of N (64 or 128 suit a GPU's matrix units); the "
+                        "extra rows are never a token, and sample, eval, export and finetuning see the real vocab")
+    add_device_option(t)
+    t.add_argument("--peak-tflops", type=float, metavar="T",
+                   help="peak dense bf16 TFLOP/s of one device, for MFU in the metrics (default: a table of common "
+                        "GPUs; on a CPU MFU is reported only when this is given)")
     t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -239,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int)
     s.add_argument("--top-p", type=float)
     s.add_argument("--seed", type=int)
+    add_device_option(s)
 
     e = verb("export", "Export a checkpoint to ONNX with a KV cache, checked against PyTorch; "
              "`export hf CHECKPOINT -o DIR` writes a Hugging Face model directory instead.",
@@ -269,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", metavar="TEXT",
                      help="stop when this text appears (repeatable; \\n means a newline)")
     gen.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    add_provider_option(gen)
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
 
     sv = verb("serve", "Serve an exported ONNX model over HTTP: a language model with an OpenAI-compatible API "
@@ -286,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=16,
                     help="requests generated together in one batch (language models)")
     sv.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    add_provider_option(sv)
 
     d = group("data", "Prepare a text corpus: clean and deduplicate it, tokenize it into shards.")
     dp = verb("prepare", "Normalise, clean, deduplicate (exact and near) and filter documents; write a report.",

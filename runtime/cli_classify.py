@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from .cli_lora import add_lora_options, add_optimizer_options
+from .device import add_device_option
+from .usage import add_provider_option
 
 
 def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
@@ -28,6 +30,7 @@ def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
     c.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     c.add_argument("--seed", type=int, default=123, help="balancing, split, head initialisation and batch order "
                    "(default: 123, the book's)")
+    add_device_option(c)
     c.add_argument("--threads", type=int, help="torch CPU threads")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_options(c)
@@ -35,8 +38,12 @@ def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
     p = verb("classify", "Predict the class of texts with a classifier checkpoint, or its ONNX export "
              "(onnxruntime only).", "onnx_classifier:cmd_classify", top, examples="""examples:
   lmspec classify runs/spam "You won a free cruise, call now" "see you at 6?"
+  lmspec classify runs/spam --device cuda "see you at 6?"
   lmspec export runs/spam -o exported/spam.onnx && lmspec classify exported/spam.onnx "see you at 6?"
+  lmspec classify exported/spam.onnx --provider cuda "see you at 6?"   # needs onnxruntime-gpu
 """)
     p.add_argument("checkpoint", metavar="MODEL", help="a classifier run or checkpoint (from `lmspec finetune "
                    "classify`), or its export (a .onnx file or a directory holding one, from `lmspec export`)")
     p.add_argument("texts", nargs="+", metavar="TEXT")
+    add_device_option(p)
+    add_provider_option(p)

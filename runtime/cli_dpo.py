@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .cli_instruct import add_record_options
 from .cli_lora import add_lora_options, add_optimizer_options
+from .device import add_device_option
 
 
 def add_dpo_verbs(verb, finetune_group) -> None:
@@ -31,5 +32,6 @@ def add_dpo_verbs(verb, finetune_group) -> None:
     d.add_argument("--eval-pairs", type=int, default=64, metavar="N",
                    help="training pairs scored at each evaluation (default: 64); validation is scored whole")
     add_record_options(d)
+    add_device_option(d)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_options(d)

@@ -1,6 +1,8 @@
 """Command-line options of `lmspec eval`."""
 from __future__ import annotations
 
+from .device import add_device_option
+
 # Which part of the data `eval` scores; eval_commands (which imports torch) loads only when it runs.
 SPLITS = ("all", "train", "validation", "test")
 
@@ -32,4 +34,5 @@ def add_eval_verbs(verb, top) -> None:
     e.add_argument("--out", metavar="FILE", help="also write the result as a JSON file")
     e.add_argument("--format", choices=["human", "json"], default="human",
                    help="json: print one JSON object (for CI)")
+    add_device_option(e)
     e.add_argument("--threads", type=int, help="torch CPU threads")

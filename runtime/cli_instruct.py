@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .cli_lora import add_lora_options, add_optimizer_options
+from .device import add_device_option
 
 
 def add_record_options(q) -> None:
@@ -38,6 +39,7 @@ def add_instruct_verbs(verb, finetune_group, top, override_options) -> None:
     i.add_argument("--responses", metavar="FILE", help="after training, write greedy answers to the test "
                    "records to this JSONL file (each record plus \"model_response\")")
     i.add_argument("--response-tokens", type=int, default=256, help="the longest answer --responses writes")
+    add_device_option(i)
     i.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_lora_options(i)
 
@@ -51,3 +53,4 @@ def add_instruct_verbs(verb, finetune_group, top, override_options) -> None:
     c.add_argument("--top-k", type=int)
     c.add_argument("--seed", type=int, help="makes sampling repeatable")
     c.add_argument("--system", help="a system message (chatml), or the text in place of the Alpaca preamble")
+    add_device_option(c)

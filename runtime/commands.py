@@ -8,13 +8,14 @@ from pathlib import Path
 
 from lmspec.compiler import load_spec
 from lmspec.dsl.diagnostics import SpecError
-from lmspec.compiler.lower import lower
 from lmspec.compiler.graph import ModelGraph
 from lmspec.compiler.rewrites import graph_from_record
+from lmspec.compiler.vocab_padding import RECORD_KEY as PADDING_KEY, padded, padding_of
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .usage import UsageError, cli_overrides
 from .corpus import DataError, default_corpus_text, read_text_data
+from .device import device_name
 from .tokenizer import CharTokenizer, FileTokenizer, TokenizerError, load_tokenizer
 
 USER_ERRORS = (CheckpointError, DataError, TokenizerError)
@@ -25,11 +26,14 @@ def _fail(verb: str, err: Exception) -> int:
     return 1
 
 
-def spec_record(graph: ModelGraph, overrides: dict, rewrites: list[dict] | None = None) -> dict:
+def spec_record(graph: ModelGraph, overrides: dict, rewrites: list[dict] | None = None,
+                vocab_padding: dict | None = None) -> dict:
     """What a checkpoint keeps of its spec: enough to rebuild the same model with nothing else.
-    `rewrites` are the compiler rewrites (compiler/rewrites.py) applied after building, in order."""
+    `rewrites` are the compiler rewrites (compiler/rewrites.py) applied after building, in order;
+    `vocab_padding` the real vocabulary of a run padded with --pad-vocab (compiler/vocab_padding.py)."""
     record = {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
-    return record | ({"rewrites": list(rewrites)} if rewrites else {})
+    record |= {"rewrites": list(rewrites)} if rewrites else {}
+    return record | ({PADDING_KEY: vocab_padding} if vocab_padding else {})
 
 
 def _vocab_size(graph: ModelGraph) -> int | None:
@@ -47,6 +51,24 @@ def _build_for_tokenizer(spec: str, overrides: dict, model: str | None, tokenize
             print(f"vocab = {tokenizer.vocab_size} (from the tokenizer)")
         graph = load_spec(spec, overrides, model)
     return graph, overrides
+
+
+def _pad_vocab(spec: str, overrides: dict, model: str | None, graph: ModelGraph, multiple: int
+               ) -> tuple[ModelGraph, dict, dict | None]:
+    """--pad-vocab N: the graph with its `vocab` rounded up to a multiple of N, the overrides that
+    build it, and the padding to record (None when the vocab is a multiple already)."""
+    if multiple < 1:
+        raise UsageError(f"--pad-vocab {multiple}: give a positive multiple, such as 64 or 128")
+    if "vocab" not in graph.hyper:
+        raise UsageError(f"--pad-vocab: {spec} has no `vocab` hyper-parameter to pad")
+    real = graph.hyper["vocab"]
+    size = padded(real, multiple)
+    if size == real:
+        return graph, overrides, None
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"vocab = {size} (padded from {real} to a multiple of {multiple}; sample, eval and export see {real})")
+    overrides = {**overrides, "vocab": size}
+    return load_spec(spec, overrides, model), overrides, {"vocab": real, "multiple": multiple}
 
 
 def _shard_data(path: str, replicas=None):
@@ -78,10 +100,17 @@ def _run_tokenizer(args, ckpt, shards, text):
 def cmd_train(args) -> int:
     import torch
     from . import distributed
+    from .device import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     world = distributed.world_from_environment()  # torchrun's ranks; a world of one otherwise
+    try:  # before the process group: NCCL wants each rank's GPU chosen first
+        device = resolve_device(args.device)
+    except UsageError:
+        if world.main:
+            raise
+        return 1  # every rank finds the same mistake: rank 0 alone says it
     if (args.tp or 1) > 1 or (args.pp or 1) > 1 or args.sequence_parallel:
         try:  # a spec that cannot split fails here, before any process group exists
             _check_model_parallel(args, world)
@@ -89,9 +118,9 @@ def cmd_train(args) -> int:
             if world.main:
                 raise
             return 1  # every rank finds the same mistake: rank 0 alone says it
-    distributed.join(world)
+    backend = distributed.join(world, device)
     try:
-        code = _train_in_world(args, world)
+        code = _train_in_world(args, world, device, backend)
     finally:
         distributed.leave(world)
     distributed.exit_rank(world, code)
@@ -122,8 +151,9 @@ def _check_model_parallel(args, world) -> None:
             pipeline_stages(graph, pp)
 
 
-def _train_in_world(args, world) -> int:
+def _train_in_world(args, world, device, backend: str | None = None) -> int:
     import torch
+    from lmspec.compiler.lower import build
     from .data import TokenData
     from .generate import encode_prompt, generate
     from .train import ConfigError, TrainConfig, TrainingError, train
@@ -131,6 +161,7 @@ def _train_in_world(args, world) -> int:
     run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
     tp, pp = args.tp or 1, args.pp or 1
     replicas = world.data_parallel(tp, pp)  # the ranks of one model-parallel group read the same batches
+    graph = cfg = None
     try:
         existing = find_checkpoint(run_dir) if run_dir.exists() else None
         if args.resume and existing is None:
@@ -143,9 +174,12 @@ def _train_in_world(args, world) -> int:
         tokenizer = _run_tokenizer(args, ckpt, shards, text)
         if ckpt is not None:
             graph = graph_from_record(ckpt.spec)
-            overrides = ckpt.spec["overrides"]
+            overrides, padding = ckpt.spec["overrides"], padding_of(ckpt.spec)
         else:
             graph, overrides = _build_for_tokenizer(args.spec, cli_overrides(args.set), args.model, tokenizer)
+            padding = None
+            if args.pad_vocab:
+                graph, overrides, padding = _pad_vocab(args.spec, overrides, args.model, graph, args.pad_vocab)
         vocab = _vocab_size(graph)
         if vocab is None or vocab < tokenizer.vocab_size:
             raise UsageError(f"the model predicts {vocab} tokens but the tokenizer has {tokenizer.vocab_size}; "
@@ -176,7 +210,7 @@ def _train_in_world(args, world) -> int:
         data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long), rank=replicas.rank,
                                    world_size=replicas.size)
         data.check_seq(seq)
-        model = lower(graph, seed=cfg.seed)
+        model = build(graph)  # on `meta`: train() gives each rank the weights of its own part, on `device`
         plan = stages = None
         if tp > 1:
             from lmspec.compiler.tensor_parallel import tensor_parallel_plan
@@ -190,21 +224,32 @@ def _train_in_world(args, world) -> int:
             layout = " x ".join(part for part in (data_parallel, f"TP {tp}" * (tp > 1), f"PP {pp}" * (pp > 1)) if part)
             layout = layout if tp * pp > 1 else cfg.strategy.upper()
             layout += ", CPU offload" if cfg.cpu_offload else ""
-            ranks = f" on {world.size} ranks ({layout})" if world.size > 1 else ""
+            ranks = f" on {world.size} ranks ({layout})" if world.size > 1 else " on 1 rank" if backend else ""
+            ranks += f" over {backend}" if backend else ""
             print(f"model {graph.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}")
-        summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides),
+                  f"{len(data.train):,} training and {len(data.val):,} validation tokens; run dir {run_dir}{ranks}; "
+                  f"device {device_name(device)}")
+        summary = train(model, tokenizer, data, cfg, str(run_dir), spec=spec_record(graph, overrides,
+                                                                                      vocab_padding=padding),
                         resume=args.resume, progress=not args.no_progress, world=world,
-                        tensor_parallel_plan=plan, pipeline_stages=stages, graph=graph)
+                        tensor_parallel_plan=plan, pipeline_stages=stages, graph=graph, device=device,
+                        peak_tflops=args.peak_tflops)
     except (*USER_ERRORS, ConfigError, TrainingError) as err:
         return _fail("train", err)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        if graph is None or cfg is None:
+            return _fail("train", f"out of memory on {device_name(device)} before the model was built")
+        return _fail("train", out_of_memory_message(graph, cfg, world, device, tp, pp, run_dir))
     if not world.main:
         return 0
     print(_summary_line(summary))
     if args.sample_tokens > 0:
-        if world.size > 1 and (cfg.strategy == "fsdp" or tp * pp > 1):  # rank 0 holds a part: sample the saved whole
-            model = lower(graph)
-            load_checkpoint(summary["checkpoint"]).load_model(model)
+        if padding is not None or (world.size > 1 and (cfg.strategy == "fsdp" or tp * pp > 1)):
+            # rank 0 holds a part, or a padded vocabulary: sample the saved whole, as `lmspec sample` would
+            from .finetuned import load_model
+            model = load_model(summary["checkpoint"], device).model
         prompt = encode_prompt(tokenizer, "")
         model.eval()
         new = generate(model, prompt, args.sample_tokens, temperature=0.8, top_k=40, seed=args.seed,
@@ -214,27 +259,66 @@ def _train_in_world(args, world) -> int:
     return 0
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a RuntimeError that says so)."""
+    import torch
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def out_of_memory_message(graph, cfg, world, device, tp: int, pp: int, run_dir: Path) -> str:
+    """What ran out, what `lmspec plan` says this run needs and what fits, and which checkpoint is
+    intact: a checkpoint is written to a temporary name and renamed, so running out mid-save
+    leaves the one before."""
+    from .throughput import device_capacity, gigabytes, largest_fitting_batch, predicted_memory
+    seq = cfg.seq or graph.context
+    run = dataclasses.replace(cfg, seq=seq, tensor_parallel=tp, pipeline_parallel=pp)
+    capacity = device_capacity(device)
+    where = device_name(device) + (f", {gigabytes(capacity)}" if capacity else "")
+    parts = [f"out of memory on {where} training --batch {cfg.batch} x --seq {seq} ({cfg.precision}"
+             f"{', activation checkpointing' if cfg.activation_checkpointing else ''})"]
+    need = predicted_memory(graph, run, world.size)
+    if need is not None:
+        parts.append(f"lmspec plan predicts {gigabytes(need)} per device for it")
+    fits = largest_fitting_batch(graph, run, world.size, capacity) if capacity else None
+    if fits:
+        accum = -(-cfg.batch * cfg.grad_accum // fits)
+        parts.append(f"by its estimate --batch {fits} fits (with --grad-accum {accum} for about the same global batch)")
+    elif capacity and not cfg.activation_checkpointing:
+        parts.append("try --activation-checkpointing, or more GPUs (lmspec plan --gpus N)")
+    last = find_checkpoint(run_dir) if run_dir.exists() else None
+    parts.append(f"the last checkpoint, {last}, is intact" if last else "no checkpoint was written yet")
+    return "; ".join(parts)
+
+
 def _summary_line(s: dict) -> str:
     line = f"done: step {s['steps']}, train loss {s['loss']:.4f}"
     if s.get("val_loss") is not None:
         line += f", val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
     if s.get("tokens_per_s"):
         line += f", {s['tokens_per_s']:,.0f} tokens/s"
+    if s.get("mfu") is not None:
+        line += f", MFU {s['mfu']:.1%}"
+    if s.get("peak_memory_bytes"):
+        line += f"\npeak memory {s['peak_memory_bytes'] / 1e9:.2f} GB on {s['device']}"
+        if s.get("predicted_memory_bytes"):
+            line += f" (lmspec plan predicted {s['predicted_memory_bytes'] / 1e9:.2f} GB)"
     line += f", {s['elapsed']:.0f} s\ncheckpoint {s['checkpoint']}\nloss curve {s['plot']}"
     return line
 
 
 def cmd_sample(args) -> int:
     import torch
+    from .device import resolve_device
     from .generate import check_arguments, encode_prompt, generate
 
+    device = resolve_device(args.device)
     try:
         check_arguments([0], args.max_tokens, args.temperature, args.top_k, args.top_p)
     except ValueError as err:
         raise UsageError(str(err)) from None
     from .finetuned import load_model
     try:
-        loaded = load_model(args.checkpoint)  # any checkpoint: rewrites applied, adapters on their base
+        loaded = load_model(args.checkpoint, device)  # any checkpoint: rewrites applied, adapters on their base
         from .classify_commands import classify_record
         if classify_record(loaded.checkpoint) is not None:
             raise CheckpointError(f"{loaded.checkpoint.path}: is a classifier, which predicts labels rather than "

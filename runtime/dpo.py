@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .corpus import DataError
+from .device import to_device
 from .instruct_data import Example, check_record, collate, length_buckets, tokenize_records
-from .finetune_steps import scheduled_lr, steps_per_epoch, update
+from .finetune_steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from .instruct_train import masked_loss
 from .lora_training import trainable_weights
 from .metrics import LOSS_PANEL, MetricsLog, Panel, plot_loss_curve
@@ -99,7 +100,7 @@ def pair_logprobs(model: torch.nn.Module, pairs: list[Pair], pad_id: int) -> tup
     (right padding: under causal attention it changes no real position)."""
     device = next(model.parameters()).device
     x, y = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    logp = answer_logprobs(model(x.to(device)), y.to(device))
+    logp = answer_logprobs(model(to_device(x, device)), to_device(y, device))
     return logp[:len(pairs)], logp[len(pairs):]
 
 
@@ -169,6 +170,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
     freeze(reference)
     per_epoch = steps_per_epoch(len(train_set), cfg.batch)
     optimizer = make_optimizer(policy, cfg)
+    scaler = loss_scaler(cfg, device)
     torch.manual_seed(cfg.seed)  # dropout
     log = MetricsLog.fresh(run_dir / METRICS_FILE)
     scored = {"train": train_set[:setup.eval_pairs], "val": val_set}  # the train split is shuffled already
@@ -201,7 +203,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
                     loss, margins = batch_loss(policy, reference, [train_set[i] for i in indices], setup.pad_id,
                                                setup.beta)
                 step += 1
-                value = update(policy, optimizer, loss, cfg, step)
+                value = update(policy, optimizer, loss, cfg, step, scaler)
                 record = {"step": step, "epoch": step / per_epoch, "loss": value, "margin": margins.mean().item(),
                           "accuracy": (margins > 0).float().mean().item(), "lr": lr}
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)

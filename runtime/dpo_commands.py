@@ -7,6 +7,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .commands import USER_ERRORS, _fail
 from .corpus import DataError
+from .device import resolve_device
 from .instruct_commands import _split_fractions
 from .instruct_data import TemplateError, make_template, pad_id_for, read_records, split_records
 from .tokenizer import load_tokenizer
@@ -21,6 +22,7 @@ def cmd_finetune_dpo(args) -> int:
     from .finetune_steps import finetune_config
     from .train import ConfigError, TrainingError
 
+    device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     fractions = _split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1 or args.eval_pairs < 0:
         raise UsageError("--epochs and --batch must be at least 1, --eval-pairs at least 0")
@@ -34,8 +36,8 @@ def cmd_finetune_dpo(args) -> int:
             records = records[:args.limit]
         tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
         template = make_template(args.template, tokenizer)  # before the models: a wrong template fails fast
-        policy, _, base, spec, adapters_only = model_to_finetune(args, args.seed)
-        reference = load_model(args.checkpoint).model  # a second copy, frozen by finetune_dpo
+        policy, _, base, spec, adapters_only = model_to_finetune(args, args.seed, device)
+        reference = load_model(args.checkpoint, device).model  # a second copy, frozen by finetune_dpo
         context = int(policy.context)
         max_length = min(args.max_length or context, context)
         pairs, truncated = tokenize_pairs(records, template, max_length)

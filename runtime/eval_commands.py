@@ -18,6 +18,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .commands import USER_ERRORS, _fail
 from .corpus import DataError
+from .device import resolve_device
 from .usage import UsageError
 
 def checkpoint_kind(loaded) -> str:
@@ -43,13 +44,14 @@ def cmd_eval(args) -> int:
     from .finetuned import load_model
     from .instruct_data import TemplateError
 
+    device = resolve_device(args.device)  # first: a device that is not there costs no load
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("batch", "seq", "max_tokens", "response_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     try:
-        loaded = load_model(args.checkpoint)
+        loaded = load_model(args.checkpoint, device)
         kind = checkpoint_kind(loaded)
         if kind != "language-model" and (args.seq or args.max_tokens):
             raise UsageError("--seq and --max-tokens are for a language model; this checkpoint is "

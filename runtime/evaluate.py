@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import to_device
+
 
 @dataclass
 class LossTotal:
@@ -95,8 +97,8 @@ def score_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     try:
         with torch.no_grad():
             for x, y in batches:
-                logits = model(x.to(device))
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1).to(device),
+                logits = model(to_device(x, device))
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), to_device(y.reshape(-1), device),
                                        reduction="sum")
                 result.total += loss.double().item()
                 result.tokens += y.numel()

@@ -281,8 +281,9 @@ def _stop_strings(values: list[str] | None) -> tuple[str, ...]:
 
 
 def cmd_generate(args) -> int:
-    from .onnx_model import GenerationRequest, OnnxModel, check_request
+    from .onnx_model import GenerationRequest, OnnxModel, check_request, session_providers
 
+    providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
@@ -292,7 +293,7 @@ def cmd_generate(args) -> int:
     if not prompts:
         prompts = [""]
     try:
-        model = OnnxModel(args.model, threads=args.threads)
+        model = OnnxModel(args.model, providers=providers, threads=args.threads)
     except BundleError as err:
         return _fail("generate", err)
     requests = []

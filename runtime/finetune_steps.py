@@ -32,14 +32,28 @@ def scheduled_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) 
     return lr
 
 
+def loss_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """fp16's loss scaling (a no-op for fp32 and bf16): small gradients would flush to zero in fp16."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+
 def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig,
-           step: int) -> float:
-    """One optimizer update from `loss` (backward, gradient clipping, step); returns the loss's value,
-    raising TrainingError if it is not finite. `step` is the count after this update."""
-    loss.backward()
+           step: int, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer update from `loss` (backward, gradient clipping, step; through `scaler` under
+    fp16, which skips a step whose gradients overflowed); returns the loss's value, raising
+    TrainingError if it is not finite. `step` is the count after this update."""
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients
+    else:
+        loss.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    optimizer.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     value = loss.item()
     if not math.isfinite(value):

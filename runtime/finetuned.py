@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lmspec.compiler.vocab_padding import unpad_weights, unpadded_record
+
 from .checkpoint import MODEL_FILE, Checkpoint, CheckpointError, load_checkpoint, read_tensors
 
 
@@ -35,11 +38,12 @@ class Loaded:
     model: torch.nn.Module
     graph: object  # the ModelGraph, rewrites applied
     checkpoint: Checkpoint
+    spec: dict  # the record of the model built: the checkpoint's, its vocabulary unpadded
 
 
-def base_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """The weights an adapter checkpoint's own file lacks, read from its base (checked by hash);
-    an empty dict for a checkpoint that holds every weight."""
+def base_weights(checkpoint: Checkpoint, device="cpu") -> dict[str, torch.Tensor]:
+    """The weights an adapter checkpoint's own file lacks, read from its base (checked by hash) onto
+    `device`; an empty dict for a checkpoint that holds every weight."""
     base = checkpoint.spec.get("base")
     if not base:
         return {}
@@ -49,7 +53,8 @@ def base_weights(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     if file_sha256(path) != base["sha256"]:
         raise CheckpointError(f"{checkpoint.path}: its base checkpoint {path} has changed since the adapters "
                               f"were trained on it")
-    return with_tied_names(read_tensors(path), load_checkpoint(base["checkpoint"]))
+    base_checkpoint = load_checkpoint(base["checkpoint"])
+    return with_tied_names(unpad_weights(read_tensors(path, device), base_checkpoint.spec), base_checkpoint)
 
 
 def with_tied_names(weights: dict[str, torch.Tensor], checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -69,8 +74,9 @@ def with_tied_names(weights: dict[str, torch.Tensor], checkpoint: Checkpoint) ->
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     """Fill `model` from the checkpoint, and from its base for what the checkpoint lacks. Every
     weight must come from somewhere, with its shape; a tied weight may come under either name."""
-    own = read_tensors(checkpoint.path / MODEL_FILE)
-    weights = base_weights(checkpoint) | own
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    own = unpad_weights(read_tensors(checkpoint.path / MODEL_FILE, device), checkpoint.spec)  # onto the model's device
+    weights = base_weights(checkpoint, device) | own
     params = dict(model.named_parameters(remove_duplicate=False))
     aliases: dict[int, list[str]] = {}
     for name, p in params.items():
@@ -96,47 +102,50 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
                               f"{', '.join(unknown[:5])}")
 
 
-def load_model(path) -> Loaded:
-    """Rebuild the model of any checkpoint (rewrites applied, adapters on their base), in eval mode."""
+def load_model(path, device=None) -> Loaded:
+    """Rebuild the model of any checkpoint (rewrites applied, adapters on their base), in eval mode,
+    on `device` (default the CPU): built without weights, then filled from the files."""
     from lmspec.compiler.lower import lower
     from lmspec.compiler.rewrites import RewriteError
 
     from lmspec.compiler.rewrites import graph_from_record
     checkpoint = load_checkpoint(path)
+    spec = unpadded_record(checkpoint.spec)  # a vocabulary padded for training is the tokenizer's again
     try:
-        graph = graph_from_record(checkpoint.spec)
+        graph = graph_from_record(spec)
     except RewriteError as err:
         raise CheckpointError(f"{checkpoint.path}: {err}") from None
-    model = lower(graph)
+    model = lower(graph, seed=None, device=device)
     load_weights(model, checkpoint)
     model.eval()
-    return Loaded(model, graph, checkpoint)
+    return Loaded(model, graph, checkpoint, spec)
 
 
-def model_to_finetune(args, seed: int) -> tuple[torch.nn.Module, object, Checkpoint, dict, bool]:
+def model_to_finetune(args, seed: int, device=None) -> tuple[torch.nn.Module, object, Checkpoint, dict, bool]:
     """(model, graph, base checkpoint, spec record to save, adapters only?) for a finetune verb's run
-    from args.checkpoint: the whole model training, or with --lora (args as runtime/cli_lora.py's
-    options) new adapters on the frozen base, saved alone with a "base" record pointing at it."""
+    from args.checkpoint, on `device` (default the CPU): the whole model training, or with --lora
+    (args as runtime/cli_lora.py's options) new adapters on the frozen base, saved alone with a
+    "base" record pointing at it."""
     from lmspec.compiler.lora import ADAPTER_SUFFIXES
     from lmspec.compiler.lower import lower
 
     from lmspec.compiler.rewrites import graph_from_record
     from .lora_training import lora_rewrite, mark_trainable
 
-    base = load_model(args.checkpoint)
+    base = load_model(args.checkpoint, device)
     rewrite = lora_rewrite(args)
     if rewrite is None:  # every weight trains and is saved: the result stands alone
-        spec = {k: v for k, v in base.checkpoint.spec.items() if k != "base"}
+        spec = {k: v for k, v in base.spec.items() if k != "base"}
         for p in base.model.parameters():
             p.requires_grad_(True)
         return base.model, base.graph, base.checkpoint, spec, False
-    if base.checkpoint.spec.get("base"):
+    if base.spec.get("base"):
         raise CheckpointError(f"{base.checkpoint.path}: holds adapters on another checkpoint; fold them in first "
                               f"(lmspec lora merge) and finetune the merged checkpoint")
-    spec = base.checkpoint.spec | {"rewrites": list(base.checkpoint.spec.get("rewrites", [])) + [rewrite],
+    spec = base.spec | {"rewrites": list(base.spec.get("rewrites", [])) + [rewrite],
                                    "base": base_record(base.checkpoint)}
     graph = graph_from_record(spec)
-    model = lower(graph, seed=seed)
+    model = lower(graph, seed=seed, device=device)
     # The base's weights keep their names under LoRA; only the new adapters are missing.
     missing, unexpected = model.load_state_dict(base.model.state_dict(), strict=False)
     stray = [n for n in missing if not n.endswith(ADAPTER_SUFFIXES)] + list(unexpected)

@@ -782,13 +782,15 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
 
     from .checkpoint import MODEL_FILE, CheckpointError, load_checkpoint
     from lmspec.compiler.rewrites import graph_from_record
+    from lmspec.compiler.vocab_padding import unpad, unpadded_record, unpadded_shapes
     from .tokenizer import FileTokenizer, load_tokenizer
     from .usage import UsageError
 
     out = Path(out)
     refuse_non_empty(out, "a model directory")
     ckpt = load_checkpoint(checkpoint)
-    graph = graph_from_record(ckpt.spec)
+    graph = graph_from_record(unpadded_record(ckpt.spec))  # a vocabulary padded for training: the real one
+    padded_shapes = unpadded_shapes(ckpt.spec)
     record = _hf_record(ckpt.path)
     if model_type is not None:
         family = family_for_model_type(model_type)
@@ -821,6 +823,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
         if key is None:
             raise CheckpointError(f"{weights}: has no tensor {planned.name}")
         dtype, shape = stored[key]
+        if key in padded_shapes and shape == padded_shapes[key][0]:
+            shape = padded_shapes[key][1]  # written unpadded, below
         if shape != planned.shape:
             raise CheckpointError(f"{weights}: {key} has shape {list(shape)} but the spec says {list(planned.shape)}")
         if dtype not in DTYPES:
@@ -846,6 +850,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
             for planned, key in zip(owned, sources):
                 with safe_open(str(weights), "pt") as f:  # opened per tensor: its pages unmapped after
                     tensor = f.get_tensor(key)
+                if key in padded_shapes:
+                    tensor = unpad(tensor, padded_shapes[key][1])
                 for piece in planned.pieces:
                     part = tensor[piece.index]
                     writer.write(piece.hf, part.t() if piece.transpose else part)

@@ -10,6 +10,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from .commands import USER_ERRORS, _fail
 from .corpus import DataError
+from .device import resolve_device
 from .instruct_data import (TEMPLATES, TemplateError, make_template, pad_id_for, read_records, split_records,
                             tokenize_records)
 from .tokenizer import FileTokenizer, TokenizerError, load_tokenizer
@@ -36,6 +37,7 @@ def cmd_finetune_instruct(args) -> int:
     from .instruct_train import InstructSetup, finetune_instruct
     from .train import ConfigError, TrainingError
 
+    device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     fractions = _split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be at least 1")
@@ -47,7 +49,7 @@ def cmd_finetune_instruct(args) -> int:
             records = records[:args.limit]
         tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
         template = make_template(args.template, tokenizer)  # before the model: a wrong template fails fast
-        model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed)
+        model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed, device)
         context = int(model.context)
         max_length = min(args.max_length or context, context)
         tokenized = tokenize_records(records, template, max_length)
@@ -125,12 +127,13 @@ def cmd_chat(args) -> int:
     from .finetuned import load_model
     from .generate import check_arguments
 
+    device = resolve_device(args.device)
     try:
         check_arguments([0], args.max_tokens, args.temperature, args.top_k, None)
     except ValueError as err:
         raise UsageError(str(err)) from None
     try:
-        loaded = load_model(args.checkpoint)
+        loaded = load_model(args.checkpoint, device)
         tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
         name = chat_template_name(loaded.checkpoint, tokenizer)
         template = make_template(name, tokenizer)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
-from .finetune_steps import scheduled_lr, steps_per_epoch, update
+from .device import to_device
+from .finetune_steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from .instruct_data import IGNORE, Example, collate, length_buckets
 from .lora_training import trainable_weights
 from .metrics import MetricsLog, plot_loss_curve
@@ -51,9 +52,8 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Example], batch: in
         with torch.no_grad(), autocast(device, precision):
             for indices in length_buckets([len(e) for e in examples], batch, seed=0, epoch=0):
                 x, y = collate([examples[i] for i in indices], pad_id)
-                y = y.to(device)
-                total += masked_loss(model(x.to(device)), y, reduction="sum").item()
-                count += int((y != IGNORE).sum())
+                count += int((y != IGNORE).sum())  # counted on the host, before the copy
+                total += masked_loss(model(to_device(x, device)), to_device(y, device), reduction="sum").item()
     finally:
         model.train(was_training)
     return total / max(count, 1)
@@ -67,6 +67,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
     device = next(model.parameters()).device
     per_epoch = steps_per_epoch(len(train_set), cfg.batch)
     optimizer = make_optimizer(model, cfg)
+    scaler = loss_scaler(cfg, device)
     torch.manual_seed(cfg.seed)  # dropout
     log = MetricsLog.fresh(run_dir / METRICS_FILE)
     lengths = [len(e) for e in train_set]
@@ -96,9 +97,9 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
                 lr = scheduled_lr(optimizer, cfg, step)
                 x, y = collate([train_set[i] for i in indices], setup.pad_id)
                 with autocast(device, cfg.precision):
-                    logits = model(x.to(device))
+                    logits = model(to_device(x, device))
                 step += 1
-                value = update(model, optimizer, masked_loss(logits, y.to(device)), cfg, step)
+                value = update(model, optimizer, masked_loss(logits, to_device(y, device)), cfg, step, scaler)
                 summary["loss"] = value
                 recent.append(value)
                 record = {"step": step, "epoch": step / per_epoch, "loss": value, "lr": lr}

@@ -35,7 +35,7 @@ def cmd_lora_merge(args) -> int:
         plain.load_state_dict(weights, strict=True)
         final = save_checkpoint(Path(args.out), step=ckpt.step, model=plain, optimizer=None, rng=None,
                                 train_config=ckpt.train_config, metrics=ckpt.metrics, tokenizer=ckpt.tokenizer,
-                                spec=merged_spec_record(ckpt.spec))
+                                spec=merged_spec_record(loaded.spec))
     except (*USER_ERRORS, RewriteError) as err:
         return _fail("lora merge", err)
     print(f"merged the adapters of {len(adapted_matrices(loaded.graph))} matrices into {final}")

@@ -1,5 +1,6 @@
 """`lmspec classify`: an exported classifier run by onnxruntime (no torch on this path), or a
-checkpoint handed to classify_commands (PyTorch). Both print the same lines.
+checkpoint handed to classify_commands (PyTorch). Both print the same lines. `--provider` places a
+bundle (onnxruntime's providers), `--device` a checkpoint (a torch device); each refuses the other's kind.
 
 A classifier bundle's sidecar (runtime/onnx_model.py) holds, besides the tokenizer, the class names in
 index order, the most tokens a text keeps and the pad id, so that texts are encoded exactly as
@@ -13,9 +14,10 @@ import sys
 import numpy as np
 
 from .onnx_model import (CLASSIFIER, BundleError, bundle_kind, bundle_tokenizer, find_model_file, is_bundle_path,
-                         open_session, read_sidecar)
+                         open_session, read_sidecar, session_providers)
 from .text_encoder import TextEncoder
 from .tokenizer import TokenizerError
+from .usage import UsageError
 
 BATCH = 32  # texts per onnxruntime call, as `lmspec classify CHECKPOINT` batches them
 
@@ -23,7 +25,7 @@ BATCH = 32  # texts per onnxruntime call, as `lmspec classify CHECKPOINT` batche
 class OnnxClassifier:
     """An exported classifier in an onnxruntime session, with its labels and text encoder."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
         self.path = find_model_file(path)
         self.meta = read_sidecar(self.path)
         if bundle_kind(self.meta) != CLASSIFIER:
@@ -32,7 +34,7 @@ class OnnxClassifier:
         self.labels: list[str] = self.meta["labels"]
         self.encoder = TextEncoder(bundle_tokenizer(self.path, self.meta), self.meta["max_length"],
                                          self.meta["pad_id"])
-        self.session = open_session(self.path, threads)
+        self.session = open_session(self.path, threads, providers)
         inputs = sorted(i.name for i in self.session.get_inputs())
         if inputs != ["input_ids", "lengths"]:
             raise BundleError(f"{self.path}: takes {', '.join(inputs)}, but its sidecar describes a classifier "
@@ -72,13 +74,28 @@ def print_predictions(labels: list[str], texts: list[str], probs) -> None:
         print(f"{labels[best]:<{width}}  {float(p[best]):.3f}  {text}")
 
 
+def check_placement(args, bundle: bool) -> None:
+    """A UsageError for --device on a bundle or --provider on a checkpoint, each of which the other
+    path would quietly ignore; the defaults (and --device cpu on a bundle run on the CPU) pass."""
+    device = (args.device or "auto").strip().lower()
+    if bundle and device != "auto" and not (device == "cpu" and args.provider == "cpu"):
+        raise UsageError(f"--device {device}: places a checkpoint run in PyTorch; an exported model runs in "
+                         f"onnxruntime, placed by --provider (cpu, or cuda for the GPU)")
+    if not bundle and args.provider != "cpu":
+        raise UsageError(f"--provider {args.provider}: places an exported model (.onnx) in onnxruntime; "
+                         f"{args.checkpoint} is a checkpoint, run in PyTorch: use --device cuda")
+
+
 def cmd_classify(args) -> int:
     """An exported bundle (a .onnx file or its directory) runs here; a checkpoint in PyTorch."""
-    if not is_bundle_path(args.checkpoint):
+    bundle = is_bundle_path(args.checkpoint)
+    check_placement(args, bundle)
+    if not bundle:
         from .classify_commands import cmd_classify as classify_checkpoint
         return classify_checkpoint(args)
+    providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
     try:
-        classifier = OnnxClassifier(args.checkpoint)
+        classifier = OnnxClassifier(args.checkpoint, providers=providers)
         probs = classifier.probabilities(args.texts)
     except (BundleError, TokenizerError) as err:
         print(f"lmspec classify: error: {err}", file=sys.stderr)

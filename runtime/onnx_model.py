@@ -8,6 +8,10 @@ an attention mask and per-row positions), and drops finished rows from the batch
 The sidecar's "kind" says what the model is: a language model (also when it has none, as the first
 bundles do) or a classifier, whose sidecar adds its labels, max length and pad id, and which
 runtime/onnx_classifier.py runs instead.
+
+`--provider` picks onnxruntime's execution providers (`session_providers`); a provider that this
+onnxruntime lacks, or that a session leaves out, is a one-line ProviderError rather than a quiet
+run on the CPU.
 """
 from __future__ import annotations
 
@@ -20,15 +24,24 @@ from pathlib import Path
 import numpy as np
 
 from .tokenizer import TokenizerError, load_tokenizer
+from .usage import UsageError
 
 BUNDLE_FORMAT = "lmspec-onnx"
 BUNDLE_VERSION = 1
 SIDECAR_SUFFIX = ".lmspec.json"
 LANGUAGE_MODEL, CLASSIFIER = "language_model", "classifier"  # a sidecar's "kind"
+CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
+# What each `--provider` name means to onnxruntime, in order of preference: the CPU stays last for the
+# odd operator a GPU provider has no kernel for (onnxruntime places such nodes there itself).
+PROVIDERS = {"cpu": [CPU_PROVIDER], "cuda": [CUDA_PROVIDER, CPU_PROVIDER]}
 
 
 class BundleError(Exception):
     """An ONNX bundle that is missing, incomplete or corrupt; the message names the file."""
+
+
+class ProviderError(UsageError):
+    """An execution provider that is not there: not built into this onnxruntime, or not started by it."""
 
 
 def bundle_sidecar(onnx_path: str | os.PathLike) -> Path:
@@ -69,17 +82,64 @@ def bundle_tokenizer(onnx_path: Path, meta: dict):
         raise BundleError(f"{bundle_sidecar(onnx_path)}: its tokenizer is unusable: {err}") from None
 
 
-def open_session(onnx_path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An onnxruntime session of the bundle's model; a BundleError for a file onnxruntime cannot load."""
+def session_providers(name: str = "cpu") -> list[str]:
+    """onnxruntime's providers for `--provider NAME`; a ProviderError, before any model is loaded,
+    when this onnxruntime is built without the one asked for (the CPU wheel has no CUDA)."""
     import onnxruntime as ort
 
+    if name not in PROVIDERS:
+        raise ProviderError(f"--provider {name!r}: expected {' or '.join(PROVIDERS)}")
+    wanted = PROVIDERS[name][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise ProviderError(f"--provider {name}: this onnxruntime ({ort.__version__}, providers: "
+                            f"{', '.join(available)}) has no {_short(wanted)} provider; install "
+                            f"onnxruntime-gpu in place of onnxruntime, or use --provider cpu")
+    return list(PROVIDERS[name])
+
+
+def _short(provider: str) -> str:
+    return provider.removesuffix("ExecutionProvider")
+
+
+def _option(providers: list[str]) -> str:
+    """The `--provider` that asks for these providers, for messages: 'cuda', or onnxruntime's own name."""
+    return next((name for name, listed in PROVIDERS.items() if listed[0] == providers[0]), providers[0])
+
+
+def check_session_providers(session, providers: list[str], onnx_path: Path) -> None:
+    """A ProviderError when the session runs without the provider asked for first: onnxruntime lists
+    the CUDA provider yet drops it, with no more than a logged warning, when it cannot start it (no
+    driver, no GPU, a missing CUDA or cuDNN library), and the model would run on the CPU unnoticed."""
+    used = session.get_providers()
+    if providers[0] not in used:
+        import onnxruntime as ort
+        raise ProviderError(f"--provider {_option(providers)}: onnxruntime {ort.__version__} could not start its "
+                            f"{_short(providers[0])} provider for {onnx_path.name} (the session has only "
+                            f"{', '.join(used)}); check the driver (nvidia-smi) and the CUDA and cuDNN libraries "
+                            f"this onnxruntime-gpu needs, or use --provider cpu")
+
+
+def open_session(onnx_path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """An onnxruntime session of the bundle's model on `providers` (default: the CPU's, see
+    `session_providers`); a BundleError for a file onnxruntime cannot load, a ProviderError for a
+    session without the provider asked for."""
+    import onnxruntime as ort
+
+    providers = providers or [CPU_PROVIDER]
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # Without this, onnxruntime answers a GPU provider that fails to start by printing to stdout (into
+    # `lmspec generate`'s text) and quietly retrying on the CPU.
+    fallback = {} if providers == [CPU_PROVIDER] else {"enable_fallback": 0}
     try:
-        return ort.InferenceSession(str(onnx_path), options, providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(onnx_path), options, providers=providers, **fallback)
     except Exception as err:  # onnxruntime raises its own exception types for a corrupt file
-        raise BundleError(f"{onnx_path}: onnxruntime cannot load it: {str(err).splitlines()[0]}") from None
+        on = "" if providers == [CPU_PROVIDER] else f" with --provider {_option(providers)}"
+        raise BundleError(f"{onnx_path}: onnxruntime cannot load it{on}: {str(err).splitlines()[0]}") from None
+    check_session_providers(session, providers, onnx_path)
+    return session
 
 
 @dataclass

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat_template import check_messages, chat_template_for
 from .onnx_model import (CLASSIFIER, BundleError, GenerationRequest, OnnxModel, bundle_kind, check_request,
-                         find_model_file, read_sidecar)
+                         find_model_file, read_sidecar, session_providers)
 from .serve_scheduler import Scheduler, Ticket
 from .usage import UsageError
 
@@ -513,7 +513,7 @@ class Served:
 
 
 def served_language_model(path: Path, args) -> Served:
-    model = OnnxModel(path, threads=args.threads)
+    model = OnnxModel(path, providers=session_providers(args.provider), threads=args.threads)
     settings = ServeSettings(name=args.name or model.name, max_tokens=args.max_tokens,
                              max_prompt_tokens=args.max_prompt_tokens or model.context,
                              max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
@@ -538,6 +538,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     _check_args(args)
+    session_providers(args.provider)  # a provider this onnxruntime lacks: said before the bundle is read
     try:
         served = served_bundle(args)
     except BundleError as err:

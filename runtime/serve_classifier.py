@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from .onnx_classifier import OnnxClassifier
-from .onnx_model import CLASSIFIER
+from .onnx_model import CLASSIFIER, session_providers
 from .serve import (COMPLETION_ROUTES, ApiError, Served, add_model_routes, check_model, model_card, new_app,
                     parse_body, read_json, refuse_routes)
 
@@ -88,7 +88,7 @@ def create_classifier_app(classifier: OnnxClassifier, settings: ClassifierSettin
 def served_classifier(path: Path, args) -> Served:
     """`lmspec serve` of a classifier bundle; the generation limits (--max-tokens, --max-batch, ...)
     do not apply to it."""
-    classifier = OnnxClassifier(path, threads=args.threads)
+    classifier = OnnxClassifier(path, threads=args.threads, providers=session_providers(args.provider))
     settings = ClassifierSettings(args.name or classifier.meta["name"], args.max_body_bytes)
     return Served(create_classifier_app(classifier, settings), settings.name,
                   f"a classifier of {', '.join(classifier.labels)}: POST /v1/classify, up to "

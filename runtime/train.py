@@ -19,16 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import (Checkpoint, CheckpointError, find_checkpoint, load_checkpoint, read_optimizer_by_name,
-                         save_checkpoint)
+from .checkpoint import (MODEL_FILE, Checkpoint, CheckpointError, find_checkpoint, load_checkpoint,
+                         read_optimizer_by_name, save_checkpoint)
 from .data import TokenData
+from .cross_entropy import next_token_loss
+from .device import device_name, to_device
 from .distributed import World
+from .materialise import is_on_meta, materialise_from_file, materialise_initial
 from .metrics import MetricsLog, plot_loss_curve
 from .schedule import learning_rate
+from .throughput import (device_capacity, gigabytes, mfu, peak_flops, peak_memory, predicted_memory,
+                         training_flops_per_token)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -146,14 +150,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32") -> float:
-    """Mean cross-entropy over fixed batches, in eval mode, without touching the training RNG."""
-    device = _device_of(model)
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32",
+             device: torch.device | None = None) -> float:
+    """Mean cross-entropy over fixed batches, in eval mode, without touching the training RNG.
+    `device`: where the model computes (default: where its parameters are)."""
+    device = device or _device_of(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device)), autocast(device, precision):
-            losses = [_loss(model(x.to(device)), y.to(device)).item() for x, y in batches]
+            losses = [_loss(model(to_device(x, device)), to_device(y, device)).item() for x, y in batches]
     finally:
         model.train(was_training)
     return sum(losses) / len(losses)
@@ -172,6 +178,8 @@ def train(
     tensor_parallel_plan=None,
     pipeline_stages=None,
     graph=None,
+    device: torch.device | None = None,
+    peak_tflops: float | None = None,
 ) -> dict:
     """Train `model` on `data`, writing checkpoints, metrics.jsonl and loss.png under `run_dir`.
 
@@ -191,7 +199,16 @@ def train(
     compose, and a world larger than tp x pp holds data-parallel replicas of the model-parallel
     group, laid out pp x dp x tp (runtime/parallel_layout.py), which average gradients (ddp) or
     shard each stage over the dp group (fsdp). The ranks of one replica train on the same batches;
-    checkpoints keep the single-process layout."""
+    checkpoints keep the single-process layout.
+
+    A `model` built on `meta` (compiler/lower.build, with its `graph`) gets its weights only once it
+    is split as the layout says, each rank only its share, on `device` (runtime/materialise.py):
+    from the checkpoint when resuming, else from cfg.seed, the same weights whatever the layout.
+    A model with weights computes where they are (`device` defaults to there).
+
+    Each logged step records tokens/s, the gradient norm, the learning rate, peak device memory (the
+    largest over ranks) and, where the device's peak FLOP/s is known (a table of GPUs, or
+    `peak_tflops`), MFU; the summary sets the peak memory beside what `lmspec plan` predicted."""
     run_dir = Path(run_dir)
     context = int(model.context)
     try:
@@ -231,10 +248,25 @@ def train(
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    device = _device_of(model)
-    _check_vocab(model, tokenizer, device)
-    if checkpoint is not None:
+    on_meta = is_on_meta(model)
+    if on_meta and graph is None:
+        raise ValueError("a model built on meta needs its graph to be given its weights")
+    device = torch.device(device) if device is not None else _device_of(model)
+    _check_vocab(model, tokenizer, device, graph)
+    if checkpoint is not None and not on_meta:
         checkpoint.load_model(model)  # whole, before FSDP shards what is there
+
+    def materialise(module: torch.nn.Module, plan=None) -> None:
+        """Weights for this rank's part of a model built on meta (its shards, or its stage)."""
+        if not on_meta:
+            return
+        # offloaded FSDP shards live in host memory; buffers (rotary tables) are used on the device
+        where = torch.device("cpu") if cfg.cpu_offload else device
+        if checkpoint is not None:
+            materialise_from_file(module, graph, checkpoint.path / MODEL_FILE, where, plan, buffer_device=device)
+        else:
+            materialise_initial(module, graph, cfg.seed, where, plan, buffer_device=device)
+
     ddp = pipe = mesh = None
     # FSDP2 over the data-parallel replicas: of the whole model, of each one's tp shards (2-D), or of
     # each pipeline stage (and its tp shards: 3-D)
@@ -249,7 +281,8 @@ def train(
                               n_microbatches=cfg.micro_batches or pp, schedule=cfg.pipeline_schedule,
                               loss_fn=_loss, mesh=mesh, tensor_parallel_plan=tensor_parallel_plan if tp > 1 else None,
                               checkpointed=checkpointed, autocast=lambda: autocast(device, cfg.precision),
-                              fsdp=sharded, precision=cfg.precision, cpu_offload=cfg.cpu_offload)
+                              fsdp=sharded, precision=cfg.precision, cpu_offload=cfg.cpu_offload,
+                              materialise=lambda stage: materialise(stage, tensor_parallel_plan))
         model = pipe.module  # this rank's stage: the optimizer, evaluation and checkpoints see it
     elif tp > 1:
         from . import tensor_parallel
@@ -257,14 +290,20 @@ def train(
         if sharded:
             from . import sharding
             sharding.shard_model(model, cfg.precision, mesh=mesh["dp"], offload=cfg.cpu_offload)
+        materialise(model, tensor_parallel_plan)
     elif sharded:
         from . import sharding
-        sharding.shard_model(model, cfg.precision, offload=cfg.cpu_offload)
-    elif world.size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        # It broadcasts rank 0's weights, so every rank starts alike; gradients live in its
-        # all-reduce buckets rather than in a second copy (what `lmspec plan` assumes).
-        ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+        sharding.shard_model(model, cfg.precision, mesh=sharding.data_parallel_mesh(world, device),
+                             offload=cfg.cpu_offload)
+        materialise(model)
+    else:
+        materialise(model)
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            # It broadcasts rank 0's weights, so every rank starts alike; gradients live in its
+            # all-reduce buckets rather than in a second copy (what `lmspec plan` assumes).
+            ddp = DistributedDataParallel(model, gradient_as_bucket_view=True,
+                                          device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's parameters are its shards
     # fp16's narrow range needs the loss scaled up (and the gradients back down) so that small
     # gradients do not flush to zero; bf16 has fp32's range and needs none.
@@ -298,6 +337,12 @@ def train(
     val_set = [(x[mine], y[mine]) for x, y in data.val_batches(cfg.batch * replicas.size, cfg.seq, cfg.eval_batches)
                ] if cfg.eval_batches else []
     tokens_per_step = cfg.batch * cfg.seq * cfg.grad_accum * replicas.size
+    flops_per_token = training_flops_per_token(graph, cfg.seq) if graph is not None else None
+    peak = peak_flops(device, peak_tflops) if flops_per_token else None
+    predicted = predicted_memory(graph, cfg, world.size) if graph is not None else None
+    if world.main and predicted is not None:
+        print(f"memory: lmspec plan predicts {gigabytes(predicted)} per {device.type.upper()} for this run"
+              + (f" ({device_name(device)}: {gigabytes(device_capacity(device))})" if device.type == "cuda" else ""))
     session_start = time.perf_counter()
     elapsed_before = float(totals.get("elapsed", 0.0))
     last_checkpoint = checkpoint.path if checkpoint is not None else None
@@ -313,22 +358,28 @@ def train(
                 group["lr"] = lr
             t0 = time.perf_counter()
             if pipe is not None:
-                loss = _pipeline_step(pipe, optimizer, data, cfg, batch_generator, None if sharded else mesh)
+                loss, grad_norm = _pipeline_step(pipe, optimizer, data, cfg, batch_generator,
+                                                 None if sharded else mesh)
             else:
-                loss = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler, data, cfg,
-                                       batch_generator, device, sharded, None if sharded else mesh)
-            loss = distributed.mean(world, loss)
+                loss, grad_norm = _optimizer_step(forward, _no_sync(ddp, model, sharded), model, optimizer, scaler,
+                                                  data, cfg, batch_generator, device, sharded,
+                                                  None if sharded else mesh)
+            loss = distributed.mean(world, loss, device)
             tokens_per_s = tokens_per_step / max(time.perf_counter() - t0, 1e-9)
             if not math.isfinite(loss):
                 raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
                                     f"(the last good checkpoint is {last_checkpoint})")
-            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s}
+            utilisation = mfu(tokens_per_s, flops_per_token, peak, world.size)
+            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None}  # fp16 overflow: skipped
+            if utilisation is not None:
+                record["mfu"] = utilisation
             totals["loss"] = loss
 
             last = step == cfg.steps
             if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
                 val_loss = distributed.mean(world, _pipeline_evaluate(pipe, val_set) if pipe is not None
-                                            else evaluate(model, val_set, cfg.precision))
+                                            else evaluate(model, val_set, cfg.precision, device), device)
                 if sharded:  # FSDP keeps the root gathered after a forward that has no backward
                     model.reshard()
                 record["val_loss"] = totals["val_loss"] = val_loss
@@ -338,8 +389,10 @@ def train(
                     bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
                 sys.stdout.flush()  # visible as it happens when stdout is a pipe or a log file
             totals["elapsed"] = record["elapsed"] = elapsed_before + time.perf_counter() - session_start
-            if log is not None and (last or step % cfg.log_every == 0 or "val_loss" in record):
-                log.append(record)
+            if last or step % cfg.log_every == 0 or "val_loss" in record:  # every rank: the maximum is collective
+                record["peak_memory_bytes"] = int(distributed.maximum(world, peak_memory(device), device))
+                if log is not None:
+                    log.append(record)
 
             if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 fields = dict(rng=_rng_states(batch_generator, device, scaler), train_config=cfg.to_dict(),
@@ -359,7 +412,9 @@ def train(
                 elif world.main:
                     last_checkpoint = save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer,
                                                       **fields)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                            **({"mfu": f"{utilisation:.1%}"} if utilisation is not None else {}),
+                            mem=gigabytes(peak_memory(device)), refresh=False)
             bar.update(1)
     finally:
         bar.close()
@@ -371,6 +426,8 @@ def train(
     session_steps = max(0, cfg.steps - start_step)
     session_time = time.perf_counter() - session_start
     final_step = max(start_step, cfg.steps)
+    session_rate = session_steps * tokens_per_step / session_time if session_steps else None
+    measured = int(distributed.maximum(world, peak_memory(device), device))
     return {
         "run_dir": str(run_dir),
         "start_step": start_step,
@@ -380,7 +437,11 @@ def train(
         "best_val_loss": totals.get("best_val_loss"),
         "tokens": final_step * tokens_per_step,
         "elapsed": elapsed_before + session_time,
-        "tokens_per_s": session_steps * tokens_per_step / session_time if session_steps else None,
+        "tokens_per_s": session_rate,
+        "mfu": mfu(session_rate, flops_per_token, peak, world.size) if session_rate else None,
+        "peak_memory_bytes": measured,
+        "predicted_memory_bytes": predicted,
+        "device": device_name(device),
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "metrics": str(run_dir / METRICS_FILE),
         "plot": str(run_dir / PLOT_FILE),
@@ -389,9 +450,16 @@ def train(
     }
 
 
-def _check_vocab(model: torch.nn.Module, tokenizer, device: torch.device) -> None:
-    """The model must score every token id the tokenizer can produce. Its vocabulary is only known
-    from its output, so ask it about one token (forked RNG, no grad: the run's state is untouched)."""
+def _check_vocab(model: torch.nn.Module, tokenizer, device: torch.device, graph=None) -> None:
+    """The model must score every token id the tokenizer can produce. The graph knows its vocabulary;
+    without one, ask the model about one token (forked RNG, no grad: the run's state is untouched)."""
+    if graph is not None:
+        _, logits = graph.outputs[0]
+        vocab = logits.shape[-1] if logits.shape and isinstance(logits.shape[-1], int) else None
+        if vocab is not None and vocab < tokenizer.vocab_size:
+            raise ConfigError(f"the model predicts {vocab} tokens but the tokenizer has {tokenizer.vocab_size}; "
+                              f"set the model's vocab to at least {tokenizer.vocab_size}")
+        return
     was_training = model.training
     model.eval()
     try:
@@ -427,8 +495,8 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
         syncing = no_sync is None or micro == cfg.grad_accum - 1
         with contextlib.nullcontext() if syncing else no_sync():
             with autocast(device, cfg.precision):
-                logits = forward(x.to(device))
-            loss = _loss(logits, y.to(device))
+                logits = forward(to_device(x, device))
+            loss = _loss(logits, to_device(y, device))
             # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
             scaler.scale(loss / cfg.grad_accum).backward()
         total += loss.item()
@@ -441,11 +509,19 @@ def _optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, gener
         from .sharding import agree_on_overflow
         agree_on_overflow(scaler, optimizer)
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    else:  # measured all the same, for the metrics
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then backs off
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / cfg.grad_accum
+    return total / cfg.grad_accum, _as_float(norm)
+
+
+def _as_float(norm: torch.Tensor) -> float:
+    """A gradient norm as a number (an FSDP or tensor-parallel norm is a DTensor: made whole first)."""
+    from torch.distributed.tensor import DTensor
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def pipeline_refusal(precision: str, compile: bool) -> str | None:
@@ -478,11 +554,11 @@ def _pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> float:
     from .tensor_parallel import reduce_sequence_parallel_gradients
     reduce_sequence_parallel_gradients(pipe.module)
     average_gradients(pipe.parameters(), mesh)
-    if cfg.grad_clip > 0:
-        pipe.clip_grad_norm_(cfg.grad_clip)
+    # an infinite bound measures the norm without clipping
+    norm = pipe.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / cfg.grad_accum
+    return total / cfg.grad_accum, norm
 
 
 def _pipeline_evaluate(pipe, batches) -> float:
@@ -496,7 +572,7 @@ def _pipeline_evaluate(pipe, batches) -> float:
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+    return next_token_loss(logits, targets)
 
 
 def _config_for_resume(cfg: TrainConfig, checkpoint: Checkpoint) -> tuple[TrainConfig, dict]:
@@ -546,7 +622,7 @@ def _rng_states(generator: torch.Generator, device: torch.device, scaler=None) -
 
 def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device, path,
                  scaler=None) -> None:
-    needed = ["torch_cpu", "batch_generator"] + (["torch_cuda"] if device.type == "cuda" else [])
+    needed = ["torch_cpu", "batch_generator"]
     if scaler is not None and scaler.is_enabled():
         needed += ["grad_scaler_scale", "grad_scaler_growth_tracker"]
     missing = [k for k in needed if k not in states]
@@ -554,7 +630,11 @@ def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator, de
         raise CheckpointError(f"{path}: rng.safetensors lacks {', '.join(missing)}")
     torch.set_rng_state(states["torch_cpu"])
     generator.set_state(states["batch_generator"])
-    if device.type == "cuda":
+    saved_on_gpu = "torch_cuda" in states
+    if saved_on_gpu != (device.type == "cuda"):  # the batches follow; dropout draws from the device's RNG
+        print(f"note: resuming on {device.type} a run saved on {'cuda' if saved_on_gpu else 'cpu'}: the batches "
+              f"continue as they were, dropout masks differ from an uninterrupted run", file=sys.stderr)
+    elif device.type == "cuda":
         torch.cuda.set_rng_state(states["torch_cuda"], device)
     if scaler is not None and scaler.is_enabled():
         scaler.load_state_dict({**scaler.state_dict(), "scale": float(states["grad_scaler_scale"]),

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One command that checks lmspec on a machine with one NVIDIA GPU and prints one summary line last:
+# the GPU tests, GPT-2 small trained from the command line (bf16 + torch.compile: MFU and peak memory
+# against `lmspec plan`'s prediction), and generation against transformers (bench/gpu_generate.py).
+#
+#   bench/gpu_check.sh               # from the repository root, under 8 minutes on an H100
+#   bench/gpu_check.sh --cpu-smoke   # the same plumbing on the CPU with tiny sizes (or GPU_CHECK_SMOKE=1)
+#
+# Settings (environment): GPU_CHECK_BATCH (default 32 sequences of 1024 tokens), GPU_CHECK_STEPS (300),
+# GPU_CHECK_TOKENS (256 new tokens to generate), GPU_CHECK_MFU_TARGET (40, percent), PYTHON (python3).
+# Exits non-zero if any part failed; the summary line is printed either way. Logs go to a temporary
+# directory, removed when everything passed and kept (and named) otherwise.
+set -uo pipefail  # not -e: a failed part is recorded and the next one still runs
+
+cd "$(dirname "$0")/.." || exit 1
+PY="${PYTHON:-python3}"
+SMOKE="${GPU_CHECK_SMOKE:-0}"
+[[ "${1:-}" == "--cpu-smoke" ]] && SMOKE=1
+if [[ $# -gt 0 && "$1" != "--cpu-smoke" ]]; then
+  echo "usage: bench/gpu_check.sh [--cpu-smoke]" >&2
+  exit 2
+fi
+MFU_TARGET="${GPU_CHECK_MFU_TARGET:-40}"
+if [[ "$SMOKE" == 1 ]]; then
+  # a 2-layer GPT-2 on the CPU: the same commands and parsing, in about a minute
+  BATCH="${GPU_CHECK_BATCH:-2}" STEPS="${GPU_CHECK_STEPS:-10}" TOKENS="${GPU_CHECK_TOKENS:-16}"
+  DEVICE=cpu
+  TRAIN_SHAPE=(--set layers=2 --seq 128 --device cpu --peak-tflops 1)
+  GENERATE_SHAPE=(--device cpu --set layers=2)
+  MODEL_LABEL="GPT-2 2-layer bf16 (cpu smoke)"
+else
+  BATCH="${GPU_CHECK_BATCH:-32}" STEPS="${GPU_CHECK_STEPS:-300}" TOKENS="${GPU_CHECK_TOKENS:-256}"
+  DEVICE=cuda
+  TRAIN_SHAPE=(--seq 1024 --compile --device cuda)
+  GENERATE_SHAPE=(--device cuda)
+  MODEL_LABEL="GPT-2 small bf16+compile"
+fi
+
+START=$SECONDS
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/lmspec-gpu-check.XXXXXX")"
+FAILED=()
+trap '[[ ${#FAILED[@]} -eq 0 ]] && rm -rf "$WORK"' EXIT
+
+section() { printf '\n=== %s\n' "$*"; }
+failed() { FAILED+=("$1"); }
+has_failed() { [[ " ${FAILED[*]} " == *" $1 "* ]]; }
+
+ensure_installed() {
+  # the README's install, only where lmspec (or what the tests and the benchmark need) is missing
+  "$PY" -c "import lmspec.runtime.cli, pytest, transformers" 2>/dev/null && return 0
+  section "installing lmspec"
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+    # a CUDA build of torch is here already: requirements.txt pins the CPU one, which would replace it
+    "$PY" -m pip install -e '.[test]'
+  else
+    "$PY" -m pip install -r requirements.txt -e '.[test]'
+  fi
+}
+
+gpu_name() {
+  if [[ "$SMOKE" == 1 ]]; then
+    echo "cpu (smoke run)"
+  elif command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1
+  else  # a container may lack the tool but not the GPU
+    "$PY" -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null || echo "no GPU found"
+  fi
+}
+
+run_gpu_tests() {
+  section "GPU tests: $PY -m pytest -q tests/gpu -m gpu"
+  # -m gpu replaces pyproject's addopts -m 'not slow'
+  "$PY" -m pytest -q -p no:cacheprovider tests/gpu -m gpu 2>&1 | tee "$WORK/tests.log"
+  local code=$?
+  TESTS="$(tail -n 1 "$WORK/tests.log" | sed -E 's/=//g; s/ in [0-9.]+s.*$//; s/^ +//')"
+  if [[ $code -ne 0 ]]; then
+    failed tests
+  elif [[ "$SMOKE" != 1 && "$TESTS" == *skipped* ]]; then
+    failed tests  # on a GPU machine a skip means torch sees no GPU: nothing was checked
+  fi
+}
+
+train_gpt2() {
+  local cmd=("$PY" -m lmspec.runtime.cli train specs/gpt2.arch --set dropout=0.0 --set vocab=50257 --pad-vocab 64
+             --precision bf16 --batch "$BATCH" --steps "$STEPS" --lr 6e-4 --eval-batches 0 --ckpt-every 0
+             --sample-tokens 0 --no-progress --out "$WORK/gpt2" "${TRAIN_SHAPE[@]}")
+  section "training: ${cmd[*]}"
+  "${cmd[@]}" 2>&1 | tee "$WORK/train.log" || failed train
+}
+
+read_train_figures() {
+  # MFU: the mean of the logged values after the first 20% of the steps (torch.compile's warm-up);
+  # peak memory: the largest the run logged, against the prediction it printed at its start
+  [[ -s "$WORK/gpt2/metrics.jsonl" ]] || return 1
+  "$PY" - "$WORK/gpt2/metrics.jsonl" "$WORK/train.log" "$STEPS" <<'EOF'
+import json, re, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+mfu = [r["mfu"] for r in rows if "mfu" in r and r["step"] > 0.2 * int(sys.argv[3])]
+plan = re.search(r"lmspec plan predicts ([\d.]+) GB", open(sys.argv[2]).read())
+peak = max(r["peak_memory_bytes"] for r in rows) / 1e9
+if not mfu or plan is None:
+    sys.exit("no MFU logged after the warm-up, or no memory prediction printed")
+predicted = float(plan.group(1))
+print(f"{100 * sum(mfu) / len(mfu):.1f} {peak:.2f} {predicted:.2f} {peak / predicted:.2f}")
+EOF
+}
+
+run_generate_bench() {
+  local cmd=("$PY" bench/gpu_generate.py --tokens "$TOKENS" "${GENERATE_SHAPE[@]}")
+  section "generation: ${cmd[*]}"
+  "${cmd[@]}" 2>&1 | tee "$WORK/generate.log" || failed generate
+}
+
+read_generate_figures() {
+  "$PY" - "$WORK/generate.log" <<'EOF'
+import json, sys
+# its last line of JSON (stderr shares the log, so do not trust the very last line)
+lines = [line for line in open(sys.argv[1]).read().splitlines() if line.startswith('{"bench": "gpu_generate"')]
+if not lines:
+    sys.exit("bench/gpu_generate.py printed no summary")
+summary = json.loads(lines[-1])
+fp32 = summary["results"]["fp32"]
+print(f"{fp32['ratio']:.2f}x transformers (fp32, {fp32['new_tokens']} tokens, "
+      f"{fp32['matching_tokens']}/{fp32['new_tokens']} the same)")
+EOF
+}
+
+ensure_installed || failed install
+GPU="$(gpu_name)"
+section "device: $GPU"
+TESTS="not run"
+run_gpu_tests
+
+train_gpt2
+if figures="$(read_train_figures)"; then
+  read -r MFU PEAK PLAN RATIO <<<"$figures"
+  verdict=$(awk -v m="$MFU" -v t="$MFU_TARGET" 'BEGIN { print (m >= t ? "met" : "missed") }')
+  TRAIN_PART="$MODEL_LABEL MFU $MFU% (target $MFU_TARGET%: $verdict)"
+  MEMORY_PART="peak memory $PEAK GB vs plan $PLAN GB (${RATIO}x)"
+else
+  has_failed train || failed train-metrics  # a run that failed has no figures: one failure, not two
+  TRAIN_PART="$MODEL_LABEL: no figures"
+  MEMORY_PART="peak memory: no figures"
+fi
+
+run_generate_bench
+if figures="$(read_generate_figures)"; then
+  GENERATE_PART="generate $figures"
+else
+  has_failed generate || failed generate-figures
+  GENERATE_PART="generate: no figures"
+fi
+
+ELAPSED=$((SECONDS - START))
+STATUS="ok"
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+  STATUS="FAILED: ${FAILED[*]}"
+  printf '\nlogs kept in %s\n' "$WORK"
+fi
+echo
+echo "gpu_check: $GPU | gpu tests $TESTS | $TRAIN_PART | $MEMORY_PART | $GENERATE_PART |" \
+     "$((ELAPSED / 60))m$(printf '%02d' $((ELAPSED % 60)))s | $STATUS"
+[[ ${#FAILED[@]} -eq 0 ]]
