@@ -1,5 +1,5 @@
 """Averaging the gradients of data-parallel replicas: one all-reduce per 25 MB bucket
-(runtime/collectives.py, what `lmspec train --tp/--pp` replicas do) against one all-reduce per
+(runtime/distributed/collectives.py, what `lmspec train --tp/--pp` replicas do) against one all-reduce per
 parameter (what they did before), on 2 gloo ranks over the loopback.
 
 The gradients are those of a lowered spec (default: GPT-2 small's parameter shapes, 148 tensors,
@@ -29,7 +29,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from lmspec.compiler import load_spec  # noqa: E402
 from lmspec.compiler.analysis import parameter_count  # noqa: E402
-from lmspec.runtime.collectives import all_reduce_in_buckets  # noqa: E402
+from lmspec.runtime.distributed.collectives import all_reduce_in_buckets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

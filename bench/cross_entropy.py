@@ -1,4 +1,4 @@
-"""The chunked training loss (runtime/cross_entropy.py) against F.cross_entropy on fp32 copies of the
+"""The chunked training loss (runtime/train/loss.py) against F.cross_entropy on fp32 copies of the
 logits: peak memory and time of the loss's forward and backward, for GPT-2-sized logits.
 
 Each way runs in a fresh child process on bf16 logits [tokens, vocab] (what the model makes under
@@ -31,7 +31,7 @@ def child(way: str, tokens: int, vocab: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from lmspec.runtime.cross_entropy import next_token_loss
+    from lmspec.runtime.train.loss import next_token_loss
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)

@@ -34,8 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 from lmspec.compiler import load_spec  # noqa: E402
 from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.compiler.rewrites import apply_rewrites  # noqa: E402
-from lmspec.runtime.lora_training import mark_trainable  # noqa: E402
-from lmspec.runtime.tokenizer import FileTokenizer  # noqa: E402
+from lmspec.runtime.finetune.lora import mark_trainable  # noqa: E402
+from lmspec.runtime.data.tokenizer import FileTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -29,9 +29,9 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from lmspec.compiler.lower import lower  # noqa: E402
-from lmspec.runtime.checkpoint import load_checkpoint  # noqa: E402
-from lmspec.runtime.commands import graph_from_record  # noqa: E402
-from lmspec.runtime.hf_import import import_hf  # noqa: E402
+from lmspec.runtime.checkpoint.store import load_checkpoint  # noqa: E402
+from lmspec.runtime.cli.train import graph_from_record  # noqa: E402
+from lmspec.runtime.hf.convert import import_hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Generation tokens/s of the exported model in onnxruntime (fp32, int8) against PyTorch eager.
 
 Batch 1, greedy, `--tokens` new tokens after a `--prompt`-token prompt of Tiny Shakespeare (GPT-2
-tokenizer), GPT-2-small shape with random weights. The baseline is `lmspec.runtime.generate`
+tokenizer), GPT-2-small shape with random weights. The baseline is `lmspec.runtime.train.sampling`
 (PyTorch eager with its KV cache); the contenders are the bundles `export_bundle` writes (what
 `lmspec export` gives users: fp32, `--optimize`, `--quantize int8`, both), run by `OnnxModel`.
 All engines live in one process and take turns run by run (the order rotates every round), so
@@ -47,12 +47,12 @@ from lmspec.compiler.loader import load_spec  # noqa: E402
 from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.compiler.onnx_export import ExportError  # noqa: E402
 from lmspec.compiler.torch_modules import Position  # noqa: E402
-from lmspec.runtime.checkpoint import save_checkpoint  # noqa: E402
-from lmspec.runtime.commands import spec_record  # noqa: E402
-from lmspec.runtime.export_commands import export_bundle  # noqa: E402
-from lmspec.runtime.generate import generate  # noqa: E402
-from lmspec.runtime.onnx_model import GenerationRequest, OnnxModel, bundle_sidecar  # noqa: E402
-from lmspec.runtime.tokenizer import FileTokenizer  # noqa: E402
+from lmspec.runtime.checkpoint.store import save_checkpoint  # noqa: E402
+from lmspec.runtime.cli.train import spec_record  # noqa: E402
+from lmspec.runtime.cli.export import export_bundle  # noqa: E402
+from lmspec.runtime.train.sampling import generate  # noqa: E402
+from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, bundle_sidecar  # noqa: E402
+from lmspec.runtime.data.tokenizer import FileTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -310,16 +310,16 @@ def export_variants(checkpoint: Path, out: Path, prompt: list[int], tokens: int,
 def loss_check(work: Path, steps: int, threads: int, data: Path) -> None:
     """Train the Shakespeare char model briefly, export it fp32 and int8, and compare the mean
     cross-entropy over every window of the validation split (the last 10% of the text)."""
-    from lmspec.runtime.checkpoint import load_checkpoint
-    from lmspec.runtime.commands import graph_from_record
-    from lmspec.runtime.data import TokenData
-    from lmspec.runtime.tokenizer import load_tokenizer
+    from lmspec.runtime.checkpoint.store import load_checkpoint
+    from lmspec.runtime.cli.train import graph_from_record
+    from lmspec.runtime.data.token_data import TokenData
+    from lmspec.runtime.data.tokenizer import load_tokenizer
 
     run_dir = work / f"char-{steps}-steps"
     spec = ROOT / "specs" / "shakespeare-char.arch"
     if not (run_dir / "checkpoints").is_dir():
         started = time.perf_counter()
-        cmd = [sys.executable, "-m", "lmspec.runtime.cli", "train", str(spec), "--data", str(data),
+        cmd = [sys.executable, "-m", "lmspec.runtime.cli.main", "train", str(spec), "--data", str(data),
                "--steps", str(steps), "--batch", "12", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100",
                "--beta2", "0.99", "--eval-every", "0", "--ckpt-every", "0", "--sample-tokens", "0",
                "--no-progress", "--threads", str(threads), "--out", str(run_dir)]

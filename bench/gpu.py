@@ -8,7 +8,7 @@ Three measurements, each a ratio against a baseline timed in the same process:
   (TF32 matrix units), bf16 autocast, and bf16 autocast + torch.compile with fused AdamW; MFU is
   training FLOPs per token (lmspec's own count: 3 x forward, attention scores included) x tokens/s
   over the H100 SXM's dense bf16 peak (989 TFLOP/s) and over the measured matrix-product rate;
-- generation, batch 1, greedy, 128 new tokens after a 128-token prompt: `lmspec.runtime.generate`
+- generation, batch 1, greedy, 128 new tokens after a 128-token prompt: `lmspec.runtime.train.sampling`
   (KV cache) against `transformers`' GPT2LMHeadModel.generate with the same weights, fp32 and bf16.
 
     python bench/gpu.py [--batch 16 --steps 20 --skip-generate]
@@ -37,7 +37,7 @@ from reference_gpt import GPT, GPTConfig  # noqa: E402
 from lmspec.compiler import load_spec  # noqa: E402
 from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.compiler.analysis import flops_per_token, parameter_count  # noqa: E402
-from lmspec.runtime.generate import generate  # noqa: E402
+from lmspec.runtime.train.sampling import generate  # noqa: E402
 
 H100_BF16_DENSE = 989.4e12  # NVIDIA's datasheet figure for the H100 SXM, without sparsity
 

@@ -55,9 +55,9 @@ def make_checkpoint(work: Path, overrides: dict) -> Path:
     """GPT-2 with random weights (seed 0) saved as an lmspec run with the GPT-2 tokenizer."""
     from lmspec.compiler import load_spec
     from lmspec.compiler.lower import lower
-    from lmspec.runtime.checkpoint import save_checkpoint
-    from lmspec.runtime.commands import spec_record
-    from lmspec.runtime.tokenizer import FileTokenizer
+    from lmspec.runtime.checkpoint.store import save_checkpoint
+    from lmspec.runtime.cli.train import spec_record
+    from lmspec.runtime.data.tokenizer import FileTokenizer
 
     tokenizer = FileTokenizer.from_path(DATA / "gpt2-tokenizer")
     overrides = {"dropout": 0.0, **overrides}
@@ -71,15 +71,15 @@ def make_checkpoint(work: Path, overrides: dict) -> Path:
 
 def export_hf(run: Path, out: Path) -> Path:
     """The checkpoint as a Hugging Face directory, by `lmspec export hf` itself."""
-    from lmspec.runtime.cli import main
+    from lmspec.runtime.cli.main import main
     if main(["export", "hf", str(run), "-o", str(out)]) != 0:
         raise SystemExit(f"lmspec export hf {run} failed")
     return out
 
 
 def prompt_ids(run: Path, count: int) -> list[int]:
-    from lmspec.runtime.checkpoint import load_checkpoint
-    from lmspec.runtime.tokenizer import load_tokenizer
+    from lmspec.runtime.checkpoint.store import load_checkpoint
+    from lmspec.runtime.data.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(load_checkpoint(run).tokenizer)
     text = (DATA / "the-verdict.txt").read_text(encoding="utf-8")
     ids = tokenizer.encode(text[:40 * count])[:count]
@@ -120,7 +120,7 @@ def first_divergence_gap(model, prompt: list[int], ours: list[int], theirs: list
 
 def compare(name: str, ours_model, hf_model, prompt: list[int], new: int, rounds: int, tie: float,
             device: torch.device) -> Result:
-    from lmspec.runtime.generate import generate
+    from lmspec.runtime.train.sampling import generate
 
     ids = torch.tensor([prompt], device=device)
     mask = torch.ones_like(ids)
@@ -178,9 +178,10 @@ def main() -> int:
     args = parse_args()
     from transformers import AutoModelForCausalLM
 
-    from lmspec.runtime.device import device_name, resolve_device
-    from lmspec.runtime.finetuned import load_model
-    from lmspec.runtime.usage import UsageError, cli_overrides
+    from lmspec.runtime.distributed.device import device_name, resolve_device
+    from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.errors import UsageError
+    from lmspec.runtime.cli.options import cli_overrides
 
     try:
         device = resolve_device(args.device)

@@ -6,8 +6,8 @@ model on the same global batch, in fresh processes (torch.multiprocessing, gloo 
 with ONE CPU thread per process: the single-process baseline has 1 thread too, so the 2-rank layouts
 use 2 cores where it uses 1 (the ratio says whether splitting the model pays on CPU); a 1-process,
 2-thread run is shown as the other way to use the same cores. Tensor parallelism runs DTensor
-(runtime/tensor_parallel.py; both ranks see the whole batch), pipeline parallelism
-torch.distributed.pipelining over `--micro-batches` slices of it (runtime/pipeline_parallel.py).
+(runtime/distributed/tensor_parallel.py; both ranks see the whole batch), pipeline parallelism
+torch.distributed.pipelining over `--micro-batches` slices of it (runtime/distributed/pipeline.py).
 Step time: per step the slower rank's wall time, median over `--steps` after `--warmup`; layouts take
 turns, `--rounds` times, and the median of the rounds is shown. Each round first measures how many
 cores' worth of work two concurrent 1-thread processes get (a shared or hyperthreaded 2-vCPU machine
@@ -147,7 +147,7 @@ def _worker(rank: int, world: int, kind: str, schedule: str | None, threads: int
     import torch.distributed as dist
 
     from lmspec.compiler.lower import lower
-    from lmspec.runtime.train import TrainConfig, _loss, make_optimizer
+    from lmspec.runtime.train.loop import TrainConfig, _loss, make_optimizer
 
     torch.set_num_threads(threads)
     graph = _graph(args)
@@ -158,11 +158,11 @@ def _worker(rank: int, world: int, kind: str, schedule: str | None, threads: int
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
     if kind == "tp":
         from lmspec.compiler.tensor_parallel import tensor_parallel_plan
-        from lmspec.runtime.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
+        from lmspec.runtime.distributed.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
         apply_tensor_parallel(model, tensor_parallel_plan(graph, world), tensor_parallel_mesh(world, "cpu"))
     if kind == "pp":
         from lmspec.compiler.pipeline_stages import pipeline_stages
-        from lmspec.runtime.pipeline_parallel import build_pipeline
+        from lmspec.runtime.distributed.pipeline import build_pipeline
         pipe = build_pipeline(model, graph, pipeline_stages(graph, world, seq=args.seq), rank, world,
                               n_microbatches=args.micro_batches, schedule=schedule, loss_fn=_loss)
         del model

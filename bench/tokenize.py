@@ -36,8 +36,8 @@ from collections.abc import Iterator  # noqa: E402
 
 import tokenizers  # noqa: E402
 
-from lmspec.runtime.shards import DEFAULT_BATCH_CHARS, DEFAULT_BATCH_DOCS, document_batches, write_shards  # noqa: E402
-from lmspec.runtime.tokenizer import FileTokenizer  # noqa: E402
+from lmspec.runtime.data.shards import DEFAULT_BATCH_CHARS, DEFAULT_BATCH_DOCS, document_batches, write_shards  # noqa: E402
+from lmspec.runtime.data.tokenizer import FileTokenizer  # noqa: E402
 
 ROOT = BENCH_DIR.parent
 DATA = ROOT.parent / "shared" / "data"

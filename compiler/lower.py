@@ -228,7 +228,7 @@ def _constructors_not_initialising():
 def build(graph: ModelGraph) -> fx.GraphModule:
     """The model with its parameters on the `meta` device: shapes and names, no storage. Small
     constant buffers (rotary frequencies) are real, on the CPU. Parallel training shards or cuts this
-    and materialises only its own part (runtime/materialise.py); `lower` materialises it whole."""
+    and materialises only its own part (runtime/distributed/materialise.py); `lower` materialises it whole."""
     with torch.device("meta"), _constructors_not_initialising():
         model = _Lowering(graph).run()
     model.context = graph.context

@@ -13,7 +13,7 @@ Memory per GPU is weights + gradients + AdamW state (two fp32 moments) + activat
 - activations come from walking the graph for one micro-batch: each op's registry rule
   (`Op.saved_for_backward`) says which tensors autograd keeps, a tensor kept by several ops counts
   once, and dtypes follow autocast (16-bit where an op runs in low precision). Then the loss, as
-  runtime/train.py computes it: the logits (held by the training loop) and the fp32 cross-entropy:
+  runtime/train/loop.py computes it: the logits (held by the training loop) and the fp32 cross-entropy:
   its log-probabilities kept for backward and, at the start of backward, two more [tokens, vocab] fp32
   gradients. With activation checkpointing per block only each block's input is kept, plus one
   block's activations while it is recomputed (after the loss's have been freed).
@@ -43,7 +43,7 @@ order), so tp stays inside a node, dp crosses nodes once tp x dp exceeds one, an
   m = global batch / (dp x micro-batch) must be >= pp; the bubble is (pp-1)/(m+pp-1) of the time.
 - Data parallelism over the layout's copies: DDP all-reduces the fp32 gradients once per step
   (2(dp-1)/dp of them per GPU); FSDP2 all-gathers the parameters (16-bit under autocast) forward and
-  backward and reduce-scatters fp32 gradients (runtime/sharding.py's reduce_dtype) for every
+  backward and reduce-scatters fp32 gradients (runtime/distributed/fsdp.py's reduce_dtype) for every
   micro-batch, which is what sharding, as its memory counts it (only two blocks unsharded), costs.
 - CPU offload ("offload": FSDP2's CPUOffloadPolicy, `lmspec train --strategy fsdp --cpu-offload`; only
   with pp = 1 and dp > 1, as the trainer runs it): the sharded fp32 weights and gradients and AdamW's two

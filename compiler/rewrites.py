@@ -2,7 +2,7 @@
 (a classification head in place of the LM head, LoRA adapters beside chosen matrices).
 
 A rewrite is recorded as a plain dict, `{"kind": "lora", "rank": 8, ...}`, in the spec record a
-checkpoint keeps (runtime/commands.py: spec_record), so the same model is rebuilt from the
+checkpoint keeps (runtime/cli/train.py: spec_record), so the same model is rebuilt from the
 checkpoint alone: the spec's sources, its overrides, then its rewrites in order. Each kind's pass
 lives in its own module and takes the graph plus the record's other keys as keyword arguments.
 """

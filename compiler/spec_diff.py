@@ -5,7 +5,7 @@ the {name: shape} of the tensors a checkpoint holds) and returns a SpecDiff: par
 removed, reshaped and renamed, tie changes, hyper-parameter changes, parameter and FLOP counts,
 and a verdict.
 
-The verdict follows what loading does (runtime/checkpoint.py `Checkpoint.load_model`, which is
+The verdict follows what loading does (runtime/checkpoint/store.py `Checkpoint.load_model`, which is
 safetensors' `load_model(strict=True)`): a checkpoint stores a tied weight once, under the first of
 its names in sorted order (`lmspec train`, also under FSDP) or under the name of the parameter it
 is tied to (`lmspec import hf`); loading then needs every name of NEW, or for a tied group exactly

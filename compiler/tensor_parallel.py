@@ -19,7 +19,7 @@ Heads, kv_heads, the MLP's hidden size and the vocabulary must divide by `tp`; o
 refuses with a located SpecError (E103) before any process group exists (no padding).
 
 `fused_row_order` gives the permutation the runtime applies to a fused tensor's rows before
-sharding it contiguously (see runtime/tensor_parallel.py).
+sharding it contiguously (see runtime/distributed/tensor_parallel.py).
 """
 from __future__ import annotations
 

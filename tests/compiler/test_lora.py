@@ -13,8 +13,8 @@ from lmspec.compiler.kv_cache import KVCache
 from lmspec.compiler.lora import add_lora, is_lora, lora_parameter_names, merge_lora, rewrites_without_lora
 from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import RewriteError, apply_rewrites
-from lmspec.runtime.lora_training import lora_rewrite, mark_trainable
-from lmspec.runtime.usage import UsageError
+from lmspec.runtime.finetune.lora import lora_rewrite, mark_trainable
+from lmspec.runtime.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "specs" / "tiny.arch")
@@ -230,7 +230,7 @@ def test_rewrites_without_lora_keeps_the_others():
 
 def test_lora_options_make_the_rewrite_record():
     from argparse import ArgumentParser
-    from lmspec.runtime.cli_lora import add_lora_options
+    from lmspec.runtime.cli.lora_options import add_lora_options
 
     parser = ArgumentParser()
     add_lora_options(parser)

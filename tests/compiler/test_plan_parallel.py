@@ -13,7 +13,7 @@ import pytest
 
 from lmspec.compiler import load_spec
 from lmspec.compiler.plan import make_plan
-from lmspec.runtime.plan_commands import cmd_plan
+from lmspec.runtime.cli.plan import cmd_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -356,7 +356,7 @@ def test_layout_options_reach_the_plan():
 
 
 def test_layout_options_without_cli_declarations():
-    # runtime/cli.py without the new options: the defaults
+    # runtime/cli/main.py without the new options: the defaults
     data = json.loads(_run())["layouts"]
     assert data["assumptions"]["global_batch"] == 64 and data["assumptions"]["schedule"] == "1f1b"
 
@@ -369,6 +369,6 @@ def test_layout_options_without_cli_declarations():
     (dict(pcie_bandwidth="0GB/s"), "--pcie-bandwidth must be positive"),
 ])
 def test_layout_option_errors(extra, message):
-    from lmspec.runtime.usage import UsageError
+    from lmspec.runtime.errors import UsageError
     with pytest.raises(UsageError, match=message):
         cmd_plan(_args(**extra))

@@ -38,7 +38,7 @@ def peak_tflops_args() -> list[str]:
     if not ON_GPU:
         return ["--peak-tflops", "1"]
     import torch
-    from lmspec.runtime.throughput import PEAK_BF16_TFLOPS
+    from lmspec.runtime.train.throughput import PEAK_BF16_TFLOPS
     name = torch.cuda.get_device_name(0)
     return [] if any(key in name for key in PEAK_BF16_TFLOPS) else ["--peak-tflops", "100"]
 

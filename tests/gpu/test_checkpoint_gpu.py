@@ -10,7 +10,7 @@ import pytest
 from .gpu_helpers import DEVICE, ON_GPU, SMS, VERDICT, lmspec
 
 PROMPT = "I had"
-# TF32 matrix products on the GPU (runtime/device.py turns them on) round the inputs to 10 bits of
+# TF32 matrix products on the GPU (runtime/distributed/device.py turns them on) round the inputs to 10 bits of
 # mantissa: a mean cross-entropy over thousands of tokens moves by ~1e-4, perplexity relatively as much
 TF32_REL = 2e-3
 CHARACTERS = 62  # the-verdict.txt's alphabet: the vocabulary of a character model trained on it

@@ -54,8 +54,8 @@ def test_a_device_run_logs_mfu_peak_memory_and_gradient_norms(device_run):
     import torch
     from lmspec.compiler.analysis import parameter_count
     from lmspec.compiler.rewrites import graph_from_record
-    from lmspec.runtime.checkpoint import load_checkpoint
-    from lmspec.runtime.throughput import peak_flops, training_flops_per_token
+    from lmspec.runtime.checkpoint.store import load_checkpoint
+    from lmspec.runtime.train.throughput import peak_flops, training_flops_per_token
 
     rows = metrics(device_run.path)
     ckpt = load_checkpoint(device_run.path)
@@ -114,7 +114,7 @@ def test_bf16_with_compile_learns_and_logs_mfu(data_files, tmp_path):
     # from ln(62) = 4.13 at initialisation (62 characters), down at every logged step
     assert sorted(loss) == [10, 20, 30] and 4.1 > loss[10] > loss[20] > loss[30], loss
     assert all(0 < r["mfu"] < 1 and math.isfinite(r["grad_norm"]) for r in rows)
-    from lmspec.runtime.checkpoint import load_checkpoint
+    from lmspec.runtime.checkpoint.store import load_checkpoint
     config = load_checkpoint(run).train_config
     assert config["precision"] == "bf16" and config["compile"] is True
 

@@ -19,7 +19,7 @@ TINY_BASE_SETTINGS = ("--set", "layers=2", "--set", "dim=32", "--set", "heads=2"
 
 def train_tiny_base(run: Path) -> Path:
     """A tiny character-level model, barely trained (3 steps on the-verdict): a base to finetune."""
-    from lmspec.runtime.cli import main
+    from lmspec.runtime.cli.main import main
     assert main(["train", "specs/tiny.arch", *TINY_BASE_SETTINGS, "--data", str(SHARED_DATA / "the-verdict.txt"),
                  "--steps", "3", "--no-progress", "--sample-tokens", "0", "--out", str(run)]) == 0
     return run
@@ -27,7 +27,7 @@ def train_tiny_base(run: Path) -> Path:
 
 def finetune_spam(base: Path, out: Path, *extra: str, max_length: int = 24) -> int:
     """`lmspec finetune classify` on 48 balanced SMS texts, one epoch: its exit code."""
-    from lmspec.runtime.cli import main
+    from lmspec.runtime.cli.main import main
     return main(["finetune", "classify", str(base), "--data", str(SMS), "--labels", "ham,spam", "--balance",
                  "--limit", "48", "--epochs", "1", "--max-length", str(max_length), "--no-progress",
                  "--out", str(out), *extra])

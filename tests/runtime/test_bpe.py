@@ -5,8 +5,8 @@ from functools import lru_cache
 
 import pytest
 
-from lmspec.runtime.tokenizer import FileTokenizer, TokenizerError, load_tokenizer
-from lmspec.runtime.tokenizer_train import DEFAULT_SPECIAL_TOKENS, train_bpe
+from lmspec.runtime.data.tokenizer import FileTokenizer, TokenizerError, load_tokenizer
+from lmspec.runtime.data.tokenizer_training import DEFAULT_SPECIAL_TOKENS, train_bpe
 
 HELLO = "Hello, world. Is this-- a test?"
 HELLO_IDS = [15496, 11, 995, 13, 1148, 428, 438, 257, 1332, 30]

@@ -2,9 +2,9 @@
 tokens in a message stay text; characters a character vocabulary lacks are a ChatError."""
 import pytest
 
-from lmspec.runtime.chat_template import (PLAIN_STOP, ChatError, chat_template_for, check_messages)
-from lmspec.runtime.tokenizer import CharTokenizer
-from lmspec.runtime.tokenizer_train import train_bpe
+from lmspec.runtime.data.chat_template import PLAIN_STOP, ChatError, chat_template_for, check_messages
+from lmspec.runtime.data.tokenizer import CharTokenizer
+from lmspec.runtime.data.tokenizer_training import train_bpe
 
 TEXT = "The user said hello to the assistant. The system was kind and brief. " * 30
 

@@ -4,14 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmspec.runtime.checkpoint as checkpoint_module
-from lmspec.runtime.checkpoint import (
-    CheckpointError,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from lmspec.runtime.train import TrainConfig, make_optimizer
+import lmspec.runtime.checkpoint.store as checkpoint_module
+from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from lmspec.runtime.train.loop import TrainConfig, make_optimizer
 
 VOCAB = 20
 

@@ -12,16 +12,16 @@ from conftest import SMS, finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.compiler import load_spec
 from lmspec.compiler.classify_head import classification_head
 from lmspec.compiler.lower import lower
-from lmspec.runtime.checkpoint import load_checkpoint, read_tensors
-from lmspec.runtime.classify_commands import trainable_names
-from lmspec.runtime.classify_data import Example, balance, make_batch, parse_split, read_examples, split
-from lmspec.runtime.classify_train import Encoded, train_classifier
-from lmspec.runtime.cli import main
-from lmspec.runtime.corpus import DataError
-from lmspec.runtime.text_encoder import TextEncoder
-from lmspec.runtime.tokenizer import CharTokenizer
-from lmspec.runtime.train import TrainConfig
-from lmspec.runtime.usage import UsageError
+from lmspec.runtime.checkpoint.store import load_checkpoint, read_tensors
+from lmspec.runtime.cli.classify import trainable_names
+from lmspec.runtime.finetune.classify_data import Example, balance, make_batch, parse_split, read_examples, split
+from lmspec.runtime.finetune.classify_train import Encoded, train_classifier
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.data.text_encoder import TextEncoder
+from lmspec.runtime.data.tokenizer import CharTokenizer
+from lmspec.runtime.train.loop import TrainConfig
+from lmspec.runtime.errors import UsageError
 
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import finetune_spam, lmspec_cli, train_tiny_base
-from lmspec.runtime.classify_commands import classifier_inputs
-from lmspec.runtime.cli import main
-from lmspec.runtime.export_commands import export_bundle
-from lmspec.runtime.finetuned import load_model
-from lmspec.runtime.onnx_classifier import OnnxClassifier
-from lmspec.runtime.onnx_model import OnnxModel, bundle_sidecar, read_sidecar
+from lmspec.runtime.cli.classify import classifier_inputs
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.cli.export import export_bundle
+from lmspec.runtime.checkpoint.models import load_model
+from lmspec.runtime.serve.classifier import OnnxClassifier
+from lmspec.runtime.export.bundle import OnnxModel, bundle_sidecar, read_sidecar
 
 MAX_LENGTH = 24
 TEXTS = ["WINNER!! Claim your £1000 prize now, call 09061701461", "ok see you at 6?", "Café crème — “déjà vu”",
@@ -159,7 +159,7 @@ def test_optimized_int8_and_fp16_variants(spam_run, spam_bundle, tmp_path):
     apply them, checked as export_bundle checks them (the whole path: the slow test below)."""
     import onnxruntime as ort
     from lmspec.compiler.onnx_parity import check_classifier_parity
-    from lmspec.runtime import onnx_optimize
+    from lmspec.runtime.export import optimize as onnx_optimize
 
     model = load_model(spam_run).model
     vocab = read_sidecar(spam_bundle)["vocab_size"]

@@ -89,7 +89,7 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path):
     assert killed_at < 300, "the run finished before it could be killed"
 
     # whatever the moment of the kill, every checkpoint on disk is complete and loads
-    from lmspec.runtime.checkpoint import load_checkpoint
+    from lmspec.runtime.checkpoint.store import load_checkpoint
     for step_dir in sorted((cut / "checkpoints").glob("step_*")):
         assert load_checkpoint(step_dir).step == int(step_dir.name.split("_")[1])
 

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lmspec.runtime.collectives import all_reduce_in_buckets
+from lmspec.runtime.distributed.collectives import all_reduce_in_buckets
 
 
 def _tensors(rank: int) -> list[torch.Tensor]:

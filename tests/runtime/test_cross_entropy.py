@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmspec.runtime.cross_entropy import next_token_loss
+from lmspec.runtime.train.loss import next_token_loss
 
 
 def _reference(logits, targets):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lmspec.runtime.corpus import DataError, default_corpus_text, read_text_data
-from lmspec.runtime.data import TokenData
+from lmspec.runtime.data.corpus import DataError, default_corpus_text, read_text_data
+from lmspec.runtime.data.token_data import TokenData
 
 
 # --------------------------------------------------------------------------------------- corpus

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, finetune_spam, lmspec_cli
-from lmspec.runtime.cli import main
-from lmspec.runtime.device import resolve_device
-from lmspec.runtime.tokenizer_train import train_bpe
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.distributed.device import resolve_device
+from lmspec.runtime.data.tokenizer_training import train_bpe
 
 VERDICT = SHARED_DATA / "the-verdict.txt"
 SMS = SHARED_DATA / "SMSSpamCollection.tsv"

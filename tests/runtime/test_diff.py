@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmspec.compiler import load_spec
-from lmspec.runtime.cli import main
+from lmspec.runtime.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 # specs/tiny.arch (a copy, so that edits of the shipped spec leave these cases alone), small enough
@@ -60,7 +60,7 @@ def variant(old_spec: Path, name: str, edit) -> Path:
 def loads(checkpoint: Path, spec: Path) -> bool:
     """What `train --resume` and `export` do: NEW's model, the checkpoint's weights, strictly."""
     from lmspec.compiler.lower import lower
-    from lmspec.runtime.checkpoint import CheckpointError, load_checkpoint
+    from lmspec.runtime.checkpoint.store import CheckpointError, load_checkpoint
     model = lower(load_spec(str(spec), {}, None))
     try:
         load_checkpoint(checkpoint).load_model(model)

@@ -47,7 +47,7 @@ def resumable_copy(run: Path, tmp_path: Path) -> Path:
 
 def optimizer_state(run: Path, step: int = 8) -> dict:
     """AdamW's state by `name.field`, read back from optimizer.safetensors or optimizer.dcp."""
-    from lmspec.runtime.checkpoint import read_optimizer_by_name
+    from lmspec.runtime.checkpoint.store import read_optimizer_by_name
     state = read_optimizer_by_name(run / "checkpoints" / f"step_{step:06d}")["state"]
     return {f"{n}.{k}": v for n, values in state.items() for k, v in values.items() if isinstance(v, torch.Tensor)}
 
@@ -111,7 +111,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the rank processes through /proc")
 def test_killing_a_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path):
-    from lmspec.runtime.checkpoint import load_checkpoint
+    from lmspec.runtime.checkpoint.store import load_checkpoint
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
            "lmspec.runtime", "train", *COMMON, "--steps", "100000", "--ckpt-every", "2", "--batch", "2",
@@ -247,7 +247,7 @@ def test_heads_that_do_not_split_are_refused_before_any_process_group(tmp_path):
     assert out.returncode != 0
     assert out.stderr.count("1 heads do not divide over tensor-parallel size 2") == 1  # said once, by rank 0
     assert "specs/tiny.arch:10:" in out.stderr and not (tmp_path / "run").exists()
-    assert "runtime/commands.py" not in out.stderr  # torchrun reports the failed ranks; no lmspec traceback
+    assert "runtime/cli/train.py" not in out.stderr  # torchrun reports the failed ranks; no lmspec traceback
     wrong = lmspec("train", *COMMON, "--tp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
     assert wrong.returncode == 2 and "--tp 2 splits each copy of the model over 2 ranks" in wrong.stderr
 

@@ -12,14 +12,22 @@ import torch
 from conftest import SHARED_DATA, lmspec_cli
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
-from lmspec.runtime.cli import main
-from lmspec.runtime.commands import spec_record
-from lmspec.runtime.corpus import DataError
-from lmspec.runtime.dpo import (DPOSetup, answer_logprobs, check_preference_record, dpo_loss, evaluate_pairs,
-                                finetune_dpo, pair_logprobs, tokenize_pairs)
-from lmspec.runtime.instruct_data import IGNORE, AlpacaTemplate, collate, read_records
-from lmspec.runtime.metrics import read_metrics
-from lmspec.runtime.train import TrainConfig
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.cli.train import spec_record
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.finetune.dpo import (
+    DPOSetup,
+    answer_logprobs,
+    check_preference_record,
+    dpo_loss,
+    evaluate_pairs,
+    finetune_dpo,
+    pair_logprobs,
+    tokenize_pairs,
+)
+from lmspec.runtime.finetune.instruct_data import IGNORE, AlpacaTemplate, collate, read_records
+from lmspec.runtime.train.metrics import read_metrics
+from lmspec.runtime.train.loop import TrainConfig
 # Instruction tuning's fixtures: `bpe`, a 400-token byte-level BPE with <|endoftext|> <|pad|> <|im_start|>
 # <|im_end|>, and `base_run`, an untrained GPT-2-shaped model of SETTINGS with it. DPO needs no
 # pretraining to show a margin: the rejected answers share words (rude ones) the policy learns to avoid.
@@ -131,7 +139,7 @@ def test_preference_records_alpaca_and_chat(bpe):
     check_preference_record(RECORD, "r")
     chat = {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "What now?"}
     check_preference_record(chat, "r")
-    from lmspec.runtime.instruct_data import ChatMLInstructTemplate
+    from lmspec.runtime.finetune.instruct_data import ChatMLInstructTemplate
     pair = tokenize_pairs([chat], ChatMLInstructTemplate(bpe), 256)[0][0]
     _, y = collate([pair.rejected], 1)
     assert bpe.decode(y[y != IGNORE].tolist()) == "What now?<|im_end|>"
@@ -166,14 +174,14 @@ def test_finetune_dpo_raises_the_held_out_margin(tmp_path, base_run, capsys):
     assert f"loss curve {out / 'loss.png'}" in captured.out and png[:8] == b"\x89PNG\r\n\x1a\n"
     assert int.from_bytes(png[20:24], "big") == 640  # IHDR height: two 320-pixel panels, loss and margin
 
-    from lmspec.runtime.finetuned import load_model
+    from lmspec.runtime.checkpoint.models import load_model
     assert load_model(out).model.context == 256
 
 
 def test_lora_dpo_saves_only_the_adapters(tmp_path, base_run, capsys):
     from safetensors.torch import load_file
 
-    from lmspec.runtime.finetuned import load_model
+    from lmspec.runtime.checkpoint.models import load_model
     out = tmp_path / "lora"
     code = main(["finetune", "dpo", str(base_run), "--data", str(DATA), "--out", str(out), "--limit", "24",
                  "--lora", "2", "--lr", "1e-2", "--beta", "0.5", "--eval-every", "0", "--no-progress"])

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED_DATA, lmspec_cli
-from lmspec.runtime.checkpoint import load_checkpoint
-from lmspec.runtime.cli import main
-from lmspec.runtime.data import TokenData
-from lmspec.runtime.evaluate import score_batches
-from lmspec.runtime.finetuned import load_model
-from lmspec.runtime.metrics import read_metrics
-from lmspec.runtime.tokenizer import load_tokenizer
-from lmspec.runtime.tokenizer_train import train_bpe
+from lmspec.runtime.checkpoint.store import load_checkpoint
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.data.token_data import TokenData
+from lmspec.runtime.train.perplexity import score_batches
+from lmspec.runtime.checkpoint.models import load_model
+from lmspec.runtime.train.metrics import read_metrics
+from lmspec.runtime.data.tokenizer import load_tokenizer
+from lmspec.runtime.data.tokenizer_training import train_bpe
 
 VERDICT = SHARED_DATA / "the-verdict.txt"
 SMS = SHARED_DATA / "SMSSpamCollection.tsv"

@@ -12,12 +12,12 @@ import torch
 from conftest import SHARED_DATA, lmspec_cli
 from lmspec.compiler.loader import load_spec
 from lmspec.compiler.lower import lower
-from lmspec.runtime.checkpoint import save_checkpoint
-from lmspec.runtime.commands import spec_record
-from lmspec.runtime.export_commands import export_bundle
-from lmspec.runtime.generate import generate
-from lmspec.runtime.onnx_model import BundleError, GenerationRequest, OnnxModel, bundle_sidecar
-from lmspec.runtime.tokenizer import FileTokenizer
+from lmspec.runtime.checkpoint.store import save_checkpoint
+from lmspec.runtime.cli.train import spec_record
+from lmspec.runtime.cli.export import export_bundle
+from lmspec.runtime.train.sampling import generate
+from lmspec.runtime.export.bundle import BundleError, GenerationRequest, OnnxModel, bundle_sidecar
+from lmspec.runtime.data.tokenizer import FileTokenizer
 
 
 def random_checkpoint(run_dir, spec, overrides=None, tokenizer=None, seed=0, tweak=None):
@@ -260,7 +260,7 @@ def test_every_spec_exports(tmp_path, spec, overrides):
 
 
 def _char_tokenizer():
-    from lmspec.runtime.tokenizer import CharTokenizer
+    from lmspec.runtime.data.tokenizer import CharTokenizer
     return CharTokenizer.from_text("".join(chr(c) for c in range(32, 127)) + "\n")
 
 

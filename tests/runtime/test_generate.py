@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmspec.compiler.kv_cache import KVCache
-from lmspec.runtime.generate import encode_prompt, generate
-from lmspec.runtime.tokenizer import CharTokenizer
+from lmspec.runtime.train.sampling import encode_prompt, generate
+from lmspec.runtime.data.tokenizer import CharTokenizer
 from reference_gpt import GPT
 
 VOCAB = 24

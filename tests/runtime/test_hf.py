@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from conftest import SHARED_DATA, TESTS_DIR  # noqa: E402
 from lmspec.compiler.lower import lower  # noqa: E402
-from lmspec.runtime.checkpoint import load_checkpoint  # noqa: E402
-from lmspec.runtime.cli import main  # noqa: E402
+from lmspec.runtime.checkpoint.store import load_checkpoint  # noqa: E402
+from lmspec.runtime.cli.main import main  # noqa: E402
 from lmspec.compiler.rewrites import graph_from_record  # noqa: E402
-from lmspec.runtime.export_commands import export_bundle  # noqa: E402
-from lmspec.runtime.generate import generate  # noqa: E402
+from lmspec.runtime.cli.export import export_bundle  # noqa: E402
+from lmspec.runtime.train.sampling import generate  # noqa: E402
 
 REPO = TESTS_DIR.parent
 GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
@@ -283,8 +283,8 @@ FAMILY_CASES = {
 def _settings_for(directory: Path, spec: str) -> list[str]:
     """--set options that size the shipped spec like config.json (the import then checks them all)."""
     from lmspec.compiler import load_spec
-    from lmspec.runtime.hf_import import family_of, hyper_from_config
-    from lmspec.runtime.hf_families import spec_literal
+    from lmspec.runtime.hf.convert import family_of, hyper_from_config
+    from lmspec.runtime.hf.families import spec_literal
 
     config = json.loads((directory / "config.json").read_text())
     _, family = family_of(config)
@@ -366,8 +366,8 @@ def test_llama_family_imports_match_transformers_and_round_trip(case, tmp_path):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, safetensors, tokenizers                     # imported before measuring
-    import lmspec.compiler.loader, lmspec.runtime.commands, lmspec.runtime.hf_import
-    from lmspec.runtime.cli import main
+    import lmspec.compiler.loader, lmspec.runtime.cli.train, lmspec.runtime.hf.convert
+    from lmspec.runtime.cli.main import main
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -12,17 +12,29 @@ import torch
 from conftest import SHARED_DATA, TESTS_DIR, lmspec_cli
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
-from lmspec.runtime.checkpoint import save_checkpoint
-from lmspec.runtime.cli import main
-from lmspec.runtime.commands import spec_record
-from lmspec.runtime.corpus import DataError
-from lmspec.runtime.instruct_data import (IGNORE, AlpacaTemplate, Example, ChatMLInstructTemplate, TemplateError, collate,
-                                          length_buckets, make_template, pad_id_for, padding_fraction,
-                                          read_records, split_records, tokenize_records)
-from lmspec.runtime.instruct_train import masked_loss
-from lmspec.runtime.metrics import read_metrics
-from lmspec.runtime.tokenizer import CharTokenizer, FileTokenizer
-from lmspec.runtime.tokenizer_train import train_bpe
+from lmspec.runtime.checkpoint.store import save_checkpoint
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.cli.train import spec_record
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.finetune.instruct_data import (
+    IGNORE,
+    AlpacaTemplate,
+    Example,
+    ChatMLInstructTemplate,
+    TemplateError,
+    collate,
+    length_buckets,
+    make_template,
+    pad_id_for,
+    padding_fraction,
+    read_records,
+    split_records,
+    tokenize_records,
+)
+from lmspec.runtime.finetune.instruct_train import masked_loss
+from lmspec.runtime.train.metrics import read_metrics
+from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer
+from lmspec.runtime.data.tokenizer_training import train_bpe
 
 DATA = SHARED_DATA / "instruction-data.json"
 RECORD = {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.",
@@ -231,7 +243,7 @@ def test_finetune_then_chat_over_a_pipe(tmp_path, base_run, bpe):
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and all(isinstance(a["model_response"], str) and "instruction" in a for a in answers)
 
-    from lmspec.runtime.finetuned import load_model
+    from lmspec.runtime.checkpoint.models import load_model
     assert load_model(out).model.context == 256
     chat = subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", "chat", str(out), "--max-tokens", "12"],
                           input="Name a colour.\n\nAnd another one?\n", capture_output=True, text=True,
@@ -265,7 +277,7 @@ def test_chat_stops_at_the_end_token_and_keeps_the_conversation(bpe):
     import io
     from types import SimpleNamespace
 
-    from lmspec.runtime.instruct_commands import converse
+    from lmspec.runtime.cli.instruct import converse
     hello = bpe.encode(" Hello")
     template = AlpacaTemplate(bpe)
     model = ScriptedModel(bpe.vocab_size, hello + [bpe.eot_id] + bpe.encode(" more text"))
@@ -284,7 +296,7 @@ def template_text(instruction: str) -> str:
 def test_lora_chatml_run_saves_only_the_adapters_and_chats(tmp_path, base_run, bpe, capsys, monkeypatch):
     from safetensors.torch import load_file
 
-    from lmspec.runtime.finetuned import load_model
+    from lmspec.runtime.checkpoint.models import load_model
     out = tmp_path / "lora"
     code = main(["finetune", "instruct", str(base_run), "--data", str(DATA), "--out", str(out), "--limit", "20",
                  "--epochs", "1", "--template", "chatml", "--lora", "2", "--lr", "1e-2", "--eval-every", "0",

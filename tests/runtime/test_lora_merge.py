@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA, lmspec_cli
 from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import apply_rewrites
-from lmspec.runtime.checkpoint import load_checkpoint, save_checkpoint
-from lmspec.runtime.cli import main as cli_main
+from lmspec.runtime.checkpoint.store import load_checkpoint, save_checkpoint
+from lmspec.runtime.cli.main import main as cli_main
 from lmspec.compiler.rewrites import graph_from_record
-from lmspec.runtime.commands import spec_record
-from lmspec.runtime.finetuned import base_record, load_model
-from lmspec.runtime.lora_training import mark_trainable, trainable_weights
-from lmspec.runtime.tokenizer import load_tokenizer
+from lmspec.runtime.cli.train import spec_record
+from lmspec.runtime.checkpoint.models import base_record, load_model
+from lmspec.runtime.finetune.lora import mark_trainable, trainable_weights
+from lmspec.runtime.data.tokenizer import load_tokenizer
 
 LORA = {"kind": "lora", "rank": 4, "alpha": 8.0, "targets": ["attn.qkv", "attn.proj", "mlp.*"]}
 

@@ -1,4 +1,4 @@
-"""Models built on `meta` and given their weights only where a rank keeps them (runtime/materialise.py):
+"""Models built on `meta` and given their weights only where a rank keeps them (runtime/distributed/materialise.py):
 on 2 gloo ranks (torchrun running this file as a script), FSDP2 shards, tensor-parallel splits (fused
 rows permuted) and pipeline stages, filled from the seed's stream or from a checkpoint file, gather to
 exactly the weights one process builds: the same seed gives the same model whatever the layout."""
@@ -43,7 +43,7 @@ def test_each_layout_gathers_to_the_one_process_weights(two_ranks, layout, case)
 def test_the_module_is_built_without_storage():
     from lmspec.compiler.loader import load_spec
     from lmspec.compiler.lower import build
-    from lmspec.runtime.materialise import is_on_meta
+    from lmspec.runtime.distributed.materialise import is_on_meta
 
     # Llama 3.1 8B: 8 billion parameters would need 32 GB of host memory; on meta they need none
     model = build(load_spec(str(ROOT / "specs" / "llama3.1-8b.arch")))
@@ -99,10 +99,12 @@ def _worker(out: Path) -> None:
     from lmspec.compiler.lower import build, lower
     from lmspec.compiler.pipeline_stages import pipeline_stages
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
-    from lmspec.runtime import canonical_state, sharding, tensor_parallel
-    from lmspec.runtime.distributed import World
-    from lmspec.runtime.materialise import materialise_from_file, materialise_initial
-    from lmspec.runtime.pipeline_parallel import build_pipeline
+    from lmspec.runtime.distributed import canonical_state
+    from lmspec.runtime.distributed import fsdp as sharding
+    from lmspec.runtime.distributed import tensor_parallel
+    from lmspec.runtime.distributed.world import World
+    from lmspec.runtime.distributed.materialise import materialise_from_file, materialise_initial
+    from lmspec.runtime.distributed.pipeline import build_pipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

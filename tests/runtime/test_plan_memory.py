@@ -54,7 +54,7 @@ def test_the_graph_walk_counts_what_autograd_keeps(name, overrides):
 # Trains in a fresh process (one thread) under the profiler, whose memory events carry the CPU
 # allocator's running total: the peak of that total, from before the model exists, is the peak of
 # weights + gradients + AdamW state + activations + temporaries. Under torchrun (2 ranks) the model
-# is wrapped as runtime/train.py wraps it, takes two steps (FSDP's buffers settle in the first), and
+# is wrapped as runtime/train/loop.py wraps it, takes two steps (FSDP's buffers settle in the first), and
 # rank 0 reports.
 MEASURE = r"""
 import gc, json, os, sys, tempfile
@@ -84,7 +84,7 @@ def peak(checkpointing):
             checkpoint_blocks(model)
         forward = model
         if strategy == "fsdp":
-            from lmspec.runtime.sharding import shard_model
+            from lmspec.runtime.distributed.fsdp import shard_model
             shard_model(model)
         elif strategy == "ddp":
             forward = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
@@ -94,7 +94,7 @@ def peak(checkpointing):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for _ in range(2 if strategy else 1):
-            logits = forward(x)  # a training step as runtime/train.py takes it
+            logits = forward(x)  # a training step as runtime/train/loop.py takes it
             loss = F.cross_entropy(logits.reshape(-1, vocab).float(), y.reshape(-1))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,4 +1,4 @@
-"""The collect / clean / deduplicate stage (`lmspec.runtime.prepare`), on real text from the shared
+"""The collect / clean / deduplicate stage (`lmspec.runtime.data.prepare`), on real text from the shared
 data folder with duplicates planted into it, and on small hand-made files for the edge cases."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lmspec.runtime.corpus import DataError
-from lmspec.runtime.prepare import (
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.data.prepare import (
     DOCUMENTS_FILE,
     REPORT_FILE,
     format_report,

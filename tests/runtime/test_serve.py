@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from conftest import TESTS_DIR, lmspec_cli
-from lmspec.runtime.chat_template import chat_template_for, check_messages
-from lmspec.runtime.onnx_model import GenerationRequest, OnnxModel
+from lmspec.runtime.data.chat_template import chat_template_for, check_messages
+from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel
 
 NAME = "tiny-char"  # given with --name, so /v1/models must report it rather than the spec's name
 MAX_TOKENS = 256
@@ -29,7 +29,7 @@ def running_server(*args, log_dir: Path):
     """`lmspec serve ... --port 0` in a subprocess; yields (base URL, process, stderr path) once it answers."""
     out, err = log_dir / "stdout.log", log_dir / "stderr.log"
     with open(out, "w") as out_file, open(err, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli", "serve", *map(str, args), "--port", "0"],
+        proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli.main", "serve", *map(str, args), "--port", "0"],
                                 cwd=TESTS_DIR.parent, stdout=out_file, stderr=err_file)
     try:
         deadline = time.monotonic() + 60
@@ -330,15 +330,15 @@ def test_bad_options_are_usage_errors(tiny_bundle):
 def test_the_listening_socket_is_tcp_so_small_answers_are_not_delayed():
     """asyncio sets TCP_NODELAY on connections only when the socket's protocol is IPPROTO_TCP; without
     it each small response waits ~40 ms for the client's delayed ACK."""
-    from lmspec.runtime.serve import _bind
+    from lmspec.runtime.serve.app import _bind
 
     with _bind("127.0.0.1", 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP
 
 
 def test_the_server_never_imports_torch(tiny_bundle):
-    code = ("import sys\nfrom lmspec.runtime.onnx_model import OnnxModel\n"
-            "from lmspec.runtime.serve import ServeSettings, create_app\n"
+    code = ("import sys\nfrom lmspec.runtime.export.bundle import OnnxModel\n"
+            "from lmspec.runtime.serve.app import ServeSettings, create_app\n"
             f"create_app(OnnxModel({str(tiny_bundle)!r}), ServeSettings('m', 16, 64, 1024, 4))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -361,10 +361,10 @@ def chatml_bundle(tmp_path_factory, verdict_text) -> Path:
 
     from lmspec.compiler.loader import load_spec
     from lmspec.compiler.lower import lower
-    from lmspec.runtime.checkpoint import save_checkpoint
-    from lmspec.runtime.commands import spec_record
-    from lmspec.runtime.export_commands import export_bundle
-    from lmspec.runtime.tokenizer_train import train_bpe
+    from lmspec.runtime.checkpoint.store import save_checkpoint
+    from lmspec.runtime.cli.train import spec_record
+    from lmspec.runtime.cli.export import export_bundle
+    from lmspec.runtime.data.tokenizer_training import train_bpe
 
     work = tmp_path_factory.mktemp("chatml")
     tokenizer = train_bpe(iter([verdict_text]), 400, work / "tok.json")

@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import finetune_spam, train_tiny_base
-from lmspec.runtime.cli import main
-from lmspec.runtime.onnx_classifier import OnnxClassifier
-from lmspec.runtime.onnx_model import OnnxModel, bundle_sidecar, read_sidecar
-from lmspec.runtime.serve import ServeSettings, create_app
+from lmspec.runtime.cli.main import main
+from lmspec.runtime.serve.classifier import OnnxClassifier
+from lmspec.runtime.export.bundle import OnnxModel, bundle_sidecar, read_sidecar
+from lmspec.runtime.serve.app import ServeSettings, create_app
 from test_serve import running_server
 
 NAME = "spam-filter"  # given with --name, so the answers must carry it rather than the spec's name
@@ -155,8 +155,8 @@ def test_classify_on_a_language_model_server_is_a_4xx(language_model_bundle):
 
 def test_serving_a_classifier_never_imports_torch(bundle):
     code = ("import sys\nfrom fastapi.testclient import TestClient\n"
-            "from lmspec.runtime.onnx_classifier import OnnxClassifier\n"
-            "from lmspec.runtime.serve_classifier import ClassifierSettings, create_classifier_app\n"
+            "from lmspec.runtime.serve.classifier import OnnxClassifier\n"
+            "from lmspec.runtime.serve.classifier_app import ClassifierSettings, create_classifier_app\n"
             f"app = create_classifier_app(OnnxClassifier({str(bundle)!r}), ClassifierSettings('m', 1024))\n"
             "with TestClient(app) as client:\n"
             "    assert client.post('/v1/classify', json={'input': ['hi', 'there']}).status_code == 200\n"

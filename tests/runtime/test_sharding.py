@@ -1,4 +1,4 @@
-"""How runtime/sharding.py groups a lowered model for FSDP2 and names its consolidated weights
+"""How runtime/distributed/fsdp.py groups a lowered model for FSDP2 and names its consolidated weights
 (the multi-process behaviour is in test_distributed.py)."""
 from pathlib import Path
 
@@ -7,7 +7,7 @@ from safetensors.torch import save_model
 
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
-from lmspec.runtime.sharding import block_units, kept_names
+from lmspec.runtime.distributed.fsdp import block_units, kept_names
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmspec.runtime.corpus import DataError
-from lmspec.runtime.shards import SPLITS, ShardData, document_batches, read_meta, write_shards
-from lmspec.runtime.tokenizer import CharTokenizer, FileTokenizer, TokenizerError
-from lmspec.runtime.tokenizer_train import train_bpe
-from lmspec.runtime.train import TrainConfig, train
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.data.shards import SPLITS, ShardData, document_batches, read_meta, write_shards
+from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, TokenizerError
+from lmspec.runtime.data.tokenizer_training import train_bpe
+from lmspec.runtime.train.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -131,11 +131,11 @@ def _worker(out: str) -> None:
 
     from lmspec.compiler.lower import lower
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
-    from lmspec.runtime import canonical_state as canon
-    from lmspec.runtime import tensor_parallel as tpm
-    from lmspec.runtime.checkpoint import load_checkpoint, read_optimizer_by_name, read_tensors
-    from lmspec.runtime.distributed import World
-    from lmspec.runtime.train import TrainConfig, make_optimizer
+    from lmspec.runtime.distributed import canonical_state as canon
+    from lmspec.runtime.distributed import tensor_parallel as tpm
+    from lmspec.runtime.checkpoint.store import load_checkpoint, read_optimizer_by_name, read_tensors
+    from lmspec.runtime.distributed.world import World
+    from lmspec.runtime.train.loop import TrainConfig, make_optimizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

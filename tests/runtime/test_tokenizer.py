@@ -3,7 +3,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmspec.runtime.tokenizer import CharTokenizer, FileTokenizer, TokenizerError, load_tokenizer
+from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, TokenizerError, load_tokenizer
 
 
 # ----------------------------------------------------------------------------------- characters

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from lmspec.runtime.checkpoint import CheckpointError, load_checkpoint
-from lmspec.runtime.data import TokenData
-from lmspec.runtime.metrics import MetricsLog, plot_loss_curve, read_metrics
-from lmspec.runtime.schedule import learning_rate
-from lmspec.runtime.tokenizer import CharTokenizer
-from lmspec.runtime.train import ConfigError, TrainConfig, TrainingError, train
+from lmspec.runtime.checkpoint.store import CheckpointError, load_checkpoint
+from lmspec.runtime.data.token_data import TokenData
+from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve, read_metrics
+from lmspec.runtime.train.schedule import learning_rate
+from lmspec.runtime.data.tokenizer import CharTokenizer
+from lmspec.runtime.train.loop import ConfigError, TrainConfig, TrainingError, train
 
 SPEC = {"file": "tests/reference_gpt.py", "overrides": {}}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmspec.runtime.cli import main
+from lmspec.runtime.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
@@ -125,7 +125,8 @@ def test_torchrun_with_one_rank_joins_a_process_group(tmp_path):
 
 
 def test_running_out_of_memory_names_the_batch_the_plan_and_the_checkpoint(tmp_path, capsys, monkeypatch):
-    from lmspec.runtime import throughput, train
+    from lmspec.runtime.train import throughput
+    from lmspec.runtime.train import loop as train
 
     run = tmp_path / "run"
     assert _train(run, "--steps", "10") == 0

@@ -1,0 +1,60 @@
+"""Where a run keeps its checkpoints, and how to find the one a path means. No torch here, so
+verbs that only read a checkpoint's record and header (`lmspec diff`) stay light.
+
+    RUN/checkpoints/step_000500/…   one directory per saved step (see runtime/checkpoint/store.py)
+    RUN/checkpoints/latest          the name of the newest complete one
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not fit the model; the message names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def step_dirs(parent: Path) -> list[tuple[int, Path]]:
+    found = []
+    for entry in parent.iterdir():
+        match = STEP_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The step directory meant by `path` (a run dir, its checkpoints dir, or a step dir), or None
+    when the run has no checkpoint yet."""
+    path = Path(path)
+    if (path / META_FILE).exists() or (path / MODEL_FILE).exists():
+        return path
+    if STEP_DIR.match(path.name) and path.is_dir():
+        return path  # a step directory that lost its files: load_checkpoint reports which
+    parent = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    if not parent.is_dir():
+        return None
+    latest = parent / LATEST_FILE
+    if latest.is_file():
+        try:
+            name = latest.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{latest}: unreadable ({err})") from None
+        if not STEP_DIR.match(name) or not (parent / name).is_dir():
+            raise CheckpointError(f"{latest}: names {name!r}, which is not a checkpoint directory in {parent}")
+        return parent / name
+    # No `latest`: a crash between renaming a checkpoint into place and writing `latest`.
+    # Every step_* directory is complete (they appear only by rename), so the newest is good.
+    dirs = step_dirs(parent)
+    return dirs[-1][1] if dirs else None

@@ -1,0 +1,194 @@
+"""`lmspec finetune classify` and `lmspec classify`: a checkpoint finetuned into a text classifier
+(compiler/classify_head.py's rewrite, recorded in the new checkpoint), and its predictions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmspec.runtime.checkpoint.store import MODEL_FILE, CheckpointError, find_checkpoint, save_checkpoint
+from lmspec.runtime.finetune.classify_data import finetuning_splits, parse_labels, parse_split, read_examples
+from lmspec.runtime.cli.train import USER_ERRORS, _fail
+from lmspec.runtime.finetune.instruct_data import pad_id_for
+from lmspec.runtime.serve.classifier import print_predictions
+from lmspec.runtime.data.text_encoder import TextEncoder
+from lmspec.runtime.data.tokenizer import load_tokenizer
+from lmspec.runtime.errors import UsageError
+
+CLASSIFY = "classify"  # the rewrite kind (compiler/rewrites.py)
+
+
+def classify_record(checkpoint) -> dict | None:
+    """The classify rewrite a checkpoint's model was built with (its labels), or None."""
+    return next((r for r in checkpoint.spec.get("rewrites", []) if r.get("kind") == CLASSIFY), None)
+
+
+def trainable_names(graph, blocks: int | None) -> list[str] | None:
+    """The parameters that train with --trainable-blocks `blocks`: those of the last `blocks` repeat
+    iterations and every one after them (the final norm, the new head); None: all of them."""
+    if blocks is None:
+        return None
+    order = {node: i for i, (node, _) in enumerate(graph.nodes())}
+    in_block = [(i, data["block"]) for i, (_, data) in enumerate(graph.nodes()) if data["block"]]
+    names = list(dict.fromkeys(block for _, block in in_block))
+    if not 0 <= blocks <= len(names):
+        raise UsageError(f"--trainable-blocks {blocks}: the model has {len(names)} blocks")
+    chosen = set(names[len(names) - blocks:])
+    after = in_block[-1][0] if in_block else -1
+    return [name for name, p in graph.params.items()
+            if graph.g.nodes[p.node]["block"] in chosen or order[p.node] > after]
+
+
+def _classifier_to_train(args, labels: list[str], device=None):
+    """(model, graph, base Loaded, spec record, adapters only?): the checkpoint's model with the
+    classification head (and LoRA adapters with --lora) on `device` (default the CPU), its base
+    weights loaded, and only what should train taking gradients."""
+    from lmspec.compiler.classify_head import HEAD_MODULE
+    from lmspec.compiler.lower import lower
+    from lmspec.compiler.rewrites import apply_rewrites
+
+    from lmspec.runtime.checkpoint.models import base_record, load_model
+    from lmspec.runtime.finetune.lora import lora_rewrite, mark_trainable
+
+    base = load_model(args.checkpoint, device)
+    lora = lora_rewrite(args)
+    new = [{"kind": CLASSIFY, "classes": len(labels), "labels": labels}] + ([lora] if lora else [])
+    graph = apply_rewrites(base.graph, new)
+    spec = {k: v for k, v in base.spec.items() if k != "base"}  # base.spec: a padded vocabulary unpadded
+    spec["rewrites"] = list(spec.get("rewrites", [])) + new
+    if lora:
+        if base.spec.get("base"):
+            raise CheckpointError(f"{base.checkpoint.path}: holds adapters on another checkpoint; fold them in "
+                                  f"first (lmspec lora merge) and finetune the merged checkpoint")
+        spec["base"] = base_record(base.checkpoint)
+    model = lower(graph, seed=args.seed, device=device)
+    # Every weight of the base keeps its name; what is new is the head (and adapters); what the base
+    # has beyond the model is its vocabulary head, which the rewrite removed.
+    missing, _ = model.load_state_dict(base.model.state_dict(), strict=False)
+    fresh = {n for n in graph.params if n.startswith(HEAD_MODULE + ".") or n.endswith((".lora_a", ".lora_b"))}
+    stray = sorted(set(missing) - fresh)
+    if stray:
+        raise CheckpointError(f"{base.checkpoint.path / MODEL_FILE}: has no weights for {', '.join(stray[:5])}")
+    chosen = trainable_names(graph, args.trainable_blocks)
+    if lora:
+        head = [n for n in graph.params if n.startswith(HEAD_MODULE + ".")]
+        mark_trainable(model, graph, also=head + [n for n in chosen or [] if n not in head])
+    else:
+        wanted = set(graph.params if chosen is None else chosen)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in wanted)
+    return model, graph, base, spec, bool(lora)
+
+
+def cmd_finetune_classify(args) -> int:
+    import torch
+    from lmspec.compiler.rewrites import RewriteError
+
+    from lmspec.runtime.finetune.classify_train import (
+        Encoded,
+        format_confusion,
+        score_split,
+        train_classifier,
+        write_confusion,
+    )
+    from lmspec.runtime.data.corpus import DataError
+    from lmspec.runtime.distributed.device import resolve_device
+    from lmspec.runtime.finetune.steps import steps_per_epoch
+    from lmspec.runtime.finetune.lora import trainable_weights
+    from lmspec.runtime.train.loop import ConfigError, TrainConfig, TrainingError
+
+    device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
+    labels = parse_labels(args.labels)
+    fractions = parse_split(args.split)
+    if args.epochs < 1 or args.batch < 1:
+        raise UsageError("--epochs and --batch must be at least 1")
+    if args.max_length is not None and args.max_length < 1:
+        raise UsageError(f"--max-length must be at least 1, got {args.max_length}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if find_checkpoint(args.out) is not None:
+            raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+        examples = read_examples(args.data, labels, args.text_field, args.label_field)
+        absent = [name for name, n in zip(labels, _counts(examples, labels)) if n == 0]
+        if absent:
+            raise DataError(f"{args.data}: no example of {', '.join(absent)}")
+        parts = finetuning_splits(examples, fractions, args.seed, args.balance, args.limit)
+        examples = [e for part in parts.values() for e in part]
+        model, graph, base, spec, adapters_only = _classifier_to_train(args, labels, device)
+        tokenizer = load_tokenizer(base.checkpoint.tokenizer)
+        context = int(model.context)
+        encoder = TextEncoder(tokenizer, min(args.max_length or context, context), pad_id_for(tokenizer))
+        encoded = {name: Encoded([encoder.encode(e.text) for e in part], [e.label for e in part])
+                   for name, part in parts.items()}
+        steps = args.epochs * steps_per_epoch(len(encoded["train"]), args.batch)
+        cfg = TrainConfig(steps=steps, batch=args.batch, lr=args.lr, min_lr=args.min_lr, warmup=min(args.warmup, steps),
+                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
+                          precision=args.precision, keep=1).resolved(context)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"{len(examples)} examples ({', '.join(f'{n} {name}' for name, n in zip(labels, _counts(examples, labels)))}"
+              f"{', balanced' if args.balance else ''}): {len(parts['train'])} train, {len(parts['validation'])} "
+              f"validation, {len(parts['test'])} test; at most {encoder.max_length} tokens"
+              + (f", {encoder.replaced} characters the vocabulary lacks replaced" if encoder.replaced else ""))
+        print(f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%}"
+              f"{', LoRA' if adapters_only else ''}); {args.epochs} epochs, {steps} steps")
+        run_dir = Path(args.out)
+        history = train_classifier(model, encoded["train"], encoded["validation"], cfg, args.epochs, encoder.pad_id,
+                                   run_dir, progress=not args.no_progress)
+        splits = {name: score_split(model, part, len(labels), args.batch, encoder.pad_id)
+                  for name, part in encoded.items()}
+        confusion = write_confusion(run_dir, labels, splits)
+        train_config = cfg.to_dict() | {"epochs": args.epochs, "max_length": encoder.max_length,
+                                        "labels": labels, "data": str(Path(args.data).resolve()),
+                                        "split": list(fractions), "balance": args.balance, "limit": args.limit,
+                                        "trainable_blocks": args.trainable_blocks, "base": str(base.checkpoint.path)}
+        metrics = {f"{name}_accuracy": s["accuracy"] for name, s in splits.items()} | {"loss": history[-1]["loss"]}
+        checkpoint = save_checkpoint(run_dir, step=steps, model=None if adapters_only else model, optimizer=None,
+                                     rng=None, train_config=train_config, metrics=metrics,
+                                     tokenizer=base.checkpoint.tokenizer, spec=spec, keep=1,
+                                     weights=trainable_weights(model) if adapters_only else None)
+    except (*USER_ERRORS, RewriteError, ConfigError, TrainingError) as err:
+        return _fail("finetune classify", err)
+    for name, s in splits.items():
+        if s["count"]:
+            print(f"{name} accuracy: {s['accuracy']:.2%} ({s['count']} texts)")
+    shown = "test" if splits["test"]["count"] else "validation"
+    print(f"confusion matrix ({shown}):\n{format_confusion(splits[shown]['matrix'], labels)}")
+    print(f"checkpoint {checkpoint}\nconfusion matrices {confusion}")
+    return 0
+
+
+def _counts(examples, labels) -> list[int]:
+    return [sum(e.label == i for e in examples) for i in range(len(labels))]
+
+
+def classifier_inputs(loaded) -> tuple[list[str], TextEncoder]:
+    """The class names of a loaded classifier checkpoint and the encoder its texts go through (the
+    finetuning's tokenizer and max length); a CheckpointError for any other checkpoint."""
+    record = classify_record(loaded.checkpoint)
+    if record is None:
+        raise CheckpointError(f"{loaded.checkpoint.path}: not a classifier (train one with "
+                              f"`lmspec finetune classify`)")
+    labels = record.get("labels") or [str(i) for i in range(record["classes"])]
+    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+    context = int(loaded.model.context)
+    max_length = min(loaded.checkpoint.train_config.get("max_length") or context, context)
+    return labels, TextEncoder(tokenizer, max_length, pad_id_for(tokenizer))
+
+
+def cmd_classify(args) -> int:
+    """`lmspec classify CHECKPOINT TEXT...` (onnx_classifier.cmd_classify sends checkpoints here)."""
+    from lmspec.compiler.rewrites import RewriteError
+
+    from lmspec.runtime.finetune.classify_train import predict
+    from lmspec.runtime.distributed.device import resolve_device
+    from lmspec.runtime.checkpoint.models import load_model
+
+    device = resolve_device(args.device)  # a GPU that is not there: said before the checkpoint is read
+    try:
+        loaded = load_model(args.checkpoint, device)
+        labels, encoder = classifier_inputs(loaded)
+        probs = predict(loaded.model, [encoder.encode(t) for t in args.texts], 32, encoder.pad_id)
+    except (*USER_ERRORS, RewriteError) as err:
+        return _fail("classify", err)
+    print_predictions(labels, args.texts, probs)
+    return 0

@@ -1,0 +1,189 @@
+"""`lmspec finetune instruct` and `lmspec chat`: instruction tuning of a checkpoint, and talking to
+the result turn by turn. The finetuned checkpoint records its template in train_config, so chat
+formats the conversation exactly as training did."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint
+from lmspec.runtime.cli.train import USER_ERRORS, _fail
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.distributed.device import resolve_device
+from lmspec.runtime.finetune.instruct_data import (
+    TEMPLATES,
+    TemplateError,
+    make_template,
+    pad_id_for,
+    read_records,
+    split_records,
+    tokenize_records,
+)
+from lmspec.runtime.data.tokenizer import FileTokenizer, TokenizerError, load_tokenizer
+from lmspec.runtime.errors import UsageError
+
+RESPONSE_FIELD = "model_response"  # the book's key for generated answers (ch07)
+
+
+def _split_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1) > 1e-6 or parts[0] == 0:
+        raise UsageError(f"--split must be three fractions train,val,test summing to 1, like 0.85,0.05,0.1; got {text!r}")
+    return parts
+
+
+def cmd_finetune_instruct(args) -> int:
+    from lmspec.compiler.rewrites import RewriteError
+
+    from lmspec.runtime.finetune.start import model_to_finetune
+    from lmspec.runtime.finetune.steps import finetune_config
+    from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
+    from lmspec.runtime.train.loop import ConfigError, TrainingError
+
+    device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
+    fractions = _split_fractions(args.split)
+    if args.epochs < 1 or args.batch < 1:
+        raise UsageError("--epochs and --batch must be at least 1")
+    try:
+        if find_checkpoint(args.out) is not None:
+            raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+        records = read_records(args.data)
+        if args.limit:
+            records = records[:args.limit]
+        tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
+        template = make_template(args.template, tokenizer)  # before the model: a wrong template fails fast
+        model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed, device)
+        context = int(model.context)
+        max_length = min(args.max_length or context, context)
+        tokenized = tokenize_records(records, template, max_length)
+        train_ids, val_ids, test_ids = split_records(range(len(records)), fractions, args.seed)
+        train_set, val_set = tokenized.pick(train_ids), tokenized.pick(val_ids)
+        if not train_set:
+            raise DataError(f"{args.data}: no training example is left (of {len(records)} records, "
+                            f"{tokenized.unencodable} hold characters the vocabulary lacks, {tokenized.dropped} "
+                            f"have no answer within {max_length} tokens)")
+        cfg = finetune_config(args, len(train_set), max_length, context)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
+              f"({args.template} template, at most {max_length} tokens; {_left_out(tokenized)}); "
+              f"{trainable:,} trainable parameters; {cfg.steps} steps")
+        setup = InstructSetup(template=args.template, pad_id=pad_id_for(tokenizer), epochs=args.epochs,
+                              trainable_only=adapters_only,
+                              extra={"data": str(Path(args.data).resolve()), "split": list(fractions),
+                                     "limit": args.limit, "max_length": max_length, "base": str(base.path)})
+        summary = finetune_instruct(model, tokenizer, train_set, val_set, cfg, setup, args.out, spec,
+                                    progress=not args.no_progress)
+        print(f"done: {summary['steps']} steps, train loss {summary['loss']:.4f}"
+              + (f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "")
+              + f", {summary['elapsed']:.0f} s\ncheckpoint {summary['checkpoint']}")
+        if args.responses:
+            test = [records[i] for i in test_ids]
+            write_responses(model, tokenizer, test, template, args.responses, args.response_tokens)
+            print(f"answers to the {len(test)} test records: {args.responses}")
+    except (*USER_ERRORS, TemplateError, RewriteError, ConfigError, TrainingError) as err:
+        return _fail("finetune instruct", err)
+    return 0
+
+
+def _left_out(t) -> str:
+    parts = [f"{t.truncated} cut to fit"] + ([f"{t.dropped} left out (no answer within the window)"]
+                                             if t.dropped else [])
+    if t.unencodable:
+        parts.append(f"{t.unencodable} left out (characters the vocabulary lacks)")
+    return ", ".join(parts)
+
+
+def answer_text(tokenizer, template, new_ids: list[int]) -> str:
+    """The decoded answer, without the end token or the end text that closed it."""
+    if new_ids and new_ids[-1] == template.stop_id:
+        new_ids = new_ids[:-1]
+    text = tokenizer.decode(new_ids)
+    return text.split(template.stop_text)[0] if template.stop_text else text
+
+
+def write_responses(model, tokenizer, records: list[dict], template, path, max_tokens: int = 256) -> None:
+    """Greedy answers to `records` as JSONL, each record with its answer under "model_response"
+    (for `lmspec eval` and for judging, as the book does); the prompt is the one training used."""
+    from lmspec.runtime.atomic import write_text_atomically
+    from lmspec.runtime.train.sampling import generate
+
+    lines = []
+    for record in records:
+        prompt = template.prompt_of(record)
+        new = generate(model, prompt, max_tokens, temperature=0, eot_id=template.stop_id)
+        lines.append(json.dumps(record | {RESPONSE_FIELD: answer_text(tokenizer, template, new)}) + "\n")
+    write_text_atomically(Path(path), "".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- chat
+
+def chat_template_name(checkpoint, tokenizer) -> str:
+    """The template the checkpoint was finetuned with; for any other checkpoint ChatML when its
+    vocabulary has the tokens, else Alpaca."""
+    if checkpoint.train_config.get("template") in TEMPLATES:
+        return checkpoint.train_config["template"]
+    has_chatml = isinstance(tokenizer, FileTokenizer) and tokenizer.tokenizer.token_to_id("<|im_end|>") is not None
+    return "chatml" if has_chatml else "alpaca"
+
+
+def cmd_chat(args) -> int:
+    from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.train.sampling import check_arguments
+
+    device = resolve_device(args.device)
+    try:
+        check_arguments([0], args.max_tokens, args.temperature, args.top_k, None)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        loaded = load_model(args.checkpoint, device)
+        tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+        name = chat_template_name(loaded.checkpoint, tokenizer)
+        template = make_template(name, tokenizer)
+    except (*USER_ERRORS, TemplateError) as err:
+        return _fail("chat", err)
+    if loaded.checkpoint.train_config.get("finetune") not in ("instruct", "dpo"):
+        print(f"note: {loaded.checkpoint.path} was not instruction-tuned; using the {name} template",
+              file=sys.stderr)
+    converse(loaded.model, tokenizer, template, sys.stdin, sys.stdout, args)
+    return 0
+
+
+def converse(model, tokenizer, template, lines, out, args) -> None:
+    """One answer per non-empty input line, the conversation so far in every prompt; the oldest
+    exchanges are dropped when the prompt and the answer would not fit the model's context."""
+    from lmspec.runtime.train.sampling import generate
+
+    interactive = lines.isatty()
+    history: list[tuple[str, str]] = []
+    context = int(model.context)
+    room = min(args.max_tokens, context // 2)  # kept free for the answer
+    turn = 0
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = lines.readline()
+        if not line:
+            break
+        question = line.rstrip("\r\n")
+        if not question.strip():
+            continue
+        try:
+            prompt = template.prompt_ids(history, question, args.system)
+            while len(prompt) + room > context and history:
+                history.pop(0)
+                prompt = template.prompt_ids(history, question, args.system)
+        except TokenizerError as err:  # a character vocabulary lacks a character of the question
+            print(f"lmspec chat: error: {err}; ask again", file=sys.stderr)
+            continue
+        seed = None if args.seed is None else args.seed + turn
+        new = generate(model, prompt[-context:], args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                       seed=seed, eot_id=template.stop_id)
+        answer = answer_text(tokenizer, template, new)
+        print(answer, file=out, flush=True)
+        history.append((question, answer))
+        turn += 1

@@ -1,0 +1,124 @@
+"""The instruction-tuning loop: epochs of length-bucketed batches, cross-entropy on the answer
+tokens only, AdamW with warm-up + cosine (train.py's optimizer, schedule and autocast), validation
+loss at step 0, every `eval_every` steps and at the end, one checkpoint at the end.
+
+Unlike `lmspec train` it does not resume: a finetuning run is short, and its data order is a
+function of (seed, epoch) alone, so a stopped run is simply run again.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lmspec.runtime.checkpoint.store import save_checkpoint
+from lmspec.runtime.distributed.device import to_device
+from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
+from lmspec.runtime.finetune.instruct_data import IGNORE, Example, collate, length_buckets
+from lmspec.runtime.finetune.lora import trainable_weights
+from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve
+from lmspec.runtime.train.loop import METRICS_FILE, PLOT_FILE, TrainConfig, autocast, make_optimizer
+
+
+@dataclass
+class InstructSetup:
+    """What the run needs besides its TrainConfig (of which `steps` is filled in from the epochs)."""
+    template: str
+    pad_id: int
+    epochs: int = 2
+    trainable_only: bool = False  # save only the parameters that train (LoRA adapters)
+    extra: dict | None = None  # more facts for the checkpoint's train_config (data, split, lora)
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the targets that are not IGNORE: the answers and their end tokens."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction=reduction)
+
+
+def evaluate_examples(model: torch.nn.Module, examples: list[Example], batch: int, pad_id: int,
+                      precision: str = "fp32") -> float:
+    """Mean loss per trained token over all of `examples` (batched by length, in eval mode)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad(), autocast(device, precision):
+            for indices in length_buckets([len(e) for e in examples], batch, seed=0, epoch=0):
+                x, y = collate([examples[i] for i in indices], pad_id)
+                count += int((y != IGNORE).sum())  # counted on the host, before the copy
+                total += masked_loss(model(to_device(x, device)), to_device(y, device), reduction="sum").item()
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example], val_set: list[Example],
+                      cfg: TrainConfig, setup: InstructSetup, run_dir, spec: dict, progress: bool = True) -> dict:
+    """Train, writing metrics.jsonl, loss.png and the final checkpoint under `run_dir`; returns a summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    per_epoch = steps_per_epoch(len(train_set), cfg.batch)
+    optimizer = make_optimizer(model, cfg)
+    scaler = loss_scaler(cfg, device)
+    torch.manual_seed(cfg.seed)  # dropout
+    log = MetricsLog.fresh(run_dir / METRICS_FILE)
+    lengths = [len(e) for e in train_set]
+    start = time.perf_counter()
+    summary = {"loss": None, "val_loss": None, "best_val_loss": None}
+
+    def validate(step: int, epoch: float, recent: list[float]) -> dict:
+        """The validation record of this step (empty without a validation set), printed."""
+        if not val_set:
+            return {}
+        val_loss = evaluate_examples(model, val_set, cfg.batch, setup.pad_id, cfg.precision)
+        summary["val_loss"] = val_loss
+        summary["best_val_loss"] = min(val_loss, summary["best_val_loss"] or val_loss)
+        shown = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
+        bar.write(f"step {step} (epoch {epoch:.2f}): {shown}val loss {val_loss:.4f}")
+        sys.stdout.flush()
+        recent.clear()
+        return {"val_loss": val_loss}
+
+    model.train()
+    bar = tqdm(total=cfg.steps, unit="step", desc="finetune", disable=None if progress else True, dynamic_ncols=True)
+    step, recent = 0, []
+    try:
+        log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)})
+        for epoch in range(setup.epochs):
+            for indices in length_buckets(lengths, cfg.batch, cfg.seed, epoch):
+                lr = scheduled_lr(optimizer, cfg, step)
+                x, y = collate([train_set[i] for i in indices], setup.pad_id)
+                with autocast(device, cfg.precision):
+                    logits = model(to_device(x, device))
+                step += 1
+                value = update(model, optimizer, masked_loss(logits, to_device(y, device)), cfg, step, scaler)
+                summary["loss"] = value
+                recent.append(value)
+                record = {"step": step, "epoch": step / per_epoch, "loss": value, "lr": lr}
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                bar.update(1)
+                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                    record |= validate(step, step / per_epoch, recent)
+                log.append(record | {"elapsed": time.perf_counter() - start})
+    finally:
+        bar.close()
+    model.eval()
+
+    trained = trainable_weights(model) if setup.trainable_only else None
+    train_config = {"finetune": "instruct", "template": setup.template, "epochs": setup.epochs,
+                    "train": cfg.to_dict()} | (setup.extra or {})
+    checkpoint = save_checkpoint(run_dir, step=step, model=None if setup.trainable_only else model, optimizer=None,
+                                 rng=None, train_config=train_config, tokenizer=tokenizer.to_json(), spec=spec,
+                                 metrics={k: v for k, v in summary.items() if v is not None},
+                                 keep=cfg.keep, weights=trained)
+    plot_loss_curve(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
+    return summary | {"steps": step, "checkpoint": str(checkpoint), "metrics": str(run_dir / METRICS_FILE),
+                      "elapsed": time.perf_counter() - start}
