@@ -48,7 +48,7 @@ from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.compiler.onnx_export import ExportError  # noqa: E402
 from lmspec.compiler.torch_modules import Position  # noqa: E402
 from lmspec.runtime.checkpoint.store import save_checkpoint  # noqa: E402
-from lmspec.runtime.cli.train import spec_record  # noqa: E402
+from lmspec.compiler.rewrites import spec_record  # noqa: E402
 from lmspec.runtime.cli.export import export_bundle  # noqa: E402
 from lmspec.runtime.train.sampling import generate  # noqa: E402
 from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, bundle_sidecar  # noqa: E402

@@ -56,7 +56,7 @@ def make_checkpoint(work: Path, overrides: dict) -> Path:
     from lmspec.compiler import load_spec
     from lmspec.compiler.lower import lower
     from lmspec.runtime.checkpoint.store import save_checkpoint
-    from lmspec.runtime.cli.train import spec_record
+    from lmspec.compiler.rewrites import spec_record
     from lmspec.runtime.data.tokenizer import FileTokenizer
 
     tokenizer = FileTokenizer.from_path(DATA / "gpt2-tokenizer")

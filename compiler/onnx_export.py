@@ -37,6 +37,7 @@ from .classify_head import LENGTHS_INPUT
 from .graph import ModelGraph
 from .registry import get_op
 from .torch_modules import Attention, plain_attention, visible_keys
+from lmspec.dsl.errors import UserError
 
 DEFAULT_OPSET = 20  # Gelu and LayerNormalization are single ops; onnxruntime >= 1.17 runs it
 MIN_OPSET = 18  # the oldest opset torch's exporter (torch.export + onnxscript) writes
@@ -49,7 +50,7 @@ TOTAL = f"{PAST} + {SEQUENCE}"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """The model could not be exported, or its export does not compute what the model does."""
 
 

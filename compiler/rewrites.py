@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from .graph import ModelGraph
+from lmspec.dsl.errors import UserError
 
 # kind -> "module:function" in lmspec.compiler, imported when a rewrite of that kind is applied
 REWRITES = {
@@ -19,7 +20,10 @@ REWRITES = {
 }
 
 
-class RewriteError(ValueError):
+VOCAB_PADDING = "vocab_padding"  # a spec record's key for a vocabulary padded in training (compiler/vocab_padding.py)
+
+
+class RewriteError(UserError, ValueError):
     """A rewrite that cannot apply to this graph; the message names the rewrite and the reason."""
 
 
@@ -42,3 +46,13 @@ def graph_from_record(spec: dict) -> ModelGraph:
     from .loader import load_spec
     graph = load_spec(spec["file"], spec["overrides"], spec["model"], sources=spec["sources"])
     return apply_rewrites(graph, spec["rewrites"]) if spec.get("rewrites") else graph
+
+
+def spec_record(graph: ModelGraph, overrides: dict, rewrites: list[dict] | None = None,
+                vocab_padding: dict | None = None) -> dict:
+    """What a checkpoint keeps of its spec: enough to rebuild the same model with nothing else.
+    `rewrites` are the compiler rewrites (compiler/rewrites.py) applied after building, in order;
+    `vocab_padding` the real vocabulary of a run padded with --pad-vocab (compiler/vocab_padding.py)."""
+    record = {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
+    record |= {"rewrites": list(rewrites)} if rewrites else {}
+    return record | ({VOCAB_PADDING: vocab_padding} if vocab_padding else {})

@@ -10,7 +10,7 @@ columns of the padded weights (nanoGPT's trick, made invisible outside the train
 """
 from __future__ import annotations
 
-RECORD_KEY = "vocab_padding"
+from .rewrites import VOCAB_PADDING as RECORD_KEY
 
 
 def padded(vocab: int, multiple: int) -> int:

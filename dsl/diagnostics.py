@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .ast import Span
 from .codes import code_name
+from .errors import UserError
 
 # ANSI styles for a terminal; `colour=False` output has none of them.
 _STYLE = {"error": "\033[1;31m", "warning": "\033[1;33m", "bold": "\033[1m", "caret": "\033[1;32m",
@@ -67,7 +68,7 @@ class Diagnostic:
         return f"{head}\n{gutter}{line}\n{caret}"
 
 
-class SpecError(Exception):
+class SpecError(UserError):
     """One or more diagnostics that stop a spec from being built."""
 
     def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, str] | None = None):
@@ -77,3 +78,7 @@ class SpecError(Exception):
 
     def render(self) -> str:
         return "\n".join(d.render(self.sources) for d in self.diagnostics)
+
+    def report(self, verb: str) -> str:
+        """Located like a compiler's messages: `file:line:col: error: ...`, the line, a caret."""
+        return self.render()

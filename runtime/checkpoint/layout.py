@@ -9,16 +9,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from lmspec.runtime.errors import CheckpointError  # noqa: F401  (raised here, and imported from here)
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, corrupt or does not fit the model; the message names the file."""
 
 
 def step_dir_name(step: int) -> str:

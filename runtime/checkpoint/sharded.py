@@ -1,6 +1,7 @@
-"""Checkpoints of model-parallel runs (tensor, pipeline, and their data-parallel replicas): the
-AdamW state written through torch.distributed.checkpoint by every rank, each its own share, in a
-layout that any other layout reads.
+"""Checkpoints of runs of several ranks (FSDP, tensor, pipeline, and their data-parallel replicas):
+every rank calls the save, the AdamW state is written through torch.distributed.checkpoint by every
+rank, each its own share, in a layout that any other layout reads; and resuming a tensor-parallel
+run's optimizer from any checkpoint.
 
   model.safetensors   the consolidated weights (gathered to rank 0, as an FSDP run's are)
   optimizer.dcp/      {"optimizer": {"state": {name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}}
@@ -10,70 +11,40 @@ layout that any other layout reads.
                       ranks that hold a pipeline stage (its dp x tp ranks) take its parameters in turn.
 
 So an FSDP run (dcp.load reshards the whole tensors into its shards), one process, or a tensor or
-pipeline run of any shape reads it; `read_optimizer_dcp_by_name` reads just the parameters a rank
+pipeline run of any shape reads it; store.read_optimizer_dcp_by_name reads just the parameters a rank
 needs (a pipeline stage's), never the whole state on one rank.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
+from lmspec.compiler.tensor_parallel import TensorParallelPlan
 from lmspec.runtime.checkpoint.store import (
     CHECKPOINTS_DIR,
     OPTIMIZER_DCP_DIR,
     TMP_PREFIX,
-    CheckpointError,
+    Checkpoint,
+    read_optimizer_by_name,
     remove_stale_temporaries,
     save_checkpoint,
     step_dir_name,
 )
+from lmspec.runtime.distributed.canonical_state import (
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    owned_optimizer_state,
+    param_groups_by_name,
+    plan_of,
+)
+from lmspec.runtime.distributed.fsdp import consolidated_weights
 from lmspec.runtime.distributed.world import World, barrier
-
-# dcp.load(no_dist=True) says it reads in one process, which is what it is asked to do
-warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
-
-
-def owned_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, plan=None,
-                          skip=frozenset(), peers: int = 1, index: int = 0) -> dict[str, dict]:
-    """This rank's share of the optimizer state by name: parameter i of the module (those in `skip`,
-    a tied copy, left out) when i % peers == index. Every peer calls it (the gathers are collective)."""
-    from lmspec.runtime.distributed.canonical_state import canonical_optimizer_state
-    names = {id(p): n for n, p in module.named_parameters()}
-    state, i = {}, 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            if name in skip or p not in optimizer.state:
-                continue
-            whole = canonical_optimizer_state(name, optimizer.state[p], plan)  # every peer takes part
-            if i % peers == index:
-                state[name] = whole
-            i += 1
-    return state
-
-
-def param_groups_by_name(module: torch.nn.Module, optimizer: torch.optim.Optimizer, skip=frozenset(),
-                         group=None, stages: int = 1) -> list[dict]:
-    """The optimizer's groups with each "params" the whole model's names, in order: a pipeline's
-    stages (`group`, `stages` of them) contribute theirs in stage order. Collective over `group`."""
-    names = {id(p): n for n, p in module.named_parameters()}
-    mine = [{**{k: v for k, v in g.items() if k != "params"},
-             "params": [names[id(p)] for p in g["params"] if names[id(p)] not in skip]} for g in optimizer.param_groups]
-    if stages == 1:
-        return mine
-    everyone = [None] * stages
-    dist.all_gather_object(everyone, mine, group=group)
-    merged = [dict(g, params=[]) for g in mine]
-    for part in everyone:
-        for into, g in zip(merged, part):
-            into["params"] += g["params"]
-    return merged
 
 
 def save_model_parallel_checkpoint(world: World, run_dir, *, step: int, weights: dict[str, torch.Tensor],
@@ -107,32 +78,59 @@ def save_with_optimizer_dcp(world: World, run_dir, *, step: int, optimizer_state
     barrier(world)
     return path
 
-def read_optimizer_dcp_by_name(directory: Path, names=None) -> dict:
-    """optimizer.dcp (written by an FSDP or a model-parallel run) as read_optimizer_by_name's form:
-    {"state": {name: {...}}, "param_groups": [...]}, whole tensors on the CPU, only for `names`
-    when given (every parameter otherwise). Read by this process alone, with no collective."""
-    directory = Path(directory)
-    try:
-        metadata = FileSystemReader(str(directory)).read_metadata()
-        paths = metadata.planner_data
-        template: dict = {"optimizer": {"state": {}, "param_groups": []}}
-        for key, meta in metadata.state_dict_metadata.items():
-            path = paths[key]
-            if path[:2] == ("optimizer", "state") and len(path) == 4:
-                if names is None or path[2] in names:
-                    template["optimizer"]["state"].setdefault(path[2], {})[path[3]] = torch.empty(
-                        meta.size, dtype=meta.properties.dtype)
-            elif path[:2] == ("optimizer", "param_groups") and len(path) == 4:
-                groups = template["optimizer"]["param_groups"]
-                while len(groups) <= path[2]:
-                    groups.append({})
-                groups[path[2]][path[3]] = ""  # a placeholder dcp.load replaces with the saved value
-        dcp.load(template, checkpoint_id=str(directory), no_dist=True)
-    except CheckpointException as err:
-        causes = "; ".join(f"{type(f[0] if isinstance(f, tuple) else f).__name__}" for f in err.failures.values())
-        raise CheckpointError(f"{directory}: corrupt or incomplete ({causes})") from None
-    except (RuntimeError, ValueError, KeyError, OSError, AttributeError) as err:
-        raise CheckpointError(f"{directory}: corrupt or unreadable ({type(err).__name__}: {err})") from None
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-              for g in template["optimizer"]["param_groups"]]
-    return {"state": template["optimizer"]["state"], "param_groups": groups}
+
+def save_sharded_checkpoint(world: World, run_dir, *, step: int, model, optimizer, **fields) -> Path | None:
+    """A checkpoint of an FSDP run; every rank calls it. The ranks write their optimizer shards
+    through torch.distributed.checkpoint; rank 0 writes the consolidated weights and the rest
+    (parallel_checkpoint.save_with_optimizer_dcp). Returns the checkpoint directory on rank 0,
+    None on the others."""
+    return save_with_optimizer_dcp(world, run_dir, step=step, optimizer_state=get_optimizer_state_dict(model, optimizer),
+                                   weights=lambda: consolidated_weights(model), **fields)
+
+
+def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: nn.Module,
+                                    optimizer: torch.optim.Optimizer, plan: TensorParallelPlan | None = None,
+                                    mesh: DeviceMesh | None = None, **fields) -> Path | None:
+    """A checkpoint of a tensor-parallel run (and its data-parallel replicas, `mesh`): the whole
+    weights in model.safetensors (tied ones once) written by rank 0, the AdamW state through
+    torch.distributed.checkpoint, each rank writing its share whole and un-permuted
+    (runtime/checkpoint/sharded.py), so any layout resumes it. Every rank calls it (the gathers
+    are collective). `fields` are save_checkpoint's rng, train_config, metrics, tokenizer, spec,
+    keep. Returns the directory on rank 0, None on the others."""
+    from lmspec.runtime.distributed.mesh import stage_peers
+    from lmspec.runtime.distributed.fsdp import kept_names
+    plan = plan_of(model, plan)
+    weights = full_state_dict(model, plan)
+    weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights} if world.main else {}
+    peers, index = stage_peers(mesh) if mesh is not None else (plan.tp, _mesh_rank(model))
+    state = owned_optimizer_state(model, optimizer, plan=plan, peers=peers, index=index)
+    return save_model_parallel_checkpoint(world, run_dir, step=step, weights=weights, state=state,
+                                          param_groups=param_groups_by_name(model, optimizer), **fields)
+
+
+def _mesh_rank(model: nn.Module) -> int:
+    mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
+    return mesh.get_local_rank()
+
+
+def load_tensor_parallel_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: nn.Module,
+                                   plan: TensorParallelPlan | None = None) -> None:
+    """Resume the optimizer of a tensor-parallel run from any checkpoint (one process, DDP, FSDP,
+    tensor or pipeline parallel of any size)."""
+    load_full_optimizer_state_dict(model, optimizer, plan, read_optimizer_by_name(checkpoint.path))
+
+
+def save_pipeline_checkpoint(pipe, world, run_dir, optimizer: torch.optim.Optimizer, mesh=None, *, step: int,
+                             **fields):
+    """A checkpoint of the whole model; every rank calls it. The weights are gathered to rank 0
+    (model.safetensors); each rank writes its share of the AdamW state, whole and by name,
+    through torch.distributed.checkpoint (runtime/checkpoint/sharded.py). A tied weight's copy
+    is left out: its owner holds the same state. Returns the directory on rank 0."""
+    from lmspec.runtime.distributed.mesh import stage_peers
+    weights = pipe.full_state_dict()
+    peers, index = stage_peers(mesh)
+    skip = set(pipe.stage.tied_copies)
+    state = owned_optimizer_state(pipe.module, optimizer, plan=pipe._tp, skip=skip, peers=peers, index=index)
+    groups = param_groups_by_name(pipe.module, optimizer, skip, group=pipe.group, stages=len(pipe.stages))
+    return save_model_parallel_checkpoint(world, run_dir, step=step, weights=weights, state=state,
+                                          param_groups=groups, **fields)

@@ -16,21 +16,30 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmspec.runtime.atomic import fsync_dir
+from lmspec.runtime.distributed.canonical_state import param_names_by_group
 from lmspec.runtime.checkpoint.layout import (  # noqa: F401  (the layout is part of this module's interface)
     CHECKPOINTS_DIR, LATEST_FILE, META_FILE, MODEL_FILE, CheckpointError, find_checkpoint, step_dir_name,
 )
 from lmspec.runtime.checkpoint.layout import step_dirs as _step_dirs
 
+# dcp.load(no_dist=True) says it reads in one process, which is what it is asked to do
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
+
 OPTIMIZER_FILE = "optimizer.safetensors"
-OPTIMIZER_DCP_DIR = "optimizer.dcp"  # an FSDP run's optimizer state instead, sharded (runtime/distributed/fsdp.py)
+OPTIMIZER_DCP_DIR = "optimizer.dcp"  # an FSDP run's optimizer state instead, sharded (runtime/checkpoint/sharded.py)
 RNG_FILE = "rng.safetensors"
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
@@ -162,21 +171,11 @@ def _remove_dir(path: Path) -> None:
 
 # ------------------------------------------------------------------------------------ optimizer state
 
-def _param_names_by_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = []
-    for group in optimizer.param_groups:
-        try:
-            groups.append([names[id(p)] for p in group["params"]])
-        except KeyError:
-            raise CheckpointError("the optimizer holds a parameter that is not part of the model") from None
-    return groups
-
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[dict, dict]:
     """Optimizer state as flat tensors named by parameter, plus the hyper-parameters as JSON metadata."""
     state_dict = optimizer.state_dict()
-    group_names = _param_names_by_group(optimizer, model)
+    group_names = param_names_by_group(optimizer, model)
     index_to_name = {}
     groups = []
     for saved, names in zip(state_dict["param_groups"], group_names):
@@ -205,7 +204,6 @@ def read_optimizer_by_name(step_dir: Path, names=None) -> dict:
     (an FSDP or model-parallel run's), there only the parameters in `names` if given."""
     path = Path(step_dir) / OPTIMIZER_FILE
     if not path.is_file() and (Path(step_dir) / OPTIMIZER_DCP_DIR).is_dir():
-        from lmspec.runtime.checkpoint.sharded import read_optimizer_dcp_by_name
         return read_optimizer_dcp_by_name(Path(step_dir) / OPTIMIZER_DCP_DIR, names)
     tensors = read_tensors(path)
     try:
@@ -233,7 +231,7 @@ def read_optimizer_by_name(step_dir: Path, names=None) -> dict:
 
 def _unflatten_optimizer(step_dir: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
     by_name = read_optimizer_by_name(step_dir)
-    current = _param_names_by_group(optimizer, model)
+    current = param_names_by_group(optimizer, model)
     if [g["params"] for g in by_name["param_groups"]] != current:
         raise CheckpointError(f"{Path(step_dir) / OPTIMIZER_FILE}: optimizer parameter groups do not match "
                               f"the model's parameters")
@@ -281,8 +279,7 @@ class Checkpoint:
     def load_optimizer(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
         """Restore the optimizer's state exactly; its parameter groups must hold the same parameters."""
         if (self.path / OPTIMIZER_DCP_DIR).is_dir():  # saved by an FSDP run: resharded for this one
-            from lmspec.runtime.distributed.fsdp import load_optimizer
-            return load_optimizer(self, optimizer, model)
+            return load_sharded_optimizer(self, optimizer, model)
         state_dict = _unflatten_optimizer(self.path, optimizer, model)
         try:
             optimizer.load_state_dict(state_dict)
@@ -332,3 +329,57 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         tokenizer=meta["tokenizer"],
         spec=meta["spec"],
     )
+
+
+def read_optimizer_dcp_by_name(directory: Path, names=None) -> dict:
+    """optimizer.dcp (written by an FSDP or a model-parallel run) as read_optimizer_by_name's form:
+    {"state": {name: {...}}, "param_groups": [...]}, whole tensors on the CPU, only for `names`
+    when given (every parameter otherwise). Read by this process alone, with no collective."""
+    directory = Path(directory)
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+        paths = metadata.planner_data
+        template: dict = {"optimizer": {"state": {}, "param_groups": []}}
+        for key, meta in metadata.state_dict_metadata.items():
+            path = paths[key]
+            if path[:2] == ("optimizer", "state") and len(path) == 4:
+                if names is None or path[2] in names:
+                    template["optimizer"]["state"].setdefault(path[2], {})[path[3]] = torch.empty(
+                        meta.size, dtype=meta.properties.dtype)
+            elif path[:2] == ("optimizer", "param_groups") and len(path) == 4:
+                groups = template["optimizer"]["param_groups"]
+                while len(groups) <= path[2]:
+                    groups.append({})
+                groups[path[2]][path[3]] = ""  # a placeholder dcp.load replaces with the saved value
+        dcp.load(template, checkpoint_id=str(directory), no_dist=True)
+    except CheckpointException as err:
+        causes = "; ".join(f"{type(f[0] if isinstance(f, tuple) else f).__name__}" for f in err.failures.values())
+        raise CheckpointError(f"{directory}: corrupt or incomplete ({causes})") from None
+    except (RuntimeError, ValueError, KeyError, OSError, AttributeError) as err:
+        raise CheckpointError(f"{directory}: corrupt or unreadable ({type(err).__name__}: {err})") from None
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in template["optimizer"]["param_groups"]]
+    return {"state": template["optimizer"]["state"], "param_groups": groups}
+
+
+def load_sharded_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Restore optimizer state saved by any run (sharded or not, on any number of ranks) into this
+    one's layout, through torch's distributed state-dict API (what an FSDP run's optimizer needs). A sharded save is resharded by dcp.load; a plain one is read whole by every rank
+    and each keeps its own shards."""
+    sharded = checkpoint.path / OPTIMIZER_DCP_DIR
+    try:
+        if sharded.is_dir():
+            state = get_optimizer_state_dict(model, optimizer)  # the layout to fill, state allocated
+            dcp.load({"optimizer": state}, checkpoint_id=str(sharded))
+            set_optimizer_state_dict(model, optimizer, state)
+        else:
+            state = read_optimizer_by_name(checkpoint.path)
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    except CheckpointError:
+        raise
+    except CheckpointException as err:  # dcp's own: a BaseException that gathers each rank's failure
+        failures = {rank: f[0] if isinstance(f, tuple) else f for rank, f in err.failures.items()}  # (error, frames)
+        causes = "; ".join(f"rank {rank}: {type(e).__name__} {e}".strip() for rank, e in failures.items())
+        raise CheckpointError(f"{sharded}: corrupt or incomplete ({causes})") from None
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"{checkpoint.path}: the optimizer state does not fit this run: {err}") from None

@@ -8,17 +8,11 @@ from lmspec.runtime.checkpoint.store import MODEL_FILE, CheckpointError, find_ch
 from lmspec.runtime.finetune.classify_data import finetuning_splits, parse_labels, parse_split, read_examples
 from lmspec.runtime.cli.train import USER_ERRORS, _fail
 from lmspec.runtime.finetune.instruct_data import pad_id_for
-from lmspec.runtime.serve.classifier import print_predictions
+from lmspec.runtime.finetune.classifier import CLASSIFY, classifier_inputs
 from lmspec.runtime.data.text_encoder import TextEncoder
 from lmspec.runtime.data.tokenizer import load_tokenizer
 from lmspec.runtime.errors import UsageError
 
-CLASSIFY = "classify"  # the rewrite kind (compiler/rewrites.py)
-
-
-def classify_record(checkpoint) -> dict | None:
-    """The classify rewrite a checkpoint's model was built with (its labels), or None."""
-    return next((r for r in checkpoint.spec.get("rewrites", []) if r.get("kind") == CLASSIFY), None)
 
 
 def trainable_names(graph, blocks: int | None) -> list[str] | None:
@@ -161,34 +155,14 @@ def _counts(examples, labels) -> list[int]:
     return [sum(e.label == i for e in examples) for i in range(len(labels))]
 
 
-def classifier_inputs(loaded) -> tuple[list[str], TextEncoder]:
-    """The class names of a loaded classifier checkpoint and the encoder its texts go through (the
-    finetuning's tokenizer and max length); a CheckpointError for any other checkpoint."""
-    record = classify_record(loaded.checkpoint)
-    if record is None:
-        raise CheckpointError(f"{loaded.checkpoint.path}: not a classifier (train one with "
-                              f"`lmspec finetune classify`)")
-    labels = record.get("labels") or [str(i) for i in range(record["classes"])]
-    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
-    context = int(loaded.model.context)
-    max_length = min(loaded.checkpoint.train_config.get("max_length") or context, context)
-    return labels, TextEncoder(tokenizer, max_length, pad_id_for(tokenizer))
-
-
-def cmd_classify(args) -> int:
-    """`lmspec classify CHECKPOINT TEXT...` (onnx_classifier.cmd_classify sends checkpoints here)."""
-    from lmspec.compiler.rewrites import RewriteError
-
-    from lmspec.runtime.finetune.classify_train import predict
-    from lmspec.runtime.distributed.device import resolve_device
+def classify_checkpoint(args) -> tuple[list[str], object]:
+    """`lmspec classify CHECKPOINT TEXT...` in PyTorch (classify_options.cmd_classify sends checkpoints
+    here): the class names and each text's probabilities."""
     from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.distributed.device import resolve_device
+    from lmspec.runtime.finetune.classify_train import predict
 
     device = resolve_device(args.device)  # a GPU that is not there: said before the checkpoint is read
-    try:
-        loaded = load_model(args.checkpoint, device)
-        labels, encoder = classifier_inputs(loaded)
-        probs = predict(loaded.model, [encoder.encode(t) for t in args.texts], 32, encoder.pad_id)
-    except (*USER_ERRORS, RewriteError) as err:
-        return _fail("classify", err)
-    print_predictions(labels, args.texts, probs)
-    return 0
+    loaded = load_model(args.checkpoint, device)
+    labels, encoder = classifier_inputs(loaded)
+    return labels, predict(loaded.model, [encoder.encode(t) for t in args.texts], 32, encoder.pad_id)

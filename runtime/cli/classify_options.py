@@ -1,9 +1,13 @@
-"""Command-line options of classification: `finetune classify` and `classify`."""
+"""Command-line options of classification (`finetune classify` and `classify`), and `classify`'s
+handler: an exported bundle runs in onnxruntime with no torch imported, a checkpoint in PyTorch."""
 from __future__ import annotations
+
+import sys
 
 from lmspec.runtime.cli.lora_options import add_lora_options, add_optimizer_options
 from lmspec.runtime.distributed.device import add_device_option
 from lmspec.runtime.cli.options import add_provider_option
+from lmspec.runtime.errors import UsageError
 
 
 def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
@@ -36,7 +40,7 @@ def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
     add_lora_options(c)
 
     p = verb("classify", "Predict the class of texts with a classifier checkpoint, or its ONNX export "
-             "(onnxruntime only).", "serve.classifier:cmd_classify", top, examples="""examples:
+             "(onnxruntime only).", "cli.classify_options:cmd_classify", top, examples="""examples:
   lmspec classify runs/spam "You won a free cruise, call now" "see you at 6?"
   lmspec classify runs/spam --device cuda "see you at 6?"
   lmspec export runs/spam -o exported/spam.onnx && lmspec classify exported/spam.onnx "see you at 6?"
@@ -47,3 +51,47 @@ def add_classify_verbs(verb, finetune_group, top, override_options) -> None:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     add_device_option(p)
     add_provider_option(p)
+
+
+def print_predictions(labels: list[str], texts: list[str], probs) -> None:
+    """One line per text: its most probable class, that probability and the text (probs: numpy or torch rows)."""
+    width = max(len(n) for n in labels)
+    for text, p in zip(texts, probs):
+        best = int(p.argmax())
+        print(f"{labels[best]:<{width}}  {float(p[best]):.3f}  {text}")
+
+
+def check_placement(args, bundle: bool) -> None:
+    """A UsageError for --device on a bundle or --provider on a checkpoint, each of which the other
+    path would quietly ignore; the defaults (and --device cpu on a bundle run on the CPU) pass."""
+    device = (args.device or "auto").strip().lower()
+    if bundle and device != "auto" and not (device == "cpu" and args.provider == "cpu"):
+        raise UsageError(f"--device {device}: places a checkpoint run in PyTorch; an exported model runs in "
+                         f"onnxruntime, placed by --provider (cpu, or cuda for the GPU)")
+    if not bundle and args.provider != "cpu":
+        raise UsageError(f"--provider {args.provider}: places an exported model (.onnx) in onnxruntime; "
+                         f"{args.checkpoint} is a checkpoint, run in PyTorch: use --device cuda")
+
+
+def cmd_classify(args) -> int:
+    """An exported bundle (a .onnx file or its directory) runs here; a checkpoint in PyTorch."""
+    from lmspec.runtime.export.bundle import is_bundle_path  # numpy and the tokenizers: only when it runs
+    bundle = is_bundle_path(args.checkpoint)
+    check_placement(args, bundle)
+    if not bundle:
+        from lmspec.runtime.cli.classify import classify_checkpoint  # torch, only on this path
+        labels, probs = classify_checkpoint(args)
+        print_predictions(labels, args.texts, probs)
+        return 0
+    from lmspec.runtime.data.tokenizer import TokenizerError
+    from lmspec.runtime.export.bundle import BundleError, session_providers
+    from lmspec.runtime.serve.classifier import OnnxClassifier
+    providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
+    try:
+        classifier = OnnxClassifier(args.checkpoint, providers=providers)
+        probs = classifier.probabilities(args.texts)
+    except (BundleError, TokenizerError) as err:
+        print(f"lmspec classify: error: {err}", file=sys.stderr)
+        return 1
+    print_predictions(classifier.labels, args.texts, probs)
+    return 0

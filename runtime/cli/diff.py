@@ -14,10 +14,7 @@ from pathlib import Path
 from lmspec.runtime.checkpoint.layout import CHECKPOINTS_DIR, META_FILE, MODEL_FILE, CheckpointError, find_checkpoint
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.options import cli_overrides
-
-class DiffInputError(Exception):
-    """A side that is missing or not a readable checkpoint: one line, exit 1."""
-
+from lmspec.runtime.errors import DiffInputError  # noqa: F401  (raised here, and imported from here)
 
 @dataclass
 class Side:

@@ -23,7 +23,7 @@ from lmspec.runtime.errors import UsageError
 
 def checkpoint_kind(loaded) -> str:
     """"classifier", "instruct" or "language-model"; a CheckpointError for a model that is none."""
-    from lmspec.runtime.cli.classify import classify_record
+    from lmspec.runtime.finetune.classifier import classify_record
 
     if classify_record(loaded.checkpoint) is not None:
         return "classifier"

@@ -14,7 +14,6 @@ from lmspec.runtime.export.bundle import (
     BUNDLE_VERSION,
     CLASSIFIER,
     LANGUAGE_MODEL,
-    BundleError,
     bundle_sidecar,
 )
 from lmspec.runtime.data.tokenizer import TokenizerError
@@ -195,7 +194,7 @@ class ClassifierExport(ModelExport):
 def export_target(checkpoint: str, log=print) -> ModelExport:
     """What `checkpoint` exports as: its model rebuilt with its rewrites (an adapter checkpoint on
     its base), LoRA adapters folded into their weights, as a classifier or a language model."""
-    from lmspec.runtime.cli.classify import classifier_inputs, classify_record
+    from lmspec.runtime.finetune.classifier import classifier_inputs, classify_record
     from lmspec.runtime.checkpoint.models import load_model
     from lmspec.runtime.data.tokenizer import load_tokenizer
 
@@ -280,62 +279,3 @@ def cmd_export(args) -> int:
     except (ExportError, CheckpointError, TokenizerError, RewriteError) as err:
         return _fail("export", err)
     return 0 if meta else 1
-
-
-def _stop_strings(values: list[str] | None) -> tuple[str, ...]:
-    # Written on a command line, "\n" arrives as a backslash and an n: let it mean a newline.
-    return tuple(v.encode("utf-8").decode("unicode_escape") if "\\" in v else v for v in values or [])
-
-
-def cmd_generate(args) -> int:
-    from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, check_request, session_providers
-
-    providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        try:
-            prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line]
-        except (OSError, UnicodeDecodeError) as err:
-            return _fail("generate", f"{args.prompts_file}: cannot read prompts: {err}")
-    if not prompts:
-        prompts = [""]
-    try:
-        model = OnnxModel(args.model, providers=providers, threads=args.threads)
-    except BundleError as err:
-        return _fail("generate", err)
-    requests = []
-    for prompt in prompts:
-        try:
-            ids = model.tokenizer.encode(prompt) if prompt else [model.eot_id if model.eot_id is not None else 0]
-        except (ValueError, TokenizerError) as err:
-            return _fail("generate", f"prompt {prompt!r}: {err}")
-        requests.append(GenerationRequest(ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                                          args.seed, stop=_stop_strings(args.stop)))
-    try:
-        for request in requests:
-            check_request(request, model.vocab_size)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    started = time.perf_counter()
-    try:
-        if len(requests) == 1 and not args.json:
-            sys.stdout.write(prompts[0])
-            for event in model.stream(requests):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            return 0
-        completions = model.generate(requests)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    seconds = time.perf_counter() - started
-    if args.json:
-        print(json.dumps([{"prompt": p, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
-                          for p, c in zip(prompts, completions)], ensure_ascii=False, indent=1))
-    else:
-        for prompt, c in zip(prompts, completions):
-            print(prompt + c.text)
-            print("---")
-        total = sum(len(c.tokens) for c in completions)
-        print(f"{total} tokens in {seconds:.2f} s", file=sys.stderr)
-    return 0

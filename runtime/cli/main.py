@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from lmspec.dsl.diagnostics import SpecError
+from lmspec.dsl.errors import UserError
 
 from lmspec.runtime.cli.classify_options import add_classify_verbs
 from lmspec.runtime.cli.diff_options import add_diff_verbs
@@ -20,7 +20,6 @@ from lmspec.runtime.cli.fmt_options import add_fmt_verbs
 from lmspec.runtime.cli.instruct_options import add_instruct_verbs
 from lmspec.runtime.cli.lora_options import add_lora_verbs
 from lmspec.runtime.distributed.device import add_device_option
-from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.options import add_provider_option
 
 EXAMPLES = {
@@ -270,7 +269,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16", action="store_true", help="convert to float16 (for GPU execution providers)")
 
     gen = verb("generate", "Generate text from an exported ONNX model with onnxruntime (no PyTorch).",
-               "cli.export:cmd_generate")
+               "cli.serve:cmd_generate")
     gen.add_argument("model", help="an exported .onnx file, or a directory holding one")
     gen.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of prompts")
     gen.add_argument("--prompts-file", help="a file with one prompt per line (batched)")
@@ -286,7 +285,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
 
     sv = verb("serve", "Serve an exported ONNX model over HTTP: a language model with an OpenAI-compatible API "
-              "(/v1/completions, /v1/chat/completions), a classifier with POST /v1/classify.", "serve.app:cmd_serve")
+              "(/v1/completions, /v1/chat/completions), a classifier with POST /v1/classify.", "cli.serve:cmd_serve")
     sv.add_argument("model", help="an exported .onnx file (language model or classifier), or a directory holding one")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
@@ -377,12 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module, function = args.handler.split(":")
         return getattr(importlib.import_module(f"lmspec.runtime.{module}"), function)(args)
-    except SpecError as err:
-        print(err.render(), file=sys.stderr)
-        return 1
-    except UsageError as err:
-        print(f"lmspec {_verb(args)}: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # every mistake in the input: a spec's, an option's, a file's
+        print(err.report(_verb(args)), file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,8 +9,8 @@ from pathlib import Path
 from lmspec.compiler import load_spec
 from lmspec.dsl.diagnostics import SpecError
 from lmspec.compiler.graph import ModelGraph
-from lmspec.compiler.rewrites import graph_from_record
-from lmspec.compiler.vocab_padding import RECORD_KEY as PADDING_KEY, padded, padding_of
+from lmspec.compiler.rewrites import graph_from_record, spec_record  # noqa: F401  (spec_record: imported from here too)
+from lmspec.compiler.vocab_padding import padded, padding_of
 
 from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint
 from lmspec.runtime.errors import UsageError
@@ -25,16 +25,6 @@ USER_ERRORS = (CheckpointError, DataError, TokenizerError)
 def _fail(verb: str, err: Exception) -> int:
     print(f"lmspec {verb}: error: {err}", file=sys.stderr)
     return 1
-
-
-def spec_record(graph: ModelGraph, overrides: dict, rewrites: list[dict] | None = None,
-                vocab_padding: dict | None = None) -> dict:
-    """What a checkpoint keeps of its spec: enough to rebuild the same model with nothing else.
-    `rewrites` are the compiler rewrites (compiler/rewrites.py) applied after building, in order;
-    `vocab_padding` the real vocabulary of a run padded with --pad-vocab (compiler/vocab_padding.py)."""
-    record = {"file": graph.file, "model": graph.name, "sources": graph.sources, "overrides": overrides}
-    record |= {"rewrites": list(rewrites)} if rewrites else {}
-    return record | ({PADDING_KEY: vocab_padding} if vocab_padding else {})
 
 
 def _vocab_size(graph: ModelGraph) -> int | None:
@@ -320,7 +310,7 @@ def cmd_sample(args) -> int:
     from lmspec.runtime.checkpoint.models import load_model
     try:
         loaded = load_model(args.checkpoint, device)  # any checkpoint: rewrites applied, adapters on their base
-        from lmspec.runtime.cli.classify import classify_record
+        from lmspec.runtime.finetune.classifier import classify_record
         if classify_record(loaded.checkpoint) is not None:
             raise CheckpointError(f"{loaded.checkpoint.path}: is a classifier, which predicts labels rather than "
                                   f"tokens; use `lmspec classify`")

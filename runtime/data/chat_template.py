@@ -19,15 +19,12 @@ from dataclasses import dataclass
 import tokenizers
 
 from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, TokenizerError
+from lmspec.runtime.errors import ChatError  # noqa: F401  (raised here, and imported from here)
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 PLAIN_LABELS = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 PLAIN_STOP = "\nUser:"
-
-
-class ChatError(ValueError):
-    """Messages that cannot be made into a prompt; the message says which and why."""
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file or the problem."""
+from lmspec.runtime.errors import DataError  # noqa: F401  (raised here, and imported from here)
 
 
 def default_corpus_text() -> str:

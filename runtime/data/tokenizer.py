@@ -12,6 +12,7 @@ import os
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+from lmspec.runtime.errors import TokenizerError  # noqa: F401  (raised here, and imported from here)
 
 # The special token that ends a document in GPT-2-style vocabularies; generation stops on it.
 EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
@@ -20,10 +21,6 @@ EOT_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 # Vocabulary + merges pairs of byte-level BPE files: OpenAI's GPT-2 release, and Hugging Face's copy.
 BPE_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file or serialised tokenizer that cannot be used; the message names it."""
 
 
 class CharTokenizer:

@@ -9,12 +9,13 @@ gradients and optimizer state, whatever the parallelism (plain tensors pass thro
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from lmspec.compiler.tensor_parallel import TensorParallelPlan, fused_row_order, inverse_order
 
-from lmspec.runtime.checkpoint.store import CheckpointError, _param_names_by_group
+from lmspec.runtime.errors import CheckpointError
 
 
 def fused_order(split, tp: int, device) -> torch.Tensor:
@@ -118,7 +119,6 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     """The optimizer state keyed by parameter name with whole, canonical tensors, in the form
     checkpoint.read_optimizer_by_name returns ({"state": {name: {...}}, "param_groups": [...]}).
     Collective."""
-    from lmspec.runtime.checkpoint.sharded import owned_optimizer_state, param_groups_by_name
     return {"state": owned_optimizer_state(model, optimizer, plan=plan_of(model, plan)),
             "param_groups": param_groups_by_name(model, optimizer)}
 
@@ -128,7 +128,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
     """Restore optimizer state saved by name in the canonical layout (by any run: one process, DDP,
     tensor parallel of any size) into this tensor-parallel run's optimizer. No communication."""
     plan = plan_of(model, plan)
-    current = _param_names_by_group(optimizer, model)
+    current = param_names_by_group(optimizer, model)
     if [list(g["params"]) for g in by_name["param_groups"]] != current:
         raise CheckpointError("the saved optimizer's parameter groups do not match the model's parameters")
     index = {n: i for i, n in enumerate(n for names in current for n in names)}
@@ -148,3 +148,52 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"the optimizer state does not fit this run: {err}") from None
+
+
+def param_names_by_group(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[list[str]]:
+    """The names of each optimizer group's parameters, in order; a CheckpointError for a parameter the
+    model does not hold."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        try:
+            groups.append([names[id(p)] for p in group["params"]])
+        except KeyError:
+            raise CheckpointError("the optimizer holds a parameter that is not part of the model") from None
+    return groups
+
+
+def owned_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, plan=None,
+                          skip=frozenset(), peers: int = 1, index: int = 0) -> dict[str, dict]:
+    """This rank's share of the optimizer state by name: parameter i of the module (those in `skip`,
+    a tied copy, left out) when i % peers == index. Every peer calls it (the gathers are collective)."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    state, i = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            if name in skip or p not in optimizer.state:
+                continue
+            whole = canonical_optimizer_state(name, optimizer.state[p], plan)  # every peer takes part
+            if i % peers == index:
+                state[name] = whole
+            i += 1
+    return state
+
+
+def param_groups_by_name(module: torch.nn.Module, optimizer: torch.optim.Optimizer, skip=frozenset(),
+                         group=None, stages: int = 1) -> list[dict]:
+    """The optimizer's groups with each "params" the whole model's names, in order: a pipeline's
+    stages (`group`, `stages` of them) contribute theirs in stage order. Collective over `group`."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    mine = [{**{k: v for k, v in g.items() if k != "params"},
+             "params": [names[id(p)] for p in g["params"] if names[id(p)] not in skip]} for g in optimizer.param_groups]
+    if stages == 1:
+        return mine
+    everyone = [None] * stages
+    dist.all_gather_object(everyone, mine, group=group)
+    merged = [dict(g, params=[]) for g in mine]
+    for part in everyone:
+        for into, g in zip(merged, part):
+            into["params"] += g["params"]
+    return merged

@@ -10,14 +10,10 @@ from __future__ import annotations
 import os
 import re
 
-from lmspec.runtime.errors import UsageError
+from lmspec.runtime.errors import DeviceError, UsageError  # noqa: F401  (raised here, and imported from here)
 
 DEVICE_HELP = ("where the model runs: auto (default: the GPU when CUDA is available, else the CPU), cpu, "
                "cuda, or cuda:N; under torchrun each rank takes cuda:LOCAL_RANK")
-
-
-class DeviceError(UsageError):
-    """A device that is not there (no CUDA, no such GPU, more ranks on a node than GPUs)."""
 
 
 def add_device_option(parser) -> None:

@@ -16,24 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 import torch.fx as fx
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from lmspec.compiler.checkpointing import BLOCK_META
-
-from lmspec.runtime.checkpoint.store import OPTIMIZER_DCP_DIR, Checkpoint, CheckpointError, read_optimizer_by_name
 from lmspec.runtime.distributed.world import World
 
 STRATEGIES = ("ddp", "fsdp")
@@ -126,35 +116,3 @@ def kept_names(model: torch.nn.Module) -> list[str]:
     kept = [sorted(names)[0] for names in aliases.values()]
     kept += [name for name, _ in model.named_buffers()]
     return kept
-
-
-def save_sharded_checkpoint(world: World, run_dir, *, step: int, model, optimizer, **fields) -> Path | None:
-    """A checkpoint of an FSDP run; every rank calls it. The ranks write their optimizer shards
-    through torch.distributed.checkpoint; rank 0 writes the consolidated weights and the rest
-    (parallel_checkpoint.save_with_optimizer_dcp). Returns the checkpoint directory on rank 0,
-    None on the others."""
-    from lmspec.runtime.checkpoint.sharded import save_with_optimizer_dcp
-    return save_with_optimizer_dcp(world, run_dir, step=step, optimizer_state=get_optimizer_state_dict(model, optimizer),
-                                   weights=lambda: consolidated_weights(model), **fields)
-
-def load_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-    """Restore optimizer state saved by any run (sharded or not, on any number of ranks) into this
-    one's layout. A sharded save is resharded by dcp.load; a plain one is read whole by every rank
-    and each keeps its own shards."""
-    sharded = checkpoint.path / OPTIMIZER_DCP_DIR
-    try:
-        if sharded.is_dir():
-            state = get_optimizer_state_dict(model, optimizer)  # the layout to fill, state allocated
-            dcp.load({"optimizer": state}, checkpoint_id=str(sharded))
-            set_optimizer_state_dict(model, optimizer, state)
-        else:
-            state = read_optimizer_by_name(checkpoint.path)
-            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-    except CheckpointError:
-        raise
-    except CheckpointException as err:  # dcp's own: a BaseException that gathers each rank's failure
-        failures = {rank: f[0] if isinstance(f, tuple) else f for rank, f in err.failures.items()}  # (error, frames)
-        causes = "; ".join(f"rank {rank}: {type(e).__name__} {e}".strip() for rank, e in failures.items())
-        raise CheckpointError(f"{sharded}: corrupt or incomplete ({causes})") from None
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        raise CheckpointError(f"{checkpoint.path}: the optimizer state does not fit this run: {err}") from None

@@ -27,7 +27,7 @@ from lmspec.compiler.graph import ModelGraph
 from lmspec.compiler.lower import initial_fills, to_empty
 
 from lmspec.runtime.distributed.canonical_state import _local_share, _split, plan_of
-from lmspec.runtime.checkpoint.store import CheckpointError
+from lmspec.runtime.errors import CheckpointError
 
 
 def is_on_meta(module: nn.Module) -> bool:

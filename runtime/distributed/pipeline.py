@@ -381,27 +381,6 @@ class Pipeline:
         from lmspec.runtime.distributed.canonical_state import load_full_state_dict
         load_full_state_dict(self.module, self._tp, mine)  # each rank keeps its split or shards, if any
 
-
-    def save_checkpoint(self, world, run_dir, optimizer: torch.optim.Optimizer, mesh=None, *, step: int,
-                        **fields):
-        """A checkpoint of the whole model; every rank calls it. The weights are gathered to rank 0
-        (model.safetensors); each rank writes its share of the AdamW state, whole and by name,
-        through torch.distributed.checkpoint (runtime/checkpoint/sharded.py). A tied weight's copy
-        is left out: its owner holds the same state. Returns the directory on rank 0."""
-        from lmspec.runtime.checkpoint.sharded import (
-            owned_optimizer_state,
-            param_groups_by_name,
-            save_model_parallel_checkpoint,
-        )
-        from lmspec.runtime.distributed.mesh import stage_peers
-        weights = self.full_state_dict()
-        peers, index = stage_peers(mesh)
-        skip = set(self.stage.tied_copies)
-        state = owned_optimizer_state(self.module, optimizer, plan=self._tp, skip=skip, peers=peers, index=index)
-        groups = param_groups_by_name(self.module, optimizer, skip, group=self.group, stages=len(self.stages))
-        return save_model_parallel_checkpoint(world, run_dir, step=step, weights=weights, state=state,
-                                              param_groups=groups, **fields)
-
     def needed_names(self) -> set[str]:
         """The names under which a whole-model state may hold this stage's parameters."""
         return {a for name, _ in self.module.named_parameters() for a in [name, *self._aliases(name)]}

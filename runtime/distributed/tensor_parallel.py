@@ -36,8 +36,6 @@ rank's heads does not match one process's draw, only its distribution).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.fx as fx
 from torch import nn
@@ -52,14 +50,7 @@ from torch.distributed.tensor.parallel import (
 
 from lmspec.compiler.tensor_parallel import ATTENTION, EMBEDDING, HEAD, MLP, REPLICATED, TensorParallelPlan
 
-from lmspec.runtime.distributed.canonical_state import (
-    fused_order,
-    full_state_dict,
-    load_full_optimizer_state_dict,
-    plan_of,
-)
-from lmspec.runtime.checkpoint.store import Checkpoint, read_optimizer_by_name
-from lmspec.runtime.distributed.world import World
+from lmspec.runtime.distributed.canonical_state import fused_order
 
 MESH_DIM = "tp"
 
@@ -202,39 +193,3 @@ def _restore_parameters(module, args, output):
 
 
 # ------------------------------------------------------------------------------ checkpoints
-
-def save_tensor_parallel_checkpoint(world: World, run_dir, *, step: int, model: nn.Module,
-                                    optimizer: torch.optim.Optimizer, plan: TensorParallelPlan | None = None,
-                                    mesh: DeviceMesh | None = None, **fields) -> Path | None:
-    """A checkpoint of a tensor-parallel run (and its data-parallel replicas, `mesh`): the whole
-    weights in model.safetensors (tied ones once) written by rank 0, the AdamW state through
-    torch.distributed.checkpoint, each rank writing its share whole and un-permuted
-    (runtime/checkpoint/sharded.py), so any layout resumes it. Every rank calls it (the gathers
-    are collective). `fields` are save_checkpoint's rng, train_config, metrics, tokenizer, spec,
-    keep. Returns the directory on rank 0, None on the others."""
-    from lmspec.runtime.checkpoint.sharded import (
-        owned_optimizer_state,
-        param_groups_by_name,
-        save_model_parallel_checkpoint,
-    )
-    from lmspec.runtime.distributed.mesh import stage_peers
-    from lmspec.runtime.distributed.fsdp import kept_names
-    plan = plan_of(model, plan)
-    weights = full_state_dict(model, plan)
-    weights = {n: weights[n].contiguous() for n in kept_names(model) if n in weights} if world.main else {}
-    peers, index = stage_peers(mesh) if mesh is not None else (plan.tp, _mesh_rank(model))
-    state = owned_optimizer_state(model, optimizer, plan=plan, peers=peers, index=index)
-    return save_model_parallel_checkpoint(world, run_dir, step=step, weights=weights, state=state,
-                                          param_groups=param_groups_by_name(model, optimizer), **fields)
-
-
-def _mesh_rank(model: nn.Module) -> int:
-    mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
-    return mesh.get_local_rank()
-
-
-def load_tensor_parallel_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer, model: nn.Module,
-                                   plan: TensorParallelPlan | None = None) -> None:
-    """Resume the optimizer of a tensor-parallel run from any checkpoint (one process, DDP, FSDP,
-    tensor or pipeline parallel of any size)."""
-    load_full_optimizer_state_dict(model, optimizer, plan, read_optimizer_by_name(checkpoint.path))

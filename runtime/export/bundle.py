@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lmspec.runtime.data.tokenizer import TokenizerError, load_tokenizer
-from lmspec.runtime.errors import UsageError
+from lmspec.runtime.errors import BundleError, ProviderError, UsageError  # noqa: F401  (raised here, and imported from here)
 
 BUNDLE_FORMAT = "lmspec-onnx"
 BUNDLE_VERSION = 1
@@ -34,14 +34,6 @@ CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 # What each `--provider` name means to onnxruntime, in order of preference: the CPU stays last for the
 # odd operator a GPU provider has no kernel for (onnxruntime places such nodes there itself).
 PROVIDERS = {"cpu": [CPU_PROVIDER], "cuda": [CUDA_PROVIDER, CPU_PROVIDER]}
-
-
-class BundleError(Exception):
-    """An ONNX bundle that is missing, incomplete or corrupt; the message names the file."""
-
-
-class ProviderError(UsageError):
-    """An execution provider that is not there: not built into this onnxruntime, or not started by it."""
 
 
 def bundle_sidecar(onnx_path: str | os.PathLike) -> Path:

@@ -32,6 +32,7 @@ from lmspec.runtime.data.chat_template import (
 )
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.tokenizer import FileTokenizer, TokenizerError
+from lmspec.runtime.errors import TemplateError  # noqa: F401  (raised here, and imported from here)
 
 IGNORE = -100  # the target cross-entropy skips (F.cross_entropy's default ignore_index)
 PAD_TOKEN = "<|pad|>"
@@ -120,10 +121,6 @@ def format_alpaca_prompt(record: dict, preamble: str = ALPACA_PREAMBLE) -> str:
     text = f"{preamble}\n\n### Instruction:\n{record['instruction']}"
     text += f"\n\n### Input:\n{record['input']}" if record.get("input") else ""
     return text + "\n\n### Response:\n"
-
-
-class TemplateError(ValueError):
-    """A template this tokenizer or record cannot be written in; the message says why."""
 
 
 @dataclass(frozen=True)

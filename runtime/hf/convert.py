@@ -37,6 +37,7 @@ from lmspec.runtime.hf.families import (
     spec_literal,
     template_for,
 )
+from lmspec.runtime.errors import HFError  # noqa: F401  (raised here, and imported from here)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,10 +56,6 @@ DTYPES = {
     "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
 _TORCH_TO_ST = {name: st for st, (name, _) in DTYPES.items()}
-
-
-class HFError(Exception):
-    """A Hugging Face directory that cannot be imported, or a checkpoint that cannot be exported."""
 
 
 # ------------------------------------------------------------------------------------ config.json
@@ -621,7 +618,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
         MODEL_FILE,
         step_dir_name,
     )
-    from lmspec.runtime.cli.train import spec_record
+    from lmspec.compiler.rewrites import spec_record
     from lmspec.runtime.errors import UsageError
 
     directory, out = Path(directory), Path(out)

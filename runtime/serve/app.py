@@ -17,11 +17,8 @@ Every mistake in a request is answered with a 4xx and an OpenAI-style body,
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
-import socket
-import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -36,19 +33,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmspec.runtime.data.chat_template import check_messages, chat_template_for
-from lmspec.runtime.export.bundle import (
-    CLASSIFIER,
-    BundleError,
-    GenerationRequest,
-    OnnxModel,
-    bundle_kind,
-    check_request,
-    find_model_file,
-    read_sidecar,
-    session_providers,
-)
+from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, check_request, session_providers
 from lmspec.runtime.serve.scheduler import Scheduler, Ticket
-from lmspec.runtime.errors import UsageError
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: our messages share its format
 
@@ -476,40 +462,6 @@ async def _stream_chat(api: Api, request: GenerationRequest, head: dict, include
 
 # ------------------------------------------------------------------------------------ the command
 
-def _check_args(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
-    for option, value, least in (("--max-tokens", args.max_tokens, 0), ("--max-batch", args.max_batch, 1),
-                                 ("--max-body-bytes", args.max_body_bytes, 1),
-                                 ("--max-prompt-tokens", args.max_prompt_tokens, 1), ("--threads", args.threads, 1)):
-        if value is not None and value < least:
-            raise UsageError(f"{option} {value}: must be at least {least}")
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket, bound here rather than by uvicorn so that a taken port is a one-line error
-    and --port 0 can report the port it got."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
-    # With the protocol given (IPPROTO_TCP), asyncio sets TCP_NODELAY on each connection; with 0 it
-    # does not, and every small response waits ~40 ms for a delayed ACK.
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
 
 @dataclass(frozen=True)
 class Served:
@@ -532,40 +484,3 @@ def served_language_model(path: Path, args) -> Served:
                  f"{model.context} tokens",)
     return Served(create_app(model, settings), settings.name,
                   f"OpenAI-compatible; batches of up to {settings.max_batch}", notes)
-
-
-def served_bundle(args) -> Served:
-    """The server for the bundle's kind: a language model here, a classifier in serve_classifier."""
-    path = find_model_file(args.model)
-    if bundle_kind(read_sidecar(path)) == CLASSIFIER:
-        from lmspec.runtime.serve.classifier_app import served_classifier  # it builds on this module: imported when needed
-        return served_classifier(path, args)
-    return served_language_model(path, args)
-
-
-def cmd_serve(args) -> int:
-    import uvicorn
-
-    _check_args(args)
-    session_providers(args.provider)  # a provider this onnxruntime lacks: said before the bundle is read
-    try:
-        served = served_bundle(args)
-    except BundleError as err:
-        print(f"lmspec serve: error: {err}", file=sys.stderr)
-        return 1
-    try:
-        sock = _bind(args.host, args.port)
-    except OSError as err:
-        print(f"lmspec serve: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    address, port = sock.getsockname()[:2]
-    if not _is_loopback(address):
-        print(f"lmspec serve: warning: listening on {address}, reachable from other machines; this server "
-              f"has no authentication (use --host 127.0.0.1 to keep it local)", file=sys.stderr)
-    for note in served.notes:
-        print(f"lmspec serve: note: {note}", file=sys.stderr)
-    host = f"[{address}]" if ":" in address else address
-    print(f"serving {served.name} at http://{host}:{port}/v1 ({served.answers}; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(served.app, log_level="info", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0

@@ -9,7 +9,6 @@ index order, the most tokens a text keeps and the pad id, so that texts are enco
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -19,14 +18,10 @@ from lmspec.runtime.export.bundle import (
     bundle_kind,
     bundle_tokenizer,
     find_model_file,
-    is_bundle_path,
     open_session,
     read_sidecar,
-    session_providers,
 )
 from lmspec.runtime.data.text_encoder import TextEncoder
-from lmspec.runtime.data.tokenizer import TokenizerError
-from lmspec.runtime.errors import UsageError
 
 BATCH = 32  # texts per onnxruntime call, as `lmspec classify CHECKPOINT` batches them
 
@@ -73,41 +68,3 @@ def right_pad(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def print_predictions(labels: list[str], texts: list[str], probs) -> None:
-    """One line per text: its most probable class, that probability and the text (probs: numpy or torch rows)."""
-    width = max(len(n) for n in labels)
-    for text, p in zip(texts, probs):
-        best = int(p.argmax())
-        print(f"{labels[best]:<{width}}  {float(p[best]):.3f}  {text}")
-
-
-def check_placement(args, bundle: bool) -> None:
-    """A UsageError for --device on a bundle or --provider on a checkpoint, each of which the other
-    path would quietly ignore; the defaults (and --device cpu on a bundle run on the CPU) pass."""
-    device = (args.device or "auto").strip().lower()
-    if bundle and device != "auto" and not (device == "cpu" and args.provider == "cpu"):
-        raise UsageError(f"--device {device}: places a checkpoint run in PyTorch; an exported model runs in "
-                         f"onnxruntime, placed by --provider (cpu, or cuda for the GPU)")
-    if not bundle and args.provider != "cpu":
-        raise UsageError(f"--provider {args.provider}: places an exported model (.onnx) in onnxruntime; "
-                         f"{args.checkpoint} is a checkpoint, run in PyTorch: use --device cuda")
-
-
-def cmd_classify(args) -> int:
-    """An exported bundle (a .onnx file or its directory) runs here; a checkpoint in PyTorch."""
-    bundle = is_bundle_path(args.checkpoint)
-    check_placement(args, bundle)
-    if not bundle:
-        from lmspec.runtime.cli.classify import cmd_classify as classify_checkpoint
-        return classify_checkpoint(args)
-    providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
-    try:
-        classifier = OnnxClassifier(args.checkpoint, providers=providers)
-        probs = classifier.probabilities(args.texts)
-    except (BundleError, TokenizerError) as err:
-        print(f"lmspec classify: error: {err}", file=sys.stderr)
-        return 1
-    print_predictions(classifier.labels, args.texts, probs)
-    return 0

@@ -22,12 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lmspec.runtime.distributed import world as distributed
+from lmspec.runtime.checkpoint import sharded as sharded_store
 from lmspec.runtime.checkpoint.store import (
     MODEL_FILE,
     Checkpoint,
     CheckpointError,
     find_checkpoint,
     load_checkpoint,
+    load_sharded_optimizer,
     read_optimizer_by_name,
     save_checkpoint,
 )
@@ -47,17 +49,10 @@ from lmspec.runtime.train.throughput import (
     predicted_memory,
     training_flops_per_token,
 )
+from lmspec.runtime.errors import ConfigError, TrainingError  # noqa: F401  (raised here, and imported from here)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-
-
-class ConfigError(ValueError):
-    """A training setting that cannot work; the message names the setting."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (the loss diverged, or the run directory is in the way)."""
 
 
 @dataclass
@@ -202,7 +197,7 @@ def train(
     leaves the last complete checkpoint in place. Returns a summary of the run.
 
     In a world of several ranks (torchrun) the model trains under DistributedDataParallel, or FSDP2
-    with cfg.strategy "fsdp" (weights, gradients and optimizer state sharded; see sharding.py): each
+    with cfg.strategy "fsdp" (weights, gradients and optimizer state sharded; see runtime/distributed/fsdp.py): each
     rank takes its slice of every global batch, gradients are averaged across ranks, the logged
     loss is the mean over ranks, and only rank 0 writes metrics and plots. Checkpoints hold the
     whole model either way, so a run resumes on any number of ranks under either strategy.
@@ -329,9 +324,9 @@ def train(
         if pipe is not None:
             pipe.load_optimizer_state(optimizer, read_optimizer_by_name(checkpoint.path, pipe.needed_names()))
         elif tp > 1:
-            tensor_parallel.load_tensor_parallel_optimizer(checkpoint, optimizer, model, tensor_parallel_plan)
+            sharded_store.load_tensor_parallel_optimizer(checkpoint, optimizer, model, tensor_parallel_plan)
         elif sharded:
-            sharding.load_optimizer(checkpoint, optimizer, model)
+            load_sharded_optimizer(checkpoint, optimizer, model)
         else:
             checkpoint.load_optimizer(optimizer, model)
         _restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path, scaler)
@@ -415,13 +410,14 @@ def train(
                 # model parallel: the weights gathered to rank 0, the optimizer state written by every
                 # rank through torch.distributed.checkpoint (its share, whole and by name)
                 if pipe is not None:
-                    last_checkpoint = pipe.save_checkpoint(world, run_dir, optimizer, mesh, step=step, **fields)
+                    last_checkpoint = sharded_store.save_pipeline_checkpoint(pipe, world, run_dir, optimizer, mesh, step=step,
+                                                                             **fields)
                 elif tp > 1:
-                    last_checkpoint = tensor_parallel.save_tensor_parallel_checkpoint(
+                    last_checkpoint = sharded_store.save_tensor_parallel_checkpoint(
                         world, run_dir, step=step, model=model, optimizer=optimizer, plan=tensor_parallel_plan,
                         mesh=mesh, **fields)
                 elif sharded:  # every rank takes part: each writes its optimizer shards
-                    last_checkpoint = sharding.save_sharded_checkpoint(world, run_dir, step=step, model=model,
+                    last_checkpoint = sharded_store.save_sharded_checkpoint(world, run_dir, step=step, model=model,
                                                                        optimizer=optimizer, **fields)
                 elif world.main:
                     last_checkpoint = save_checkpoint(run_dir, step=step, model=model, optimizer=optimizer,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import finetune_spam, lmspec_cli, train_tiny_base
-from lmspec.runtime.cli.classify import classifier_inputs
+from lmspec.runtime.finetune.classifier import classifier_inputs
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.cli.export import export_bundle
 from lmspec.runtime.checkpoint.models import load_model

@@ -13,7 +13,7 @@ from conftest import SHARED_DATA, lmspec_cli
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.cli.main import main
-from lmspec.runtime.cli.train import spec_record
+from lmspec.compiler.rewrites import spec_record
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.finetune.dpo import (
     DPOSetup,

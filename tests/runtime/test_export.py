@@ -13,7 +13,7 @@ from conftest import SHARED_DATA, lmspec_cli
 from lmspec.compiler.loader import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
-from lmspec.runtime.cli.train import spec_record
+from lmspec.compiler.rewrites import spec_record
 from lmspec.runtime.cli.export import export_bundle
 from lmspec.runtime.train.sampling import generate
 from lmspec.runtime.export.bundle import BundleError, GenerationRequest, OnnxModel, bundle_sidecar

@@ -14,7 +14,7 @@ from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
 from lmspec.runtime.cli.main import main
-from lmspec.runtime.cli.train import spec_record
+from lmspec.compiler.rewrites import spec_record
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.finetune.instruct_data import (
     IGNORE,

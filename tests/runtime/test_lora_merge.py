@@ -14,7 +14,7 @@ from lmspec.compiler.rewrites import apply_rewrites
 from lmspec.runtime.checkpoint.store import load_checkpoint, save_checkpoint
 from lmspec.runtime.cli.main import main as cli_main
 from lmspec.compiler.rewrites import graph_from_record
-from lmspec.runtime.cli.train import spec_record
+from lmspec.compiler.rewrites import spec_record
 from lmspec.runtime.checkpoint.models import base_record, load_model
 from lmspec.runtime.finetune.lora import mark_trainable, trainable_weights
 from lmspec.runtime.data.tokenizer import load_tokenizer

@@ -21,7 +21,7 @@ from lmspec.runtime.export.bundle import (
     check_session_providers,
     session_providers,
 )
-from lmspec.runtime.serve.app import served_bundle
+from lmspec.runtime.cli.serve import served_bundle
 
 TEXTS = ["WINNER!! Claim your prize now, call 09061701461", "ok see you at 6?", ""]
 

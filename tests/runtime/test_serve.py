@@ -330,7 +330,7 @@ def test_bad_options_are_usage_errors(tiny_bundle):
 def test_the_listening_socket_is_tcp_so_small_answers_are_not_delayed():
     """asyncio sets TCP_NODELAY on connections only when the socket's protocol is IPPROTO_TCP; without
     it each small response waits ~40 ms for the client's delayed ACK."""
-    from lmspec.runtime.serve.app import _bind
+    from lmspec.runtime.cli.serve import _bind
 
     with _bind("127.0.0.1", 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP
@@ -362,7 +362,7 @@ def chatml_bundle(tmp_path_factory, verdict_text) -> Path:
     from lmspec.compiler.loader import load_spec
     from lmspec.compiler.lower import lower
     from lmspec.runtime.checkpoint.store import save_checkpoint
-    from lmspec.runtime.cli.train import spec_record
+    from lmspec.compiler.rewrites import spec_record
     from lmspec.runtime.cli.export import export_bundle
     from lmspec.runtime.data.tokenizer_training import train_bpe
 

@@ -132,6 +132,7 @@ def _worker(out: str) -> None:
     from lmspec.compiler.lower import lower
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
     from lmspec.runtime.distributed import canonical_state as canon
+    from lmspec.runtime.checkpoint import sharded as sharded_store
     from lmspec.runtime.distributed import tensor_parallel as tpm
     from lmspec.runtime.checkpoint.store import load_checkpoint, read_optimizer_by_name, read_tensors
     from lmspec.runtime.distributed.world import World
@@ -213,7 +214,7 @@ def _worker(out: str) -> None:
     # A checkpoint of the last (llama) run: single-process names and layout; it resumes a fresh
     # tensor-parallel model exactly (weights loaded before parallelizing, optimizer by name).
     run_dir = Path(tempfile.gettempdir()) / f"lmspec-tp-test-{os.getppid()}"
-    path = tpm.save_tensor_parallel_checkpoint(World(rank, 2), run_dir, step=1, model=tp, optimizer=opt_tp,
+    path = sharded_store.save_tensor_parallel_checkpoint(World(rank, 2), run_dir, step=1, model=tp, optimizer=opt_tp,
                                                plan=plan, rng=None, train_config={}, metrics={}, tokenizer="",
                                                spec={})
     dist.barrier()
@@ -229,7 +230,7 @@ def _worker(out: str) -> None:
     ckpt.load_model(fresh)
     tpm.apply_tensor_parallel(fresh, plan, mesh)
     opt_fresh = make_optimizer(fresh, cfg)
-    tpm.load_tensor_parallel_optimizer(ckpt, opt_fresh, fresh, plan)
+    sharded_store.load_tensor_parallel_optimizer(ckpt, opt_fresh, fresh, plan)
     x3 = torch.randint(0, vocab, (2, 16), generator=gen)
     for model, opt in ((tp, opt_tp), (fresh, opt_fresh)):
         opt.zero_grad()

@@ -1,0 +1,154 @@
+"""`lmspec generate` and `lmspec serve`: an exported bundle run by onnxruntime, once or behind HTTP
+(the app and its models live in runtime/serve/). No torch on these paths."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from lmspec.runtime.cli.export import _fail
+from lmspec.runtime.data.tokenizer import TokenizerError
+from lmspec.runtime.errors import UsageError
+from lmspec.runtime.export.bundle import (
+    CLASSIFIER,
+    BundleError,
+    bundle_kind,
+    find_model_file,
+    read_sidecar,
+    session_providers,
+)
+from lmspec.runtime.serve.app import Served, served_language_model
+from lmspec.runtime.serve.classifier_app import served_classifier
+
+
+def cmd_generate(args) -> int:
+    from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, check_request, session_providers
+
+    providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, UnicodeDecodeError) as err:
+            return _fail("generate", f"{args.prompts_file}: cannot read prompts: {err}")
+    if not prompts:
+        prompts = [""]
+    try:
+        model = OnnxModel(args.model, providers=providers, threads=args.threads)
+    except BundleError as err:
+        return _fail("generate", err)
+    requests = []
+    for prompt in prompts:
+        try:
+            ids = model.tokenizer.encode(prompt) if prompt else [model.eot_id if model.eot_id is not None else 0]
+        except (ValueError, TokenizerError) as err:
+            return _fail("generate", f"prompt {prompt!r}: {err}")
+        requests.append(GenerationRequest(ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                                          args.seed, stop=_stop_strings(args.stop)))
+    try:
+        for request in requests:
+            check_request(request, model.vocab_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    started = time.perf_counter()
+    try:
+        if len(requests) == 1 and not args.json:
+            sys.stdout.write(prompts[0])
+            for event in model.stream(requests):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        completions = model.generate(requests)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps([{"prompt": p, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
+                          for p, c in zip(prompts, completions)], ensure_ascii=False, indent=1))
+    else:
+        for prompt, c in zip(prompts, completions):
+            print(prompt + c.text)
+            print("---")
+        total = sum(len(c.tokens) for c in completions)
+        print(f"{total} tokens in {seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _check_args(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
+    for option, value, least in (("--max-tokens", args.max_tokens, 0), ("--max-batch", args.max_batch, 1),
+                                 ("--max-body-bytes", args.max_body_bytes, 1),
+                                 ("--max-prompt-tokens", args.max_prompt_tokens, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            raise UsageError(f"{option} {value}: must be at least {least}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here rather than by uvicorn so that a taken port is a one-line error
+    and --port 0 can report the port it got."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    # With the protocol given (IPPROTO_TCP), asyncio sets TCP_NODELAY on each connection; with 0 it
+    # does not, and every small response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def served_bundle(args) -> Served:
+    """The server for the bundle's kind: a language model here, a classifier in serve_classifier."""
+    path = find_model_file(args.model)
+    if bundle_kind(read_sidecar(path)) == CLASSIFIER:
+        return served_classifier(path, args)
+    return served_language_model(path, args)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    _check_args(args)
+    session_providers(args.provider)  # a provider this onnxruntime lacks: said before the bundle is read
+    try:
+        served = served_bundle(args)
+    except BundleError as err:
+        print(f"lmspec serve: error: {err}", file=sys.stderr)
+        return 1
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as err:
+        print(f"lmspec serve: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    address, port = sock.getsockname()[:2]
+    if not _is_loopback(address):
+        print(f"lmspec serve: warning: listening on {address}, reachable from other machines; this server "
+              f"has no authentication (use --host 127.0.0.1 to keep it local)", file=sys.stderr)
+    for note in served.notes:
+        print(f"lmspec serve: note: {note}", file=sys.stderr)
+    host = f"[{address}]" if ":" in address else address
+    print(f"serving {served.name} at http://{host}:{port}/v1 ({served.answers}; Ctrl-C stops)", flush=True)
+    config = uvicorn.Config(served.app, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _stop_strings(values: list[str] | None) -> tuple[str, ...]:
+    # Written on a command line, "\n" arrives as a backslash and an n: let it mean a newline.
+    return tuple(v.encode("utf-8").decode("unicode_escape") if "\\" in v else v for v in values or [])
