@@ -147,7 +147,8 @@ def _worker(rank: int, world: int, kind: str, schedule: str | None, threads: int
     import torch.distributed as dist
 
     from lmspec.compiler.lower import lower
-    from lmspec.runtime.train.loop import TrainConfig, _loss, make_optimizer
+    from lmspec.runtime.train.config import TrainConfig
+    from lmspec.runtime.train.steps import make_optimizer, training_loss as _loss
 
     torch.set_num_threads(threads)
     graph = _graph(args)

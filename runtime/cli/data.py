@@ -6,15 +6,9 @@ import sys
 from pathlib import Path
 
 from lmspec.runtime.data.corpus import DataError
-from lmspec.runtime.data.tokenizer import TokenizerError
 from lmspec.runtime.errors import UsageError
-
-USER_ERRORS = (DataError, TokenizerError)
-
-
-def _fail(verb: str, err: Exception) -> int:
-    print(f"lmspec {verb}: error: {err}", file=sys.stderr)
-    return 1
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.errors import TokenizerError
 
 
 def _documents(sources: list[str]):
@@ -38,50 +32,119 @@ def _documents(sources: list[str]):
     return (read_text_data(f) for f in files)
 
 
+def data_prepare_options(p) -> None:
+    """`lmspec data prepare`'s options."""
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories, JSONL files")
+    p.add_argument("--out", required=True, help="directory for documents.jsonl and report.json")
+    p.add_argument("--text-field", default="text", help="the field holding the text in JSONL records")
+    p.add_argument("--min-chars", type=int, default=1, help="drop shorter documents")
+    p.add_argument("--max-chars", type=int, help="drop longer documents")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8,
+                    help="estimated Jaccard similarity of word shingles above which a document is a near-duplicate")
+    p.add_argument("--shingle", type=int, default=5, help="words per shingle")
+    p.add_argument("--no-near-dup", action="store_true", help="drop exact duplicates only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def cmd_data_prepare(args) -> int:
-    from lmspec.runtime.data.prepare import format_report, prepare
-    try:
-        report = prepare(args.inputs, args.out, text_field=args.text_field, min_chars=args.min_chars,
-                         max_chars=args.max_chars, near_dup_threshold=args.near_dup_threshold,
-                         shingle=args.shingle, dedup_near=not args.no_near_dup, progress=not args.no_progress)
-    except USER_ERRORS as err:
-        return _fail("data prepare", err)
+    from lmspec.runtime.data.prepare import prepare
+    from lmspec.runtime.data.report import format_report
+    report = prepare(args.inputs, args.out, text_field=args.text_field, min_chars=args.min_chars,
+                     max_chars=args.max_chars, near_dup_threshold=args.near_dup_threshold,
+                     shingle=args.shingle, dedup_near=not args.no_near_dup, progress=not args.no_progress)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+DATA_PREPARE = Verb(
+    "data prepare",
+    "Normalise, clean, deduplicate (exact and near) and filter documents; write a report.",
+    data_prepare_options, cmd_data_prepare,
+    examples="""examples:
+  lmspec data prepare corpus/ extra.jsonl --out prepared/
+  lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
+)
+
+
+def data_tokenize_options(p) -> None:
+    """`lmspec data tokenize`'s options."""
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                    help="a prepared directory, or text files and directories (one file, one document)")
+    p.add_argument("--tokenizer", required=True,
+                    help="a tokenizers JSON file, or a directory with tokenizer.json or encoder.json + vocab.bpe")
+    p.add_argument("--out", required=True, help="directory for the shards and meta.json")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation")
+    p.add_argument("--shard-tokens", type=int, default=64 * 2**20, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def cmd_data_tokenize(args) -> int:
     from lmspec.runtime.data.shards import write_shards
     from lmspec.runtime.data.tokenizer import FileTokenizer
-    try:
-        tokenizer = FileTokenizer.from_path(args.tokenizer)
-        meta = write_shards(_documents(args.sources), tokenizer, args.out, val_fraction=args.val_fraction,
-                            shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=not args.no_progress)
-    except USER_ERRORS as err:
-        return _fail("data tokenize", err)
+    tokenizer = FileTokenizer.from_path(args.tokenizer)
+    meta = write_shards(_documents(args.sources), tokenizer, args.out, val_fraction=args.val_fraction,
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=not args.no_progress)
     splits = ", ".join(f"{name}: {info['tokens']:,} tokens in {info['documents']:,} documents"
                        for name, info in meta["splits"].items())
     print(f"wrote {args.out} ({meta['dtype']}): {splits}")
     return 0
 
 
+DATA_TOKENIZE = Verb(
+    "data tokenize",
+    "Tokenize a prepared corpus into binary shards for `lmspec train --data`.",
+    data_tokenize_options, cmd_data_tokenize,
+    examples="""examples:
+  lmspec data tokenize prepared/ --tokenizer tok.json --out shards/
+  lmspec data tokenize prepared/ --tokenizer ../shared/data/gpt2-tokenizer --out shards/ --val-fraction 0.05""",
+)
+
+
+def tokenizer_train_options(p) -> None:
+    """`lmspec tokenizer train`'s options."""
+    p.add_argument("corpus", nargs="+", help="a prepared directory, or text files and directories")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="the tokenizer JSON file to write")
+    p.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                    help="another special token (beside <|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>)")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+
+
 def cmd_tokenizer_train(args) -> int:
     from lmspec.runtime.data.tokenizer_training import DEFAULT_SPECIAL_TOKENS, train_bpe
     specials = list(DEFAULT_SPECIAL_TOKENS) + [s for s in args.special if s not in DEFAULT_SPECIAL_TOKENS]
-    try:
-        tok = train_bpe(_documents(args.corpus), args.vocab_size, args.out, special_tokens=specials,
-                        min_frequency=args.min_frequency, progress=not args.no_progress)
-    except USER_ERRORS as err:
-        return _fail("tokenizer train", err)
+    tok = train_bpe(_documents(args.corpus), args.vocab_size, args.out, special_tokens=specials,
+                    min_frequency=args.min_frequency, progress=not args.no_progress)
     ids = {s: tok.tokenizer.token_to_id(s) for s in specials}
     print(f"wrote {args.out}: {tok.vocab_size:,} tokens; special: "
           + ", ".join(f"{s}={i}" for s, i in ids.items()))
     return 0
 
 
+TOKENIZER_TRAIN = Verb(
+    "tokenizer train",
+    "Train a byte-level BPE tokenizer with special tokens (Hugging Face tokenizers).",
+    tokenizer_train_options, cmd_tokenizer_train,
+    examples="""examples:
+  lmspec tokenizer train prepared/ --vocab-size 8192 --out tok.json
+  lmspec tokenizer train ../shared/data/tinyshakespeare.txt --vocab-size 1024 --out shakespeare.json""",
+)
+
+
 def _load(path: str):
     from lmspec.runtime.data.tokenizer import FileTokenizer
     return FileTokenizer.from_path(path)
+
+
+def tokenizer_encode_options(p) -> None:
+    """`lmspec tokenizer encode`'s options."""
+    p.add_argument("tokenizer")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--file", help="encode this file instead")
+    p.add_argument("--count", action="store_true", help="print only how many tokens")
 
 
 def cmd_tokenizer_encode(args) -> int:
@@ -92,13 +155,27 @@ def cmd_tokenizer_encode(args) -> int:
         text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
         ids = tok.encode(text)
     except OSError as err:
-        return _fail("tokenizer encode", f"{args.file}: {err.strerror}")
+        raise DataError(f"{args.file}: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        return _fail("tokenizer encode", f"{args.file}: not UTF-8 text (byte {err.start})")
-    except USER_ERRORS as err:
-        return _fail("tokenizer encode", err)
+        raise DataError(f"{args.file}: not UTF-8 text (byte {err.start})") from None
     print(len(ids) if args.count else " ".join(map(str, ids)))
     return 0
+
+
+TOKENIZER_ENCODE = Verb(
+    "tokenizer encode",
+    "Print the token ids of a text.",
+    tokenizer_encode_options, cmd_tokenizer_encode,
+    examples="""examples:
+  lmspec tokenizer encode ../shared/data/gpt2-tokenizer "Hello, world."
+  lmspec tokenizer encode tok.json --file ../shared/data/the-verdict.txt --count""",
+)
+
+
+def tokenizer_decode_options(p) -> None:
+    """`lmspec tokenizer decode`'s options."""
+    p.add_argument("tokenizer")
+    p.add_argument("ids", nargs="+")
 
 
 def cmd_tokenizer_decode(args) -> int:
@@ -106,12 +183,18 @@ def cmd_tokenizer_decode(args) -> int:
         ids = [int(i) for i in " ".join(args.ids).replace(",", " ").split()]
     except ValueError:
         raise UsageError("token ids must be integers") from None
-    try:
-        tok = _load(args.tokenizer)
-        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
-        if bad:
-            raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of {tok.vocab_size:,}")
-        sys.stdout.write(tok.decode(ids) + "\n")
-    except USER_ERRORS as err:
-        return _fail("tokenizer decode", err)
+    tok = _load(args.tokenizer)
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise TokenizerError(f"token id {bad[0]} is outside the vocabulary of {tok.vocab_size:,}")
+    sys.stdout.write(tok.decode(ids) + "\n")
     return 0
+
+
+TOKENIZER_DECODE = Verb(
+    "tokenizer decode",
+    "Print the text of token ids.",
+    tokenizer_decode_options, cmd_tokenizer_decode,
+    examples="""examples:
+  lmspec tokenizer decode ../shared/data/gpt2-tokenizer 15496 11 995 13""",
+)

@@ -15,6 +15,7 @@ from lmspec.runtime.checkpoint.layout import CHECKPOINTS_DIR, META_FILE, MODEL_F
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.options import cli_overrides
 from lmspec.runtime.errors import DiffInputError  # noqa: F401  (raised here, and imported from here)
+from lmspec.runtime.cli.verb import Verb
 
 @dataclass
 class Side:
@@ -91,6 +92,22 @@ def resolve(path: str, overrides: list[str], model: str | None, option: str) -> 
     return Side(path, "spec", load_spec(path, cli_overrides(overrides), model))
 
 
+def diff_options(p) -> None:
+    """`lmspec diff`'s options."""
+    p.add_argument("old", metavar="OLD", help="a spec file, or a checkpoint (run or checkpoints/step_N directory)")
+    p.add_argument("new", metavar="NEW", help="a spec file, or a checkpoint (compared as the model it rebuilds)")
+    p.add_argument("--old-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a hyper-parameter of OLD when it is a spec (repeatable)")
+    p.add_argument("--new-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a hyper-parameter of NEW when it is a spec (repeatable)")
+    p.add_argument("--model", help="the model to use when a spec file defines several")
+    p.add_argument("--seq", type=int, help="sequence length for both FLOP counts (default: each model's context)")
+    p.add_argument("--format", choices=["human", "json"], default="human",
+                   help="json: one object with added/removed/reshaped/renamed/hyper/parameters/flops/breaking/reasons")
+    p.add_argument("--fail-on-breaking", action="store_true",
+                   help="exit 1 when checkpoints of OLD do not load into NEW")
+
+
 def cmd_diff(args) -> int:
     from lmspec.compiler.spec_diff import spec_diff
 
@@ -108,6 +125,20 @@ def cmd_diff(args) -> int:
     else:
         print(render(old, new, result))
     return 1 if args.fail_on_breaking and result.breaking else 0
+
+
+DIFF = Verb(
+    "diff",
+    ("Compare two models for checkpoint compatibility: parameters added, removed, reshaped and renamed, weight "
+     "ties, hyper-parameters, parameter and FLOP counts, and whether checkpoints of OLD load into NEW. Each "
+     "side is a spec file or a checkpoint; never imports torch."),
+    diff_options, cmd_diff,
+    examples="""examples:
+  lmspec diff specs/tiny.arch my-tiny.arch                   # two specs
+  lmspec diff runs/tiny specs/tiny.arch --new-set layers=6   # a checkpoint's own tensors against a spec
+  lmspec diff specs/gpt2.arch specs/gpt2.arch --old-set layers=4 --new-set layers=6 --seq 512
+  lmspec diff runs/tiny new.arch --format json --fail-on-breaking      # CI: exit 1 when breaking""",
+)
 
 
 def _side_dict(side: Side) -> dict:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmspec.runtime.checkpoint.store import CheckpointError
-from lmspec.runtime.cli.train import USER_ERRORS, _fail
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.distributed.device import resolve_device
 from lmspec.runtime.errors import UsageError
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import SPLITS
+from lmspec.runtime.distributed.device import add_device_option
+from lmspec.runtime.errors import CheckpointError
+
 
 def checkpoint_kind(loaded) -> str:
     """"classifier", "instruct" or "language-model"; a CheckpointError for a model that is none."""
@@ -36,13 +39,35 @@ def checkpoint_kind(loaded) -> str:
     return "language-model"
 
 
+def eval_options(p) -> None:
+    """`lmspec eval`'s options."""
+    p.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    p.add_argument("--data", help="a language model: a text file, a directory of .txt files or a shards directory; "
+                   "a classifier: labelled .tsv/.csv/.jsonl; instruction-tuned: JSON/JSONL records "
+                   "(default for the last two: the data it was finetuned on)")
+    p.add_argument("--split", choices=SPLITS,
+                   help="the part to score: train/validation as `train` or finetuning cut it, test as finetuning "
+                        "cut it (default: test on a finetuned checkpoint's own data, else all)")
+    p.add_argument("--seq", type=int, help="tokens per window for a language model (default: the context)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens (language model)")
+    p.add_argument("--batch", type=int, default=8, help="windows, texts or records per forward pass (default: 8)")
+    p.add_argument("--text-field", default="text", help="a classifier's text field or header column (default: text)")
+    p.add_argument("--label-field", default="label", help="its label field or header column (default: label)")
+    p.add_argument("--responses", metavar="FILE", help="instruction-tuned: write greedy answers to the scored "
+                   "records as JSONL (each record plus \"model_response\")")
+    p.add_argument("--response-tokens", type=int, default=256, help="the longest answer (default: 256)")
+    p.add_argument("--out", metavar="FILE", help="also write the result as a JSON file")
+    p.add_argument("--format", choices=["human", "json"], default="human",
+                   help="json: print one JSON object (for CI)")
+    add_device_option(p)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
 def cmd_eval(args) -> int:
     import torch
 
-    from lmspec.compiler.rewrites import RewriteError
 
     from lmspec.runtime.checkpoint.models import load_model
-    from lmspec.runtime.finetune.instruct_data import TemplateError
 
     device = resolve_device(args.device)  # first: a device that is not there costs no load
     if args.threads:
@@ -50,27 +75,38 @@ def cmd_eval(args) -> int:
     for name in ("batch", "seq", "max_tokens", "response_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    try:
-        loaded = load_model(args.checkpoint, device)
-        kind = checkpoint_kind(loaded)
-        if kind != "language-model" and (args.seq or args.max_tokens):
-            raise UsageError("--seq and --max-tokens are for a language model; this checkpoint is "
-                             + ("a classifier" if kind == "classifier" else "instruction-tuned"))
-        if kind != "instruct" and args.responses:
-            raise UsageError("--responses needs an instruction-tuned checkpoint (lmspec finetune instruct)")
-        evaluate = {"language-model": _eval_language_model, "classifier": _eval_classifier,
-                    "instruct": _eval_instruct}[kind]
-        result = {"checkpoint": str(loaded.checkpoint.path), "kind": kind} | evaluate(loaded, args)
-        if args.out:
-            from lmspec.runtime.atomic import write_text_atomically
-            write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
-    except (*USER_ERRORS, RewriteError, TemplateError) as err:
-        return _fail("eval", err)
+    loaded = load_model(args.checkpoint, device)
+    kind = checkpoint_kind(loaded)
+    if kind != "language-model" and (args.seq or args.max_tokens):
+        raise UsageError("--seq and --max-tokens are for a language model; this checkpoint is "
+                         + ("a classifier" if kind == "classifier" else "instruction-tuned"))
+    if kind != "instruct" and args.responses:
+        raise UsageError("--responses needs an instruction-tuned checkpoint (lmspec finetune instruct)")
+    evaluate = {"language-model": _eval_language_model, "classifier": _eval_classifier,
+                "instruct": _eval_instruct}[kind]
+    result = {"checkpoint": str(loaded.checkpoint.path), "kind": kind} | evaluate(loaded, args)
+    if args.out:
+        from lmspec.runtime.atomic import write_text_atomically
+        write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
     if args.format == "json":
         print(json.dumps(result))
     else:
         print(_human(result))
     return 0
+
+
+EVAL = Verb(
+    "eval",
+    ("Measure a checkpoint: a language model's perplexity on text or shards, a classifier's accuracy on "
+     "labelled texts, an instruction-tuned model's answer loss (and its answers)."),
+    eval_options, cmd_eval,
+    examples="""examples:
+  lmspec eval runs/tiny --data ../shared/data/the-verdict.txt             # perplexity, windows of the context
+  lmspec eval runs/gpt2 --data shards/ --split validation --seq 512 --max-tokens 1000000 --format json
+  lmspec eval runs/spam                      # the test split it was finetuned with: accuracy, confusion matrix
+  lmspec eval runs/spam --data new-sms.tsv --out spam-eval.json
+  lmspec eval runs/gpt2-instruct --responses answers.jsonl      # test answers, for judging""",
+)
 
 
 def _finetuning_data(loaded, args) -> tuple[str, str]:
@@ -88,6 +124,7 @@ def _finetuning_data(loaded, args) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------------- language model
+
 
 def _eval_language_model(loaded, args) -> dict:
     from lmspec.runtime.cli.train import _shard_data
@@ -130,8 +167,9 @@ def _eval_language_model(loaded, args) -> dict:
 
 # ---------------------------------------------------------------------------------------- classifier
 
+
 def _eval_classifier(loaded, args) -> dict:
-    from lmspec.runtime.cli.classify import classifier_inputs
+    from lmspec.runtime.finetune.classifier import classifier_inputs
     from lmspec.runtime.finetune.classify_data import finetuning_splits, read_examples
     from lmspec.runtime.finetune.classify_train import Encoded, score_split
 
@@ -151,6 +189,7 @@ def _eval_classifier(loaded, args) -> dict:
 
 
 # --------------------------------------------------------------------------------------- instruction
+
 
 def _eval_instruct(loaded, args) -> dict:
     from lmspec.runtime.cli.instruct import write_responses
@@ -191,6 +230,7 @@ def _eval_instruct(loaded, args) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- output
+
 
 def _human(result: dict) -> str:
     where = f"{result['checkpoint']} on {result['data']} ({result['split']})"

@@ -12,6 +12,7 @@ from lmspec.dsl.formatter import format_source
 from lmspec.runtime.atomic import write_text_atomically
 from lmspec.runtime.cli.spec import expand_spec_paths
 from lmspec.runtime.errors import UsageError
+from lmspec.runtime.cli.verb import Verb
 
 
 def _count(n: int, what: str) -> str:
@@ -39,6 +40,16 @@ def _stdin(args) -> int:
         sys.stdout.write(out)
         return 0
     return int(out != text)
+
+
+def fmt_options(p) -> None:
+    """`lmspec fmt`'s options."""
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="spec files, directories (every **/*.arch), glob patterns, or - for stdin to stdout")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; list the files that would change and exit 1 if there are any")
+    p.add_argument("--diff", action="store_true",
+                   help="write nothing; print a unified diff of the changes and exit 1 if there are any")
 
 
 def cmd_fmt(args) -> int:
@@ -89,3 +100,17 @@ def cmd_fmt(args) -> int:
     # with --diff, stdout carries the diff alone (for `patch`); the summary goes to stderr
     print(", ".join(parts) or "no .arch files found", file=sys.stderr if args.diff else sys.stdout)
     return 1 if failed or (changed and not write) else 0
+
+
+FMT = Verb(
+    "fmt",
+    ("Rewrite spec files in the canonical layout: same meaning, same comments; files that do not parse get a "
+     "located syntax error and are left as they are."),
+    fmt_options, cmd_fmt,
+    examples="""examples:
+  lmspec fmt specs/                          # every .arch file under specs/, rewritten in place
+  lmspec fmt my.arch 'models/**/*.arch'
+  lmspec fmt --check specs/                  # CI: exit 1 if a file is not formatted, write nothing
+  lmspec fmt --diff specs/gpt2.arch          # show the changes as a unified diff, write nothing
+  lmspec fmt - < my.arch > formatted.arch    # stdin to stdout""",
+)

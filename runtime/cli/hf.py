@@ -2,36 +2,45 @@
 (the work is in hf_import, the tables in hf_families)."""
 from __future__ import annotations
 
-import sys
 
 from lmspec.runtime.cli.options import cli_overrides
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import add_override_options
 
 
-def _fail(verb: str, err: Exception) -> int:
-    print(f"lmspec {verb}: error: {err}", file=sys.stderr)
-    return 1
+def import_hf_options(p) -> None:
+    """`lmspec import hf`'s options."""
+    p.add_argument("dir", help="a Hugging Face model directory: config.json and model.safetensors (or shards)")
+    p.add_argument("--spec", help="the spec the model must match")
+    p.add_argument("--emit-spec", metavar="FILE", help="instead of --spec: write the spec for config.json to FILE")
+    p.add_argument("-o", "--output", required=True, help="the run directory to create for the checkpoint")
+    p.add_argument("--tokenizer", help="a tokenizer to store when DIR has none (or to use instead of DIR's)")
+    add_override_options(p)
 
 
 def cmd_import_hf(args) -> int:
-    from lmspec.runtime.checkpoint.store import CheckpointError
-    from lmspec.runtime.hf.convert import HFError, import_hf
-    from lmspec.runtime.data.tokenizer import TokenizerError
+    from lmspec.runtime.hf.convert import import_hf
 
-    try:
-        import_hf(args.dir, args.output, spec=args.spec, overrides=cli_overrides(args.set), model=args.model,
-                  emit_spec=args.emit_spec, tokenizer=args.tokenizer)
-    except (HFError, CheckpointError, TokenizerError) as err:
-        return _fail("import hf", err)
+    import_hf(args.dir, args.output, spec=args.spec, overrides=cli_overrides(args.set), model=args.model,
+              emit_spec=args.emit_spec, tokenizer=args.tokenizer)
     return 0
 
 
-def cmd_export_hf(args) -> int:
-    from lmspec.runtime.checkpoint.store import CheckpointError
-    from lmspec.runtime.hf.convert import HFError, export_hf
-    from lmspec.runtime.data.tokenizer import TokenizerError
+IMPORT_HF = Verb(
+    "import hf",
+    ("Import a Hugging Face model directory (config.json + safetensors) as a checkpoint, checked against a "
+     "spec."),
+    import_hf_options, cmd_import_hf,
+    examples="""examples:
+  lmspec import hf ~/models/gpt2 --spec specs/gpt2.arch -o runs/gpt2
+  lmspec import hf ~/models/Qwen3-0.6B --spec specs/qwen3-0.6b.arch -o runs/qwen3
+  lmspec import hf ~/models/gpt2-tiny --emit-spec gpt2-tiny.arch -o runs/gpt2-tiny
+  lmspec import hf ~/models/no-tokenizer --spec my.arch -o runs/x --tokenizer ../shared/data/gpt2-tokenizer""",
+)
 
-    try:
-        export_hf(args.checkpoint, args.output, model_type=args.model_type)
-    except (HFError, CheckpointError, TokenizerError) as err:
-        return _fail("export hf", err)
+
+def cmd_export_hf(args) -> int:
+    from lmspec.runtime.hf.convert import export_hf
+
+    export_hf(args.checkpoint, args.output, model_type=args.model_type)
     return 0

@@ -7,21 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint
-from lmspec.runtime.cli.train import USER_ERRORS, _fail
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.distributed.device import resolve_device
-from lmspec.runtime.finetune.instruct_data import (
-    TEMPLATES,
-    TemplateError,
-    make_template,
-    pad_id_for,
-    read_records,
-    split_records,
-    tokenize_records,
-)
-from lmspec.runtime.data.tokenizer import FileTokenizer, TokenizerError, load_tokenizer
 from lmspec.runtime.errors import UsageError
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import add_lora_options
+from lmspec.runtime.cli.options import add_optimizer_options
+from lmspec.runtime.cli.options import add_record_options
+from lmspec.runtime.distributed.device import add_device_option
+from lmspec.runtime.errors import CheckpointError, TokenizerError
 
 RESPONSE_FIELD = "model_response"  # the book's key for generated answers (ch07)
 
@@ -36,57 +30,89 @@ def _split_fractions(text: str) -> tuple[float, float, float]:
     return parts
 
 
+def finetune_instruct_options(p) -> None:
+    """`lmspec finetune instruct`'s options."""
+    p.add_argument("checkpoint", help="the pretrained run or checkpoint to start from")
+    p.add_argument("--data", required=True, help="a JSON list or JSONL of {instruction, input, output} "
+                   "or {messages: [...]} records")
+    p.add_argument("--out", required=True, help="the run directory for the finetuned model")
+    p.add_argument("--template", choices=["alpaca", "chatml"], default="alpaca",
+                   help="prompt format: alpaca (the book's '### Instruction:' text, answers end with "
+                        "<|endoftext|>) or chatml (<|im_start|>/<|im_end|> control tokens) (default: alpaca)")
+    p.add_argument("--epochs", type=int, default=2)
+    add_optimizer_options(p, lr=5e-5, warmup=10, lr_note=", the book's")
+    p.add_argument("--max-length", type=int, help="the most tokens an example may take (default: the model's "
+                   "context); longer examples are cut at the end, and left out if no answer token remains")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="validation loss every N steps, besides at the start and the end (0: only those)")
+    add_record_options(p)
+    p.add_argument("--responses", metavar="FILE", help="after training, write greedy answers to the test "
+                   "records to this JSONL file (each record plus \"model_response\")")
+    p.add_argument("--response-tokens", type=int, default=256, help="the longest answer --responses writes")
+    add_device_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_options(p)
+
+
 def cmd_finetune_instruct(args) -> int:
-    from lmspec.compiler.rewrites import RewriteError
+    from lmspec.runtime.checkpoint.store import find_checkpoint, load_checkpoint
+    from lmspec.runtime.data.tokenizer import load_tokenizer
+    from lmspec.runtime.finetune.instruct_data import make_template, pad_id_for, read_records, split_records, tokenize_records
 
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
     from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
-    from lmspec.runtime.train.loop import ConfigError, TrainingError
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     fractions = _split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be at least 1")
-    try:
-        if find_checkpoint(args.out) is not None:
-            raise CheckpointError(f"{args.out} already holds a run; choose another --out")
-        records = read_records(args.data)
-        if args.limit:
-            records = records[:args.limit]
-        tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
-        template = make_template(args.template, tokenizer)  # before the model: a wrong template fails fast
-        model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed, device)
-        context = int(model.context)
-        max_length = min(args.max_length or context, context)
-        tokenized = tokenize_records(records, template, max_length)
-        train_ids, val_ids, test_ids = split_records(range(len(records)), fractions, args.seed)
-        train_set, val_set = tokenized.pick(train_ids), tokenized.pick(val_ids)
-        if not train_set:
-            raise DataError(f"{args.data}: no training example is left (of {len(records)} records, "
-                            f"{tokenized.unencodable} hold characters the vocabulary lacks, {tokenized.dropped} "
-                            f"have no answer within {max_length} tokens)")
-        cfg = finetune_config(args, len(train_set), max_length, context)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
-              f"({args.template} template, at most {max_length} tokens; {_left_out(tokenized)}); "
-              f"{trainable:,} trainable parameters; {cfg.steps} steps")
-        setup = InstructSetup(template=args.template, pad_id=pad_id_for(tokenizer), epochs=args.epochs,
-                              trainable_only=adapters_only,
-                              extra={"data": str(Path(args.data).resolve()), "split": list(fractions),
-                                     "limit": args.limit, "max_length": max_length, "base": str(base.path)})
-        summary = finetune_instruct(model, tokenizer, train_set, val_set, cfg, setup, args.out, spec,
-                                    progress=not args.no_progress)
-        print(f"done: {summary['steps']} steps, train loss {summary['loss']:.4f}"
-              + (f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "")
-              + f", {summary['elapsed']:.0f} s\ncheckpoint {summary['checkpoint']}")
-        if args.responses:
-            test = [records[i] for i in test_ids]
-            write_responses(model, tokenizer, test, template, args.responses, args.response_tokens)
-            print(f"answers to the {len(test)} test records: {args.responses}")
-    except (*USER_ERRORS, TemplateError, RewriteError, ConfigError, TrainingError) as err:
-        return _fail("finetune instruct", err)
+    if find_checkpoint(args.out) is not None:
+        raise CheckpointError(f"{args.out} already holds a run; choose another --out")
+    records = read_records(args.data)
+    if args.limit:
+        records = records[:args.limit]
+    tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
+    template = make_template(args.template, tokenizer)  # before the model: a wrong template fails fast
+    model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed, device)
+    context = int(model.context)
+    max_length = min(args.max_length or context, context)
+    tokenized = tokenize_records(records, template, max_length)
+    train_ids, val_ids, test_ids = split_records(range(len(records)), fractions, args.seed)
+    train_set, val_set = tokenized.pick(train_ids), tokenized.pick(val_ids)
+    if not train_set:
+        raise DataError(f"{args.data}: no training example is left (of {len(records)} records, "
+                        f"{tokenized.unencodable} hold characters the vocabulary lacks, {tokenized.dropped} "
+                        f"have no answer within {max_length} tokens)")
+    cfg = finetune_config(args, len(train_set), max_length, context)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
+          f"({args.template} template, at most {max_length} tokens; {_left_out(tokenized)}); "
+          f"{trainable:,} trainable parameters; {cfg.steps} steps")
+    setup = InstructSetup(template=args.template, pad_id=pad_id_for(tokenizer), epochs=args.epochs,
+                          trainable_only=adapters_only,
+                          extra={"data": str(Path(args.data).resolve()), "split": list(fractions),
+                                 "limit": args.limit, "max_length": max_length, "base": str(base.path)})
+    summary = finetune_instruct(model, tokenizer, train_set, val_set, cfg, setup, args.out, spec,
+                                progress=not args.no_progress)
+    print(f"done: {summary['steps']} steps, train loss {summary['loss']:.4f}"
+          + (f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "")
+          + f", {summary['elapsed']:.0f} s\ncheckpoint {summary['checkpoint']}")
+    if args.responses:
+        test = [records[i] for i in test_ids]
+        write_responses(model, tokenizer, test, template, args.responses, args.response_tokens)
+        print(f"answers to the {len(test)} test records: {args.responses}")
     return 0
+
+
+FINETUNE_INSTRUCT = Verb(
+    "finetune instruct",
+    "Finetune a checkpoint to follow instructions (Alpaca or chat data), the loss on the responses only.",
+    finetune_instruct_options, cmd_finetune_instruct,
+    examples="""examples:
+  lmspec finetune instruct runs/gpt2 --data ../shared/data/instruction-data.json --out runs/gpt2-instruct
+  lmspec finetune instruct runs/gpt2 --data chats.jsonl --template chatml --lora 16 --out runs/gpt2-chat""",
+)
 
 
 def _left_out(t) -> str:
@@ -121,16 +147,32 @@ def write_responses(model, tokenizer, records: list[dict], template, path, max_t
 
 # ----------------------------------------------------------------------------------------------- chat
 
+
 def chat_template_name(checkpoint, tokenizer) -> str:
     """The template the checkpoint was finetuned with; for any other checkpoint ChatML when its
     vocabulary has the tokens, else Alpaca."""
+    from lmspec.runtime.data.tokenizer import FileTokenizer
+    from lmspec.runtime.finetune.instruct_data import TEMPLATES
     if checkpoint.train_config.get("template") in TEMPLATES:
         return checkpoint.train_config["template"]
     has_chatml = isinstance(tokenizer, FileTokenizer) and tokenizer.tokenizer.token_to_id("<|im_end|>") is not None
     return "chatml" if has_chatml else "alpaca"
 
 
+def chat_options(p) -> None:
+    """`lmspec chat`'s options."""
+    p.add_argument("checkpoint", help="an instruction-tuned run or checkpoint")
+    p.add_argument("--max-tokens", type=int, default=256, help="the longest answer (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) picks the likeliest token")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, help="makes sampling repeatable")
+    p.add_argument("--system", help="a system message (chatml), or the text in place of the Alpaca preamble")
+    add_device_option(p)
+
+
 def cmd_chat(args) -> int:
+    from lmspec.runtime.data.tokenizer import load_tokenizer
+    from lmspec.runtime.finetune.instruct_data import make_template
     from lmspec.runtime.checkpoint.models import load_model
     from lmspec.runtime.train.sampling import check_arguments
 
@@ -139,18 +181,25 @@ def cmd_chat(args) -> int:
         check_arguments([0], args.max_tokens, args.temperature, args.top_k, None)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    try:
-        loaded = load_model(args.checkpoint, device)
-        tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
-        name = chat_template_name(loaded.checkpoint, tokenizer)
-        template = make_template(name, tokenizer)
-    except (*USER_ERRORS, TemplateError) as err:
-        return _fail("chat", err)
+    loaded = load_model(args.checkpoint, device)
+    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+    name = chat_template_name(loaded.checkpoint, tokenizer)
+    template = make_template(name, tokenizer)
     if loaded.checkpoint.train_config.get("finetune") not in ("instruct", "dpo"):
         print(f"note: {loaded.checkpoint.path} was not instruction-tuned; using the {name} template",
               file=sys.stderr)
     converse(loaded.model, tokenizer, template, sys.stdin, sys.stdout, args)
     return 0
+
+
+CHAT = Verb(
+    "chat",
+    "Talk with an instruction-tuned checkpoint, turn by turn.",
+    chat_options, cmd_chat,
+    examples="""examples:
+  lmspec chat runs/gpt2-instruct
+  echo "Name three primary colours." | lmspec chat runs/gpt2-instruct --max-tokens 64""",
+)
 
 
 def converse(model, tokenizer, template, lines, out, args) -> None:

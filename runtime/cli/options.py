@@ -1,7 +1,14 @@
-"""Options several verbs share, and turning what the user typed into values: `--set`, `--provider`."""
+"""Options several verbs share (`--set`, `--provider`, the optimiser's, LoRA's, how records split), and
+turning what the user typed into values."""
 from __future__ import annotations
 
+import sys
+
+from lmspec.dsl.errors import UserError
 from lmspec.runtime.errors import UsageError
+
+# Which part of the data `eval` scores.
+SPLITS = ("all", "train", "validation", "test")
 
 
 def cli_overrides(pairs: list[str]) -> dict:
@@ -22,3 +29,48 @@ def add_provider_option(parser) -> None:
     command line can afford it, rather than beside onnx_model.PROVIDERS, which imports numpy and the
     tokenizers."""
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help=PROVIDER_HELP)
+
+
+def add_override_options(p) -> None:
+    """--set NAME=VALUE and --model, for every verb that builds a spec."""
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a hyper-parameter of the spec (repeatable)")
+    p.add_argument("--model", help="the model to use when a file defines several")
+
+
+def add_optimizer_options(q, *, lr: float, warmup: int, lr_note: str = "") -> None:
+    """The optimiser's settings: --batch --lr --min-lr --warmup --weight-decay --grad-clip."""
+    q.add_argument("--batch", type=int, default=8, help="examples per step (default: 8)")
+    q.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g}{lr_note})")
+    q.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: lr/10)")
+    q.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default: {warmup})")
+    q.add_argument("--weight-decay", type=float, default=0.1)
+    q.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
+
+
+def add_lora_options(q) -> None:
+    """--lora R --lora-alpha A --lora-targets PATTERNS, for a finetune verb."""
+    q.add_argument("--lora", type=int, metavar="R", help="train rank-R LoRA adapters instead of the weights")
+    q.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator: updates scale by A/R "
+                   "(default: 2R)")
+    q.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.*", metavar="PATTERNS",
+                   help="comma-separated module patterns that get adapters, matched against the end of each "
+                        "matrix's module path (default: attn.qkv,attn.proj,mlp.*)")
+
+
+def add_record_options(q) -> None:
+    """--split --limit --seed --precision: how a verb on instruction records (instruct, dpo) splits,
+    shuffles and computes."""
+    q.add_argument("--split", default="0.85,0.05,0.1", metavar="TRAIN,VAL,TEST",
+                   help="fractions of the records after a seeded shuffle (default: 0.85,0.05,0.1, the book's)")
+    q.add_argument("--limit", type=int, metavar="N", help="use only the first N records (a quick trial)")
+    q.add_argument("--seed", type=int, default=123, help="the split, the batch order, dropout (default: 123)")
+    q.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="autocast compute dtype; weights stay fp32")
+
+
+def fail(verb: str, err: UserError | str) -> int:
+    """Print a user error as the CLI's main does, and its exit code, for a handler that must return
+    rather than raise: a rank of torchrun leaves its process group before it exits."""
+    print(err.report(verb) if isinstance(err, UserError) else f"lmspec {verb}: error: {err}", file=sys.stderr)
+    return err.exit_code if isinstance(err, UserError) else 1

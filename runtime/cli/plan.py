@@ -11,6 +11,9 @@ from lmspec.compiler.plan import HEADROOM, parse_bytes
 
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.options import cli_overrides
+import argparse
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import add_override_options
 
 
 def _quantity(parse, text: str | None, option: str):
@@ -23,6 +26,46 @@ def _quantity(parse, text: str | None, option: str):
     if not value > 0:
         raise UsageError(f"{option} must be positive, got {text}")
     return value
+
+
+def plan_options(p) -> None:
+    """`lmspec plan`'s options."""
+    p.add_argument("spec")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs to train on (default: 1)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30 bytes)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", help="tokens to train on: 15T, 300B, 2e12")
+    budget.add_argument("--compute", help="FLOPs to spend: 1e24, 6e23")
+    p.add_argument("--seq", type=int, help="training sequence length (default: the context, at most 4096)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass (default: 1)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both",
+                    help="data parallelism to show; fsdp includes FSDP with CPU offload in the layouts "
+                         "(default: both)")
+    p.add_argument("--global-batch", type=int,
+                    help="sequences per optimizer step for the 3-D layouts (default: 8 x --gpus x --micro-batch)")
+    p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b", help="pipeline schedule (default: 1f1b)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                    help="tensor-parallel layouts also split the activations at block boundaries")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; tp stays within one (default: 8)")
+    p.add_argument("--nvlink-bandwidth", default="450GB/s",
+                    help="per GPU per direction within a node (default: 450GB/s, H100 SXM NVLink)")
+    p.add_argument("--network-bandwidth", default="50GB/s",
+                    help="per GPU between nodes (default: 50GB/s, one 400 Gb/s InfiniBand NIC per GPU)")
+    p.add_argument("--host-memory", default="2TB",
+                    help="host memory per node, for the CPU-offload layouts (default: 2TB, a DGX H100's)")
+    p.add_argument("--pcie-bandwidth", default="50GB/s",
+                    help="per GPU per direction to the host, for the CPU-offload layouts "
+                         "(default: 50GB/s, PCIe Gen5 x16)")
+    p.add_argument("--layouts", type=int, default=8, help="fitting layouts to list (default: 8; 0: none)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="fp32, or bf16/fp16 autocast (fp32 master weights and gradients)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="show only the rows with (or --no-…: without) checkpointing per block (default: both)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default: 0.4)")
+    p.add_argument("--gpu-flops", default="989e12",
+                    help="peak FLOP/s of one GPU (default: 989e12, H100 SXM dense bf16; 989T also works)")
+    p.add_argument("--format", choices=["human", "json"], default="human")
+    add_override_options(p)
 
 
 def cmd_plan(args) -> int:
@@ -79,6 +122,18 @@ def cmd_plan(args) -> int:
         if plan.gpus > 1 and shown:
             print("\n" + render_layouts(plan, shown))
     return 0
+
+
+PLAN = Verb(
+    "plan",
+    ("What training a spec needs: parameters, FLOPs, compute, time, and memory per GPU under DDP and FSDP, from"
+     " its graph."),
+    plan_options, cmd_plan,
+    examples="""examples:
+  lmspec plan specs/llama3.1-8b.arch --gpus 8 --gpu-memory 80GB --seq 4096 --precision bf16
+  lmspec plan specs/llama3.1-70b.arch --gpus 64 --gpu-memory 80GB --tokens 15T --precision bf16 --strategy fsdp
+  lmspec plan specs/gpt2.arch --gpus 1 --gpu-memory 24GiB --compute 1e19 --micro-batch 8 --format json""",
+)
 
 
 def _bandwidth(text: str) -> float:

@@ -9,23 +9,32 @@ import sys
 import time
 from pathlib import Path
 
-from lmspec.runtime.cli.export import _fail
-from lmspec.runtime.data.tokenizer import TokenizerError
 from lmspec.runtime.errors import UsageError
-from lmspec.runtime.export.bundle import (
-    CLASSIFIER,
-    BundleError,
-    bundle_kind,
-    find_model_file,
-    read_sidecar,
-    session_providers,
-)
-from lmspec.runtime.serve.app import Served, served_language_model
-from lmspec.runtime.serve.classifier_app import served_classifier
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import add_provider_option
+from lmspec.runtime.errors import BundleError, DataError, TokenizerError
+
+
+def generate_options(p) -> None:
+    """`lmspec generate`'s options."""
+    p.add_argument("model", help="an exported .onnx file, or a directory holding one")
+    p.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of prompts")
+    p.add_argument("--prompts-file", help="a file with one prompt per line (batched)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                     help="stop when this text appears (repeatable; \\n means a newline)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    add_provider_option(p)
+    p.add_argument("--json", action="store_true", help="print the completions as JSON")
 
 
 def cmd_generate(args) -> int:
-    from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, check_request, session_providers
+    from lmspec.runtime.export.bundle import session_providers
+    from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
 
     providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
     prompts = list(args.prompt or [])
@@ -33,19 +42,16 @@ def cmd_generate(args) -> int:
         try:
             prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line]
         except (OSError, UnicodeDecodeError) as err:
-            return _fail("generate", f"{args.prompts_file}: cannot read prompts: {err}")
+            raise DataError(f"{args.prompts_file}: cannot read prompts: {err}") from None
     if not prompts:
         prompts = [""]
-    try:
-        model = OnnxModel(args.model, providers=providers, threads=args.threads)
-    except BundleError as err:
-        return _fail("generate", err)
+    model = OnnxModel(args.model, providers=providers, threads=args.threads)
     requests = []
     for prompt in prompts:
         try:
             ids = model.tokenizer.encode(prompt) if prompt else [model.eot_id if model.eot_id is not None else 0]
         except (ValueError, TokenizerError) as err:
-            return _fail("generate", f"prompt {prompt!r}: {err}")
+            raise TokenizerError(f"prompt {prompt!r}: {err}") from None
         requests.append(GenerationRequest(ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
                                           args.seed, stop=_stop_strings(args.stop)))
     try:
@@ -76,6 +82,17 @@ def cmd_generate(args) -> int:
         total = sum(len(c.tokens) for c in completions)
         print(f"{total} tokens in {seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+GENERATE = Verb(
+    "generate",
+    "Generate text from an exported ONNX model with onnxruntime (no PyTorch).",
+    generate_options, cmd_generate,
+    examples="""examples:
+  lmspec generate exported/tiny.onnx --prompt "The " --max-tokens 100
+  lmspec generate exported/tiny.onnx --prompt "def " --prompt "The module" --temperature 0
+  lmspec generate exported/ --prompt "Q:" --stop "\\n" --top-p 0.9 --seed 1""",
+)
 
 
 def _check_args(args) -> None:
@@ -113,15 +130,38 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def served_bundle(args) -> Served:
-    """The server for the bundle's kind: a language model here, a classifier in serve_classifier."""
+def served_bundle(args):
+    """The server (serve/app.py's Served) for the bundle's kind: a language model, or a classifier
+    (serve/classifier_app.py)."""
+    from lmspec.runtime.export.bundle import CLASSIFIER, bundle_kind, find_model_file, read_sidecar
+    from lmspec.runtime.serve.app import served_language_model
+    from lmspec.runtime.serve.classifier_app import served_classifier
     path = find_model_file(args.model)
     if bundle_kind(read_sidecar(path)) == CLASSIFIER:
         return served_classifier(path, args)
     return served_language_model(path, args)
 
 
+def serve_options(p) -> None:
+    """`lmspec serve`'s options."""
+    p.add_argument("model", help="an exported .onnx file (language model or classifier), or a directory holding one")
+    p.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the model name clients ask for (default: the spec's model name)")
+    p.add_argument("--max-tokens", type=int, default=1024,
+                    help="the most tokens one request may generate (language models)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                    help="the longest prompt accepted (language models; default: the context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
+    p.add_argument("--max-batch", type=int, default=16,
+                    help="requests generated together in one batch (language models)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    add_provider_option(p)
+
+
 def cmd_serve(args) -> int:
+    from lmspec.runtime.export.bundle import session_providers
     import uvicorn
 
     _check_args(args)
@@ -147,6 +187,22 @@ def cmd_serve(args) -> int:
     config = uvicorn.Config(served.app, log_level="info", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+SERVE = Verb(
+    "serve",
+    ("Serve an exported ONNX model over HTTP: a language model with an OpenAI-compatible API (/v1/completions, "
+     "/v1/chat/completions), a classifier with POST /v1/classify."),
+    serve_options, cmd_serve,
+    examples="""examples:
+  lmspec serve exported/tiny.onnx
+  lmspec serve exported/tiny.onnx --port 8080 --max-tokens 256
+  curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+       -d '{"model": "tiny", "prompt": "The ", "max_tokens": 50}'
+  lmspec serve exported/spam/                  # a classifier bundle: POST /v1/classify
+  curl localhost:8000/v1/classify -H 'content-type: application/json' \\
+       -d '{"input": ["WINNER!! Claim your prize now", "see you at 6?"]}'""",
+)
 
 
 def _stop_strings(values: list[str] | None) -> tuple[str, ...]:

@@ -8,6 +8,8 @@ import sys
 
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.options import cli_overrides
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import add_override_options
 
 
 def expand_spec_paths(paths: list[str]) -> list[str]:
@@ -33,6 +35,18 @@ def _use_colour(choice: str, stream) -> bool:
         return choice == "always"
     # https://no-color.org: any non-empty NO_COLOR turns colour off
     return stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def check_options(p) -> None:
+    """`lmspec check`'s options."""
+    p.add_argument("paths", nargs="+", metavar="PATH", help="spec files, directories or glob patterns")
+    p.add_argument("--format", choices=["human", "json", "github", "sarif"], default="human",
+                   help="human (default: source line and caret, on stderr), json (a list of diagnostics), "
+                        "github (GitHub Actions annotations), sarif (SARIF 2.1.0 for code scanning)")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 1 on any)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour the human format: auto (default) when stderr is a terminal and NO_COLOR is unset")
+    add_override_options(p)
 
 
 def cmd_check(args) -> int:
@@ -64,6 +78,34 @@ def cmd_check(args) -> int:
         counts = [f"{n} {word}{'s' * (n != 1)}" for n, word in ((errors, "error"), (warnings, "warning")) if n]
         print(f"checked {len(files)} file{'s' * (len(files) != 1)}: {', '.join(counts) or 'ok'}")
     return 1 if errors else 0
+
+
+CHECK = Verb(
+    "check",
+    "Check spec files and report every error, located, before anything runs.",
+    check_options, cmd_check,
+    examples="""examples:
+  lmspec check specs/gpt2.arch
+  lmspec check 'specs/**/*.arch' --format json
+  lmspec check specs/ --strict --format github     # in CI: warnings fail too, annotated on the PR
+  lmspec check specs/ --format sarif > lmspec.sarif
+  lmspec check specs/ --set layers=4""",
+)
+
+
+def info_options(p) -> None:
+    """`lmspec info`'s options."""
+    p.add_argument("spec")
+    p.add_argument("--seq", type=int, help="sequence length for FLOP counts (default: the context)")
+    p.add_argument("--graph", metavar="FILE", help="also draw the graph to FILE (.dot, .svg, .png, .pdf)")
+    p.add_argument("--format", choices=["human", "json"], default="human")
+    p.add_argument("--tp", type=int, metavar="N", help="also print how tensor parallelism over N ranks splits "
+                   "every parameter (refused, located, when heads or sizes do not divide)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: plan sequence parallelism too (refused, located, at an op that mixes positions)")
+    p.add_argument("--pp", type=int, metavar="N", help="also print the N pipeline stages the model is cut into, "
+                   "balanced by FLOPs and memory (at --seq)")
+    add_override_options(p)
 
 
 def cmd_info(args) -> int:
@@ -144,3 +186,16 @@ def cmd_info(args) -> int:
             raise UsageError(f"cannot write {args.graph}: {err.strerror}") from None
         print(f"graph written to {args.graph}")
     return 0
+
+
+INFO = Verb(
+    "info",
+    "Parameters, FLOPs per token and a per-block breakdown of a spec.",
+    info_options, cmd_info,
+    examples="""examples:
+  lmspec info specs/gpt2.arch
+  lmspec info specs/gpt2.arch --set layers=4 --set dim=256 --seq 512
+  lmspec info specs/gpt2.arch --graph gpt2.svg
+  lmspec info specs/llama3.2-1b.arch --tp 8           # how each parameter splits over 8 ranks
+  lmspec info specs/llama3.1-8b.arch --pp 4 --seq 4096  # the 4 pipeline stages and their balance""",
+)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 from lmspec.compiler import load_spec
@@ -12,19 +11,15 @@ from lmspec.compiler.graph import ModelGraph
 from lmspec.compiler.rewrites import graph_from_record, spec_record  # noqa: F401  (spec_record: imported from here too)
 from lmspec.compiler.vocab_padding import padded, padding_of
 
-from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint
 from lmspec.runtime.errors import UsageError
-from lmspec.runtime.cli.options import cli_overrides
-from lmspec.runtime.data.corpus import DataError, default_corpus_text, read_text_data
+from lmspec.dsl.errors import UserError
+from lmspec.runtime.cli.options import cli_overrides, fail
+from lmspec.runtime.data.corpus import default_corpus_text, read_text_data
 from lmspec.runtime.distributed.device import device_name
-from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, TokenizerError, load_tokenizer
-
-USER_ERRORS = (CheckpointError, DataError, TokenizerError)
-
-
-def _fail(verb: str, err: Exception) -> int:
-    print(f"lmspec {verb}: error: {err}", file=sys.stderr)
-    return 1
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.options import add_override_options
+from lmspec.runtime.distributed.device import add_device_option
+from lmspec.runtime.errors import CheckpointError
 
 
 def _vocab_size(graph: ModelGraph) -> int | None:
@@ -74,6 +69,7 @@ def _shard_data(path: str, replicas=None):
 def _run_tokenizer(args, ckpt, shards, text):
     """The checkpoint's tokenizer on resume, else the shards' own, a --tokenizer file's, or the
     corpus's characters; shards only train a model whose tokenizer wrote them."""
+    from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, load_tokenizer
     if ckpt is not None:
         tokenizer = load_tokenizer(ckpt.tokenizer)
     elif shards is not None:
@@ -86,6 +82,67 @@ def _run_tokenizer(args, ckpt, shards, text):
         if any(t.to_json() != written_with for t in given):
             raise UsageError(f"{args.data} was tokenized with another tokenizer than this run's")
     return tokenizer
+
+
+def train_options(p) -> None:
+    """`lmspec train`'s options."""
+    p.add_argument("spec")
+    add_override_options(p)
+    p.add_argument("--data", help="a text file or a directory of .txt files (default: CPython's docs)")
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON file (default: characters)")
+    p.add_argument("--out", help="run directory for checkpoints and logs (default: runs/<spec name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--steps", type=int, help="optimizer steps in all (default: 500, or the resumed run's)")
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--seq", type=int, help="training sequence length (default: the model's context)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: lr/10)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay (nanoGPT's char model: 0.99)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="mixed precision: autocast to bf16 or fp16 (with loss scaling); weights stay fp32")
+    p.add_argument("--activation-checkpointing", nargs="?", const="all", metavar="BLOCKS",
+                   help="recompute each block's activations in the backward pass instead of keeping them: "
+                        "all blocks, or names/patterns such as 'block.0,block.1?'")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp replicates the model on every rank, fsdp (FSDP2) shards weights, "
+                        "gradients and optimizer state per block over the data-parallel ranks (with --tp/--pp: "
+                        "each stage's tp shards over the replicas) (default: ddp, or the resumed run's)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --strategy fsdp: keep the sharded weights, gradients and AdamW state in host memory "
+                        "(FSDP2 CPUOffloadPolicy), for a model whose state does not fit the GPUs (`lmspec plan` says when)")
+    p.add_argument("--tp", type=int, metavar="N",
+                   help="under torchrun: tensor parallel, each layer split over N ranks (Megatron-style, "
+                        "DTensor; the split comes from the graph: `lmspec info --tp N` shows it). Combines with "
+                        "--pp; ranks beyond tp x pp are data-parallel replicas (mesh pp x dp x tp, tp fastest)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: Megatron's sequence parallelism, the residual stream and norms split along the "
+                        "sequence between attention and MLP (less activation memory, the same bytes sent)")
+    p.add_argument("--pp", type=int, metavar="N",
+                   help="under torchrun: pipeline parallel, the model cut into N stages at block boundaries "
+                        "(`lmspec info --pp N` shows the cut), run with torch.distributed.pipelining")
+    p.add_argument("--micro-batches", type=int, metavar="M",
+                   help="with --pp: micro-batches each batch is split into (default: one per stage)")
+    p.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], help="with --pp: the pipeline schedule (default: 1f1b)")
+    p.add_argument("--pad-vocab", type=int, metavar="N",
+                   help="round the model's vocab up to a multiple of N (64 or 128 suit a GPU's matrix units); the "
+                        "extra rows are never a token, and sample, eval, export and finetuning see the real vocab")
+    add_device_option(p)
+    p.add_argument("--peak-tflops", type=float, metavar="T",
+                   help="peak dense bf16 TFLOP/s of one device, for MFU in the metrics (default: a table of common "
+                        "GPUs; on a CPU MFU is reported only when this is given)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def cmd_train(args) -> int:
@@ -118,13 +175,32 @@ def cmd_train(args) -> int:
     return code
 
 
+TRAIN = Verb(
+    "train",
+    "Train a spec on a text corpus (next-token cross-entropy, AdamW).",
+    train_options, cmd_train,
+    examples="""examples:
+  lmspec train specs/tiny.arch                      # embedded corpus (CPython's docs), char-level
+  lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
+  lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
+  lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
+  lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
+  lmspec train specs/gpt2.arch --device cuda:1 --precision bf16 --compile --pad-vocab 64 --batch 16 --seq 1024
+  lmspec train specs/tiny.arch --device cpu --peak-tflops 2   # MFU in the metrics against a CPU's peak
+  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/
+  torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/
+  torchrun --nproc-per-node 4 -m lmspec.runtime train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16
+  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --pp 2 --micro-batches 4 --batch 8   # 2 replicas""",
+)
+
+
 def _check_model_parallel(args, world) -> None:
     """--tp N and/or --pp M: the world holds whole model-parallel groups of N x M ranks (the rest of
     its size is data-parallel replicas), and the spec splits that way."""
     from lmspec.compiler.pipeline_stages import pipeline_stages
     from lmspec.compiler.tensor_parallel import tensor_parallel_plan
 
-    from lmspec.runtime.train.loop import pipeline_refusal
+    from lmspec.runtime.train.steps import pipeline_refusal
     tp, pp = args.tp or 1, args.pp or 1
     if args.sequence_parallel and tp == 1:
         raise UsageError("--sequence-parallel splits the sequence over the tensor-parallel ranks: give --tp N")
@@ -143,11 +219,13 @@ def _check_model_parallel(args, world) -> None:
 
 
 def _train_in_world(args, world, device, backend: str | None = None) -> int:
+    from lmspec.runtime.checkpoint.store import find_checkpoint, load_checkpoint
     import torch
     from lmspec.compiler.lower import build
     from lmspec.runtime.data.token_data import TokenData
     from lmspec.runtime.train.sampling import encode_prompt, generate
-    from lmspec.runtime.train.loop import ConfigError, TrainConfig, TrainingError, train
+    from lmspec.runtime.train.config import TrainConfig
+    from lmspec.runtime.train.loop import train
 
     run_dir = Path(args.out or os.path.join("runs", Path(args.spec).stem))
     tp, pp = args.tp or 1, args.pp or 1
@@ -225,14 +303,14 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
                         resume=args.resume, progress=not args.no_progress, world=world,
                         tensor_parallel_plan=plan, pipeline_stages=stages, graph=graph, device=device,
                         peak_tflops=args.peak_tflops)
-    except (*USER_ERRORS, ConfigError, TrainingError) as err:
-        return _fail("train", err)
+    except UserError as err:  # reported here: a rank of torchrun must leave its process group, below
+        return fail("train", err)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise
         if graph is None or cfg is None:
-            return _fail("train", f"out of memory on {device_name(device)} before the model was built")
-        return _fail("train", out_of_memory_message(graph, cfg, world, device, tp, pp, run_dir))
+            return fail("train", f"out of memory on {device_name(device)} before the model was built")
+        return fail("train", out_of_memory_message(graph, cfg, world, device, tp, pp, run_dir))
     if not world.main:
         return 0
     print(_summary_line(summary))
@@ -260,6 +338,7 @@ def out_of_memory_message(graph, cfg, world, device, tp: int, pp: int, run_dir: 
     """What ran out, what `lmspec plan` says this run needs and what fits, and which checkpoint is
     intact: a checkpoint is written to a temporary name and renamed, so running out mid-save
     leaves the one before."""
+    from lmspec.runtime.checkpoint.store import find_checkpoint
     from lmspec.runtime.train.throughput import device_capacity, gigabytes, largest_fitting_batch, predicted_memory
     seq = cfg.seq or graph.context
     run = dataclasses.replace(cfg, seq=seq, tensor_parallel=tp, pipeline_parallel=pp)
@@ -297,7 +376,20 @@ def _summary_line(s: dict) -> str:
     return line
 
 
+def sample_options(p) -> None:
+    """`lmspec sample`'s options."""
+    p.add_argument("checkpoint", help="a run directory or a checkpoint directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    add_device_option(p)
+
+
 def cmd_sample(args) -> int:
+    from lmspec.runtime.data.tokenizer import load_tokenizer
     import torch
     from lmspec.runtime.distributed.device import resolve_device
     from lmspec.runtime.train.sampling import check_arguments, encode_prompt, generate
@@ -308,19 +400,27 @@ def cmd_sample(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     from lmspec.runtime.checkpoint.models import load_model
-    try:
-        loaded = load_model(args.checkpoint, device)  # any checkpoint: rewrites applied, adapters on their base
-        from lmspec.runtime.finetune.classifier import classify_record
-        if classify_record(loaded.checkpoint) is not None:
-            raise CheckpointError(f"{loaded.checkpoint.path}: is a classifier, which predicts labels rather than "
-                                  f"tokens; use `lmspec classify`")
-        tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
-        model = loaded.model
-        prompt = encode_prompt(tokenizer, args.prompt)
-        with torch.no_grad():
-            new = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, eot_id=tokenizer.eot_id)
-    except USER_ERRORS as err:
-        return _fail("sample", err)
+    loaded = load_model(args.checkpoint, device)  # any checkpoint: rewrites applied, adapters on their base
+    from lmspec.runtime.finetune.classifier import classify_record
+    if classify_record(loaded.checkpoint) is not None:
+        raise CheckpointError(f"{loaded.checkpoint.path}: is a classifier, which predicts labels rather than "
+                              f"tokens; use `lmspec classify`")
+    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+    model = loaded.model
+    prompt = encode_prompt(tokenizer, args.prompt)
+    with torch.no_grad():
+        new = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, eot_id=tokenizer.eot_id)
     print(tokenizer.decode(prompt + new))
     return 0
+
+
+SAMPLE = Verb(
+    "sample",
+    "Generate text from a checkpoint, using the KV cache.",
+    sample_options, cmd_sample,
+    examples="""examples:
+  lmspec sample runs/tiny --prompt "The " --max-tokens 200
+  lmspec sample runs/tiny/checkpoints/step_000500 --temperature 0.8 --top-k 40 --seed 1
+  lmspec sample runs/gpt2 --device cuda --prompt "Once upon a time" """,
+)

@@ -1,2 +1,3 @@
-"""ONNX bundles: the bundle format (a model and its sidecar), export steps, onnxruntime's
-optimisation and quantisation. May import: everything below it; reading a bundle imports no torch."""
+"""ONNX bundles: the bundle format (a model and its sidecar; bundle.py, which imports no torch), the
+steps from a checkpoint to a bundle (from_checkpoint.py), onnxruntime's optimisation and quantisation
+(optimize.py). May import: everything below it."""

@@ -1,9 +1,9 @@
-"""An exported model run by onnxruntime: load the bundle, generate text. No torch on this path.
+"""The ONNX bundle format: finding, reading and checking a bundle, and opening an onnxruntime session
+of it on the providers asked for. No torch on this path.
 
 A bundle is the ONNX file and, beside it, `<name>.lmspec.json` (see `bundle_sidecar`): the
-tokenizer, the cache layout and what generation needs (context, end-of-text id). Generation keeps
-the KV cache between steps, batches prompts of different lengths by padding them on the left (with
-an attention mask and per-row positions), and drops finished rows from the batch as it goes.
+tokenizer, the cache layout and what generation needs (context, end-of-text id). Text generation with
+it is runtime/serve/language_model.py.
 
 The sidecar's "kind" says what the model is: a language model (also when it has none, as the first
 bundles do) or a classifier, whose sidecar adds its labels, max length and pad id, and which
@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lmspec.runtime.data.tokenizer import TokenizerError, load_tokenizer
-from lmspec.runtime.errors import BundleError, ProviderError, UsageError  # noqa: F401  (raised here, and imported from here)
+from lmspec.runtime.errors import BundleError, ProviderError
 
 BUNDLE_FORMAT = "lmspec-onnx"
 BUNDLE_VERSION = 1
@@ -61,6 +57,48 @@ def is_bundle_path(path: str | os.PathLike) -> bool:
     or a directory holding one."""
     path = Path(path)
     return path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx")))
+
+
+def read_sidecar(onnx_path: Path) -> dict:
+    """The sidecar beside `onnx_path`, checked: a BundleError that names the file for anything
+    missing, of another format or version, or malformed."""
+    path = bundle_sidecar(onnx_path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing; it holds the tokenizer and settings that {onnx_path.name} needs "
+                          f"(export with `lmspec export` writes both)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path}: unreadable or not JSON: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not an lmspec ONNX bundle (format is not {BUNDLE_FORMAT!r})")
+    if meta.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path}: version {meta.get('version')!r}; this lmspec reads version {BUNDLE_VERSION}")
+    for key, kind in (("name", str), ("context", int), ("vocab_size", int), ("tokenizer", str)):
+        if not isinstance(meta.get(key), kind):
+            raise BundleError(f"{path}: corrupt: {key!r} missing or not a {kind.__name__}")
+    cache = meta.get("cache")
+    if cache is not None and not (isinstance(cache, dict) and isinstance(cache.get("layers"), int)
+                                  and len(cache.get("kv_heads", [])) == cache["layers"]
+                                  and len(cache.get("head_dim", [])) == cache["layers"]):
+        raise BundleError(f"{path}: corrupt: 'cache' does not describe the layers")
+    if bundle_kind(meta) not in (LANGUAGE_MODEL, CLASSIFIER):
+        raise BundleError(f"{path}: corrupt: 'kind' is {meta['kind']!r}, not {LANGUAGE_MODEL!r} or {CLASSIFIER!r}")
+    if bundle_kind(meta) == CLASSIFIER:
+        _check_classifier_fields(path, meta)
+    return meta
+
+
+def _check_classifier_fields(path: Path, meta: dict) -> None:
+    labels = meta.get("labels")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        raise BundleError(f"{path}: corrupt: a classifier's 'labels' must be a list of at least two names")
+    for key, least in (("max_length", 1), ("pad_id", 0)):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise BundleError(f"{path}: corrupt: a classifier's {key!r} missing or not an integer >= {least}")
+    if meta["max_length"] > meta["context"]:  # longer texts would run past the position table
+        raise BundleError(f"{path}: corrupt: 'max_length' {meta['max_length']} exceeds the context {meta['context']}")
 
 
 def bundle_kind(meta: dict) -> str:
@@ -132,346 +170,3 @@ def open_session(onnx_path: Path, threads: int | None = None, providers: list[st
         raise BundleError(f"{onnx_path}: onnxruntime cannot load it{on}: {str(err).splitlines()[0]}") from None
     check_session_providers(session, providers, onnx_path)
     return session
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt and how to continue it. temperature 0 is greedy."""
-
-    prompt_ids: list[int]
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings that end the completion (not included in its text)
-    stop_at_eot: bool = True  # end at the tokenizer's end-of-text token (not included either)
-    stop_ids: tuple[int, ...] = ()  # further token ids that end it, e.g. a chat template's <|im_end|>
-
-
-@dataclass
-class Completion:
-    tokens: list[int]  # the new tokens, without a stop token
-    text: str  # their text, cut before a stop string
-    finish_reason: str  # "stop" (end-of-text, stop token or string) or "length" (max_tokens)
-    prompt_tokens: int
-
-
-@dataclass
-class TokenEvent:
-    """A step of a streamed generation: request `index` has new `text` (possibly empty while a
-    multi-byte character or a possible stop string is incomplete); `finish_reason` is set on its last."""
-
-    index: int
-    token: int | None
-    text: str
-    finish_reason: str | None = None
-
-
-def check_request(request: GenerationRequest, vocab_size: int) -> None:
-    """Raise ValueError, with a message for the user, for arguments generation cannot use."""
-    if not request.prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token to condition on")
-    bad = next((i for i in request.prompt_ids if not 0 <= int(i) < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary of {vocab_size:,}")
-    if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
-        raise ValueError(f"max_tokens must be an integer >= 0, got {request.max_tokens!r}")
-    if request.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {request.temperature}")
-    if request.top_k is not None and request.top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {request.top_k}")
-    if request.top_p is not None and not 0 < request.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
-
-
-def pick_token(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
-               rng: np.random.Generator) -> int:
-    """One token id from a [vocab] row of logits: the same rules as the PyTorch sampler."""
-    logits = logits.astype(np.float64)
-    if temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-logits, kind="stable")
-        probs = _softmax(logits[order])
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop = (np.cumsum(probs) - probs) >= top_p
-        logits[order[drop]] = -np.inf
-    probs = _softmax(logits)
-    return int(rng.choice(probs.size, p=probs))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
-    return e / e.sum()
-
-
-class TextStream:
-    """Turns a row's tokens into text deltas that are safe to show: never half a UTF-8 character,
-    never text that a stop string may still claim."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
-        self.decode, self.stop = decode, tuple(s for s in stop if s)
-        self.tokens: list[int] = []
-        self.sent = 0  # characters of the text already handed out
-        self.text = ""
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (new text to show, whether a stop string has appeared)."""
-        self.tokens.append(token)
-        self.text = self.decode(self.tokens)
-        hit = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
-                  default=-1)
-        if hit >= 0:
-            self.text = self.text[:hit]
-            return self._take(len(self.text)), True
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
-            safe = len(self.text.rstrip("\ufffd"))
-        for s in self.stop:  # hold back a tail that could be the start of a stop string
-            for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
-                if self.text[safe - k:safe] == s[:k]:
-                    safe -= k
-                    break
-        return self._take(safe), False
-
-    def finish(self) -> str:
-        return self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        upto = max(upto, self.sent)
-        delta = self.text[self.sent:upto]
-        self.sent = upto
-        return delta
-
-
-@dataclass
-class _Row:
-    index: int
-    request: GenerationRequest
-    rng: np.random.Generator
-    stream: TextStream
-    stops: frozenset
-    new: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-class OnnxModel:
-    """An exported model in an onnxruntime session, with its tokenizer and generation settings."""
-
-    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
-        self.path = find_model_file(path)
-        self.meta = read_sidecar(self.path)
-        if bundle_kind(self.meta) == CLASSIFIER:
-            raise BundleError(f"{self.path}: an exported classifier ({', '.join(self.meta['labels'])}), not a "
-                              f"language model: it does not generate text; use `lmspec classify {self.path} TEXT...`")
-        self.tokenizer = bundle_tokenizer(self.path, self.meta)
-        self.session = open_session(self.path, threads, providers)
-        self.name: str = self.meta["name"]
-        self.context: int = self.meta["context"]
-        self.vocab_size: int = self.meta["vocab_size"]
-        self.eot_id: int | None = self.tokenizer.eot_id
-        cache = self.meta.get("cache")
-        self.cache_layers: int = cache["layers"] if cache else 0
-        self._past_shapes = ([(kv, hd) for kv, hd in zip(cache["kv_heads"], cache["head_dim"]) for _ in range(2)]
-                             if cache else [])
-        self._past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        if len(self._past_names) != len(self._past_shapes):
-            raise BundleError(f"{bundle_sidecar(self.path)}: describes {len(self._past_shapes)} cache tensors, "
-                              f"but {self.path.name} takes {len(self._past_names)}")
-        kinds = {i.type for i in self.session.get_inputs() if i.name in self._past_names}
-        self._float = np.float16 if kinds == {"tensor(float16)"} else np.float32
-
-    @property
-    def uses_cache(self) -> bool:
-        return bool(self._past_names)
-
-    # ------------------------------------------------------------------------------ one forward
-
-    def forward(self, ids: np.ndarray, mask: np.ndarray | None = None, positions: np.ndarray | None = None,
-                past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits [batch, seq, vocab] for `ids` [batch, seq], and the cache after them."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not self.uses_cache:
-            return self.session.run(["logits"], {"input_ids": ids})[0], []
-        batch, seq = ids.shape
-        if past is None:
-            past = [np.zeros((batch, kv, 0, hd), dtype=self._float) for kv, hd in self._past_shapes]
-        past_len = past[0].shape[2]
-        if mask is None:
-            mask = np.ones((batch, past_len + seq), dtype=np.int64)
-        if positions is None:
-            positions = positions_from_mask(mask)[:, past_len:]
-        feeds = {"input_ids": ids, "attention_mask": mask.astype(np.int64), "position_ids": positions.astype(np.int64)}
-        feeds.update(zip(self._past_names, past))
-        out = self.session.run(None, feeds)
-        return out[0], out[1:]
-
-    # ------------------------------------------------------------------------------ generation
-
-    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
-        """Continue every prompt; the completions come back in the order of the requests."""
-        rows = self._rows(requests)
-        for _ in self._run(rows):
-            pass
-        return [Completion(row.new, row.stream.text, row.finish_reason, len(row.request.prompt_ids)) for row in rows]
-
-    def stream(self, requests: list[GenerationRequest]) -> Iterator[TokenEvent]:
-        """Generate for all requests at once, yielding each token's event as it is produced."""
-        return self._run(self._rows(requests))
-
-    def _rows(self, requests: list[GenerationRequest]) -> list[_Row]:
-        for request in requests:
-            check_request(request, self.vocab_size)
-        return [self._row(i, r) for i, r in enumerate(requests)]
-
-    def _run(self, rows: list[_Row]) -> Iterator[TokenEvent]:
-        live = []
-        for row in rows:
-            if row.request.max_tokens == 0:
-                row.finish_reason = "length"
-                yield TokenEvent(row.index, None, "", "length")
-            else:
-                live.append(row)
-        if not live:
-            return
-        if self.uses_cache:
-            yield from self._generate_cached(live)
-        else:  # no padding mask in such a graph: each prompt runs on its own
-            for row in live:
-                yield from self._generate_windowed([row], [list(row.request.prompt_ids)[-self.context:]])
-
-    def _row(self, index: int, request: GenerationRequest) -> _Row:
-        stops = set(request.stop_ids)
-        if request.stop_at_eot and self.eot_id is not None:
-            stops.add(self.eot_id)
-        return _Row(index, request, np.random.default_rng(request.seed), TextStream(self.tokenizer.decode, request.stop),
-                    frozenset(stops))
-
-    def _advance(self, row: _Row, logits: np.ndarray) -> TokenEvent:
-        """Pick the row's next token from its last logits; finish the row where it must."""
-        r = row.request
-        token = pick_token(logits, r.temperature, r.top_k, r.top_p, row.rng)
-        if token in row.stops:
-            row.finish_reason = "stop"
-            return TokenEvent(row.index, token, row.stream.finish(), "stop")
-        row.new.append(token)
-        text, hit = row.stream.push(token)
-        if hit:
-            row.finish_reason = "stop"
-            row.new = _tokens_before(row.new, len(row.stream.text), self.tokenizer.decode)
-        elif len(row.new) >= r.max_tokens:
-            row.finish_reason = "length"
-            text += row.stream.finish()
-        return TokenEvent(row.index, token, text, row.finish_reason)
-
-    def _generate_cached(self, rows: list[_Row]) -> Iterator[TokenEvent]:
-        prompts = [list(row.request.prompt_ids)[-self.context:] for row in rows]
-        ids, mask = left_pad(prompts, pad_id=0)
-        logits, past = self.forward(ids, mask)
-        while True:
-            events = [self._advance(row, logits[i, -1]) for i, row in enumerate(rows)]
-            yield from events
-            keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                rows = [rows[i] for i in keep]
-                ids, mask = ids[keep], mask[keep]
-                past = [p[keep] for p in past]
-            column = np.array([[row.new[-1]] for row in rows], dtype=np.int64)
-            ids = np.concatenate([ids, column], axis=1)
-            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
-            if ids.shape[1] > self.context:  # the cache is full: from here on, a sliding window
-                yield from self._generate_windowed(rows, [list(r) for r in ids], [list(m) for m in mask])
-                return
-            logits, past = self.forward(column, mask, positions_from_mask(mask)[:, -1:], past)
-
-    def _generate_windowed(self, rows: list[_Row], ids: list[list[int]],
-                           masks: list[list[int]] | None = None) -> Iterator[TokenEvent]:
-        """Each step re-runs the last `context` tokens without a cache, as the PyTorch sampler does
-        once its cache is full: generation may go on past the context."""
-        masks = masks or [[1] * len(r) for r in ids]
-        while True:
-            window = np.array([r[-self.context:] for r in ids], dtype=np.int64)
-            window_mask = np.array([m[-self.context:] for m in masks], dtype=np.int64)
-            if self.uses_cache:
-                logits, _ = self.forward(window, window_mask)
-            else:
-                logits, _ = self.forward(window)
-            events = [self._advance(row, logits[i, -1]) for i, row in enumerate(rows)]
-            yield from events
-            keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
-            if not keep:
-                return
-            rows = [rows[i] for i in keep]
-            ids = [ids[i] + [rows[j].new[-1]] for j, i in enumerate(keep)]
-            masks = [masks[i] + [1] for i in keep]
-
-
-def _tokens_before(tokens: list[int], chars: int, decode) -> list[int]:
-    """The shortest prefix of `tokens` whose text covers the first `chars` characters."""
-    for n in range(len(tokens) + 1):
-        if len(decode(tokens[:n])) >= chars:
-            return tokens[:n]
-    return tokens
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [batch, longest] padded on the left, and the mask that marks the real tokens."""
-    longest = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), longest), dtype=np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = p
-        mask[i, longest - len(p):] = 1
-    return ids, mask
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Each token's position counting only real tokens: padding on the left does not shift them."""
-    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-
-
-def read_sidecar(onnx_path: Path) -> dict:
-    path = bundle_sidecar(onnx_path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing; it holds the tokenizer and settings that {onnx_path.name} needs "
-                          f"(export with `lmspec export` writes both)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: unreadable or not JSON: {err}") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not an lmspec ONNX bundle (format is not {BUNDLE_FORMAT!r})")
-    if meta.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: version {meta.get('version')!r}; this lmspec reads version {BUNDLE_VERSION}")
-    for key, kind in (("name", str), ("context", int), ("vocab_size", int), ("tokenizer", str)):
-        if not isinstance(meta.get(key), kind):
-            raise BundleError(f"{path}: corrupt: {key!r} missing or not a {kind.__name__}")
-    cache = meta.get("cache")
-    if cache is not None and not (isinstance(cache, dict) and isinstance(cache.get("layers"), int)
-                                  and len(cache.get("kv_heads", [])) == cache["layers"]
-                                  and len(cache.get("head_dim", [])) == cache["layers"]):
-        raise BundleError(f"{path}: corrupt: 'cache' does not describe the layers")
-    if bundle_kind(meta) not in (LANGUAGE_MODEL, CLASSIFIER):
-        raise BundleError(f"{path}: corrupt: 'kind' is {meta['kind']!r}, not {LANGUAGE_MODEL!r} or {CLASSIFIER!r}")
-    if bundle_kind(meta) == CLASSIFIER:
-        _check_classifier_fields(path, meta)
-    return meta
-
-
-def _check_classifier_fields(path: Path, meta: dict) -> None:
-    labels = meta.get("labels")
-    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
-        raise BundleError(f"{path}: corrupt: a classifier's 'labels' must be a list of at least two names")
-    for key, least in (("max_length", 1), ("pad_id", 0)):
-        value = meta.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise BundleError(f"{path}: corrupt: a classifier's {key!r} missing or not an integer >= {least}")
-    if meta["max_length"] > meta["context"]:  # longer texts would run past the position table
-        raise BundleError(f"{path}: corrupt: 'max_length' {meta['max_length']} exceeds the context {meta['context']}")

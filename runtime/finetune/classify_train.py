@@ -20,7 +20,9 @@ from lmspec.runtime.finetune.classify_data import make_batch
 from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, update
 from lmspec.runtime.train.metrics import MetricsLog
-from lmspec.runtime.train.loop import METRICS_FILE, TrainConfig, autocast, make_optimizer
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.metrics import METRICS_FILE
+from lmspec.runtime.train.steps import autocast, make_optimizer
 
 CONFUSION_FILE = "confusion.json"
 CONFUSION_PLOT = "confusion.png"

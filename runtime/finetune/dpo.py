@@ -36,7 +36,9 @@ from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_e
 from lmspec.runtime.finetune.instruct_train import masked_loss
 from lmspec.runtime.finetune.lora import trainable_weights
 from lmspec.runtime.train.metrics import LOSS_PANEL, MetricsLog, Panel, plot_loss_curve
-from lmspec.runtime.train.loop import METRICS_FILE, PLOT_FILE, TrainConfig, autocast, make_optimizer
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE
+from lmspec.runtime.train.steps import autocast, make_optimizer
 
 ANSWERS = ("chosen", "rejected")
 

@@ -22,7 +22,9 @@ from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_e
 from lmspec.runtime.finetune.instruct_data import IGNORE, Example, collate, length_buckets
 from lmspec.runtime.finetune.lora import trainable_weights
 from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve
-from lmspec.runtime.train.loop import METRICS_FILE, PLOT_FILE, TrainConfig, autocast, make_optimizer
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE
+from lmspec.runtime.train.steps import autocast, make_optimizer
 
 
 @dataclass

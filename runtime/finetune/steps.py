@@ -7,7 +7,8 @@ import math
 import torch
 
 from lmspec.runtime.train.schedule import learning_rate
-from lmspec.runtime.train.loop import TrainConfig, TrainingError
+from lmspec.runtime.errors import TrainingError
+from lmspec.runtime.train.config import TrainConfig
 
 
 def steps_per_epoch(n_examples: int, batch: int) -> int:

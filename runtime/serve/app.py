@@ -1,7 +1,7 @@
 """`lmspec serve`: an exported ONNX model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, the last two
-with server-sent events when `stream` is true. A classifier bundle is served by serve_classifier.py
+with server-sent events when `stream` is true. A classifier bundle is served by classifier_app.py
 instead (POST /v1/classify), on the same app skeleton: new_app and add_model_routes below.
 
 One worker thread owns the model: requests are checked and tokenized on the event loop, queued, and
@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmspec.runtime.data.chat_template import check_messages, chat_template_for
-from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, check_request, session_providers
+from lmspec.runtime.export.bundle import session_providers
+from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
 from lmspec.runtime.serve.scheduler import Scheduler, Ticket
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: our messages share its format

@@ -8,7 +8,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel, TokenEvent
+from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, TokenEvent
 
 log = logging.getLogger("uvicorn.error")
 

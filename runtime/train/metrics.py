@@ -9,6 +9,9 @@ from pathlib import Path
 
 from lmspec.runtime.atomic import write_text_atomically
 
+METRICS_FILE = "metrics.jsonl"  # in a run directory: the log
+PLOT_FILE = "loss.png"  # and its plot
+
 
 class MetricsLog:
     """Append-only JSONL log. Each record is written and flushed as one line, so a killed run

@@ -230,7 +230,7 @@ def test_rewrites_without_lora_keeps_the_others():
 
 def test_lora_options_make_the_rewrite_record():
     from argparse import ArgumentParser
-    from lmspec.runtime.cli.lora_options import add_lora_options
+    from lmspec.runtime.cli.options import add_lora_options
 
     parser = ArgumentParser()
     add_lora_options(parser)

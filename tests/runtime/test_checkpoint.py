@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import lmspec.runtime.checkpoint.store as checkpoint_module
 from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from lmspec.runtime.train.loop import TrainConfig, make_optimizer
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.steps import make_optimizer
 
 VOCAB = 20
 

@@ -20,7 +20,7 @@ from lmspec.runtime.cli.main import main
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.text_encoder import TextEncoder
 from lmspec.runtime.data.tokenizer import CharTokenizer
-from lmspec.runtime.train.loop import TrainConfig
+from lmspec.runtime.train.config import TrainConfig
 from lmspec.runtime.errors import UsageError
 
 

@@ -13,10 +13,11 @@ import torch
 from conftest import finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.runtime.finetune.classifier import classifier_inputs
 from lmspec.runtime.cli.main import main
-from lmspec.runtime.cli.export import export_bundle
+from lmspec.runtime.export.from_checkpoint import export_bundle
 from lmspec.runtime.checkpoint.models import load_model
 from lmspec.runtime.serve.classifier import OnnxClassifier
-from lmspec.runtime.export.bundle import OnnxModel, bundle_sidecar, read_sidecar
+from lmspec.runtime.export.bundle import bundle_sidecar, read_sidecar
+from lmspec.runtime.serve.language_model import OnnxModel
 
 MAX_LENGTH = 24
 TEXTS = ["WINNER!! Claim your £1000 prize now, call 09061701461", "ok see you at 6?", "Café crème — “déjà vu”",

@@ -27,7 +27,7 @@ from lmspec.runtime.finetune.dpo import (
 )
 from lmspec.runtime.finetune.instruct_data import IGNORE, AlpacaTemplate, collate, read_records
 from lmspec.runtime.train.metrics import read_metrics
-from lmspec.runtime.train.loop import TrainConfig
+from lmspec.runtime.train.config import TrainConfig
 # Instruction tuning's fixtures: `bpe`, a 400-token byte-level BPE with <|endoftext|> <|pad|> <|im_start|>
 # <|im_end|>, and `base_run`, an untrained GPT-2-shaped model of SETTINGS with it. DPO needs no
 # pretraining to show a margin: the rejected answers share words (rude ones) the policy learns to avoid.

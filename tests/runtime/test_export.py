@@ -14,9 +14,10 @@ from lmspec.compiler.loader import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
 from lmspec.compiler.rewrites import spec_record
-from lmspec.runtime.cli.export import export_bundle
+from lmspec.runtime.export.from_checkpoint import export_bundle
 from lmspec.runtime.train.sampling import generate
-from lmspec.runtime.export.bundle import BundleError, GenerationRequest, OnnxModel, bundle_sidecar
+from lmspec.runtime.export.bundle import BundleError, bundle_sidecar
+from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel
 from lmspec.runtime.data.tokenizer import FileTokenizer
 
 

@@ -23,7 +23,7 @@ from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.runtime.checkpoint.store import load_checkpoint  # noqa: E402
 from lmspec.runtime.cli.main import main  # noqa: E402
 from lmspec.compiler.rewrites import graph_from_record  # noqa: E402
-from lmspec.runtime.cli.export import export_bundle  # noqa: E402
+from lmspec.runtime.export.from_checkpoint import export_bundle  # noqa: E402
 from lmspec.runtime.train.sampling import generate  # noqa: E402
 
 REPO = TESTS_DIR.parent
@@ -283,7 +283,7 @@ FAMILY_CASES = {
 def _settings_for(directory: Path, spec: str) -> list[str]:
     """--set options that size the shipped spec like config.json (the import then checks them all)."""
     from lmspec.compiler import load_spec
-    from lmspec.runtime.hf.convert import family_of, hyper_from_config
+    from lmspec.runtime.hf.config import family_of, hyper_from_config
     from lmspec.runtime.hf.families import spec_literal
 
     config = json.loads((directory / "config.json").read_text())
@@ -367,6 +367,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, safetensors, tokenizers                     # imported before measuring
     import lmspec.compiler.loader, lmspec.runtime.cli.train, lmspec.runtime.hf.convert
+    import lmspec.runtime.checkpoint.store, lmspec.runtime.data.tokenizer  # what the verb imports when it runs
     from lmspec.runtime.cli.main import main
 
     def status(key):

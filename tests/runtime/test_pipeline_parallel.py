@@ -121,7 +121,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
     from lmspec.compiler.lower import lower
     from lmspec.runtime.distributed.pipeline import build_pipeline
-    from lmspec.runtime.train.loop import _loss
+    from lmspec.runtime.train.steps import training_loss as _loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
@@ -172,7 +172,7 @@ def _reference(spec: str, tmp: Path):
     import tempfile
     from safetensors.torch import load_file, save_model
     from lmspec.compiler.lower import lower
-    from lmspec.runtime.train.loop import _loss
+    from lmspec.runtime.train.steps import training_loss as _loss
 
     model = lower(_graph(spec, tmp), seed=0)
     tokens, targets = _batch()

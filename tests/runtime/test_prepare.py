@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from lmspec.runtime.data.corpus import DataError
-from lmspec.runtime.data.prepare import (
-    DOCUMENTS_FILE,
-    REPORT_FILE,
-    format_report,
-    iter_documents,
-    prepare,
-    shingle_size_for,
-    words_of,
-)
+from lmspec.runtime.data.dedupe import shingle_size_for, words_of
+from lmspec.runtime.data.prepare import DOCUMENTS_FILE, REPORT_FILE, iter_documents, prepare
+from lmspec.runtime.data.report import format_report
 
 # Words that occur in neither Shakespeare nor the SMS messages, so an edit always changes a word.
 REPLACEMENTS = ["zeppelin", "quasar", "photon", "laptop", "kilobyte", "voltmeter", "algorithm"]

@@ -10,17 +10,17 @@ import onnxruntime as ort
 import pytest
 
 from conftest import finetune_spam, lmspec_cli, train_tiny_base
-from lmspec.runtime.cli.main import _parser, main
+from lmspec.runtime.cli.main import main, parser as _parser
 from lmspec.runtime.serve.classifier import OnnxClassifier
 from lmspec.runtime.export.bundle import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     PROVIDERS,
-    OnnxModel,
     ProviderError,
     check_session_providers,
     session_providers,
 )
+from lmspec.runtime.serve.language_model import OnnxModel
 from lmspec.runtime.cli.serve import served_bundle
 
 TEXTS = ["WINNER!! Claim your prize now, call 09061701461", "ok see you at 6?", ""]

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TESTS_DIR, lmspec_cli
 from lmspec.runtime.data.chat_template import chat_template_for, check_messages
-from lmspec.runtime.export.bundle import GenerationRequest, OnnxModel
+from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel
 
 NAME = "tiny-char"  # given with --name, so /v1/models must report it rather than the spec's name
 MAX_TOKENS = 256
@@ -337,7 +337,7 @@ def test_the_listening_socket_is_tcp_so_small_answers_are_not_delayed():
 
 
 def test_the_server_never_imports_torch(tiny_bundle):
-    code = ("import sys\nfrom lmspec.runtime.export.bundle import OnnxModel\n"
+    code = ("import sys\nfrom lmspec.runtime.serve.language_model import OnnxModel\n"
             "from lmspec.runtime.serve.app import ServeSettings, create_app\n"
             f"create_app(OnnxModel({str(tiny_bundle)!r}), ServeSettings('m', 16, 64, 1024, 4))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
@@ -363,7 +363,7 @@ def chatml_bundle(tmp_path_factory, verdict_text) -> Path:
     from lmspec.compiler.lower import lower
     from lmspec.runtime.checkpoint.store import save_checkpoint
     from lmspec.compiler.rewrites import spec_record
-    from lmspec.runtime.cli.export import export_bundle
+    from lmspec.runtime.export.from_checkpoint import export_bundle
     from lmspec.runtime.data.tokenizer_training import train_bpe
 
     work = tmp_path_factory.mktemp("chatml")

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from conftest import finetune_spam, train_tiny_base
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.serve.classifier import OnnxClassifier
-from lmspec.runtime.export.bundle import OnnxModel, bundle_sidecar, read_sidecar
+from lmspec.runtime.export.bundle import bundle_sidecar, read_sidecar
+from lmspec.runtime.serve.language_model import OnnxModel
 from lmspec.runtime.serve.app import ServeSettings, create_app
 from test_serve import running_server
 

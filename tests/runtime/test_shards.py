@@ -10,7 +10,8 @@ from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.shards import SPLITS, ShardData, document_batches, read_meta, write_shards
 from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, TokenizerError
 from lmspec.runtime.data.tokenizer_training import train_bpe
-from lmspec.runtime.train.loop import TrainConfig, train
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.loop import train
 
 
 @pytest.fixture(scope="module")

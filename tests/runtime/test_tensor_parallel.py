@@ -136,7 +136,8 @@ def _worker(out: str) -> None:
     from lmspec.runtime.distributed import tensor_parallel as tpm
     from lmspec.runtime.checkpoint.store import load_checkpoint, read_optimizer_by_name, read_tensors
     from lmspec.runtime.distributed.world import World
-    from lmspec.runtime.train.loop import TrainConfig, make_optimizer
+    from lmspec.runtime.train.config import TrainConfig
+    from lmspec.runtime.train.steps import make_optimizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -10,7 +10,9 @@ from lmspec.runtime.data.token_data import TokenData
 from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lmspec.runtime.train.schedule import learning_rate
 from lmspec.runtime.data.tokenizer import CharTokenizer
-from lmspec.runtime.train.loop import ConfigError, TrainConfig, TrainingError, train
+from lmspec.runtime.errors import ConfigError, TrainingError
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.loop import train
 
 SPEC = {"file": "tests/reference_gpt.py", "overrides": {}}
 

@@ -1,0 +1,250 @@
+"""A checkpoint to an ONNX bundle: export, the parity check against PyTorch, optimisation,
+quantisation or float16, and the model and its sidecar moved into place. What `lmspec export` runs.
+
+torch, onnxruntime and the compiler's exporter are imported inside the functions, so that the CLI,
+which imports this module with its handler, loads them only when an export runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lmspec.runtime.errors import UsageError
+from lmspec.runtime.export.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    CLASSIFIER,
+    LANGUAGE_MODEL,
+    bundle_sidecar,
+)
+
+QUANTIZED_TOLERANCE_NOTE = "int8 weights: logits differ by design; the fp32 export was checked to 1e-4"
+CLASSIFIER_QUANTIZED_NOTE = ("int8 weights: logits differ by design, what counts is the predicted class; "
+                             "the fp32 export was checked to 1e-4")
+
+
+def output_path(out: str) -> Path:
+    """`-o model.onnx` names the file; `-o DIR` means DIR/model.onnx."""
+    path = Path(out)
+    return path if path.suffix == ".onnx" else path / "model.onnx"
+
+
+def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize: bool = False,
+                  quantize: str | None = None, fp16: bool = False, log=print) -> dict:
+    """Export a checkpoint, a language model or a classifier, to `out` with its sidecar; returns the
+    sidecar's content.
+
+    The fp32 export is checked against PyTorch (ExportError beyond 1e-4), then optimised, quantised
+    or converted as asked, and each of those checked again. Files are written in a temporary
+    directory beside the destination and moved into place only when everything passed."""
+    import onnxruntime as ort
+    import torch
+
+    from lmspec.compiler.onnx_export import DEFAULT_OPSET, PARITY_TOLERANCE, ExportError
+
+    from lmspec.runtime.export import optimize as onnx_optimize
+
+    if quantize not in (None, "int8"):
+        raise UsageError(f"--quantize {quantize}: only int8 is supported")
+    if quantize and fp16:
+        raise UsageError("--quantize int8 and --fp16 exclude each other")
+    opset = opset or DEFAULT_OPSET
+    destination = output_path(out)
+    target = export_target(checkpoint, log)
+    graph, model = target.graph, target.model
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    work = destination.parent / f".tmp-export-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        started = time.perf_counter()
+        exported = work / "fp32.onnx"
+        target.export(exported, opset)
+        log(f"exported {graph.name} ({sum(p.numel() for p in model.parameters()):,} parameters, opset {opset}) "
+            f"in {time.perf_counter() - started:.1f} s")
+
+        def parity_of(path: Path, label: str, enforce: bool):
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            with torch.no_grad():
+                result = target.check(session)
+            log(f"parity {label}: {result.describe()}")
+            if enforce and not result.worst <= PARITY_TOLERANCE:  # `not <=` also catches NaN
+                raise ExportError(f"the {label} ONNX model does not match PyTorch: max |logits difference| "
+                                  f"{result.worst:.3e} > {PARITY_TOLERANCE:g}; nothing was written")
+            return result.as_dict()
+
+        parity = {"fp32": parity_of(exported, "fp32", enforce=True)}
+        final, fused = exported, {}
+        if optimize:
+            optimized = work / "optimized.onnx"
+            heads, hidden = _heads_and_hidden(model)
+            fused = onnx_optimize.optimize(final, optimized, heads, hidden)
+            log("optimized: fused " + (", ".join(f"{n} x{c}" for n, c in fused.items()) or "nothing"))
+            parity["optimized"] = parity_of(optimized, "optimized", enforce=True)
+            final = optimized
+        if quantize:
+            quantized = work / "int8.onnx"
+            onnx_optimize.quantize_int8(final, quantized)
+            parity["int8"] = parity_of(quantized, "int8", enforce=False)
+            log(f"  ({target.quantized_note})")
+            final = quantized
+        if fp16:
+            half = work / "fp16.onnx"
+            onnx_optimize.to_fp16(final, half)
+            parity["fp16"] = parity_of(half, "fp16", enforce=False)
+            log("  (float16 rounds every activation: meant for GPU execution providers)")
+            final = half
+
+        ckpt = target.checkpoint
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "kind": target.kind,
+            "name": graph.name,
+            "file": destination.name,
+            "context": graph.context,
+            "vocab_size": target.vocab,
+            "eot_id": target.tokenizer.eot_id,
+            **target.sidecar_fields(),
+            "dtype": "float16" if fp16 else "float32",
+            "quantized": quantize,
+            "optimized": optimize,
+            "fused": fused,
+            "opset": opset,
+            "parity": parity,
+            "checkpoint": {"path": str(ckpt.path), "step": ckpt.step},
+            "tokenizer": ckpt.tokenizer,
+        }
+        _install(final, destination)
+        sidecar = bundle_sidecar(destination)
+        tmp_sidecar = work / "sidecar.json"
+        tmp_sidecar.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp_sidecar, sidecar)  # last: a bundle with a sidecar is complete
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = destination.stat().st_size + _data_size(destination)
+    log(f"wrote {destination} ({size / 2**20:.1f} MiB) and {bundle_sidecar(destination).name}")
+    return meta
+
+
+class ModelExport:
+    """A checkpoint's model on its way to ONNX: `export` writes it, `check` compares a session of the
+    export with PyTorch, `sidecar_fields` is what its kind adds to the sidecar."""
+
+    kind: str  # the sidecar's "kind"
+    quantized_note: str  # what the parity of an int8 export means
+
+    def __init__(self, loaded, model, graph, tokenizer):
+        # `reference` is the checkpoint's model as it was trained, which parity compares with;
+        # `model` is what gets exported (the same, or with its LoRA adapters folded in).
+        self.reference, self.checkpoint, self.model, self.graph = loaded.model, loaded.checkpoint, model, graph
+        self.tokenizer, self.vocab = tokenizer, _vocab(graph, tokenizer)
+
+
+class LanguageModelExport(ModelExport):
+    """A language model's export: with the KV cache where its attention allows one."""
+
+    kind = LANGUAGE_MODEL
+    quantized_note = QUANTIZED_TOLERANCE_NOTE
+    layout = None  # known once exported
+
+    def export(self, path: Path, opset: int) -> None:
+        from lmspec.compiler.onnx_export import export_onnx
+        self.layout = export_onnx(self.model, self.graph, path, opset=opset)
+
+    def check(self, session):
+        from lmspec.compiler.onnx_parity import check_parity
+        return check_parity(self.reference, session, self.layout, self.vocab, self.graph.context)
+
+    def sidecar_fields(self) -> dict:
+        return {"cache": self.layout.as_dict() if self.layout is not None else None}
+
+
+class ClassifierExport(ModelExport):
+    """A classifier's export: tokens and lengths in, class logits out, no cache; its sidecar names
+    the classes and how texts are encoded (`lmspec classify BUNDLE` encodes them the same way)."""
+
+    kind = CLASSIFIER
+    quantized_note = CLASSIFIER_QUANTIZED_NOTE
+
+    def __init__(self, loaded, model, graph, tokenizer, labels: list[str], encoder):
+        super().__init__(loaded, model, graph, tokenizer)
+        self.labels, self.encoder = labels, encoder
+
+    def export(self, path: Path, opset: int) -> None:
+        from lmspec.compiler.onnx_export import export_classifier_onnx
+        export_classifier_onnx(self.model, self.graph, path, opset=opset)
+
+    def check(self, session):
+        from lmspec.compiler.onnx_parity import check_classifier_parity
+        return check_classifier_parity(self.reference, session, self.vocab, self.graph.context)
+
+    def sidecar_fields(self) -> dict:
+        return {"cache": None, "labels": self.labels, "max_length": self.encoder.max_length,
+                "pad_id": self.encoder.pad_id}
+
+
+def export_target(checkpoint: str, log=print) -> ModelExport:
+    """What `checkpoint` exports as: its model rebuilt with its rewrites (an adapter checkpoint on
+    its base), LoRA adapters folded into their weights, as a classifier or a language model."""
+    from lmspec.runtime.finetune.classifier import classifier_inputs, classify_record
+    from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.data.tokenizer import load_tokenizer
+
+    loaded = load_model(checkpoint)
+    tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
+    graph, model = _adapters_folded(loaded, log)
+    if classify_record(loaded.checkpoint) is None:
+        return LanguageModelExport(loaded, model, graph, tokenizer)
+    labels, encoder = classifier_inputs(loaded)
+    return ClassifierExport(loaded, model, graph, tokenizer, labels, encoder)
+
+
+def _adapters_folded(loaded, log) -> tuple:
+    """(graph, model) with the LoRA adapters folded into their matrices (W + scale B A, as `lmspec
+    lora merge` does), so the ONNX graph holds one MatMul per layer, not three."""
+    from lmspec.compiler.lora import adapted_matrices, is_lora, merge_lora
+    from lmspec.compiler.lower import lower
+
+    if not is_lora(loaded.graph):
+        return loaded.graph, loaded.model
+    graph, weights = merge_lora(loaded.graph, loaded.model.state_dict())
+    model = lower(graph)
+    model.load_state_dict(weights, strict=True)
+    log(f"folded the LoRA adapters of {len(adapted_matrices(loaded.graph))} matrices into their weights")
+    return graph, model.eval()
+
+
+def _install(src: Path, destination: Path) -> None:
+    """Move the model (and its external weights, for models over 2 GB) to their final names."""
+    data = Path(str(src) + ".data")
+    if data.exists():
+        import onnx
+
+        model = onnx.load(str(src))
+        onnx.save(model, str(src), save_as_external_data=True, location=destination.name + ".data")
+        os.replace(src.parent / (destination.name + ".data"), Path(str(destination) + ".data"))
+    os.replace(src, destination)
+
+
+def _data_size(path: Path) -> int:
+    data = Path(str(path) + ".data")
+    return data.stat().st_size if data.exists() else 0
+
+
+def _vocab(graph, tokenizer) -> int:
+    vocab = graph.hyper.get("vocab")
+    return vocab if isinstance(vocab, int) else tokenizer.vocab_size
+
+
+def _heads_and_hidden(model) -> tuple[int, int]:
+    from lmspec.compiler.torch_modules import Attention
+
+    attention = next((m for m in model.modules() if isinstance(m, Attention)), None)
+    if attention is None:
+        return 0, 0  # no attention op to fuse; the other fusions need neither number
+    return attention.heads, attention.heads * attention.head_dim

@@ -1,0 +1,155 @@
+"""One step of training and what it needs: AdamW with nanoGPT's decay groups, autocast for mixed
+precision, the loss, an optimizer step over accumulated micro-batches (or a pipeline's schedule),
+and the validation loss, which draws nothing from the training RNG."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from lmspec.runtime.distributed.device import to_device
+from lmspec.runtime.errors import ConfigError
+from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.loss import next_token_loss
+from lmspec.runtime.train.random_state import rng_devices
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings only, not on biases and norm gains
+    (nanoGPT's grouping: decay exactly the parameters with two or more dimensions)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    fused = device_of(model).type == "cuda"  # the fused kernel exists for CUDA; CPU uses the loop
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision: fp32 runs as it is; bf16/fp16 compute matrix products
+    in 16 bits while the weights, gradients and optimizer state stay fp32 (mixed precision)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def validation_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str = "fp32",
+             device: torch.device | None = None) -> float:
+    """Mean cross-entropy over fixed batches, in eval mode, without touching the training RNG.
+    `device`: where the model computes (default: where its parameters are)."""
+    device = device or device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices(device)), autocast(device, precision):
+            losses = [training_loss(model(to_device(x, device)), to_device(y, device)).item() for x, y in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def deferred_sync(ddp, model, sharded: bool):
+    """The context that keeps a micro-batch's gradients on its rank, None in a world of one."""
+    if ddp is not None:
+        return ddp.no_sync
+    if sharded:
+        from lmspec.runtime.distributed.fsdp import no_gradient_sync
+        return lambda: no_gradient_sync(model)
+    return None
+
+
+def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, generator, device,
+                    sharded: bool = False, mesh=None) -> float:
+    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss. `forward` is
+    the model, wrapped in DistributedDataParallel under torchrun, compiled with --compile; `no_sync`
+    (several ranks only) defers the gradient reduction; a tensor-parallel run's `mesh` says over
+    which ranks the replicas average their gradients."""
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = data.train_batch(cfg.batch, cfg.seq, generator)
+        # Ranks average gradients once per step, at the last micro-batch, not after each one.
+        syncing = no_sync is None or micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if syncing else no_sync():
+            with autocast(device, cfg.precision):
+                logits = forward(to_device(x, device))
+            loss = training_loss(logits, to_device(y, device))
+            # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
+            scaler.scale(loss / cfg.grad_accum).backward()
+        total += loss.item()
+    from lmspec.runtime.distributed.mesh import average_gradients
+    from lmspec.runtime.distributed.tensor_parallel import reduce_sequence_parallel_gradients
+    reduce_sequence_parallel_gradients(model)
+    average_gradients(model.parameters(), mesh)
+    scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+    if sharded:
+        from lmspec.runtime.distributed.fsdp import agree_on_overflow
+        agree_on_overflow(scaler, optimizer)
+    if cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    else:  # measured all the same, for the metrics
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then backs off
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum, _as_float(norm)
+
+
+def _as_float(norm: torch.Tensor) -> float:
+    """A gradient norm as a number (an FSDP or tensor-parallel norm is a DTensor: made whole first)."""
+    from torch.distributed.tensor import DTensor
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def pipeline_refusal(precision: str, compile: bool) -> str | None:
+    """Why a pipeline cannot run with these settings, or None. fp16 would need a loss scale agreed
+    across the stages; bf16 has fp32's range and needs none."""
+    unsupported = [name for name, on in (("--precision fp16", precision == "fp16"), ("--compile", compile)) if on]
+    return f"--pp does not combine with {', '.join(unsupported)} yet (bf16 does)" if unsupported else None
+
+
+def check_pipeline(cfg: TrainConfig, pp: int) -> None:
+    if refusal := pipeline_refusal(cfg.precision, cfg.compile):
+        raise ConfigError(refusal)
+    micro = cfg.micro_batches or pp
+    if cfg.pipeline_schedule not in ("1f1b", "gpipe"):
+        raise ConfigError(f"pipeline schedule must be 1f1b or gpipe, got {cfg.pipeline_schedule!r}")
+    if cfg.batch % micro or (cfg.pipeline_schedule == "1f1b" and micro < pp):
+        raise ConfigError(f"--batch {cfg.batch} must split into {micro} equal micro-batches"
+                          + (f", at least {pp} (one per stage) for 1F1B" if cfg.pipeline_schedule == "1f1b" else ""))
+
+
+def pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> float:
+    """One optimizer step of a pipeline: every rank of a replica draws the same batches (the first
+    stage feeds the tokens, the last scores the targets), replicas average their gradients, then
+    clip by the whole model's norm."""
+    from lmspec.runtime.distributed.mesh import average_gradients
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        x, y = data.train_batch(cfg.batch, cfg.seq, generator)
+        total += pipe.step(x, y, scale=1 / cfg.grad_accum)
+    from lmspec.runtime.distributed.tensor_parallel import reduce_sequence_parallel_gradients
+    reduce_sequence_parallel_gradients(pipe.module)
+    average_gradients(pipe.parameters(), mesh)
+    # an infinite bound measures the norm without clipping
+    norm = pipe.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum, norm
+
+
+def pipeline_validation_loss(pipe, batches) -> float:
+    pipe.eval()
+    try:
+        with torch.random.fork_rng(devices=rng_devices(pipe.device)):
+            losses = [pipe.eval_loss(x, y) for x, y in batches]
+    finally:
+        pipe.train()
+    return sum(losses) / len(losses)
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return next_token_loss(logits, targets)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
