@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.runtime.checkpoint.store import load_checkpoint  # noqa: E402
-from lmspec.runtime.cli.train import graph_from_record  # noqa: E402
+from lmspec.compiler.rewrites import graph_from_record  # noqa: E402
 from lmspec.runtime.hf.convert import import_hf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

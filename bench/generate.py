@@ -312,7 +312,7 @@ def loss_check(work: Path, steps: int, threads: int, data: Path) -> None:
     """Train the Shakespeare char model briefly, export it fp32 and int8, and compare the mean
     cross-entropy over every window of the validation split (the last 10% of the text)."""
     from lmspec.runtime.checkpoint.store import load_checkpoint
-    from lmspec.runtime.cli.train import graph_from_record
+    from lmspec.compiler.rewrites import graph_from_record
     from lmspec.runtime.data.token_data import TokenData
     from lmspec.runtime.data.tokenizer import load_tokenizer
 

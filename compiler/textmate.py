@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from lark import Lark
@@ -236,17 +235,17 @@ def render(grammar: dict | None = None) -> str:
 
 
 def write(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    """Write `text` to `path` under a temporary name beside it, then rename. The compiler may not import
+    lmspec.runtime (pyproject's layers), where runtime/atomic.py is the one way to write a file; this
+    is the least of it, under the same temporary name, for a generated file that git keeps anyway."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+        tmp.chmod(0o644)  # the committed file's mode, whatever the umask
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

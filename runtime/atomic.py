@@ -1,28 +1,187 @@
-"""Writing files so that a crash leaves the old file or the new one, never half of one."""
+"""Writing files and directories so that a crash leaves the old one or the new one, never half of one.
+
+Everything is written under a temporary name beside its destination, `.tmp-<name>-<pid>`, flushed
+to disk and renamed over it: both names are in one directory, so the rename is atomic. A writer
+that is killed leaves only such a temporary, which `remove_temporaries` clears the next time.
+
+    write_text_atomically(path, text), write_bytes_atomically(path, data)   a whole file at once
+    with atomic_file(path, "w") as f: ...                                   a file written in pieces
+    PendingFile(path): .file, then .commit() or .discard()                  one kept open across calls
+    with atomic_directory(final) as tmp: ...                                a directory built whole
+    with scratch_directory(parent, name) as work: ...; install_file(...)    files made by other tools
+    remove_directory(path), remove_temporaries(directory), fsync_file(path), fsync_dir(path)
+"""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
+
+TMP_PREFIX = ".tmp-"
+_TEMPORARY = re.compile(rf"^{re.escape(TMP_PREFIX)}(.+)-\d+$")  # group 1: the final name
 
 
-def temporary_name(path: Path) -> Path:
-    """The name a file is written under before the rename: hidden, beside it, unique per process."""
-    return path.with_name(f".tmp-{path.name}-{os.getpid()}")
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temporary name beside `path`, flush it to disk, then rename it over `path`."""
+def temporary_name(path: str | os.PathLike) -> Path:
+    """The name a file or directory is written under before the rename: hidden, beside it, unique per process."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+
+
+# ------------------------------------------------------------------------------------------- files
+
+class PendingFile:
+    """A file open under its temporary name: `commit()` puts it in place, `discard()` drops it. For a
+    writer that keeps one open across calls (token shards); a `with` block uses atomic_file.
+
+    Text modes default to UTF-8; `newline` is open()'s; `permissions` (e.g. 0o644) are set before the
+    rename, else the new file gets the umask's, as any new file does."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "wb", *, encoding: str | None = None,
+                 newline: str | None = None, permissions: int | None = None):
+        if mode not in ("w", "wb"):
+            raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = temporary_name(self.path)
+        self.permissions = permissions
+        if mode == "w":
+            encoding = encoding or "utf-8"
+        self.file: IO = open(self.temporary, mode, encoding=encoding, newline=newline)
+
+    def commit(self) -> None:
+        """Flush to disk, rename over the destination, and make the rename durable."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            if self.permissions is not None:
+                os.chmod(self.temporary, self.permissions)
+            os.replace(self.temporary, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", **options) -> Iterator[IO]:
+    """A file object written under the temporary name, put in place only if the block succeeds
+    (an exception, Ctrl-C included, leaves the old file and no temporary). Options: PendingFile's."""
+    pending = PendingFile(path, mode, **options)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield pending.file
+    except BaseException:
+        pending.discard()
+        raise
+    pending.commit()
+
+
+def write_text_atomically(path: str | os.PathLike, text: str, **options) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary name, fsync and rename. Options: PendingFile's."""
+    with atomic_file(path, "w", **options) as f:
+        f.write(text)
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes, *, permissions: int | None = None) -> None:
+    """Write `data` to `path` through a temporary name, fsync and rename."""
+    with atomic_file(path, "wb", permissions=permissions) as f:
+        f.write(data)
+
+
+def install_file(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move a finished file, made by a tool that writes only to a path (in a scratch_directory beside
+    `path`, so that the move is a rename), onto `path`: flushed to disk first."""
+    fsync_file(source)
+    os.replace(source, path)
+    fsync_dir(Path(path).parent)
+
+
+# ------------------------------------------------------------------------------------- directories
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """A directory built under the temporary name and renamed to `final` when the block succeeds,
+    every file in it flushed to disk first; deleted when the block fails. An empty `final` gives
+    way; with replace=True so does one with content (remove_directory, just before the rename),
+    otherwise the rename fails rather than mix two directories."""
+    final = Path(final)
+    tmp = _fresh_directory(temporary_name(final))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.is_dir() and (replace or not any(final.iterdir())):
+            remove_directory(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def scratch_directory(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A working directory `parent/.tmp-<name>-<pid>`, deleted afterwards whatever happens: for tools
+    that write only to paths; what they make is moved out with install_file."""
+    work = _fresh_directory(temporary_name(Path(parent) / name))
+    try:
+        yield work
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fresh_directory(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path, ignore_errors=True)  # left by a killed process that had our pid
+    path.mkdir()
+    return path
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete a directory so that no half-deleted one is ever seen under its name: renamed to a
+    temporary name first (atomic), then deleted; a kill in between leaves a temporary."""
+    path = Path(path)
+    doomed = temporary_name(path.with_name(f"old-{path.name}"))
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_temporaries(directory: str | os.PathLike, *, of: re.Pattern | None = None,
+                       spare: set[Path] | frozenset[Path] = frozenset()) -> None:
+    """Delete what interrupted writers left in `directory`: every `.tmp-*` entry, or with `of` only
+    the temporaries whose final name `of` matches whole (a folder shared with other files); never
+    those in `spare`."""
+    for entry in Path(directory).iterdir():
+        if entry in spare or not _is_temporary(entry.name, of):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _is_temporary(name: str, of: re.Pattern | None) -> bool:
+    if of is None:
+        return name.startswith(TMP_PREFIX)
+    match = _TEMPORARY.match(name)
+    return match is not None and of.fullmatch(match.group(1)) is not None
+
+
+# ------------------------------------------------------------------------------------------ fsync
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file that was written and closed elsewhere (by a library) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -37,3 +196,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` to disk: what libraries wrote there (safetensors, DCP,
+    onnx) is durable before the directory is renamed into place, whether they fsync'd it or not."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_dir(folder)

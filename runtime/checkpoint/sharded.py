@@ -26,10 +26,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from lmspec.compiler.tensor_parallel import TensorParallelPlan
+from lmspec.runtime.atomic import TMP_PREFIX
 from lmspec.runtime.checkpoint.store import (
     CHECKPOINTS_DIR,
     OPTIMIZER_DCP_DIR,
-    TMP_PREFIX,
     Checkpoint,
     read_optimizer_by_name,
     remove_stale_temporaries,

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from lmspec.runtime.atomic import fsync_dir
+from lmspec.runtime.atomic import atomic_directory, remove_directory, remove_temporaries, write_text_atomically
 from lmspec.runtime.distributed.canonical_state import param_names_by_group
 from lmspec.runtime.checkpoint.layout import (  # noqa: F401  (the layout is part of this module's interface)
     CHECKPOINTS_DIR, LATEST_FILE, META_FILE, MODEL_FILE, CheckpointError, find_checkpoint, step_dir_name,
@@ -42,7 +42,6 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_DCP_DIR = "optimizer.dcp"  # an FSDP run's optimizer state instead, sharded (runtime/checkpoint/sharded.py)
 RNG_FILE = "rng.safetensors"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -87,68 +86,38 @@ def save_checkpoint(
     move_in = move_in or {}
     remove_stale_temporaries(parent, spare=set(move_in.values()))
     name = step_dir_name(step)
-    final = parent / name
-    tmp = parent / f"{TMP_PREFIX}{name}-{os.getpid()}"
     try:
-        tmp.mkdir()
-        if weights is not None:
-            save_file(weights, str(tmp / MODEL_FILE))
-        else:
-            save_model(model, str(tmp / MODEL_FILE))
-        _fsync_file(tmp / MODEL_FILE)
-        for entry, source in move_in.items():
-            os.rename(source, tmp / entry)
-        if optimizer is not None:
-            tensors, metadata = _flatten_optimizer(optimizer, model)
-            _save_tensors(tensors, tmp / OPTIMIZER_FILE, metadata)
-        if rng is not None:
-            _save_tensors({k: v.contiguous() for k, v in rng.items()}, tmp / RNG_FILE, None)
-        _write_text(tmp / META_FILE, meta_text)
-        fsync_dir(tmp)
-        if final.exists():  # only when a step is saved again, after a crash before `latest` moved on
-            _remove_dir(final)
-        os.rename(tmp, final)
-        fsync_dir(parent)
-        _write_text(parent / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", name + "\n")
-        os.replace(parent / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}", parent / LATEST_FILE)
-        fsync_dir(parent)
-    except BaseException:  # includes KeyboardInterrupt: leave no half-built directory behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        # replace=True: a step saved again, after a crash before `latest` moved on past it
+        with atomic_directory(parent / name, replace=True) as tmp:
+            _fill(tmp, model, weights, optimizer, rng, meta_text, move_in)
+        write_text_atomically(parent / LATEST_FILE, name + "\n")
+    except BaseException:  # includes KeyboardInterrupt: the staged directories are of no use now
         for source in move_in.values():
             shutil.rmtree(source, ignore_errors=True)
         raise
     _prune(parent, keep_newest=keep, current=step)
-    return final
+    return parent / name
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> None:
-    save_file(tensors, str(path), metadata=metadata)
-    _fsync_file(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fill(tmp: Path, model, weights, optimizer, rng, meta_text: str, move_in: dict[str, Path]) -> None:
+    """The files of a checkpoint, in the directory that becomes it (atomic_directory flushes them)."""
+    if weights is not None:
+        save_file(weights, str(tmp / MODEL_FILE))
+    else:
+        save_model(model, str(tmp / MODEL_FILE))
+    for entry, source in move_in.items():
+        os.rename(source, tmp / entry)
+    if optimizer is not None:
+        tensors, metadata = _flatten_optimizer(optimizer, model)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=metadata)
+    if rng is not None:
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / RNG_FILE))
+    (tmp / META_FILE).write_text(meta_text, encoding="utf-8")
 
 
 def remove_stale_temporaries(parent: Path, spare: set[Path] = frozenset()) -> None:
     """Remove what an interrupted save left behind (anything named .tmp-*), except `spare`."""
-    for entry in parent.iterdir():
-        if entry.name.startswith(TMP_PREFIX) and entry not in spare:
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+    remove_temporaries(parent, spare=spare)
 
 
 def _prune(parent: Path, keep_newest: int, current: int) -> None:
@@ -158,15 +127,7 @@ def _prune(parent: Path, keep_newest: int, current: int) -> None:
     doomed = [p for s, p in _step_dirs(parent) if s > current]
     doomed += [p for _, p in older[:max(0, len(older) - (keep_newest - 1))]]
     for path in doomed:
-        _remove_dir(path)
-
-
-def _remove_dir(path: Path) -> None:
-    """Delete a checkpoint directory so that no half-deleted step_* is ever visible: rename it to a
-    temporary name first (atomic), then delete; a kill in between leaves a .tmp-* the next save removes."""
-    doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}-{os.getpid()}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+        remove_directory(path)  # never a half-deleted step_*: a kill leaves a .tmp-* the next save removes
 
 
 # ------------------------------------------------------------------------------------ optimizer state

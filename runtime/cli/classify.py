@@ -3,75 +3,12 @@
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
-from lmspec.runtime.errors import UsageError
+from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_provider_option
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.cli.options import add_lora_options
-from lmspec.runtime.cli.options import add_optimizer_options
-from lmspec.runtime.cli.options import add_provider_option
 from lmspec.runtime.distributed.device import add_device_option
-from lmspec.runtime.errors import CheckpointError
-
-
-def trainable_names(graph, blocks: int | None) -> list[str] | None:
-    """The parameters that train with --trainable-blocks `blocks`: those of the last `blocks` repeat
-    iterations and every one after them (the final norm, the new head); None: all of them."""
-    if blocks is None:
-        return None
-    order = {node: i for i, (node, _) in enumerate(graph.nodes())}
-    in_block = [(i, data["block"]) for i, (_, data) in enumerate(graph.nodes()) if data["block"]]
-    names = list(dict.fromkeys(block for _, block in in_block))
-    if not 0 <= blocks <= len(names):
-        raise UsageError(f"--trainable-blocks {blocks}: the model has {len(names)} blocks")
-    chosen = set(names[len(names) - blocks:])
-    after = in_block[-1][0] if in_block else -1
-    return [name for name, p in graph.params.items()
-            if graph.g.nodes[p.node]["block"] in chosen or order[p.node] > after]
-
-
-def _classifier_to_train(args, labels: list[str], device=None):
-    """(model, graph, base Loaded, spec record, adapters only?): the checkpoint's model with the
-    classification head (and LoRA adapters with --lora) on `device` (default the CPU), its base
-    weights loaded, and only what should train taking gradients."""
-    from lmspec.runtime.checkpoint.store import MODEL_FILE
-    from lmspec.runtime.finetune.classifier import CLASSIFY as CLASSIFY_REWRITE
-    from lmspec.compiler.classify_head import HEAD_MODULE
-    from lmspec.compiler.lower import lower
-    from lmspec.compiler.rewrites import apply_rewrites
-
-    from lmspec.runtime.checkpoint.models import base_record, load_model
-    from lmspec.runtime.finetune.lora import lora_rewrite, mark_trainable
-
-    base = load_model(args.checkpoint, device)
-    lora = lora_rewrite(args)
-    new = [{"kind": CLASSIFY_REWRITE, "classes": len(labels), "labels": labels}] + ([lora] if lora else [])
-    graph = apply_rewrites(base.graph, new)
-    spec = {k: v for k, v in base.spec.items() if k != "base"}  # base.spec: a padded vocabulary unpadded
-    spec["rewrites"] = list(spec.get("rewrites", [])) + new
-    if lora:
-        if base.spec.get("base"):
-            raise CheckpointError(f"{base.checkpoint.path}: holds adapters on another checkpoint; fold them in "
-                                  f"first (lmspec lora merge) and finetune the merged checkpoint")
-        spec["base"] = base_record(base.checkpoint)
-    model = lower(graph, seed=args.seed, device=device)
-    # Every weight of the base keeps its name; what is new is the head (and adapters); what the base
-    # has beyond the model is its vocabulary head, which the rewrite removed.
-    missing, _ = model.load_state_dict(base.model.state_dict(), strict=False)
-    fresh = {n for n in graph.params if n.startswith(HEAD_MODULE + ".") or n.endswith((".lora_a", ".lora_b"))}
-    stray = sorted(set(missing) - fresh)
-    if stray:
-        raise CheckpointError(f"{base.checkpoint.path / MODEL_FILE}: has no weights for {', '.join(stray[:5])}")
-    chosen = trainable_names(graph, args.trainable_blocks)
-    if lora:
-        head = [n for n in graph.params if n.startswith(HEAD_MODULE + ".")]
-        mark_trainable(model, graph, also=head + [n for n in chosen or [] if n not in head])
-    else:
-        wanted = set(graph.params if chosen is None else chosen)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in wanted)
-    return model, graph, base, spec, bool(lora)
+from lmspec.runtime.errors import CheckpointError, UsageError
 
 
 def finetune_classify_options(p) -> None:
@@ -79,7 +16,7 @@ def finetune_classify_options(p) -> None:
     p.add_argument("checkpoint", help="the pretrained run or checkpoint to start from")
     p.add_argument("--data", required=True, help="labelled texts: .tsv/.csv (label, text) or .jsonl")
     p.add_argument("--labels", required=True, help="the class names, comma-separated, in class-index order")
-    p.add_argument("--out", required=True, help="the run directory for the classifier")
+    p.add_argument("-o", "--out", required=True, help="the run directory for the classifier")
     p.add_argument("--text-field", default="text", help="the text's field in .jsonl, or column in a .csv/.tsv "
                    "with a header row (default: text)")
     p.add_argument("--label-field", default="label", help="the label's field or header column (default: label)")
@@ -102,24 +39,20 @@ def finetune_classify_options(p) -> None:
 
 
 def cmd_finetune_classify(args) -> int:
-    from lmspec.runtime.checkpoint.store import find_checkpoint, save_checkpoint
-    from lmspec.runtime.data.text_encoder import TextEncoder
-    from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.finetune.classify_data import finetuning_splits, parse_labels, parse_split, read_examples
-    from lmspec.runtime.finetune.instruct_data import pad_id_for
     import torch
 
-    from lmspec.runtime.finetune.classify_train import (
-        Encoded,
-        format_confusion,
-        score_split,
-        train_classifier,
-        write_confusion,
-    )
+    from lmspec.runtime.checkpoint.store import find_checkpoint, save_checkpoint
     from lmspec.runtime.data.corpus import DataError
+    from lmspec.runtime.data.text_encoder import TextEncoder
+    from lmspec.runtime.data.tokenizer import load_tokenizer
     from lmspec.runtime.distributed.device import resolve_device
-    from lmspec.runtime.finetune.steps import steps_per_epoch
+    from lmspec.runtime.finetune.classify_data import finetuning_splits, parse_labels, parse_split, read_examples
+    from lmspec.runtime.finetune.classify_train import (
+        Encoded, format_confusion, score_split, train_classifier, write_confusion
+    )
+    from lmspec.runtime.finetune.instruct_data import pad_id_for
     from lmspec.runtime.finetune.lora import trainable_weights
+    from lmspec.runtime.finetune.steps import steps_per_epoch
     from lmspec.runtime.train.config import TrainConfig
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
@@ -139,7 +72,8 @@ def cmd_finetune_classify(args) -> int:
         raise DataError(f"{args.data}: no example of {', '.join(absent)}")
     parts = finetuning_splits(examples, fractions, args.seed, args.balance, args.limit)
     examples = [e for part in parts.values() for e in part]
-    model, graph, base, spec, adapters_only = _classifier_to_train(args, labels, device)
+    from lmspec.runtime.finetune.classifier import classifier_to_train
+    model, graph, base, spec, adapters_only = classifier_to_train(args, labels, device)
     tokenizer = load_tokenizer(base.checkpoint.tokenizer)
     context = int(model.context)
     encoder = TextEncoder(tokenizer, min(args.max_length or context, context), pad_id_for(tokenizer))
@@ -198,9 +132,9 @@ def _counts(examples, labels) -> list[int]:
 def classify_checkpoint(args) -> tuple[list[str], object]:
     """`lmspec classify CHECKPOINT TEXT...` in PyTorch (classify_options.cmd_classify sends checkpoints
     here): the class names and each text's probabilities."""
-    from lmspec.runtime.finetune.classifier import classifier_inputs
     from lmspec.runtime.checkpoint.models import load_model
     from lmspec.runtime.distributed.device import resolve_device
+    from lmspec.runtime.finetune.classifier import classifier_inputs
     from lmspec.runtime.finetune.classify_train import predict
 
     device = resolve_device(args.device)  # a GPU that is not there: said before the checkpoint is read

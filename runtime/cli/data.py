@@ -5,10 +5,9 @@ import json
 import sys
 from pathlib import Path
 
-from lmspec.runtime.data.corpus import DataError
-from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.errors import TokenizerError
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.errors import TokenizerError, UsageError
 
 
 def _documents(sources: list[str]):
@@ -35,7 +34,7 @@ def _documents(sources: list[str]):
 def data_prepare_options(p) -> None:
     """`lmspec data prepare`'s options."""
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories, JSONL files")
-    p.add_argument("--out", required=True, help="directory for documents.jsonl and report.json")
+    p.add_argument("-o", "--out", required=True, help="directory for documents.jsonl and report.json")
     p.add_argument("--text-field", default="text", help="the field holding the text in JSONL records")
     p.add_argument("--min-chars", type=int, default=1, help="drop shorter documents")
     p.add_argument("--max-chars", type=int, help="drop longer documents")
@@ -73,7 +72,7 @@ def data_tokenize_options(p) -> None:
                     help="a prepared directory, or text files and directories (one file, one document)")
     p.add_argument("--tokenizer", required=True,
                     help="a tokenizers JSON file, or a directory with tokenizer.json or encoder.json + vocab.bpe")
-    p.add_argument("--out", required=True, help="directory for the shards and meta.json")
+    p.add_argument("-o", "--out", required=True, help="directory for the shards and meta.json")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation")
     p.add_argument("--shard-tokens", type=int, default=64 * 2**20, help="tokens per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
@@ -106,7 +105,7 @@ def tokenizer_train_options(p) -> None:
     """`lmspec tokenizer train`'s options."""
     p.add_argument("corpus", nargs="+", help="a prepared directory, or text files and directories")
     p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--out", required=True, help="the tokenizer JSON file to write")
+    p.add_argument("-o", "--out", required=True, help="the tokenizer JSON file to write")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN",
                     help="another special token (beside <|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>)")
     p.add_argument("--min-frequency", type=int, default=2)

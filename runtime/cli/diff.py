@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmspec.runtime.checkpoint.layout import CHECKPOINTS_DIR, META_FILE, MODEL_FILE, CheckpointError, find_checkpoint
-from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.options import cli_overrides
-from lmspec.runtime.errors import DiffInputError  # noqa: F401  (raised here, and imported from here)
 from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.errors import DiffInputError  # noqa: F401  (raised here, and imported from here)
+from lmspec.runtime.errors import UsageError
+
 
 @dataclass
 class Side:
@@ -37,14 +38,20 @@ def _find_step_dir(path: Path) -> Path:
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple], dict]:
-    """({name: shape}, metadata) of a safetensors file, from its header only."""
-    from safetensors import SafetensorError, safe_open
+    """({name: shape}, metadata) of a safetensors file, from its header only: the format's first 8
+    bytes are the header's length (little-endian), then the header is JSON. Read with the standard
+    library, since safetensors' reader needs numpy and `lmspec diff` installs without it."""
     if not path.is_file():
         raise DiffInputError(f"{path}: missing")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
-    except (SafetensorError, OSError) as err:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= path.stat().st_size - 8:
+                raise ValueError(f"header length {size} does not fit the file")
+            header = json.loads(f.read(size))
+        metadata = header.pop("__metadata__", None) or {}
+        return {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()}, dict(metadata)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise DiffInputError(f"{path}: corrupt or unreadable ({err})") from None
 
 

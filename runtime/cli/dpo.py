@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmspec.runtime.data.corpus import DataError
-from lmspec.runtime.distributed.device import resolve_device
 from lmspec.runtime.cli.instruct import _split_fractions
-from lmspec.runtime.errors import UsageError
+from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.cli.options import add_lora_options
-from lmspec.runtime.cli.options import add_optimizer_options
-from lmspec.runtime.cli.options import add_record_options
-from lmspec.runtime.distributed.device import add_device_option
-from lmspec.runtime.errors import CheckpointError
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.distributed.device import add_device_option, resolve_device
+from lmspec.runtime.errors import CheckpointError, UsageError
 
 
 def finetune_dpo_options(p) -> None:
@@ -21,7 +17,7 @@ def finetune_dpo_options(p) -> None:
     p.add_argument("checkpoint", help="the run or checkpoint to start from; it is also the frozen reference")
     p.add_argument("--data", required=True, help="a JSON list or JSONL of {instruction, input, chosen, rejected} "
                    "records (or {messages: [...], chosen, rejected}, the messages ending with the user's turn)")
-    p.add_argument("--out", required=True, help="the run directory for the finetuned model")
+    p.add_argument("-o", "--out", required=True, help="the run directory for the finetuned model")
     p.add_argument("--beta", type=float, default=0.1, help="how strongly the policy is held to the reference: "
                    "the scale of the implicit reward (default: 0.1, the paper's and the book's)")
     p.add_argument("--template", choices=["alpaca", "chatml"], default="alpaca",
@@ -43,12 +39,11 @@ def finetune_dpo_options(p) -> None:
 
 
 def cmd_finetune_dpo(args) -> int:
+    from lmspec.runtime.checkpoint.models import load_model
     from lmspec.runtime.checkpoint.store import find_checkpoint, load_checkpoint
     from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.finetune.instruct_data import make_template, pad_id_for, read_records, split_records
-
     from lmspec.runtime.finetune.dpo import DPOSetup, check_preference_record, finetune_dpo, tokenize_pairs
-    from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.finetune.instruct_data import make_template, pad_id_for, read_records, split_records
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
 

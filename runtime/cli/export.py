@@ -2,20 +2,21 @@
 or with `export hf` to a Hugging Face model directory (runtime/cli/hf.py)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from lmspec.runtime.errors import UsageError
-import argparse
 from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.errors import UsageError
 
 
 def export_options(p) -> None:
     """`lmspec export`'s options."""
     p.add_argument("checkpoint", help="a run directory or a checkpoint directory (or `hf` then one)")
     p.add_argument("hf_checkpoint", nargs="?", metavar="CHECKPOINT", help=argparse.SUPPRESS)
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--out", required=True,
                    help="the .onnx file to write (its <name>.lmspec.json goes beside it), or a directory; "
                         "for `export hf`, the model directory to create")
+    p.add_argument("--output", dest="out", help=argparse.SUPPRESS)  # its name before every verb said --out
     p.add_argument("--model-type", help="export hf: the Hugging Face model_type to write (default: the imported "
                                         "model's, else inferred from the parameter names)")
     p.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default: 20)")
@@ -43,7 +44,7 @@ def cmd_export(args) -> int:
     if getattr(args, "model_type", None):
         raise UsageError("--model-type is only for `lmspec export hf`")
 
-    meta = export_bundle(args.checkpoint, args.output, opset=args.opset, optimize=args.optimize,
+    meta = export_bundle(args.checkpoint, args.out, opset=args.opset, optimize=args.optimize,
                          quantize=args.quantize, fp16=args.fp16)
     return 0 if meta else 1
 

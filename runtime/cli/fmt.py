@@ -8,11 +8,10 @@ import sys
 
 from lmspec.dsl.diagnostics import SpecError
 from lmspec.dsl.formatter import format_source
-
 from lmspec.runtime.atomic import write_text_atomically
 from lmspec.runtime.cli.spec import expand_spec_paths
-from lmspec.runtime.errors import UsageError
 from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.errors import UsageError
 
 
 def _count(n: int, what: str) -> str:
@@ -86,9 +85,7 @@ def cmd_fmt(args) -> int:
         elif args.check:
             print(f"would reformat {path}")
         else:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-            write_text_atomically(path, out)
-            os.chmod(path, mode)
+            write_text_atomically(path, out, permissions=stat.S_IMODE(os.stat(path).st_mode))
             print(f"reformatted {path}")
     parts = []
     if changed:

@@ -2,10 +2,10 @@
 (the work is in hf_import, the tables in hf_families)."""
 from __future__ import annotations
 
+import argparse
 
-from lmspec.runtime.cli.options import cli_overrides
+from lmspec.runtime.cli.options import add_override_options, cli_overrides
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.cli.options import add_override_options
 
 
 def import_hf_options(p) -> None:
@@ -13,7 +13,8 @@ def import_hf_options(p) -> None:
     p.add_argument("dir", help="a Hugging Face model directory: config.json and model.safetensors (or shards)")
     p.add_argument("--spec", help="the spec the model must match")
     p.add_argument("--emit-spec", metavar="FILE", help="instead of --spec: write the spec for config.json to FILE")
-    p.add_argument("-o", "--output", required=True, help="the run directory to create for the checkpoint")
+    p.add_argument("-o", "--out", required=True, help="the run directory to create for the checkpoint")
+    p.add_argument("--output", dest="out", help=argparse.SUPPRESS)  # its name before every verb said --out
     p.add_argument("--tokenizer", help="a tokenizer to store when DIR has none (or to use instead of DIR's)")
     add_override_options(p)
 
@@ -21,7 +22,7 @@ def import_hf_options(p) -> None:
 def cmd_import_hf(args) -> int:
     from lmspec.runtime.hf.convert import import_hf
 
-    import_hf(args.dir, args.output, spec=args.spec, overrides=cli_overrides(args.set), model=args.model,
+    import_hf(args.dir, args.out, spec=args.spec, overrides=cli_overrides(args.set), model=args.model,
               emit_spec=args.emit_spec, tokenizer=args.tokenizer)
     return 0
 
@@ -42,5 +43,5 @@ IMPORT_HF = Verb(
 def cmd_export_hf(args) -> int:
     from lmspec.runtime.hf.convert import export_hf
 
-    export_hf(args.checkpoint, args.output, model_type=args.model_type)
+    export_hf(args.checkpoint, args.out, model_type=args.model_type)
     return 0

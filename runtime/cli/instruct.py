@@ -3,21 +3,14 @@ the result turn by turn. The finetuned checkpoint records its template in train_
 formats the conversation exactly as training did."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from lmspec.runtime.data.corpus import DataError
-from lmspec.runtime.distributed.device import resolve_device
-from lmspec.runtime.errors import UsageError
+from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.cli.options import add_lora_options
-from lmspec.runtime.cli.options import add_optimizer_options
-from lmspec.runtime.cli.options import add_record_options
-from lmspec.runtime.distributed.device import add_device_option
-from lmspec.runtime.errors import CheckpointError, TokenizerError
-
-RESPONSE_FIELD = "model_response"  # the book's key for generated answers (ch07)
+from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.distributed.device import add_device_option, resolve_device
+from lmspec.runtime.errors import CheckpointError, TokenizerError, UsageError
 
 
 def _split_fractions(text: str) -> tuple[float, float, float]:
@@ -35,7 +28,7 @@ def finetune_instruct_options(p) -> None:
     p.add_argument("checkpoint", help="the pretrained run or checkpoint to start from")
     p.add_argument("--data", required=True, help="a JSON list or JSONL of {instruction, input, output} "
                    "or {messages: [...]} records")
-    p.add_argument("--out", required=True, help="the run directory for the finetuned model")
+    p.add_argument("-o", "--out", required=True, help="the run directory for the finetuned model")
     p.add_argument("--template", choices=["alpaca", "chatml"], default="alpaca",
                    help="prompt format: alpaca (the book's '### Instruction:' text, answers end with "
                         "<|endoftext|>) or chatml (<|im_start|>/<|im_end|> control tokens) (default: alpaca)")
@@ -57,11 +50,13 @@ def finetune_instruct_options(p) -> None:
 def cmd_finetune_instruct(args) -> int:
     from lmspec.runtime.checkpoint.store import find_checkpoint, load_checkpoint
     from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.finetune.instruct_data import make_template, pad_id_for, read_records, split_records, tokenize_records
-
+    from lmspec.runtime.finetune.answers import write_responses
+    from lmspec.runtime.finetune.instruct_data import (
+        make_template, pad_id_for, read_records, split_records, tokenize_records
+    )
+    from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
-    from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     fractions = _split_fractions(args.split)
@@ -123,40 +118,6 @@ def _left_out(t) -> str:
     return ", ".join(parts)
 
 
-def answer_text(tokenizer, template, new_ids: list[int]) -> str:
-    """The decoded answer, without the end token or the end text that closed it."""
-    if new_ids and new_ids[-1] == template.stop_id:
-        new_ids = new_ids[:-1]
-    text = tokenizer.decode(new_ids)
-    return text.split(template.stop_text)[0] if template.stop_text else text
-
-
-def write_responses(model, tokenizer, records: list[dict], template, path, max_tokens: int = 256) -> None:
-    """Greedy answers to `records` as JSONL, each record with its answer under "model_response"
-    (for `lmspec eval` and for judging, as the book does); the prompt is the one training used."""
-    from lmspec.runtime.atomic import write_text_atomically
-    from lmspec.runtime.train.sampling import generate
-
-    lines = []
-    for record in records:
-        prompt = template.prompt_of(record)
-        new = generate(model, prompt, max_tokens, temperature=0, eot_id=template.stop_id)
-        lines.append(json.dumps(record | {RESPONSE_FIELD: answer_text(tokenizer, template, new)}) + "\n")
-    write_text_atomically(Path(path), "".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------- chat
-
-
-def chat_template_name(checkpoint, tokenizer) -> str:
-    """The template the checkpoint was finetuned with; for any other checkpoint ChatML when its
-    vocabulary has the tokens, else Alpaca."""
-    from lmspec.runtime.data.tokenizer import FileTokenizer
-    from lmspec.runtime.finetune.instruct_data import TEMPLATES
-    if checkpoint.train_config.get("template") in TEMPLATES:
-        return checkpoint.train_config["template"]
-    has_chatml = isinstance(tokenizer, FileTokenizer) and tokenizer.tokenizer.token_to_id("<|im_end|>") is not None
-    return "chatml" if has_chatml else "alpaca"
 
 
 def chat_options(p) -> None:
@@ -171,9 +132,10 @@ def chat_options(p) -> None:
 
 
 def cmd_chat(args) -> int:
-    from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.finetune.instruct_data import make_template
     from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.data.tokenizer import load_tokenizer
+    from lmspec.runtime.finetune.answers import chat_template_name
+    from lmspec.runtime.finetune.instruct_data import make_template
     from lmspec.runtime.train.sampling import check_arguments
 
     device = resolve_device(args.device)
@@ -205,6 +167,7 @@ CHAT = Verb(
 def converse(model, tokenizer, template, lines, out, args) -> None:
     """One answer per non-empty input line, the conversation so far in every prompt; the oldest
     exchanges are dropped when the prompt and the answer would not fit the model's context."""
+    from lmspec.runtime.finetune.answers import answer_text
     from lmspec.runtime.train.sampling import generate
 
     interactive = lines.isatty()

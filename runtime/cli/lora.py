@@ -3,30 +3,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmspec.compiler.lora import adapted_matrices, is_lora, merge_lora, rewrites_without_lora
-
+from lmspec.compiler.lora import adapted_matrices, is_lora, merge_lora
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import CheckpointError
-
-
-def merged_spec_record(spec: dict) -> dict:
-    """A merged checkpoint's spec record: no LoRA rewrite (other rewrites kept), no base, since it
-    holds every weight itself."""
-    record = {k: v for k, v in spec.items() if k not in ("base", "rewrites")}
-    rewrites = rewrites_without_lora(spec.get("rewrites", []))
-    return record | ({"rewrites": rewrites} if rewrites else {})
 
 
 def lora_merge_options(p) -> None:
     """`lmspec lora merge`'s options."""
     p.add_argument("checkpoint", help="a finetuning run (or one of its checkpoints) trained with --lora")
-    p.add_argument("--out", required=True, help="the run directory to create for the merged checkpoint")
+    p.add_argument("-o", "--out", required=True, help="the run directory to create for the merged checkpoint")
 
 
 def cmd_lora_merge(args) -> int:
     from lmspec.compiler.lower import lower
     from lmspec.runtime.checkpoint.models import load_model
     from lmspec.runtime.checkpoint.store import find_checkpoint, save_checkpoint
+    from lmspec.runtime.finetune.lora import merged_spec_record
+
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CheckpointError(f"--out {args.out} is a file, not a run directory")
     if find_checkpoint(args.out) is not None:

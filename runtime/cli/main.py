@@ -3,7 +3,8 @@ mistake in the user's input becomes one line and an exit code (a bug in lmspec, 
 
 Each verb's options sit beside its handler in this package's modules, with a Verb row naming both;
 VERBS lists the rows. The handlers' modules import what their work needs only when it runs, so
-`check`, `fmt`, `diff`, `info` and `plan` never import torch.
+`check`, `fmt`, `diff`, `info` and `plan` never import torch, and a verb that needs a module of an
+extra not installed (runtime/cli/extras.py) says which extra to install.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import os
 import sys
 
 from lmspec.dsl.errors import UserError
-from lmspec.runtime.cli import classify, data, diff, dpo, eval, export, fmt, hf, instruct, lora, plan, serve, spec, train
+from lmspec.runtime.cli import (
+    classify, data, diff, dpo, eval, export, fmt, hf, instruct, lora, plan, serve, spec, train
+)
+from lmspec.runtime.cli.extras import missing_extra_report
 from lmspec.runtime.cli.verb import Verb
 
 VERBS: list[Verb] = [
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except Exception as err:  # a bug in lmspec, not in the input: say so briefly
+        missing = isinstance(err, ModuleNotFoundError) and missing_extra_report(args.verb_name, err.name or "")
+        if missing:  # no bug either: an install without the extra this verb needs, e.g. `pip install lmspec`
+            print(missing, file=sys.stderr)
+            return 1
         if os.environ.get("LMSPEC_DEBUG"):
             raise
         print(f"lmspec {args.verb_name}: internal error: {type(err).__name__}: {err}\n"

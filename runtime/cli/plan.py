@@ -3,17 +3,15 @@ DDP and FSDP, and host memory under FSDP with CPU offload), read off its graph. 
 it never imports torch."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import textwrap
 
 from lmspec.compiler.plan import HEADROOM, parse_bytes
-
-from lmspec.runtime.errors import UsageError
-from lmspec.runtime.cli.options import cli_overrides
-import argparse
+from lmspec.runtime.cli.options import add_override_options, cli_overrides
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.cli.options import add_override_options
+from lmspec.runtime.errors import UsageError
 
 
 def _quantity(parse, text: str | None, option: str):
@@ -70,8 +68,10 @@ def plan_options(p) -> None:
 
 def cmd_plan(args) -> int:
     from lmspec.compiler import load_spec
-    from lmspec.compiler.plan import (GPUS_PER_NODE, HOST_MEMORY, LAYOUT_STRATEGIES, NETWORK_BANDWIDTH,
-                                      NVLINK_BANDWIDTH, PCIE_BANDWIDTH, make_plan, parse_count, parse_flops)
+    from lmspec.compiler.plan import (
+        GPUS_PER_NODE, HOST_MEMORY, LAYOUT_STRATEGIES, NETWORK_BANDWIDTH, NVLINK_BANDWIDTH, PCIE_BANDWIDTH, make_plan,
+        parse_count, parse_flops
+    )
     if args.gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
     if args.micro_batch < 1:

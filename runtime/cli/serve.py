@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from lmspec.runtime.errors import UsageError
-from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.cli.options import add_provider_option
-from lmspec.runtime.errors import BundleError, DataError, TokenizerError
+from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.errors import BundleError, DataError, TokenizerError, UsageError
 
 
 def generate_options(p) -> None:
@@ -161,8 +160,9 @@ def serve_options(p) -> None:
 
 
 def cmd_serve(args) -> int:
-    from lmspec.runtime.export.bundle import session_providers
     import uvicorn
+
+    from lmspec.runtime.export.bundle import session_providers
 
     _check_args(args)
     session_providers(args.provider)  # a provider this onnxruntime lacks: said before the bundle is read

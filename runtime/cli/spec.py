@@ -6,10 +6,10 @@ import json
 import os
 import sys
 
-from lmspec.runtime.errors import UsageError
-from lmspec.runtime.cli.options import cli_overrides
+from lmspec.runtime.atomic import write_bytes_atomically
+from lmspec.runtime.cli.options import add_override_options, cli_overrides
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.cli.options import add_override_options
+from lmspec.runtime.errors import UsageError
 
 
 def expand_spec_paths(paths: list[str]) -> list[str]:
@@ -177,9 +177,9 @@ def cmd_info(args) -> int:
         print()
         print(format_pipeline_stages(stages))
     if args.graph:
-        from lmspec.compiler.graph_render import write_graph
+        from lmspec.compiler.graph_render import render_graph
         try:
-            write_graph(graph, args.graph)
+            write_bytes_atomically(args.graph, render_graph(graph, args.graph))
         except ValueError as err:
             raise UsageError(str(err)) from None
         except OSError as err:

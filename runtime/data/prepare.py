@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
+from lmspec.runtime.atomic import atomic_file
 from lmspec.runtime.data.cleaning import clean_text
 from lmspec.runtime.data.dedupe import ExactDuplicateIndex, NearDuplicateIndex, words_of
 from lmspec.runtime.data.documents import Document, iter_input_documents, list_input_files
@@ -84,7 +84,7 @@ def prepare(
     bar = _progress_bar(sum(f.size for f in files), progress)
 
     documents_path = out / DOCUMENTS_FILE
-    with _atomic_writer(documents_path) as sink:
+    with atomic_file(documents_path, "w", newline="\n") as sink:
         for doc in iter_input_documents(files, text_field, tally):
             bar.update(doc.size)
             text = sieve.keep(doc)
@@ -108,7 +108,7 @@ def prepare(
                       num_perm=num_perm, dedup_near=dedup_near),
         seconds=round(time.perf_counter() - started, 3),
     )
-    with _atomic_writer(out / REPORT_FILE) as sink:
+    with atomic_file(out / REPORT_FILE, "w", newline="\n") as sink:
         json.dump(report, sink, ensure_ascii=False, indent=2)
         sink.write("\n")
     return report
@@ -181,27 +181,6 @@ def _make_out_dir(out_dir: str) -> Path:
     except OSError as err:
         raise DataError(f"{out}: cannot create the output folder: {err.strerror}") from None
     return out.resolve()
-
-
-class _atomic_writer:
-    """A text file written under a temporary name in the same folder and moved into place only
-    when complete, so a crash or Ctrl-C never leaves a half-written output behind."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        fd, temp_name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.file = open(temp_name, "w", encoding="utf-8", newline="\n")
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.file.name, self.path)
-        else:
-            os.unlink(self.file.name)
 
 
 def _progress_bar(total_bytes: int, enabled: bool):

@@ -32,7 +32,7 @@ import numpy as np
 import tokenizers
 import torch
 
-from lmspec.runtime.atomic import fsync_dir, write_text_atomically
+from lmspec.runtime.atomic import PendingFile, remove_temporaries, write_text_atomically
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.tokenizer import EOT_TOKENS, TOKENIZER_FILE, FileTokenizer, TokenizerError
 
@@ -46,7 +46,7 @@ DEFAULT_BATCH_CHARS = 8 * 2**20  # ...but no more text than this per batch, howe
 SPLIT_RULE = ("document i (counting from 0, empty documents skipped) validates when "
               "floor((i + 1) * val_fraction) > floor(i * val_fraction)")
 _SHARD_NAME = re.compile(r"^(train|val)_\d{3,}\.bin$")
-_TEMPORARY_NAME = re.compile(r"^\.tmp-((train|val)_\d{3,}\.bin|meta\.json|tokenizer\.json)-\d+$")
+_OUR_FILES = re.compile(r"(train|val)_\d{3,}\.bin|meta\.json|tokenizer\.json")  # whose temporaries we clear
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -131,7 +131,6 @@ def write_shards(
         }
         write_text_atomically(out_dir / TOKENIZER_FILE, tokenizer_json)
         write_text_atomically(out_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
-        fsync_dir(out_dir)
     except BaseException:  # includes Ctrl-C: leave no shards of an unfinished run behind
         for writer in writers.values():
             writer.discard()
@@ -249,8 +248,7 @@ class _SplitWriter:
         self.directory, self.split, self.token_type, self.shard_tokens = directory, split, token_type, shard_tokens
         self.shards: list[dict] = []
         self.text_bytes = 0
-        self._file = None
-        self._tmp: Path | None = None
+        self._pending: PendingFile | None = None
         self._tokens = 0  # in the open shard
         self._documents = 0  # ending in the open shard
         self._finished: list[Path] = []
@@ -259,10 +257,10 @@ class _SplitWriter:
         """Write `ids`; `doc_ends` are the offsets just past each document's end-of-text token."""
         pos = 0
         while pos < len(ids):
-            if self._file is None:
+            if self._pending is None:
                 self._open()
             take = min(len(ids) - pos, self.shard_tokens - self._tokens)
-            self._file.write(memoryview(ids[pos:pos + take]))
+            self._pending.file.write(memoryview(ids[pos:pos + take]))
             # A document belongs to the shard that holds its end-of-text token.
             ended = np.searchsorted(doc_ends, pos + take, "right") - np.searchsorted(doc_ends, pos, "right")
             self._documents += int(ended)
@@ -272,7 +270,7 @@ class _SplitWriter:
                 self._close()
 
     def finish(self) -> dict:
-        if self._file is not None:
+        if self._pending is not None:
             self._close()
         return {
             "tokens": sum(s["tokens"] for s in self.shards),
@@ -282,28 +280,20 @@ class _SplitWriter:
         }
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        for path in [self._tmp, *self._finished]:
-            if path is not None:
-                path.unlink(missing_ok=True)
+        if self._pending is not None:
+            self._pending.discard()
+        for path in self._finished:
+            path.unlink(missing_ok=True)
 
     def _open(self) -> None:
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        self._tmp = self.directory / f".tmp-{name}-{os.getpid()}"
-        self._file = open(self._tmp, "wb")
+        self._pending = PendingFile(self.directory / f"{self.split}_{len(self.shards):03d}.bin")
         self._tokens = self._documents = 0
 
     def _close(self) -> None:
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.replace(self._tmp, self.directory / name)
-        self._finished.append(self.directory / name)
-        self._tmp = None
-        self.shards.append({"file": name, "tokens": self._tokens, "documents": self._documents})
+        self._pending.commit()
+        self._finished.append(self._pending.path)
+        self.shards.append({"file": self._pending.path.name, "tokens": self._tokens, "documents": self._documents})
+        self._pending = None
 
 
 def _prepare_directory(out_dir: Path, overwrite: bool) -> None:
@@ -311,9 +301,7 @@ def _prepare_directory(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.iterdir():  # of a writer that was killed: unfinished, never to be renamed
-        if _TEMPORARY_NAME.match(leftover.name):
-            leftover.unlink()
+    remove_temporaries(out_dir, of=_OUR_FILES)  # of a writer that was killed: unfinished, never to be renamed
     meta_path = out_dir / META_FILE
     old_shards = [p for p in out_dir.iterdir() if _SHARD_NAME.match(p.name)]
     if not meta_path.exists() and not old_shards:

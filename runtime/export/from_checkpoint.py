@@ -7,11 +7,10 @@ which imports this module with its handler, loads them only when an export runs.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
+from lmspec.runtime.atomic import install_file, scratch_directory, write_text_atomically
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.export.bundle import (
     BUNDLE_FORMAT,
@@ -56,11 +55,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     target = export_target(checkpoint, log)
     graph, model = target.graph, target.model
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    work = destination.parent / f".tmp-export-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with scratch_directory(destination.parent, "export") as work:
         started = time.perf_counter()
         exported = work / "fp32.onnx"
         target.export(exported, opset)
@@ -120,12 +115,8 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             "tokenizer": ckpt.tokenizer,
         }
         _install(final, destination)
-        sidecar = bundle_sidecar(destination)
-        tmp_sidecar = work / "sidecar.json"
-        tmp_sidecar.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_sidecar, sidecar)  # last: a bundle with a sidecar is complete
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        # last: a bundle with a sidecar is complete
+        write_text_atomically(bundle_sidecar(destination), json.dumps(meta, indent=1) + "\n")
     size = destination.stat().st_size + _data_size(destination)
     log(f"wrote {destination} ({size / 2**20:.1f} MiB) and {bundle_sidecar(destination).name}")
     return meta
@@ -227,8 +218,8 @@ def _install(src: Path, destination: Path) -> None:
 
         model = onnx.load(str(src))
         onnx.save(model, str(src), save_as_external_data=True, location=destination.name + ".data")
-        os.replace(src.parent / (destination.name + ".data"), Path(str(destination) + ".data"))
-    os.replace(src, destination)
+        install_file(src.parent / (destination.name + ".data"), Path(str(destination) + ".data"))
+    install_file(src, destination)
 
 
 def _data_size(path: Path) -> int:

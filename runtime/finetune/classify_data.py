@@ -14,6 +14,7 @@ import torch
 from lmspec.runtime.data.corpus import DataError, _read_file
 from lmspec.runtime.errors import UsageError
 
+
 @dataclass(frozen=True)
 class Example:
     text: str

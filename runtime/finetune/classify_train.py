@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmspec.runtime.atomic import write_text_atomically
-from lmspec.runtime.finetune.classify_data import make_batch
+from lmspec.runtime.atomic import atomic_file, write_text_atomically
 from lmspec.runtime.distributed.device import to_device
+from lmspec.runtime.finetune.classify_data import make_batch
 from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, update
-from lmspec.runtime.train.metrics import MetricsLog
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.metrics import METRICS_FILE
+from lmspec.runtime.train.metrics import METRICS_FILE, MetricsLog
 from lmspec.runtime.train.steps import autocast, make_optimizer
 
 CONFUSION_FILE = "confusion.json"
@@ -157,5 +156,6 @@ def _plot_confusion(path: Path, matrix: list[list[int]], labels: list[str], spli
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)

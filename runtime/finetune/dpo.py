@@ -32,12 +32,11 @@ from lmspec.runtime.checkpoint.store import save_checkpoint
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.instruct_data import Example, check_record, collate, length_buckets, tokenize_records
-from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.finetune.instruct_train import masked_loss
 from lmspec.runtime.finetune.lora import trainable_weights
-from lmspec.runtime.train.metrics import LOSS_PANEL, MetricsLog, Panel, plot_loss_curve
+from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE
+from lmspec.runtime.train.metrics import LOSS_PANEL, METRICS_FILE, PLOT_FILE, MetricsLog, Panel, plot_loss_curve
 from lmspec.runtime.train.steps import autocast, make_optimizer
 
 ANSWERS = ("chosen", "rejected")

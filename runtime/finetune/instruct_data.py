@@ -23,12 +23,7 @@ from pathlib import Path
 import torch
 
 from lmspec.runtime.data.chat_template import (
-    CHATML_END,
-    CHATML_START,
-    ChatError,
-    ChatMLTemplate,
-    check_messages,
-    literal_encoder,
+    CHATML_END, CHATML_START, ChatError, ChatMLTemplate, check_messages, literal_encoder
 )
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.tokenizer import FileTokenizer, TokenizerError

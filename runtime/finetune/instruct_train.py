@@ -18,12 +18,11 @@ from tqdm.auto import tqdm
 
 from lmspec.runtime.checkpoint.store import save_checkpoint
 from lmspec.runtime.distributed.device import to_device
-from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.finetune.instruct_data import IGNORE, Example, collate, length_buckets
 from lmspec.runtime.finetune.lora import trainable_weights
-from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve
+from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE
+from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_loss_curve
 from lmspec.runtime.train.steps import autocast, make_optimizer
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from lmspec.compiler.graph import ModelGraph
-from lmspec.compiler.lora import lora_parameter_names, split_targets
 
+from lmspec.compiler.graph import ModelGraph
+from lmspec.compiler.lora import lora_parameter_names, rewrites_without_lora, split_targets
 from lmspec.runtime.errors import UsageError
 
 
@@ -48,3 +48,11 @@ def mark_trainable(model: torch.nn.Module, graph: ModelGraph, also: Iterable[str
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that train, by name: what an adapter checkpoint saves (runtime/checkpoint/models.py)."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def merged_spec_record(spec: dict) -> dict:
+    """A merged checkpoint's spec record: no LoRA rewrite (other rewrites kept), no base, since it
+    holds every weight itself."""
+    record = {k: v for k, v in spec.items() if k not in ("base", "rewrites")}
+    rewrites = rewrites_without_lora(spec.get("rewrites", []))
+    return record | ({"rewrites": rewrites} if rewrites else {})

@@ -15,7 +15,6 @@ def model_to_finetune(args, seed: int, device=None) -> tuple[torch.nn.Module, ob
     "base" record pointing at it."""
     from lmspec.compiler.lora import ADAPTER_SUFFIXES
     from lmspec.compiler.lower import lower
-
     from lmspec.compiler.rewrites import graph_from_record
     from lmspec.runtime.finetune.lora import lora_rewrite, mark_trainable
 

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from lmspec.runtime.train.schedule import learning_rate
 from lmspec.runtime.errors import TrainingError
 from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.schedule import learning_rate
 
 
 def steps_per_epoch(n_examples: int, batch: int) -> int:

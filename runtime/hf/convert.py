@@ -14,9 +14,9 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 
+from lmspec.runtime.atomic import atomic_directory, write_text_atomically
 from lmspec.runtime.errors import HFError  # noqa: F401  (raised here, and imported from here)
 from lmspec.runtime.hf.config import (
     CONFIG_FILE,
@@ -31,9 +31,9 @@ from lmspec.runtime.hf.config import (
     read_config,
     set_hint,
 )
-from lmspec.runtime.hf.directories import move_into_place, refuse_non_empty, temporary_dir, write_json, write_text
+from lmspec.runtime.hf.directories import refuse_non_empty, write_json, write_text
 from lmspec.runtime.hf.families import MODEL_TYPES, Family, Stack, family_for_model_type, fill_template, template_for
-from lmspec.runtime.hf.names import Piece, Planned, infer_family, match_params, pieces_of, plan
+from lmspec.runtime.hf.names import Piece, Planned, infer_family, match_params, pieces_of, tensor_map
 from lmspec.runtime.hf.streaming import DTYPES, WEIGHTS_FILE, SafetensorsDir, SafetensorsWriter, torch_dtype
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -146,14 +146,13 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
         raise HFError(f"the tokenizer ({tok.source}) has {tok.vocab_size} tokens but the model predicts {vocab}")
 
     source = SafetensorsDir(directory)
-    owned, tied = plan(family, graph)
+    owned, tied = tensor_map(family, graph)
     entries, layouts = _check_source(family, source, owned, tied, directory)
     params = sum(math.prod(p.shape) for p in owned)
     log(f"importing {model_type} ({family.name} family) from {directory}: {len(owned)} tensors, {params:,} parameters"
         f" -> {graph.name} ({graph.file})")
 
-    tmp = temporary_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         step = tmp / CHECKPOINTS_DIR / step_dir_name(0)
         step.mkdir(parents=True)
         writer = SafetensorsWriter(step / MODEL_FILE, entries, {"format": "pt"})
@@ -174,13 +173,8 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
         write_json(step / META_FILE, meta)
         write_text(tmp / CHECKPOINTS_DIR / LATEST_FILE, step.name + "\n")
         if emitted is not None:
-            from lmspec.runtime.atomic import write_text_atomically
             write_text_atomically(emit_spec, emitted)
             log(f"wrote {emit_spec}")
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = (out / CHECKPOINTS_DIR / step.name / MODEL_FILE).stat().st_size
     log(f"wrote {out / CHECKPOINTS_DIR / step.name} ({size / 2**20:.1f} MiB); tokenizer: {tok.source} "
         f"({tok.vocab_size} tokens)")
@@ -287,7 +281,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
     else:
         family = infer_family(graph)
         model_type = family.model_types[0]
-    owned, _ = plan(family, graph)
+    owned, _ = tensor_map(family, graph)
 
     weights = ckpt.path / MODEL_FILE
     stored: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -328,8 +322,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
     if problems:
         raise HFError(_one_line(problems, f"cannot write a {model_type} config.json for {graph.file}: "))
 
-    tmp = temporary_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         writer = SafetensorsWriter(tmp / WEIGHTS_FILE, entries, {"format": "pt"})
         try:
             for planned, key in zip(owned, sources):
@@ -362,9 +355,5 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
         for name, text in files.items():
             if isinstance(text, str) and "/" not in name and not name.startswith("."):
                 write_text(tmp / name, text)
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out} ({model_type}: {len(entries)} tensors, {(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
     return out

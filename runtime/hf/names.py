@@ -96,7 +96,7 @@ def match_params(family: Family, graph) -> list[tuple[str, object, object, str |
     return found
 
 
-def plan(family: Family, graph) -> tuple[list[Planned], list[Planned]]:
+def tensor_map(family: Family, graph) -> tuple[list[Planned], list[Planned]]:
     """(the owned parameters, the tied ones) of the spec, each matched to its table row."""
     names = {k: v for k, v in graph.hyper.items() if isinstance(v, (int, float))}
     if "heads" in names:
@@ -115,7 +115,7 @@ def infer_family(graph) -> Family:
     """The first family whose table holds every parameter the spec owns."""
     for family in FAMILIES.values():
         try:
-            owned, _ = plan(family, graph)
+            owned, _ = tensor_map(family, graph)
         except HFError:
             continue
         if owned:

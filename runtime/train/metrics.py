@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmspec.runtime.atomic import write_text_atomically
+from lmspec.runtime.atomic import atomic_file, write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"  # in a run directory: the log
 PLOT_FILE = "loss.png"  # and its plot
@@ -92,10 +92,5 @@ def plot_loss_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
             ax.legend()
     axes[-1].set_xlabel("step")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".tmp-{png_path.name}-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, png_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(png_path) as f:
+        fig.savefig(f, format="png")

@@ -13,7 +13,7 @@ from lmspec.compiler import load_spec
 from lmspec.compiler.classify_head import classification_head
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import load_checkpoint, read_tensors
-from lmspec.runtime.cli.classify import trainable_names
+from lmspec.runtime.finetune.classifier import trainable_names
 from lmspec.runtime.finetune.classify_data import Example, balance, make_batch, parse_split, read_examples, split
 from lmspec.runtime.finetune.classify_train import Encoded, train_classifier
 from lmspec.runtime.cli.main import main

@@ -1,0 +1,46 @@
+"""Which of the package's extras installs each third-party module a verb may import, so that a missing
+one becomes one line saying what to install: `pip install lmspec` alone runs check, fmt, diff, info
+and plan (lark and networkx); the extras bring the rest.
+
+pyproject.toml's [project.optional-dependencies] is the source of truth; tests/test_slim_install.py
+keeps EXTRAS equal to it (each distribution here is imported under its own name).
+"""
+from __future__ import annotations
+
+# extra -> the third-party modules it installs, besides the core's lark and networkx; for a verb whose
+# own extra lacks a module (`classify` of an exported classifier needs onnxruntime), the first extra
+# here that holds it is the one named
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch"),
+    "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn"),
+    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime"),
+    "graph": ("pydot", "matplotlib"),  # `lmspec info --graph`
+}
+
+# a verb (its first word) -> the extra it needs; check, fmt, diff and plan need none, and info only
+# for --graph
+VERB_EXTRAS: dict[str, str] = {
+    "info": "graph",
+    "train": "train", "sample": "train", "data": "train", "tokenizer": "train", "import": "train",
+    "finetune": "train", "classify": "train", "chat": "train", "eval": "train", "lora": "train",
+    "export": "export",
+    "generate": "serve", "serve": "serve",
+}
+
+
+def extra_for(verb: str, module: str) -> str | None:
+    """The extra that installs `module` (a ModuleNotFoundError's name) for `verb`: the verb's own
+    extra when it holds the module, else the first that does; None for a module no extra installs."""
+    top = module.partition(".")[0]
+    holding = [extra for extra, modules in EXTRAS.items() if top in modules]
+    own = VERB_EXTRAS.get(verb.partition(" ")[0])
+    return own if own in holding else (holding[0] if holding else None)
+
+
+def missing_extra_report(verb: str, module: str) -> str | None:
+    """The one line `lmspec VERB` prints when `module` is not installed, or None when no extra holds it."""
+    extra = extra_for(verb, module)
+    if extra is None:
+        return None
+    top = module.partition(".")[0]
+    return f"lmspec {verb}: error: needs the {extra} extra ({top} is not installed): pip install 'lmspec[{extra}]'"
