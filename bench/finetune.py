@@ -6,7 +6,7 @@ attn.qkv, attn.proj, mlp.*, built by the compiler's rewrite) trains only the ada
 the two take turns step by step in one process (as bench/train_step.py does), so drift in the
 machine's speed hits both; the medians are compared. Peak memory: each mode trains in a fresh
 process under torch.profiler, whose memory events carry the CPU allocator's running total (as
-tests/runtime/test_plan_memory.py measures it): weights + gradients + AdamW state + activations +
+tests/runtime/train/test_plan_memory.py measures it): weights + gradients + AdamW state + activations +
 temporaries, from before the model exists. Prints ratios; record them in bench/RESULTS.md.
 
     python bench/finetune.py [--layers 4 --dim 384 --heads 6 --seq 128 --batch 4 --rank 8 --steps 20]

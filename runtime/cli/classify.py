@@ -2,13 +2,11 @@
 (compiler/classify_head.py's rewrite, recorded in the new checkpoint), and its predictions."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_provider_option
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.distributed.device import add_device_option
-from lmspec.runtime.errors import CheckpointError, UsageError
+from lmspec.runtime.errors import UsageError
 
 
 def finetune_classify_options(p) -> None:
@@ -41,79 +39,28 @@ def finetune_classify_options(p) -> None:
 def cmd_finetune_classify(args) -> int:
     import torch
 
-    from lmspec.runtime.checkpoint.store import find_checkpoint, save_checkpoint
-    from lmspec.runtime.data.corpus import DataError
-    from lmspec.runtime.data.text_encoder import TextEncoder
-    from lmspec.runtime.data.tokenizer import load_tokenizer
     from lmspec.runtime.distributed.device import resolve_device
-    from lmspec.runtime.finetune.classify_data import finetuning_splits, parse_labels, parse_split, read_examples
-    from lmspec.runtime.finetune.classify_train import (
-        Encoded, format_confusion, score_split, train_classifier, write_confusion
-    )
-    from lmspec.runtime.finetune.instruct_data import pad_id_for
-    from lmspec.runtime.finetune.lora import trainable_weights
-    from lmspec.runtime.finetune.steps import steps_per_epoch
-    from lmspec.runtime.train.config import TrainConfig
+    from lmspec.runtime.finetune.classify_data import parse_labels, parse_split
+    from lmspec.runtime.finetune.classify_train import format_confusion
+    from lmspec.runtime.finetune.runs import classify_run
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
-    labels = parse_labels(args.labels)
-    fractions = parse_split(args.split)
+    labels, fractions = parse_labels(args.labels), parse_split(args.split)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be at least 1")
     if args.max_length is not None and args.max_length < 1:
         raise UsageError(f"--max-length must be at least 1, got {args.max_length}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if find_checkpoint(args.out) is not None:
-        raise CheckpointError(f"{args.out} already holds a run; choose another --out")
-    examples = read_examples(args.data, labels, args.text_field, args.label_field)
-    absent = [name for name, n in zip(labels, _counts(examples, labels)) if n == 0]
-    if absent:
-        raise DataError(f"{args.data}: no example of {', '.join(absent)}")
-    parts = finetuning_splits(examples, fractions, args.seed, args.balance, args.limit)
-    examples = [e for part in parts.values() for e in part]
-    from lmspec.runtime.finetune.classifier import classifier_to_train
-    model, graph, base, spec, adapters_only = classifier_to_train(args, labels, device)
-    tokenizer = load_tokenizer(base.checkpoint.tokenizer)
-    context = int(model.context)
-    encoder = TextEncoder(tokenizer, min(args.max_length or context, context), pad_id_for(tokenizer))
-    encoded = {name: Encoded([encoder.encode(e.text) for e in part], [e.label for e in part])
-               for name, part in parts.items()}
-    steps = args.epochs * steps_per_epoch(len(encoded["train"]), args.batch)
-    cfg = TrainConfig(steps=steps, batch=args.batch, lr=args.lr, min_lr=args.min_lr, warmup=min(args.warmup, steps),
-                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-                      precision=args.precision, keep=1).resolved(context)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"{len(examples)} examples ({', '.join(f'{n} {name}' for name, n in zip(labels, _counts(examples, labels)))}"
-          f"{', balanced' if args.balance else ''}): {len(parts['train'])} train, {len(parts['validation'])} "
-          f"validation, {len(parts['test'])} test; at most {encoder.max_length} tokens"
-          + (f", {encoder.replaced} characters the vocabulary lacks replaced" if encoder.replaced else ""))
-    print(f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%}"
-          f"{', LoRA' if adapters_only else ''}); {args.epochs} epochs, {steps} steps")
-    run_dir = Path(args.out)
-    history = train_classifier(model, encoded["train"], encoded["validation"], cfg, args.epochs, encoder.pad_id,
-                               run_dir, progress=not args.no_progress)
-    splits = {name: score_split(model, part, len(labels), args.batch, encoder.pad_id)
-              for name, part in encoded.items()}
-    confusion = write_confusion(run_dir, labels, splits)
-    train_config = cfg.to_dict() | {"epochs": args.epochs, "max_length": encoder.max_length,
-                                    "labels": labels, "data": str(Path(args.data).resolve()),
-                                    "split": list(fractions), "balance": args.balance, "limit": args.limit,
-                                    "trainable_blocks": args.trainable_blocks, "base": str(base.checkpoint.path)}
-    metrics = {f"{name}_accuracy": s["accuracy"] for name, s in splits.items()} | {"loss": history[-1]["loss"]}
-    checkpoint = save_checkpoint(run_dir, step=steps, model=None if adapters_only else model, optimizer=None,
-                                 rng=None, train_config=train_config, metrics=metrics,
-                                 tokenizer=base.checkpoint.tokenizer, spec=spec, keep=1,
-                                 weights=trainable_weights(model) if adapters_only else None)
+    result = classify_run(args, labels, fractions, device, say=print)
+    splits = result["splits"]
     for name, s in splits.items():
         if s["count"]:
             print(f"{name} accuracy: {s['accuracy']:.2%} ({s['count']} texts)")
     shown = "test" if splits["test"]["count"] else "validation"
     print(f"confusion matrix ({shown}):\n{format_confusion(splits[shown]['matrix'], labels)}")
-    print(f"checkpoint {checkpoint}\nconfusion matrices {confusion}")
+    print(f"checkpoint {result['checkpoint']}\nconfusion matrices {result['confusion']}")
     return 0
-
 
 FINETUNE_CLASSIFY = Verb(
     "finetune classify",
@@ -123,10 +70,6 @@ FINETUNE_CLASSIFY = Verb(
   lmspec finetune classify runs/shakespeare --data ../shared/data/SMSSpamCollection.tsv --labels ham,spam --balance
   lmspec finetune classify runs/gpt2 --data reviews.jsonl --labels neg,pos --trainable-blocks 2 --lora 8""",
 )
-
-
-def _counts(examples, labels) -> list[int]:
-    return [sum(e.label == i for e in examples) for i in range(len(labels))]
 
 
 def classify_checkpoint(args) -> tuple[list[str], object]:
@@ -181,16 +124,11 @@ def cmd_classify(args) -> int:
         labels, probs = classify_checkpoint(args)
         print_predictions(labels, args.texts, probs)
         return 0
-    from lmspec.runtime.data.tokenizer import TokenizerError
-    from lmspec.runtime.export.bundle import BundleError, session_providers
+    from lmspec.runtime.export.bundle import session_providers
     from lmspec.runtime.serve.classifier import OnnxClassifier
     providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
-    try:
-        classifier = OnnxClassifier(args.checkpoint, providers=providers)
-        probs = classifier.probabilities(args.texts)
-    except (BundleError, TokenizerError) as err:
-        print(f"lmspec classify: error: {err}", file=sys.stderr)
-        return 1
+    classifier = OnnxClassifier(args.checkpoint, providers=providers)
+    probs = classifier.probabilities(args.texts)
     print_predictions(classifier.labels, args.texts, probs)
     return 0
 

@@ -7,7 +7,6 @@ its model.safetensors (names and shapes, no tensor data).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,12 +119,8 @@ def cmd_diff(args) -> int:
 
     if args.seq is not None and args.seq < 1:
         raise UsageError("--seq must be positive")
-    try:
-        old = resolve(args.old, args.old_set, args.model, "--old-set")
-        new = resolve(args.new, args.new_set, args.model, "--new-set")
-    except DiffInputError as err:
-        print(f"lmspec diff: error: {err}", file=sys.stderr)
-        return 1
+    old = resolve(args.old, args.old_set, args.model, "--old-set")
+    new = resolve(args.new, args.new_set, args.model, "--new-set")
     result = spec_diff(old.graph, new.graph, old_stored=old.stored, seq=args.seq)
     if args.format == "json":
         print(json.dumps({"old": _side_dict(old), "new": _side_dict(new), **result.to_dict()}, indent=2))

@@ -4,16 +4,14 @@ formats the conversation exactly as training did."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
-from lmspec.runtime.errors import CheckpointError, TokenizerError, UsageError
+from lmspec.runtime.errors import TokenizerError, UsageError
 
 
-def _split_fractions(text: str) -> tuple[float, float, float]:
+def split_fractions(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(p) for p in text.split(","))
     except ValueError:
@@ -48,57 +46,21 @@ def finetune_instruct_options(p) -> None:
 
 
 def cmd_finetune_instruct(args) -> int:
-    from lmspec.runtime.checkpoint.store import find_checkpoint, load_checkpoint
-    from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.finetune.answers import write_responses
-    from lmspec.runtime.finetune.instruct_data import (
-        make_template, pad_id_for, read_records, split_records, tokenize_records
-    )
-    from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
-    from lmspec.runtime.finetune.start import model_to_finetune
-    from lmspec.runtime.finetune.steps import finetune_config
+    from lmspec.runtime.distributed.device import resolve_device
+    from lmspec.runtime.finetune.runs import instruct_run
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
-    fractions = _split_fractions(args.split)
+    fractions = split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be at least 1")
-    if find_checkpoint(args.out) is not None:
-        raise CheckpointError(f"{args.out} already holds a run; choose another --out")
-    records = read_records(args.data)
-    if args.limit:
-        records = records[:args.limit]
-    tokenizer = load_tokenizer(load_checkpoint(args.checkpoint).tokenizer)
-    template = make_template(args.template, tokenizer)  # before the model: a wrong template fails fast
-    model, graph, base, spec, adapters_only = model_to_finetune(args, args.seed, device)
-    context = int(model.context)
-    max_length = min(args.max_length or context, context)
-    tokenized = tokenize_records(records, template, max_length)
-    train_ids, val_ids, test_ids = split_records(range(len(records)), fractions, args.seed)
-    train_set, val_set = tokenized.pick(train_ids), tokenized.pick(val_ids)
-    if not train_set:
-        raise DataError(f"{args.data}: no training example is left (of {len(records)} records, "
-                        f"{tokenized.unencodable} hold characters the vocabulary lacks, {tokenized.dropped} "
-                        f"have no answer within {max_length} tokens)")
-    cfg = finetune_config(args, len(train_set), max_length, context)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
-          f"({args.template} template, at most {max_length} tokens; {_left_out(tokenized)}); "
-          f"{trainable:,} trainable parameters; {cfg.steps} steps")
-    setup = InstructSetup(template=args.template, pad_id=pad_id_for(tokenizer), epochs=args.epochs,
-                          trainable_only=adapters_only,
-                          extra={"data": str(Path(args.data).resolve()), "split": list(fractions),
-                                 "limit": args.limit, "max_length": max_length, "base": str(base.path)})
-    summary = finetune_instruct(model, tokenizer, train_set, val_set, cfg, setup, args.out, spec,
-                                progress=not args.no_progress)
+    result = instruct_run(args, fractions, device, say=print)
+    summary = result["summary"]
     print(f"done: {summary['steps']} steps, train loss {summary['loss']:.4f}"
           + (f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "")
           + f", {summary['elapsed']:.0f} s\ncheckpoint {summary['checkpoint']}")
     if args.responses:
-        test = [records[i] for i in test_ids]
-        write_responses(model, tokenizer, test, template, args.responses, args.response_tokens)
-        print(f"answers to the {len(test)} test records: {args.responses}")
+        print(f"answers to the {result['answered']} test records: {args.responses}")
     return 0
-
 
 FINETUNE_INSTRUCT = Verb(
     "finetune instruct",
@@ -108,14 +70,6 @@ FINETUNE_INSTRUCT = Verb(
   lmspec finetune instruct runs/gpt2 --data ../shared/data/instruction-data.json --out runs/gpt2-instruct
   lmspec finetune instruct runs/gpt2 --data chats.jsonl --template chatml --lora 16 --out runs/gpt2-chat""",
 )
-
-
-def _left_out(t) -> str:
-    parts = [f"{t.truncated} cut to fit"] + ([f"{t.dropped} left out (no answer within the window)"]
-                                             if t.dropped else [])
-    if t.unencodable:
-        parts.append(f"{t.unencodable} left out (characters the vocabulary lacks)")
-    return ", ".join(parts)
 
 
 

@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
         q = parent.add_parser(name, help=row.help, description=row.help, epilog=row.examples or None,
                               formatter_class=_Formatter, allow_abbrev=False)
         row.options(q)
+        for action in q._actions:  # an option declared without help still shows its default
+            if action.help is None and action.option_strings and action.default not in (None, False, []):
+                action.help = "(default: %(default)s)"
         q.set_defaults(handler=row.handler, verb_name=row.name)
     return p
 

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli.options import add_provider_option
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.errors import BundleError, DataError, TokenizerError, UsageError
+from lmspec.runtime.errors import DataError, TokenizerError, UsageError
 
 
 def generate_options(p) -> None:
@@ -166,16 +167,11 @@ def cmd_serve(args) -> int:
 
     _check_args(args)
     session_providers(args.provider)  # a provider this onnxruntime lacks: said before the bundle is read
-    try:
-        served = served_bundle(args)
-    except BundleError as err:
-        print(f"lmspec serve: error: {err}", file=sys.stderr)
-        return 1
+    served = served_bundle(args)
     try:
         sock = _bind(args.host, args.port)
     except OSError as err:
-        print(f"lmspec serve: error: cannot listen on {args.host}:{args.port}: {err.strerror or err}", file=sys.stderr)
-        return 1
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     address, port = sock.getsockname()[:2]
     if not _is_loopback(address):
         print(f"lmspec serve: warning: listening on {address}, reachable from other machines; this server "

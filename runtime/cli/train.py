@@ -114,10 +114,10 @@ TRAIN = Verb(
   lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
   lmspec train specs/gpt2.arch --device cuda:1 --precision bf16 --compile --pad-vocab 64 --batch 16 --seq 1024
   lmspec train specs/tiny.arch --device cpu --peak-tflops 2   # MFU in the metrics against a CPU's peak
-  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/gpt2.arch --strategy fsdp --data shards/
-  torchrun --nproc-per-node 2 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --data shards/
-  torchrun --nproc-per-node 4 -m lmspec.runtime train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16
-  torchrun --nproc-per-node 8 -m lmspec.runtime train specs/llama3.2-1b.arch --tp 2 --pp 2 --micro-batches 4 --batch 8   # 2 replicas""",
+  torchrun --nproc-per-node 8 -m lmspec train specs/gpt2.arch --strategy fsdp --data shards/
+  torchrun --nproc-per-node 2 -m lmspec train specs/llama3.2-1b.arch --tp 2 --data shards/
+  torchrun --nproc-per-node 4 -m lmspec train specs/gpt2.arch --pp 4 --micro-batches 8 --batch 16
+  torchrun --nproc-per-node 8 -m lmspec train specs/llama3.2-1b.arch --tp 2 --pp 2 --micro-batches 4 --batch 8   # 2 replicas""",
 )
 
 

@@ -96,7 +96,7 @@ MEMORY = textwrap.dedent("""
 """)
 
 
-# slow: tests/runtime/test_plan_memory.py measures what checkpointing saves in the default run too
+# slow: tests/runtime/train/test_plan_memory.py measures what checkpointing saves in the default run too
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_checkpointing_cuts_activation_memory_of_a_12_layer_model_at_seq_512_by_40_percent(tmp_path):

@@ -1,7 +1,7 @@
 """The ops of modern architectures: rotary positions (partial, Llama-3 scaling), grouped-query
 heads of their own width, QK-norm, sliding windows, soft-capping, GLU feed-forwards, offset
 RMSNorm and mixtures of experts; checked against direct computations, the KV cache and the
-checker's errors. Parity with `transformers` itself is in tests/runtime/test_hf.py."""
+checker's errors. Parity with `transformers` itself is in tests/runtime/hf/test_hf.py."""
 import math
 
 import pytest

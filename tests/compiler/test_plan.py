@@ -1,5 +1,5 @@
 """`lmspec plan`: estimates read off the graph (parameters, FLOPs, compute, time, memory per GPU),
-its units, its CLI and its errors. No torch here: tests/runtime/test_plan_memory.py measures."""
+its units, its CLI and its errors. No torch here: tests/runtime/train/test_plan_memory.py measures."""
 import json
 import subprocess
 import sys

@@ -1,3 +1,3 @@
-"""The GPU tests are a package so that their conftest is imported as `gpu.conftest`: a second
-top-level `conftest` module would shadow tests/runtime/conftest.py, which the runtime tests import
-by that name, whenever pytest loads both before collecting (`pytest tests/runtime/x.py tests/gpu`)."""
+"""The GPU tests are a package: they import their helpers relatively (`from .gpu_helpers import ...`),
+and their conftest is imported as `gpu.conftest`, apart from the top-level `conftest` modules of the
+runtime folders (which no test imports by name: what the runtime tests share is in runtime_helpers.py)."""

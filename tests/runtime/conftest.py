@@ -1,4 +1,6 @@
-"""Shared fixtures for the runtime tests: the shared data folder and tiny reference GPTs."""
+"""The fixtures the runtime tests share across their stage folders (tests/runtime/<stage>/): the shared
+data folder, tiny reference GPTs, a small trained run and its ONNX bundle. What the tests import by
+name (paths, the command line, helpers) is in tests/runtime_helpers.py."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,31 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TESTS_DIR = Path(__file__).resolve().parents[1]
-# The shared data folder sits beside the repository: <repo>/../shared/data.
-SHARED_DATA = TESTS_DIR.parent.parent / "shared" / "data"
-
-from reference_gpt import GPT, GPTConfig  # noqa: E402  (tests/ is on pytest's pythonpath)
-
-SMS = SHARED_DATA / "SMSSpamCollection.tsv"
-# tiny.arch cut down further: a base that trains and finetunes in seconds
-TINY_BASE_SETTINGS = ("--set", "layers=2", "--set", "dim=32", "--set", "heads=2", "--set", "context=32")
-
-
-def train_tiny_base(run: Path) -> Path:
-    """A tiny character-level model, barely trained (3 steps on the-verdict): a base to finetune."""
-    from lmspec.runtime.cli.main import main
-    assert main(["train", "specs/tiny.arch", *TINY_BASE_SETTINGS, "--data", str(SHARED_DATA / "the-verdict.txt"),
-                 "--steps", "3", "--no-progress", "--sample-tokens", "0", "--out", str(run)]) == 0
-    return run
-
-
-def finetune_spam(base: Path, out: Path, *extra: str, max_length: int = 24) -> int:
-    """`lmspec finetune classify` on 48 balanced SMS texts, one epoch: its exit code."""
-    from lmspec.runtime.cli.main import main
-    return main(["finetune", "classify", str(base), "--data", str(SMS), "--labels", "ham,spam", "--balance",
-                 "--limit", "48", "--epochs", "1", "--max-length", str(max_length), "--no-progress",
-                 "--out", str(out), *extra])
+from reference_gpt import GPT, GPTConfig  # tests/ is on pytest's pythonpath
+from runtime_helpers import SHARED_DATA, lmspec_cli
 
 
 @pytest.fixture(scope="session")
@@ -67,15 +46,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def lmspec_cli(*args, cwd=None, env=None, timeout=600):
-    """Run the real `lmspec` command line in a subprocess."""
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *map(str, args)], cwd=cwd or TESTS_DIR.parent,
-                          capture_output=True, text=True, env=env, timeout=timeout)
 
 
 TINY_BUNDLE_SETTINGS = ("--set", "layers=2", "--set", "dim=64", "--set", "heads=4", "--set", "context=64")

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_cli
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.cli.main import main
@@ -28,10 +28,10 @@ from lmspec.runtime.finetune.dpo import (
 from lmspec.runtime.finetune.instruct_data import IGNORE, AlpacaTemplate, collate, read_records
 from lmspec.runtime.train.metrics import read_metrics
 from lmspec.runtime.train.config import TrainConfig
-# Instruction tuning's fixtures: `bpe`, a 400-token byte-level BPE with <|endoftext|> <|pad|> <|im_start|>
-# <|im_end|>, and `base_run`, an untrained GPT-2-shaped model of SETTINGS with it. DPO needs no
+
+# Instruction tuning's fixtures (conftest.py): `bpe`, a 400-token byte-level BPE with <|endoftext|> <|pad|>
+# <|im_start|> <|im_end|>, and `base_run`, an untrained GPT-2-shaped model of SETTINGS with it. DPO needs no
 # pretraining to show a margin: the rejected answers share words (rude ones) the policy learns to avoid.
-from test_instruct import base_run, bpe  # noqa: F401
 
 DATA = SHARED_DATA / "instruction-data-with-preference.json"
 SETTINGS = {"layers": 2, "dim": 32, "heads": 2, "context": 256, "vocab": 400, "dropout": 0.0}

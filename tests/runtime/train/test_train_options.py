@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_cli_train import SMALL, VERDICT, lmspec, losses
+from runtime_helpers import SMALL, VERDICT, lmspec, losses
 
 COMMON = ["specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--steps", "20", "--warmup", "2", "--batch", "4",
           "--eval-every", "10", "--ckpt-every", "10", "--no-progress", "--sample-tokens", "0"]

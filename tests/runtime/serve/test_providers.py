@@ -9,7 +9,7 @@ import warnings
 import onnxruntime as ort
 import pytest
 
-from conftest import finetune_spam, lmspec_cli, train_tiny_base
+from runtime_helpers import finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.runtime.cli.main import main, parser as _parser
 from lmspec.runtime.serve.classifier import OnnxClassifier
 from lmspec.runtime.export.bundle import (

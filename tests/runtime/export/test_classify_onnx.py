@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import finetune_spam, lmspec_cli, train_tiny_base
+from runtime_helpers import finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.runtime.finetune.classifier import classifier_inputs
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.export.from_checkpoint import export_bundle
@@ -55,7 +55,7 @@ def spam_bundle(spam_run):
 def lm_sidecar_bundle(spam_bundle, tmp_path):
     """The classifier's model beside a sidecar as a language model's export writes it, less its
     "kind", as bundles written before classifiers could be exported have it (exporting a language
-    model too would cost this file a third of its time; tests/runtime/test_export.py has real ones)."""
+    model too would cost this file a third of its time; tests/runtime/export/test_export.py has real ones)."""
     path = tmp_path / "lm.onnx"
     shutil.copy(spam_bundle, path)
     classifier_only = ("kind", "labels", "max_length", "pad_id")
@@ -201,7 +201,7 @@ def one_clear_line(proc, *words):
 
 
 def test_generate_refuses_a_classifier_bundle(spam_bundle):
-    # `lmspec serve` serves one (POST /v1/classify): tests/runtime/test_serve_classifier.py
+    # `lmspec serve` serves one (POST /v1/classify): tests/runtime/serve/test_serve_classifier.py
     one_clear_line(lmspec_cli("generate", spam_bundle, "--prompt", "hello"), "classifier", "lmspec classify")
 
 

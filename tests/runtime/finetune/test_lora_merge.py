@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_cli
 from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import apply_rewrites
 from lmspec.runtime.checkpoint.store import load_checkpoint, save_checkpoint

@@ -13,7 +13,7 @@ from lmspec.compiler.loader import load_spec
 from lmspec.compiler.pipeline_stages import format_pipeline_stages, pipeline_stages
 from lmspec.dsl.diagnostics import SpecError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = str(ROOT / "specs" / "tiny.arch")
 TINY_SET = {"layers": 2, "dim": 64, "heads": 4, "dropout": 0.0, "vocab": 96, "context": 32}
 LLAMA = """\

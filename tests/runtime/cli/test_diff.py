@@ -13,7 +13,7 @@ import pytest
 from lmspec.compiler import load_spec
 from lmspec.runtime.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # specs/tiny.arch (a copy, so that edits of the shipped spec leave these cases alone), small enough
 # to train two steps in a moment
 SMALL = """model tiny {

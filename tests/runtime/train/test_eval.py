@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_cli
 from lmspec.runtime.checkpoint.store import load_checkpoint
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.data.token_data import TokenData

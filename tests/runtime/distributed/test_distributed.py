@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli_train import SMALL, VERDICT, lmspec, losses
+from runtime_helpers import SMALL, VERDICT, lmspec, losses
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COMMON = ["specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--warmup", "2", "--eval-every", "4",
           "--ckpt-every", "4", "--no-progress", "--sample-tokens", "0", "--threads", "1", "--set", "dropout=0.0"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_cli
 from lmspec.compiler.loader import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint

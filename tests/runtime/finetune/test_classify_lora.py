@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lmspec.runtime.cli.main import main
-from test_classify import SMS
+from runtime_helpers import SMS
 
 TRAINABLE = re.compile(r"^([\d,]+) of ([\d,]+) parameters train", re.M)
 

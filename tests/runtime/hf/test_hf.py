@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from conftest import SHARED_DATA, TESTS_DIR  # noqa: E402
+from runtime_helpers import SHARED_DATA, TESTS_DIR  # noqa: E402
 from lmspec.compiler.lower import lower  # noqa: E402
 from lmspec.runtime.checkpoint.store import load_checkpoint  # noqa: E402
 from lmspec.runtime.cli.main import main  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LAYOUTS = ("ddp", "fsdp", "tp", "pp")
 CASES = ("gpt", "llama")
 
@@ -85,7 +85,7 @@ def test_fsdp_ranks_of_a_billion_parameter_model_hold_their_shards_only(tmp_path
 
 def _graph(case: str):
     from lmspec.compiler.loader import load_spec
-    from test_tensor_parallel import GPT, LLAMA
+    from runtime_helpers import GPT, LLAMA
     if case == "gpt":
         return load_spec(str(ROOT / GPT[0]), GPT[1])
     return load_spec("llama_tiny.arch", sources={"llama_tiny.arch": LLAMA})
@@ -174,5 +174,5 @@ def _worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_tensor_parallel's specs
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: runtime_helpers' specs
     _worker(Path(sys.argv[1]))

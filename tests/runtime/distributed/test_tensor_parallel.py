@@ -11,29 +11,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-LLAMA = """
-model llama_tiny {
-  vocab = 96; context = 32; dim = 64; layers = 2; heads = 4; kv_heads = 2; ffn = 96; eps = 1e-5
-
-  input tokens: i64[batch, seq <= context]
-
-  x = embedding(tokens, vocab, dim) as embed
-  repeat layers as block {
-    x = x + attention(rmsnorm(x, eps) as attn_norm, heads, kv_heads=kv_heads, bias=false, rope=true,
-                      qk_norm=true) as attn
-    x = x + mlp(rmsnorm(x, eps) as mlp_norm, ffn, act=silu, gated=true, bias=false) as mlp
-  }
-  logits = linear(rmsnorm(x, eps) as norm, vocab, bias=false) as lm_head
-  output logits: f32[batch, seq, vocab]
-}
-"""
-GPT = ("specs/tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "context": 32})
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _graph(case: str):
     from lmspec.compiler.loader import load_spec
+    from runtime_helpers import GPT, LLAMA
     if case == "gpt":
         return load_spec(str(ROOT / GPT[0]), GPT[1])
     return load_spec("llama_tiny.arch", sources={"llama_tiny.arch": LLAMA})
@@ -249,5 +232,5 @@ def _worker(out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: runtime_helpers' specs
     _worker(sys.argv[1])

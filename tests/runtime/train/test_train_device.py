@@ -10,7 +10,7 @@ import torch
 
 from lmspec.runtime.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
 SMALL = ["--set", "layers=2", "--set", "dim=32", "--set", "heads=2", "--set", "context=32"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
@@ -72,7 +72,7 @@ def test_a_padded_vocabulary_is_seen_only_by_training(padded_run, tmp_path, caps
     assert logits.type.tensor_type.shape.dim[-1].dim_value == real
 
     # finetuning starts from the real model, and records it
-    from conftest import finetune_spam
+    from runtime_helpers import finetune_spam
     assert finetune_spam(padded_run, tmp_path / "spam") == 0
     spam = json.loads(next((tmp_path / "spam" / "checkpoints").glob("step_*/meta.json")).read_text())
     assert "vocab_padding" not in spam["spec"] and spam["spec"]["overrides"]["vocab"] == real
@@ -104,7 +104,7 @@ def test_device_cpu_is_the_run_without_the_option(tmp_path):
 @pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
                                              ("tpu", "expected auto, cpu, cuda or cuda:N")])
 def test_a_device_that_is_not_there_is_one_line(verb, device, message, tmp_path):
-    from conftest import lmspec_cli
+    from runtime_helpers import lmspec_cli
     args = ["train", "specs/tiny.arch", "--out", tmp_path / "run"] if verb == "train" else ["sample", tmp_path]
     out = lmspec_cli(*args, "--device", device)
     assert out.returncode == 2
@@ -114,7 +114,7 @@ def test_a_device_that_is_not_there_is_one_line(verb, device, message, tmp_path)
 
 
 def test_torchrun_with_one_rank_joins_a_process_group(tmp_path):
-    from conftest import lmspec_cli  # noqa: F401  (the same environment as the other CLI tests)
+    from runtime_helpers import lmspec_cli  # noqa: F401  (the same environment as the other CLI tests)
     import subprocess
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                           "-m", "lmspec.runtime", "train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT),

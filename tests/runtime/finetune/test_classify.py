@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from conftest import SMS, finetune_spam, lmspec_cli, train_tiny_base
+from runtime_helpers import SMS, finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.compiler import load_spec
 from lmspec.compiler.classify_head import classification_head
 from lmspec.compiler.lower import lower

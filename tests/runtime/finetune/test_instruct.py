@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import SHARED_DATA, TESTS_DIR, lmspec_cli
+from runtime_helpers import SHARED_DATA, TESTS_DIR, lmspec_cli
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
@@ -34,7 +34,6 @@ from lmspec.runtime.finetune.instruct_data import (
 from lmspec.runtime.finetune.instruct_train import masked_loss
 from lmspec.runtime.train.metrics import read_metrics
 from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer
-from lmspec.runtime.data.tokenizer_training import train_bpe
 
 DATA = SHARED_DATA / "instruction-data.json"
 RECORD = {"instruction": "Rewrite the sentence in passive voice.", "input": "The cat chased the mouse.",
@@ -50,24 +49,6 @@ def book_format_input(entry):
     )
     input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
     return instruction_text + input_text
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    """A small byte-level BPE with <|endoftext|> <|pad|> <|im_start|> <|im_end|> = 0..3."""
-    text = (SHARED_DATA / "the-verdict.txt").read_text(encoding="utf-8")
-    return train_bpe(iter([text]), 400, tmp_path_factory.mktemp("bpe") / "tok.json")
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, bpe):
-    """A small GPT-2-shaped model with that tokenizer, saved untrained (finetuning only needs weights)."""
-    settings = {"layers": 2, "dim": 32, "heads": 2, "context": 256, "vocab": 400, "dropout": 0.0}
-    graph = load_spec("specs/gpt2.arch", settings)
-    run = tmp_path_factory.mktemp("base") / "run"
-    save_checkpoint(run, step=0, model=lower(graph, seed=0), optimizer=None, rng=None, train_config={}, metrics={},
-                    tokenizer=bpe.to_json(), spec=spec_record(graph, settings))
-    return run
 
 
 # ------------------------------------------------------------------------------------------ templates

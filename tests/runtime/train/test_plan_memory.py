@@ -14,7 +14,7 @@ from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.compiler.plan import activations, make_plan
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _kept_by_autograd(model, tokens, precision="fp32"):

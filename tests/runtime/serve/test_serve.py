@@ -3,50 +3,22 @@ client). Greedy answers must equal OnnxModel.generate's for the same prompt; str
 the same text; concurrent clients must each get their own answer; every bad request gets a 4xx with
 a message, and the server keeps serving."""
 import json
-import re
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import TESTS_DIR, lmspec_cli
+from runtime_helpers import lmspec_cli, running_server
 from lmspec.runtime.data.chat_template import chat_template_for, check_messages
 from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel
 
 NAME = "tiny-char"  # given with --name, so /v1/models must report it rather than the spec's name
 MAX_TOKENS = 256
 MAX_BODY = 65536
-
-
-@contextmanager
-def running_server(*args, log_dir: Path):
-    """`lmspec serve ... --port 0` in a subprocess; yields (base URL, process, stderr path) once it answers."""
-    out, err = log_dir / "stdout.log", log_dir / "stderr.log"
-    with open(out, "w") as out_file, open(err, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli.main", "serve", *map(str, args), "--port", "0"],
-                                cwd=TESTS_DIR.parent, stdout=out_file, stderr=err_file)
-    try:
-        deadline = time.monotonic() + 60
-        # It prints its URL once its socket listens; connections made before uvicorn runs wait for it.
-        while not (found := re.search(r"at (http://\S+)/v1", out.read_text())):
-            assert proc.poll() is None, f"the server exited: {err.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not start: {err.read_text()}"
-            time.sleep(0.1)
-        url = found.group(1)
-        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
-        yield url, proc, err
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import finetune_spam, train_tiny_base
+from runtime_helpers import finetune_spam, running_server, train_tiny_base
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.serve.classifier import OnnxClassifier
 from lmspec.runtime.export.bundle import bundle_sidecar, read_sidecar
 from lmspec.runtime.serve.language_model import OnnxModel
 from lmspec.runtime.serve.app import ServeSettings, create_app
-from test_serve import running_server
 
 NAME = "spam-filter"  # given with --name, so the answers must carry it rather than the spec's name
 MAX_BODY = 65536

@@ -5,23 +5,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-VERDICT = ROOT.parent / "shared" / "data" / "the-verdict.txt"
-SMALL = ["--set", "layers=2", "--set", "dim=32", "--set", "heads=2", "--set", "context=32"]
-
-
-def lmspec(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, **kw)
-
-
-def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+from runtime_helpers import ROOT, SMALL, VERDICT, lmspec, losses
 
 
 def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):

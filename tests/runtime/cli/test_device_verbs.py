@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, finetune_spam, lmspec_cli
+from runtime_helpers import SHARED_DATA, finetune_spam, lmspec_cli
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.distributed.device import resolve_device
 from lmspec.runtime.data.tokenizer_training import train_bpe

@@ -9,7 +9,7 @@ from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.distributed.fsdp import block_units, kept_names
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_each_block_is_one_unit_of_the_op_modules_it_calls():

@@ -1,0 +1,109 @@
+"""What the runtime tests (tests/runtime/<stage>/) import from one another: where the repository and
+the shared data are, the real `lmspec` command line in a subprocess, a tiny base model and a spam
+classifier finetuned from it, the two specs the parallel tests split, and a running `lmspec serve`.
+
+tests/ is on pytest's pythonpath (pyproject.toml), so every test imports this module by this one name,
+whichever folder it sits in and whichever tests run before it. Fixtures are in conftest.py files
+(tests/runtime/conftest.py for those the stage folders share), never imported by name."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent  # the repository: the CLI runs from here (specs/tiny.arch, tests/broken_specs/...)
+# The shared data folder sits beside the repository: <repo>/../shared/data.
+SHARED_DATA = ROOT.parent / "shared" / "data"
+VERDICT = SHARED_DATA / "the-verdict.txt"
+SMS = SHARED_DATA / "SMSSpamCollection.tsv"
+
+# tiny.arch cut down further: a base that trains and finetunes in seconds
+TINY_BASE_SETTINGS = ("--set", "layers=2", "--set", "dim=32", "--set", "heads=2", "--set", "context=32")
+SMALL = list(TINY_BASE_SETTINGS)  # the same, as the `lmspec train` tests spell it
+
+
+def lmspec_cli(*args, cwd=None, env=None, timeout=600):
+    """Run the real `lmspec` command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def lmspec(*args, **kw):
+    """`lmspec ARGS` from the repository (string arguments; keywords go to subprocess.run)."""
+    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+
+
+def losses(run: Path) -> dict[int, float]:
+    """A run's training loss by step, from its metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def train_tiny_base(run: Path) -> Path:
+    """A tiny character-level model, barely trained (3 steps on the-verdict): a base to finetune."""
+    from lmspec.runtime.cli.main import main
+    assert main(["train", "specs/tiny.arch", *TINY_BASE_SETTINGS, "--data", str(VERDICT),
+                 "--steps", "3", "--no-progress", "--sample-tokens", "0", "--out", str(run)]) == 0
+    return run
+
+
+def finetune_spam(base: Path, out: Path, *extra: str, max_length: int = 24) -> int:
+    """`lmspec finetune classify` on 48 balanced SMS texts, one epoch: its exit code."""
+    from lmspec.runtime.cli.main import main
+    return main(["finetune", "classify", str(base), "--data", str(SMS), "--labels", "ham,spam", "--balance",
+                 "--limit", "48", "--epochs", "1", "--max-length", str(max_length), "--no-progress",
+                 "--out", str(out), *extra])
+
+
+# The specs the tensor-parallel and materialise tests split over 2 ranks: a GPT-2-style one (tied head,
+# biases, learned positions) and a Llama/Qwen3-style one (RMSNorm, GQA, RoPE, QK-norm, SwiGLU, untied head).
+LLAMA = """
+model llama_tiny {
+  vocab = 96; context = 32; dim = 64; layers = 2; heads = 4; kv_heads = 2; ffn = 96; eps = 1e-5
+
+  input tokens: i64[batch, seq <= context]
+
+  x = embedding(tokens, vocab, dim) as embed
+  repeat layers as block {
+    x = x + attention(rmsnorm(x, eps) as attn_norm, heads, kv_heads=kv_heads, bias=false, rope=true,
+                      qk_norm=true) as attn
+    x = x + mlp(rmsnorm(x, eps) as mlp_norm, ffn, act=silu, gated=true, bias=false) as mlp
+  }
+  logits = linear(rmsnorm(x, eps) as norm, vocab, bias=false) as lm_head
+  output logits: f32[batch, seq, vocab]
+}
+"""
+GPT = ("specs/tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "context": 32})
+
+
+@contextmanager
+def running_server(*args, log_dir: Path):
+    """`lmspec serve ... --port 0` in a subprocess; yields (base URL, process, stderr path) once it answers."""
+    import httpx  # the serve tests' client: only they need it
+
+    out, err = log_dir / "stdout.log", log_dir / "stderr.log"
+    with open(out, "w") as out_file, open(err, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli.main", "serve", *map(str, args), "--port", "0"],
+                                cwd=ROOT, stdout=out_file, stderr=err_file)
+    try:
+        deadline = time.monotonic() + 60
+        # It prints its URL once its socket listens; connections made before uvicorn runs wait for it.
+        while not (found := re.search(r"at (http://\S+)/v1", out.read_text())):
+            assert proc.poll() is None, f"the server exited: {err.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not start: {err.read_text()}"
+            time.sleep(0.1)
+        url = found.group(1)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        yield url, proc, err
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
