@@ -53,9 +53,7 @@ def node_flops(graph: ModelGraph, values: dict[str, int]) -> dict[str, int]:
             continue
         in_shapes = {k: concrete_shape(v.shape, values) for k, v in data["args"].items() if isinstance(v, TensorRef)}
         outs = [concrete_shape(s, values) for s, _ in data["outputs"]]
-        prefix = (data["module"] + ".") if data["module"] else ""
-        params = {p.name[len(prefix):]: p.shape for p in graph.params.values() if p.node == node_id}
-        out[node_id] = op.flops(FlopCall(data["args"], in_shapes, outs, params))
+        out[node_id] = op.flops(FlopCall(data["args"], in_shapes, outs, graph.node_params(node_id)))
     return out
 
 

@@ -3,16 +3,20 @@
 Evaluation is a small interpreter over the syntax tree: hyper-parameters are Python numbers,
 symbolic dims are `Sym`s, and tensor expressions add op nodes to the graph. A mistake becomes
 a diagnostic and the offending value becomes POISON, so evaluation goes on and one run reports
-every independent error in a file.
+every independent error in a file. A mistake inside a block carries notes naming the calls that
+led there (innermost first), as a compiler names the instantiations of a template.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+import sys
 from dataclasses import dataclass, field
 
 from lmspec.dsl import ast
-from lmspec.dsl.diagnostics import Diagnostic
+from lmspec.dsl.diagnostics import Diagnostic, Note
+from lmspec.dsl.parser import INT64_MAX
 
 from . import shapes
 from .graph import ModelGraph
@@ -28,7 +32,11 @@ SCALAR_FUNCS = {
 
 
 MAX_REPEAT = 10_000  # far beyond any real model; stops a typo from building a graph for minutes
-MAX_INT_BITS = 4096  # hyper-parameter arithmetic beyond this is a typo, and big powers are slow
+MAX_CALL_DEPTH = 100  # blocks calling blocks: real models nest a handful deep
+# Python frames the evaluation may need: each block level costs a few, each level of an expression
+# (at most dsl.parser.MAX_DEPTH) two, so 100 levels of calls of the deepest expressions fit.
+RECURSION_LIMIT = 60_000
+SUGGESTION_BUDGET = 250_000  # names compared for "did you mean": bounded, so 50,000 typos stay linear
 
 
 @dataclass
@@ -71,12 +79,9 @@ class OpCall:
         return None
 
     def node_params(self, ref: TensorRef) -> dict[str, tuple]:
-        node = self.graph.g.nodes[ref.node]
-        module = node["module"]
-        if module is None:
+        if self.graph.g.nodes[ref.node]["module"] is None:
             return {}
-        prefix = module + "."
-        return {p.name[len(prefix):]: p.shape for p in self.graph.params.values() if p.node == ref.node}
+        return self.graph.node_params(ref.node)
 
     def node_module(self, ref: TensorRef) -> str | None:
         return self.graph.g.nodes[ref.node]["module"]
@@ -91,21 +96,37 @@ class Builder:
         self._seen: set[tuple] = set()
         self._names_in_scope: dict[tuple, set[str]] = {}
         self._node_ids: dict[str, int] = {}
-        self._block_stack: list[str] = []
+        self._calls: list[tuple[ast.Block, ast.Call]] = []  # the block calls being evaluated, outermost first
+        self._module_counts: dict[tuple, int] = {}  # next suffix to try for a default module name
+        self._outputs: dict[str, ast.Span] = {}
+        self._suggestions_left = SUGGESTION_BUDGET
         self._repeat_scope: str | None = None
         self._layers_built = 0  # repeat iterations so far, nested ones included: bounded by MAX_REPEAT
 
     # ---- diagnostics ------------------------------------------------------------------------
     def error(self, message: str, span, code: str) -> None:
+        """Report once per message and place; inside a block, with a note for each call that led there."""
         key = (message, span)
         if key not in self._seen:
             self._seen.add(key)
-            self.diagnostics.append(Diagnostic(message, span, code=code))
+            notes = [Note(f"in block '{block.name}', called from here", call.span)
+                     for block, call in reversed(self._calls)]
+            self.diagnostics.append(Diagnostic(message, span, code=code, notes=notes))
+
+    def suggest(self, name: str, candidates) -> str:
+        """"; did you mean 'x'?" for the closest of `candidates` (a callable giving them, built only
+        when needed), until SUGGESTION_BUDGET names have been compared in this build."""
+        if self._suggestions_left <= 0:
+            return ""
+        candidates = list(candidates())
+        self._suggestions_left -= len(candidates)
+        return _suggest(name, candidates)
 
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, model: ast.Model, namespace: dict[str, BlockDef]) -> None:
         frame = Frame(env={}, namespace=namespace, scope=[], kind="model")
-        self.exec_body(model.body, frame)
+        with _recursion_limit(RECURSION_LIMIT):
+            self.exec_body(model.body, frame)
         for name in sorted(set(self.overrides) - self.used_overrides):
             known = ", ".join(k for k, v in self.graph.hyper.items()) or "none"
             self.error(f"--set {name}: the model has no hyper-parameter '{name}' (known: {known})", model.span, "E106")
@@ -137,7 +158,7 @@ class Builder:
             target = stmt.targets[0].id
             if frame.kind == "model" and frame.top_level and _is_scalar(value):
                 if target in self.overrides and target not in self.graph.hyper:
-                    value = self._override(target, value, stmt.span)
+                    value = self._override(target, value, stmt.targets[0].span)
                 self.graph.hyper.setdefault(target, value)
             frame.env[target] = value
             return
@@ -164,27 +185,34 @@ class Builder:
             return default
         if isinstance(default, float) and isinstance(value, int):
             value = float(value)
+        if not _representable(value):
+            self.error(f"--set {name}={value}: {_too_large(value)}", span, "E204")
+            return default
         return value
 
     def exec_input(self, stmt: ast.Input, frame: Frame) -> None:
         if frame.kind != "model" or not frame.top_level:
             self.error("'input' is only allowed at the top level of a model", stmt.span, "E111")
             return
+        ref = self._input(stmt, frame)
+        frame.env[stmt.name] = POISON if ref is None else ref  # a bad input: its users stay quiet
+
+    def _input(self, stmt: ast.Input, frame: Frame) -> TensorRef | None:
         t = stmt.type
         dtype = t.dtype or "f32"
         dims = []
         for d in t.dims:
             if isinstance(d, ast.StarDim):
                 self.error("'*' is not allowed in an input shape", d.span, "E202")
-                return
+                return None
             bound = None
             if isinstance(d, ast.BoundedDim):
                 bound = self.eval(d.bound, frame)
                 if bound is POISON:
-                    return
+                    return None
                 if not isinstance(bound, int) or isinstance(bound, bool) or bound < 1:
                     self.error(f"a dim bound must be a positive int, got {describe(bound)}", d.bound.span, "E202")
-                    return
+                    return None
                 d = d.dim
             if isinstance(d, ast.Name) and d.id not in frame.env:
                 sym = Sym(d.id)
@@ -195,25 +223,32 @@ class Builder:
                 continue
             value = self.eval(d, frame)
             if value is POISON:
-                return
+                return None
             if isinstance(value, Sym) and bound is not None and len(value.factors) == 1:
                 self.graph.bounds.setdefault(value.factors[0], bound)
             if not is_dim(value):
                 self.error(f"a dim must be an int or a symbol, got {describe(value)}", d.span, "E202")
-                return
+                return None
             if isinstance(value, int) and bound is not None and value > bound:
                 self.error(f"dim {value} exceeds its bound {bound}", d.span, "E203")
-                return
+                return None
             dims.append(value)
+        if not self.check_size(f"input '{stmt.name}'", tuple(dims), t.span):
+            return None
         ref = self.add_node("input", {"name": stmt.name}, [(tuple(dims), dtype)], stmt.span, frame,
                             label=stmt.name)[0]
         self.graph.inputs.append(ref.node)
-        frame.env[stmt.name] = ref
+        return ref
 
     def exec_output(self, stmt: ast.Output, frame: Frame) -> None:
         if frame.kind != "model" or not frame.top_level:
             self.error("'output' is only allowed at the top level of a model", stmt.span, "E111")
             return
+        if stmt.name in self._outputs:
+            first = self._outputs[stmt.name]
+            self.error(f"output '{stmt.name}' is declared twice (first at line {first.line})", stmt.span, "E107")
+            return
+        self._outputs[stmt.name] = stmt.span
         if stmt.name not in frame.env:
             self.error(f"output '{stmt.name}' is not defined", stmt.span, "E102")
             return
@@ -286,6 +321,9 @@ class Builder:
             if isinstance(v, TensorRef):
                 return self.apply_op(get_op("mul"), [(v, e.span), (-1, e.span)], [], e.span, frame, label)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if not _representable(-v):
+                    self.error(f"-{describe(v)}: {_too_large(-v)}", e.span, "E204")
+                    return POISON
                 return -v
             self.error(f"cannot negate {describe(v)}", e.span, "E201")
             return POISON
@@ -316,7 +354,7 @@ class Builder:
             return frame.env[e.id]
         if get_op(e.id) is not None or e.id in frame.namespace:
             return FuncRef(e.id)
-        hint = _suggest(e.id, list(frame.env))
+        hint = self.suggest(e.id, lambda: frame.env)
         self.error(f"unknown name '{e.id}'{hint}", e.span, "E102")
         return POISON
 
@@ -337,18 +375,21 @@ class Builder:
         try:
             return _scalar_binop(e.op, left, right)
         except _ScalarError as err:
-            self.error(str(err), e.span, "E201")
+            self.error(str(err), e.span, err.code)
             return POISON
 
     def eval_call(self, e: ast.Call, frame: Frame, label, explicit=False):
-        args = [(self.eval(a, frame), a.span) for a in e.args]
-        kwargs = [(k.name, self.eval(k.value, frame), k.span) for k in e.kwargs]
+        op = get_op(e.func) if e.func not in frame.namespace else None
+        option = {a.name: a for a in op.args if a.kind == "func"} if op is not None else {}
+        positional = [a.name for a in op.args] if op is not None else []
+        args = [(self.eval_arg(a, frame, option.get(positional[i]) if i < len(positional) else None), a.span)
+                for i, a in enumerate(e.args)]
+        kwargs = [(k.name, self.eval_arg(k.value, frame, option.get(k.name)), k.span) for k in e.kwargs]
         poisoned = any(v is POISON for v, _ in args) or any(v is POISON for _, v, _ in kwargs)
         if e.func in frame.namespace:
             if poisoned:
                 return POISON
             return self.call_block(frame.namespace[e.func], args, kwargs, e, frame, label if explicit else None)
-        op = get_op(e.func)
         if op is not None and op.name != "input":
             if poisoned:
                 return POISON
@@ -360,13 +401,29 @@ class Builder:
                 self.error(f"{e.func}() takes numbers only", e.span, "E104")
                 return POISON
             try:
-                return SCALAR_FUNCS[e.func](*(v for v, _ in args))
-            except (TypeError, ValueError, OverflowError) as err:
+                value = SCALAR_FUNCS[e.func](*(v for v, _ in args))
+            except OverflowError:
+                self.error(f"{e.func}(): {BEYOND_FLOAT64}", e.span, "E204")
+                return POISON
+            except (TypeError, ValueError) as err:
                 self.error(f"{e.func}(): {err}", e.span, "E104")
                 return POISON
-        names = [n for n in all_ops() if n != "input"] + list(frame.namespace) + list(SCALAR_FUNCS)
-        self.error(f"unknown op or block '{e.func}'{_suggest(e.func, names)}", e.func_span, "E101")
+            if not _representable(value):
+                self.error(f"{e.func}(): {_too_large(value)}", e.span, "E204")
+                return POISON
+            return value
+        hint = self.suggest(e.func, lambda: [n for n in all_ops() if n != "input"] + list(frame.namespace)
+                            + list(SCALAR_FUNCS))
+        self.error(f"unknown op or block '{e.func}'{hint}", e.func_span, "E101")
         return POISON
+
+    def eval_arg(self, e, frame: Frame, option: Arg | None):
+        """An argument's value. For an op's function option (`act=gelu`) a bare word that names
+        nothing is taken as a name to check against the option's choices, which can suggest one."""
+        if (option is not None and option.choices and isinstance(e, ast.Name) and e.id not in frame.env
+                and e.id not in frame.namespace and get_op(e.id) is None):
+            return FuncRef(e.id)
+        return self.eval(e, frame)
 
     # ---- ops --------------------------------------------------------------------------------
     def bind(self, what: str, params: list[Arg], args, kwargs, call_span) -> tuple[dict, dict] | None:
@@ -381,7 +438,7 @@ class Builder:
         names = {p.name for p in params}
         for name, value, span in kwargs:
             if name not in names:
-                self.error(f"{what} has no argument '{name}'{_suggest(name, list(names))}", span, "E104")
+                self.error(f"{what} has no argument '{name}'{self.suggest(name, lambda: names)}", span, "E104")
                 ok = False
             elif name in bound:
                 self.error(f"{what}: argument '{name}' given twice", span, "E104")
@@ -408,6 +465,10 @@ class Builder:
                 self.error(f"{op.name}: argument '{a.name}' must be {problem}, got {describe(bound[a.name])}",
                            spans[a.name], "E104")
                 return POISON
+            if a.choices and value is not None and value not in a.choices:
+                self.error(f"{op.name}: {a.name} must be one of {', '.join(map(repr, a.choices))}, got "
+                           f"{value!r}{self.suggest(value, lambda: a.choices)}", spans[a.name], "E104")
+                return POISON
             bound[a.name] = value
         call = OpCall(op, bound, self.graph)
         try:
@@ -421,6 +482,10 @@ class Builder:
             return POISON
         if isinstance(outs, tuple):
             outs = [outs]
+        sizes = [(f"{op.name}: parameter '{local}'", shape) for local, shape in params.items()]
+        sizes += [(f"{op.name}: its output", shape) for shape, _ in outs]
+        if not all(self.check_size(what, shape, span) for what, shape in sizes):
+            return POISON
         module = None
         if op.short is not None:
             module = self.module_name(frame, label if explicit else None, op.short, span)
@@ -440,9 +505,14 @@ class Builder:
             self.error(f"'{label}' already names a module in this scope", span, "E107")
             return None
         else:
-            name, k = default, 1
+            # the next free suffix, remembered: probing from _1 each time made 10,000 linears quadratic
+            key = (tuple(frame.scope), default)
+            k = self._module_counts.get(key, 0)
+            name = default if k == 0 else f"{default}_{k}"
             while name in used:
-                name, k = f"{default}_{k}", k + 1
+                k += 1
+                name = f"{default}_{k}"
+            self._module_counts[key] = k + 1
         used.add(name)
         return ".".join([*frame.scope, name])
 
@@ -455,11 +525,35 @@ class Builder:
         self.graph.add_node(node_id, op, args, outs, span, module, label, self._repeat_scope)
         return [TensorRef(node_id, i, shape, dtype) for i, (shape, dtype) in enumerate(outs)]
 
+    def check_size(self, what: str, shape: tuple, span) -> bool:
+        """A tensor torch can hold: its known dims (symbols count as 1) multiply to at most 2^63 - 1."""
+        known = math.prod(abs(d.coef if isinstance(d, Sym) else d) for d in shape if is_dim(d))
+        if known > INT64_MAX:
+            self.error(f"{what} {fmt_shape(shape)} has more than 2^63 - 1 elements: no tensor can hold it",
+                       span, "E204")
+            return False
+        return True
+
     # ---- blocks -----------------------------------------------------------------------------
     def call_block(self, bdef: BlockDef, args, kwargs, call: ast.Call, frame: Frame, label):
         block = bdef.block
-        if block.name in self._block_stack:
-            self.error(f"block '{block.name}' calls itself (recursion is not allowed)", call.func_span, "E108")
+        active = [b for b, _ in self._calls]
+        again = next((i for i, b in enumerate(active) if b is block), None)  # `is`: blocks compare by value
+        if again is not None:
+            cycle = [b.name for b in active[again:]] + [block.name]
+            if len(cycle) == 2:
+                message = f"block '{block.name}' calls itself (recursion is not allowed)"
+            else:
+                names = [f"'{n}'" for n in cycle[:-1]]
+                both = ", ".join(names[:-1]) + " and " + names[-1]
+                message = f"blocks {both} call each other: {' -> '.join(cycle)} (recursion is not allowed)"
+            self.error(message, call.func_span, "E108")
+            return POISON
+        if len(self._calls) >= MAX_CALL_DEPTH:
+            chain = [b.name for b in active]
+            shown = chain if len(chain) <= 6 else chain[:3] + ["…"] + chain[-2:]
+            self.error(f"block calls nested more than {MAX_CALL_DEPTH} deep: {' -> '.join([*shown, block.name])}",
+                       call.func_span, "E112")
             return POISON
         params = [Arg(p.name, "any", REQUIRED if p.default is None else p.default) for p in block.params]
         binding = self.bind(block.name, params, args, kwargs, call.span)
@@ -471,7 +565,8 @@ class Builder:
         for p in block.params:
             value = bound[p.name]
             if _is_expr(value):
-                value = self.eval(value, inner)  # a default, evaluated against earlier parameters
+                with self._in_call(block, call):  # a default is the block's text: a mistake in it has a call
+                    value = self.eval(value, inner)  # evaluated against earlier parameters
                 if value is POISON:
                     return POISON
             if p.type is not None:
@@ -487,25 +582,31 @@ class Builder:
         if scope_name is None:
             return POISON
         inner.scope = scope_name.split(".")
-        self._block_stack.append(block.name)
-        try:
+        with self._in_call(block, call):
             result = self.exec_body(block.body, inner)
-        finally:
-            self._block_stack.pop()
-        if result is None:
-            if not any(isinstance(s, ast.Return) for s in block.body):
-                self.error(f"block '{block.name}' has no 'return'", block.span, "E111")
-            return POISON
-        if result is POISON:
-            return POISON
-        if block.returns is not None:
-            if not isinstance(result, TensorRef):
-                self.error(f"block '{block.name}' must return a tensor, got {describe(result)}", block.span, "E201")
+            if result is None:
+                if not any(isinstance(s, ast.Return) for s in block.body):
+                    self.error(f"block '{block.name}' has no 'return'", block.span, "E111")
                 return POISON
-            if not self.check_type(result, block.returns, env, inner, f"block '{block.name}' return value",
-                                   bind=False, at=block.returns.span):
+            if result is POISON:
                 return POISON
+            if block.returns is not None:
+                if not isinstance(result, TensorRef):
+                    self.error(f"block '{block.name}' must return a tensor, got {describe(result)}", block.span,
+                               "E201")
+                    return POISON
+                if not self.check_type(result, block.returns, env, inner, f"block '{block.name}' return value",
+                                       bind=False, at=block.returns.span):
+                    return POISON
         return result
+
+    @contextlib.contextmanager
+    def _in_call(self, block: ast.Block, call: ast.Call):
+        self._calls.append((block, call))
+        try:
+            yield
+        finally:
+            self._calls.pop()
 
     def check_type(self, ref: TensorRef, t: ast.TensorType, env: dict, frame: Frame, what: str,
                    bind: bool, at=None) -> bool:
@@ -550,7 +651,42 @@ class Builder:
 # ---- helpers --------------------------------------------------------------------------------
 
 class _ScalarError(Exception):
-    pass
+    def __init__(self, message: str, code: str = "E201"):
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _recursion_limit(limit: int):
+    """Evaluation recurses once per level of an expression and a few times per block call; both
+    are bounded (dsl.parser.MAX_DEPTH, MAX_CALL_DEPTH), and this makes room for the bound."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+def _representable(v) -> bool:
+    """Whether torch and ONNX can hold `v`: an int64, a finite float64, a dim whose coefficient is an int64."""
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return -INT64_MAX - 1 <= v <= INT64_MAX
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, Sym):
+        return abs(v.coef) <= INT64_MAX
+    return True
+
+
+BEYOND_INT64 = "the result is beyond an int64 (more than 2^63 - 1 in size)"
+BEYOND_FLOAT64 = "the result is too large for a float64"
+
+
+def _too_large(v) -> str:
+    return BEYOND_FLOAT64 if isinstance(v, float) else BEYOND_INT64
 
 
 _COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
@@ -558,6 +694,13 @@ _COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a,
 
 
 def _scalar_binop(op: str, a, b):
+    value = _scalar_value(op, a, b)
+    if not _representable(value):
+        raise _ScalarError(f"{describe(a)} {op} {describe(b)}: {_too_large(value)}", "E204")
+    return value
+
+
+def _scalar_value(op: str, a, b):
     if op in ("and", "or"):
         if not isinstance(a, bool) or not isinstance(b, bool):
             raise _ScalarError(f"'{op}' needs true or false on both sides, got {describe(a)} and {describe(b)}")
@@ -603,13 +746,14 @@ def _scalar_binop(op: str, a, b):
         if op == "%":
             return a % b
         if op == "**":
-            if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b * abs(a).bit_length() > MAX_INT_BITS:
-                raise _ScalarError(f"{a} ** {b} is too large")  # computing it could take minutes
+            # at least 2^63 without computing it: 9 ** 9223372036854775807 would take forever
+            if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and (abs(a).bit_length() - 1) * b >= 63:
+                raise _ScalarError(f"{describe(a)} ** {describe(b)}: {BEYOND_INT64}", "E204")
             return a ** b
     except ZeroDivisionError:
         raise _ScalarError("division by zero") from None
     except OverflowError:
-        raise _ScalarError(f"{describe(a)} {op} {describe(b)} is too large for a float") from None
+        raise _ScalarError(f"{describe(a)} {op} {describe(b)}: {BEYOND_FLOAT64}", "E204") from None
     raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
 
 

@@ -27,6 +27,8 @@ class ModelGraph:
     bounds: dict[str, int] = field(default_factory=dict)  # symbol -> its upper bound (seq <= context)
     params: dict[str, Param] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # every file the model was built from
+    _by_node: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _indexed: int = field(default=-1, init=False, repr=False, compare=False)  # len(params) when indexed
 
     def add_node(self, node_id: str, op: str, args: dict, outputs: list, span, module: str | None,
                  label: str, block: str | None) -> None:
@@ -44,6 +46,19 @@ class ModelGraph:
     def context(self) -> int | None:
         """The longest sequence the model accepts: the bound of the first input's bounded dim."""
         return next(iter(self.bounds.values()), None)
+
+    def node_params(self, node_id: str) -> dict[str, tuple]:
+        """The parameters op `node_id` holds, by their names inside its module ("weight"), with their
+        shapes; from an index by node, rebuilt when parameters were added, so that a pass over every
+        node is linear in the graph, not in nodes x parameters."""
+        if self._indexed != len(self.params):
+            self._by_node = {}
+            for p in self.params.values():
+                self._by_node.setdefault(p.node, []).append(p)
+            self._indexed = len(self.params)
+        module = self.g.nodes[node_id]["module"]
+        prefix = module + "." if module else ""
+        return {p.name[len(prefix):]: p.shape for p in self._by_node.get(node_id, ())}
 
     def owned_params(self) -> list[Param]:
         """Parameters with their own storage (tied ones counted once)."""

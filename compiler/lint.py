@@ -9,13 +9,14 @@ import dataclasses
 import math
 import os
 
-import networkx as nx
-
 from lmspec.dsl import ast
 from lmspec.dsl.diagnostics import Diagnostic
 
 from .build import BlockDef
 from .graph import ModelGraph
+from .shapes import fmt_shape
+
+HUGE_MODEL_BYTES = 100e12  # fp32 weights alone beyond this: a typo in a size, not a model anyone trains
 
 
 def lint(program, built: list[tuple[ast.Model, ModelGraph, bool]]) -> list[Diagnostic]:
@@ -28,6 +29,7 @@ def lint(program, built: list[tuple[ast.Model, ModelGraph, bool]]) -> list[Diagn
         found += _rebound_hyper_parameters(model, graph)
         if complete:
             found += _dead_nodes(graph)
+            found += _huge_model(model, graph)
     found += _shadowing(module)
     if module.models:
         found += _unused_blocks_and_uses(module, program.namespace)
@@ -50,18 +52,29 @@ def _head(span: ast.Span, width: int) -> ast.Span:
 
 # ---- walking the syntax tree ------------------------------------------------------------------
 
+_NODE_FIELDS: dict[type, tuple[str, ...]] = {}  # per syntax-tree class, the fields that may hold nodes
+
+
 def _children(node):
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        for item in value if isinstance(value, list) else [value]:
-            if dataclasses.is_dataclass(item) and not isinstance(item, ast.Span):
+    names = _NODE_FIELDS.get(type(node))
+    if names is None:
+        names = _NODE_FIELDS[type(node)] = tuple(f.name for f in dataclasses.fields(node)
+                                                 if not f.name.endswith("span"))
+    for name in names:
+        value = getattr(node, name)
+        for item in value if type(value) is list else (value,):
+            if hasattr(item, "__dataclass_fields__"):
                 yield item
 
 
 def _walk(node):
-    yield node
-    for child in _children(node):
-        yield from _walk(child)
+    """Every node under `node`, itself first; with a stack, not nested generators, whose cost
+    grows with the depth of each node."""
+    todo = [node]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(reversed(list(_children(node))))
 
 
 def _reads(nodes) -> set[str]:
@@ -86,6 +99,14 @@ def _reads(nodes) -> set[str]:
 
 def _calls(nodes) -> set[str]:
     return {n.func for top in nodes for n in _walk(top) if isinstance(n, ast.Call)}
+
+
+def _statements(body):
+    """Every statement of a body, those in repeat bodies included."""
+    for stmt in body:
+        yield stmt
+        if isinstance(stmt, ast.Repeat):
+            yield from _statements(stmt.body)
 
 
 def _model_assignments(body, top_level=True):
@@ -145,7 +166,7 @@ def _shadowing(module: ast.Module) -> list[Diagnostic]:
                 found.append(_warning("W103", f"'{target.id}' hides the dim '{target.id}' of an input "
                                               f"(line {symbols[target.id].line})", target.span))
     for body in [m.body for m in module.models] + [b.body for b in module.blocks]:
-        for node in (n for stmt in body for n in _walk(stmt)):
+        for node in _statements(body):  # assignments are statements: no need to walk expressions
             if isinstance(node, ast.Assign):
                 seen: set[str] = set()
                 for target in node.targets:
@@ -159,14 +180,14 @@ def _shadowing(module: ast.Module) -> list[Diagnostic]:
 def _unused_blocks_and_uses(module: ast.Module, namespace: dict[str, BlockDef]) -> list[Diagnostic]:
     reached: set[int] = set()  # ids of the ast.Blocks a model can call, through any file
 
-    def visit(nodes, names: dict[str, BlockDef]):
+    todo = [(module.models, namespace)]  # a worklist, not recursion: 2,000 blocks may call each other in a chain
+    while todo:
+        nodes, names = todo.pop()
         for func in _calls(nodes):
             bdef = names.get(func)
             if bdef is not None and id(bdef.block) not in reached:
                 reached.add(id(bdef.block))
-                visit([bdef.block], bdef.namespace)
-
-    visit(module.models, namespace)
+                todo.append(([bdef.block], bdef.namespace))
     found = []
     for block in module.blocks:
         if id(block) not in reached:
@@ -189,20 +210,31 @@ def _same_file(block_file: str, use: ast.Use) -> bool:
 def _dead_nodes(graph: ModelGraph) -> list[Diagnostic]:
     g = graph.g
     alive: set[str] = set()
-    for _, ref in graph.outputs:
-        alive |= nx.ancestors(g, ref.node) | {ref.node}
-    dead = set(g.nodes) - alive
-    sinks = [n for n in g.nodes if n in dead and g.out_degree(n) == 0]
+    todo = [ref.node for _, ref in graph.outputs]
+    while todo:
+        node = todo.pop()
+        if node not in alive:
+            alive.add(node)
+            todo.extend(g.predecessors(node))
     params_of: dict[str, int] = {}
     for p in graph.owned_params():
         if all(isinstance(d, int) for d in p.shape):
             params_of[p.node] = params_of.get(p.node, 0) + math.prod(p.shape)
+    # Each dead node's parameters count once, for the first sink it feeds: one walk over the dead
+    # part of the graph in all (a walk per sink made 10,000 dead linears quadratic).
+    counted: set[str] = set()
     by_span: dict = {}  # the same line in every layer of a repeat is one warning
-    for sink in sinks:
+    for sink in (n for n in g.nodes if n not in alive and g.out_degree(n) == 0):
         data = g.nodes[sink]
-        upstream = (nx.ancestors(g, sink) & dead) | {sink}
+        params, todo = 0, [sink]
+        while todo:
+            node = todo.pop()
+            if node not in counted:
+                counted.add(node)
+                params += params_of.get(node, 0)
+                todo.extend(n for n in g.predecessors(node) if n not in alive)
         entry = by_span.setdefault(data["span"], [data, 0])
-        entry[1] += sum(params_of.get(n, 0) for n in upstream)
+        entry[1] += params
     found = []
     for span, (data, params) in by_span.items():
         if data["op"] == "input":
@@ -214,3 +246,15 @@ def _dead_nodes(graph: ModelGraph) -> list[Diagnostic]:
                 message += f"; its {params:,} parameters would never be trained"
         found.append(_warning("W104", message, span))
     return found
+
+
+def _huge_model(model: ast.Model, graph: ModelGraph) -> list[Diagnostic]:
+    """A model whose fp32 weights alone pass HUGE_MODEL_BYTES, located at its largest parameter."""
+    sized = [(math.prod(p.shape), p) for p in graph.owned_params() if all(isinstance(d, int) for d in p.shape)]
+    total = sum(n for n, _ in sized)
+    if 4 * total <= HUGE_MODEL_BYTES:
+        return []
+    _, largest = max(sized, key=lambda item: item[0])
+    return [_warning("W106", f"model '{model.name}' has {total:,} parameters, {4 * total / 1e12:,.0f} TB of fp32 "
+                             f"weights alone (more than {HUGE_MODEL_BYTES / 1e12:.0f} TB); the largest is "
+                             f"'{largest.name}' {fmt_shape(largest.shape)}", graph.g.nodes[largest.node]["span"])]

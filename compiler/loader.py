@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 from lmspec.dsl import ast
 from lmspec.dsl.diagnostics import Diagnostic, SpecError
-from lmspec.dsl.parser import parse
+from lmspec.dsl.parser import BOM, INT64_MAX, gc_paused, parse
 
 from .build import BlockDef, Builder
 from .graph import ModelGraph
 from .registry import get_op
+
+MAX_USE_DEPTH = 100  # files `use`ing files: real projects have two or three levels
 
 
 @dataclass
@@ -35,8 +37,11 @@ class _Loader:
         self.diagnostics: list[Diagnostic] = []
 
     def read(self, path: str, span) -> str | None:
-        if path in self.given:
-            return self.given[path]
+        """The text of `path` without a byte-order mark (spans count columns after it)."""
+        text = self.given[path] if path in self.given else self._read(path, span)
+        return text.removeprefix(BOM) if text is not None else None
+
+    def _read(self, path: str, span) -> str | None:
         try:
             if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
                 # a FIFO or a device (`use "/dev/zero"`) would block or never end
@@ -78,6 +83,10 @@ class _Loader:
                 chain = " -> ".join([*earlier, path, target])
                 self.diagnostics.append(Diagnostic(f"import cycle: {chain}", use.span, code="E109"))
                 continue
+            if len(stack) >= MAX_USE_DEPTH:
+                self.diagnostics.append(Diagnostic(f"`use`d files nested more than {MAX_USE_DEPTH} deep",
+                                                   use.span, code="E112"))
+                continue
             imported = self.load(target, use.span, (*stack, path))
             if imported is None:
                 continue
@@ -102,8 +111,22 @@ class _Loader:
 def load_program(path: str, sources: dict[str, str] | None = None) -> Program:
     path = os.path.normpath(path)
     loader = _Loader(sources)
-    namespace = loader.load(path)
-    return Program(loader.modules.get(path), namespace or {}, loader.sources, loader.diagnostics)
+    with gc_paused():
+        namespace = loader.load(path)
+    program = Program(loader.modules.get(path), namespace or {}, loader.sources, loader.diagnostics)
+    empty = _defines_nothing(program)
+    if empty is not None:
+        program.diagnostics.append(empty)
+    return program
+
+
+def _defines_nothing(program: Program) -> Diagnostic | None:
+    """The error for a file with no model, block or `use` in it: empty, or only comments."""
+    main = program.main
+    if main is None or main.models or main.blocks or main.uses:
+        return None
+    what = "only comments" if main.source.strip(" \t\r\n\f;") else "nothing"
+    return Diagnostic(f"the file holds {what}: no model or block", ast.Span(main.file, 1, 1, 1, 1), code="E110")
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -116,9 +139,12 @@ def parse_override(text: str) -> tuple[str, object]:
     low = raw.lower()
     if low in ("true", "false"):
         return name, low == "true"
+    digits = raw.replace("_", "")
+    if digits.lstrip("+-").isdigit() and len(digits.lstrip("+-0")) > len(str(INT64_MAX)):  # int() refuses 4,300
+        raise ValueError(f"--set {name}: {raw[:30]}{'…' if len(raw) > 30 else ''} is too large for an int64")
     for conv in (int, float):
         try:
-            return name, conv(raw.replace("_", ""))
+            return name, conv(digits)
         except ValueError:
             pass
     raise ValueError(f"--set {text!r}: value must be an int, a float or true/false")
@@ -147,7 +173,8 @@ def _choose_models(program: Program, model: str | None) -> list[ast.Model]:
 def _build(program: Program, model: ast.Model, overrides: dict | None) -> tuple[ModelGraph, list[Diagnostic]]:
     graph = ModelGraph(model.name, program.main.file, sources=program.sources)
     builder = Builder(graph, overrides or {})
-    builder.build_model(model, program.namespace)
+    with gc_paused():
+        builder.build_model(model, program.namespace)
     return graph, builder.diagnostics
 
 
@@ -187,6 +214,7 @@ def check_file(path: str, overrides: dict | None = None,
         graph, errors = _build(program, m, overrides)
         diagnostics += errors
         built.append((m, graph, not errors))
-    diagnostics += lint(program, built)
+    with gc_paused():
+        diagnostics += lint(program, built)
     diagnostics.sort(key=lambda d: (d.path or "", d.span.line if d.span else 0, d.span.column if d.span else 0))
     return diagnostics, program.sources

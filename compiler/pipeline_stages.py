@@ -101,8 +101,7 @@ def _activation_bytes(graph: ModelGraph, seq: int, where: dict, units: list[_Uni
         if data["op"] == "input":
             continue
         op = get_op(data["op"])
-        prefix = (data["module"] + ".") if data["module"] else ""
-        params = {p.name[len(prefix):]: p.shape for p in graph.params.values() if p.node == node_id}
+        params = graph.node_params(node_id)
         for k in op.saved_for_backward(SavedCall(op, node_id, data, values, dtypes, None, params)):
             kept[id(where[node_id])][k.key] = k.bytes
     out = [float(sum(kept[id(u)].values())) for u in units]
@@ -131,38 +130,25 @@ def pipeline_stages(graph: ModelGraph, pp: int, seq: int | None = None) -> list[
     suffix = _suffix_params(graph)
     holder = {name: _holder(graph, name, pre, blocks, post, suffix) for name in tied}
 
+    n = len(blocks)
+    flops_before, mem_before = [0.0], [0.0]  # prefix sums: a stage's cost in constant time
+    for u in blocks:
+        flops_before.append(flops_before[-1] + u.flops)
+        mem_before.append(mem_before[-1] + _memory(u))
+    position = {id(pre): -1, id(post): n, **{id(u): k for k, u in enumerate(blocks)}}
+    ties = [(position[id(holder[name])], position[id(owner_unit[target])], _numel(graph.params[target].shape))
+            for name, target in tied.items()]
+
     def cost(i: int, j: int, first: bool, last: bool) -> float:
-        units = blocks[i:j] + ([pre] if first else []) + ([post] if last else [])
-        flops = sum(u.flops for u in units)
-        mem = sum(_memory(u) for u in units)
-        if pp > 1:
-            mem += extra_copies(units) * STATE_BYTES_PER_PARAM
+        def inside(k: int) -> bool:
+            return i <= k < j or (k == -1 and first) or (k == n and last)
+        flops = flops_before[j] - flops_before[i] + (pre.flops if first else 0.0) + (post.flops if last else 0.0)
+        mem = mem_before[j] - mem_before[i] + (_memory(pre) if first else 0.0) + (_memory(post) if last else 0.0)
+        if pp > 1:  # a tied weight used here but owned elsewhere is stored here too
+            mem += sum(size for at, owner, size in ties if inside(at) and not inside(owner)) * STATE_BYTES_PER_PARAM
         return max(flops / total_flops, mem / total_mem)
 
-    def extra_copies(units: list[_Unit]) -> int:
-        inside = {id(u) for u in units}
-        n = 0
-        for name, target in tied.items():
-            if id(holder[name]) in inside and id(owner_unit[target]) not in inside:
-                n += _numel(graph.params[target].shape)
-        return n
-
-    n = len(blocks)
-    # best[k][j]: (largest cost, sum of squares, cut points) splitting blocks[:j] into k stages
-    inf = (float("inf"), float("inf"), ())
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = (0.0, 0.0, ())
-    for k in range(1, pp + 1):
-        for j in range(k, n - (pp - k) + 1):
-            for i in range(k - 1, j):
-                prev = best[k - 1][i]
-                if prev[0] == float("inf"):
-                    continue
-                c = cost(i, j, k == 1, k == pp)
-                cand = (max(prev[0], c), prev[1] + c * c, prev[2] + (j,))
-                if cand[:2] < best[k][j][:2]:
-                    best[k][j] = cand
-    cuts = (0,) + best[pp][n][2]
+    cuts = (_exact_cuts if n <= EXACT_SEARCH_BLOCKS else _bisected_cuts)(n, pp, cost)
     stages = []
     for s in range(pp):
         i, j = cuts[s], cuts[s + 1]
@@ -184,6 +170,58 @@ def pipeline_stages(graph: ModelGraph, pp: int, seq: int | None = None) -> list[
     return stages
 
 
+EXACT_SEARCH_BLOCKS = 256  # up to here every cut is tried: pp * n^2 costs, under a second
+
+
+def _exact_cuts(n: int, pp: int, cost) -> tuple[int, ...]:
+    """(0, c1, …, n): the cut with the least largest stage cost, ties broken by the least sum of squares."""
+    # best[k][j]: (largest cost, sum of squares, cut points) splitting blocks[:j] into k stages
+    inf = (float("inf"), float("inf"), ())
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = (0.0, 0.0, ())
+    for k in range(1, pp + 1):
+        for j in range(k, n - (pp - k) + 1):
+            for i in range(k - 1, j):
+                prev = best[k - 1][i]
+                if prev[0] == float("inf"):
+                    continue
+                c = cost(i, j, k == 1, k == pp)
+                cand = (max(prev[0], c), prev[1] + c * c, prev[2] + (j,))
+                if cand[:2] < best[k][j][:2]:
+                    best[k][j] = cand
+    return (0,) + best[pp][n][2]
+
+
+def _bisected_cuts(n: int, pp: int, cost) -> tuple[int, ...]:
+    """The same cut for thousands of blocks, in n log n: the least largest stage cost found by bisection,
+    each guess tried by filling stages greedily from the front (a stage's cost grows with its blocks)."""
+    def fill(limit: float) -> list[int] | None:
+        cuts, i = [0], 0
+        while i < n:
+            first, j = i == 0, i + 1
+            while j < n and cost(i, j + 1, first, False) <= limit:
+                j += 1
+            cuts.append(j)
+            i = j
+        if len(cuts) - 1 > pp or cost(cuts[-2], n, len(cuts) == 2, True) > limit:
+            return None
+        while len(cuts) - 1 < pp:  # fewer stages than asked: split the longest (costs only fall)
+            k = max(range(len(cuts) - 1), key=lambda s: cuts[s + 1] - cuts[s])
+            cuts.insert(k + 1, (cuts[k] + cuts[k + 1]) // 2)
+        return cuts
+
+    low, high = 0.0, max(cost(0, n, True, True), 1e-12)
+    best = fill(high) or [round(k * n / pp) for k in range(pp + 1)]
+    for _ in range(40):
+        middle = (low + high) / 2
+        found = fill(middle)
+        if found is None:
+            low = middle
+        else:
+            best, high = found, middle
+    return tuple(best)
+
+
 def _memory(u: _Unit) -> float:
     return u.count * STATE_BYTES_PER_PARAM + u.act
 
@@ -197,13 +235,13 @@ def _holder(graph: ModelGraph, name: str, pre, blocks, post, suffix: set[str]) -
 
 
 def _suffix_params(graph: ModelGraph) -> set[str]:
-    seen_block, found = False, set()
+    seen_block, after = False, set()
     for node_id, data in graph.nodes():
         if data["block"] is not None:
             seen_block = True
         elif seen_block:
-            found.update(p.name for p in graph.params.values() if p.node == node_id)
-    return found
+            after.add(node_id)
+    return {p.name for p in graph.params.values() if p.node in after}
 
 
 def _too_many_stages(graph: ModelGraph, pp: int, n: int) -> SpecError:

@@ -257,10 +257,11 @@ def activations(graph: ModelGraph, seq: int, micro_batch: int, precision: str = 
             dtypes[(node_id, i)] = _out_dtype(op, dtype, in_dtypes, low)
         if data["op"] == "input":
             continue
-        prefix = (data["module"] + ".") if data["module"] else ""
-        params = {p.name[len(prefix):]: p.shape for p in graph.params.values() if p.node == node_id}
+        params = graph.node_params(node_id)
         call = SavedCall(op, node_id, data, values, dtypes, low, params)
         block = data["block"]
+        kept.setdefault(block, {})  # a block that keeps nothing (`x = x + 1`) is a block all the same
+        split.setdefault(block, {})
         for k in op.saved_for_backward(call):
             kept.setdefault(block, {})[k.key] = k.bytes
             split.setdefault(block, {})[k.key] = data["op"] in TP_OPS and k.key[0] == "new"

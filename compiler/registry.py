@@ -18,6 +18,7 @@ class Arg:
     name: str
     kind: str  # tensor | int | float | bool | dim | dims | scalar | tensor_or_scalar | func | node | str | any
     default: Any = REQUIRED
+    choices: tuple[str, ...] = ()  # the values a func or str option takes: the builder checks them, suggesting one
 
 
 class OpError(Exception):

@@ -30,15 +30,18 @@ _TABLE = [
     Code("E104", "bad-argument", "too many, unknown, repeated, missing or ill-typed arguments"),
     Code("E105", "bad-tie", "`tie=` names no module, or one whose weight has another shape"),
     Code("E106", "bad-override", "`--set` names no hyper-parameter, or gives a value of another type"),
-    Code("E107", "duplicate-name", "a block or module name is already taken"),
-    Code("E108", "recursive-block", "a block calls itself"),
+    Code("E107", "duplicate-name", "a block, module or output name is already taken"),
+    Code("E108", "recursive-block", "a block calls itself, directly or through other blocks"),
     Code("E109", "import-cycle", "files `use` each other in a circle"),
     Code("E110", "no-model", "no model (or several) to build, or a model without an output"),
     Code("E111", "misplaced-statement", "`input`, `output` or `return` where it is not allowed"),
+    Code("E112", "too-deep", "block calls or `use`d files nested more than 100 deep"),
     # values and shapes
     Code("E201", "wrong-kind", "a value is of the wrong kind: a tensor for a number, a number for a condition, …"),
     Code("E202", "bad-dim", "a dim that is not a positive int or a symbol, or a misplaced `*`"),
     Code("E203", "dim-out-of-bounds", "a fixed dim larger than its declared bound"),
+    Code("E204", "too-large", "a number or a tensor beyond what can be represented: an int beyond int64, a "
+                              "float beyond float64, a tensor of more than 2^63 - 1 elements"),
     # export
     Code("E500", "not-exportable", "an op that has no ONNX lowering"),
     # warnings: the spec builds, but something in it is probably a mistake (`--strict` makes them errors)
@@ -48,6 +51,7 @@ _TABLE = [
                                   "or an input's dim assigned later, one name twice in an unpacking"),
     Code("W104", "dead-node", "a computation (or an input) whose result never reaches an output"),
     Code("W105", "unused-use", "a `use` whose blocks the file never calls"),
+    Code("W106", "huge-model", "weights alone over 100 TB in fp32: probably a typo in a size"),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _TABLE}

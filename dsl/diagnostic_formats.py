@@ -1,7 +1,10 @@
 """Diagnostics for machines: JSON, GitHub Actions annotations and SARIF 2.1.0 (code scanning).
 
 Each takes the diagnostics of a run and returns the text to print; none needs more than the
-diagnostics themselves, so the same run can be reported in any form.
+diagnostics themselves, so the same run can be reported in any form. They list every diagnostic
+(no cap, unlike the human form) but never quote source text, so their size is bounded by the count.
+A diagnostic's notes (the calls that led to an error inside a block) go in each format's own way:
+a `notes` list in JSON, extra lines of the annotation on GitHub, related locations in SARIF.
 """
 from __future__ import annotations
 
@@ -41,7 +44,9 @@ def to_github(diagnostics: list[Diagnostic]) -> str:
                       "endColumn": d.span.end_column}
         props["title"] = f"{d.code} {d.name}"
         head = ",".join(f"{k}={_escape_property(str(v))}" for k, v in props.items())
-        lines.append(f"::{d.severity} {head}::{_escape_data(d.message)}")
+        # GitHub shows a multi-line message as written: one line per note, located like the message
+        message = "\n".join([d.message] + [f"{n.span}: note: {n.message}" for n in d.notes])
+        lines.append(f"::{d.severity} {head}::{_escape_data(message)}")
     return "\n".join(lines)
 
 
@@ -50,6 +55,16 @@ def _version() -> str:
         return metadata.version("lmspec")
     except metadata.PackageNotFoundError:
         return "0"
+
+
+def _uri(path: str) -> str:
+    return path.replace("\\", "/")
+
+
+def _physical(span) -> dict:
+    return {"artifactLocation": {"uri": _uri(span.file)},
+            "region": {"startLine": span.line, "startColumn": span.column,
+                       "endLine": span.end_line, "endColumn": span.end_column}}
 
 
 def to_sarif(diagnostics: list[Diagnostic]) -> str:
@@ -66,12 +81,13 @@ def to_sarif(diagnostics: list[Diagnostic]) -> str:
         result = {"ruleId": d.code, "level": d.severity, "message": {"text": d.message}}
         if d.code in index:
             result["ruleIndex"] = index[d.code]
-        if d.path:
-            location = {"artifactLocation": {"uri": d.path.replace("\\", "/")}}
-            if d.span:
-                location["region"] = {"startLine": d.span.line, "startColumn": d.span.column,
-                                      "endLine": d.span.end_line, "endColumn": d.span.end_column}
-            result["locations"] = [{"physicalLocation": location}]
+        if d.span:
+            result["locations"] = [{"physicalLocation": _physical(d.span)}]
+        elif d.path:
+            result["locations"] = [{"physicalLocation": {"artifactLocation": {"uri": _uri(d.path)}}}]
+        if d.notes:
+            result["relatedLocations"] = [{"id": i, "message": {"text": n.message},
+                                           "physicalLocation": _physical(n.span)} for i, n in enumerate(d.notes)]
         results.append(result)
     log = {
         "$schema": SARIF_SCHEMA,

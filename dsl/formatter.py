@@ -26,7 +26,7 @@ import threading
 
 from lark import Lark, Token, Tree
 
-from .parser import _GRAMMAR, _DropNewlinesInBrackets, parse
+from .parser import _GRAMMAR, BOM, _DropNewlinesInBrackets, parse
 
 INDENT = 2
 
@@ -61,7 +61,10 @@ def _concrete(text: str) -> tuple[Tree, list[Token]]:
 
 
 def format_source(text: str, file: str = "<string>") -> str:
-    """`text` in canonical form. Raises SpecError (a located diagnostic) when it does not parse."""
+    """`text` in canonical form. Raises SpecError (a located diagnostic) when it does not parse.
+    A byte-order mark at the start stays there: the file's encoding is its author's choice."""
+    if text.startswith(BOM):
+        return BOM + format_source(text[len(BOM):], file)
     before = parse(text, file)  # the same syntax errors, worded the same way, as `lmspec check`
     tree, comments = _concrete(text)
     out = _Printer(text, comments).file(tree)

@@ -1,23 +1,29 @@
 """Parse .arch text into the syntax tree of dsl/ast.py, or raise SpecError with located diagnostics."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import math
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
 from .diagnostics import Diagnostic, SpecError
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
-_OPENERS = {"LPAR", "LSQB"}
-_CLOSERS = {"RPAR", "RSQB"}
-
+_CLOSING_OF = {"LPAR": "RPAR", "LSQB": "RSQB"}  # each opening bracket and its closer
+_CLOSERS = set(_CLOSING_OF.values())
+BOM = "\ufeff"  # a UTF-8 byte-order mark, as some editors on Windows write it
 
 MAX_DEPTH = 200  # far beyond what a person writes; the passes after parsing recurse once per level
 MAX_BRACKETS = 100  # brackets inside brackets: each is a level of the formatter's concrete tree too
+INT64_MAX = 2 ** 63 - 1  # the largest int torch (and ONNX) can hold in a shape or a scalar
 
 
 class _TooDeep(Exception):
@@ -26,23 +32,78 @@ class _TooDeep(Exception):
         self.where = where  # a token, or a tree node's meta: both have line and column
 
 
+class _BadLiteral(Exception):
+    """A number literal that no int64 or float64 can hold; `token` locates it."""
+
+    def __init__(self, message: str, token: Token):
+        super().__init__(message)
+        self.token = token
+
+
+@dataclass
+class _Brackets:
+    """Where the post-lexer is in the token stream, so that a syntax error can say which bracket
+    was left open: the brackets open (each with the token before it: a call's name), the last
+    token passed to the parser, whether a line break after it was dropped, and all that as it
+    was before that token."""
+    opened: list[tuple[Token, Token | None]] = field(default_factory=list)
+    last: Token | None = None
+    newline: bool = False
+    previous: tuple = (None, False, None)
+
+    def before(self, token: Token) -> tuple[Token | None, bool, tuple[Token, Token | None] | None]:
+        """(last token, line break dropped after it, innermost open bracket) just before `token`:
+        the parser rejects a token it was given, the contextual lexer one it never passed on."""
+        if token is self.last:
+            return self.previous
+        return self.last, self.newline, self.opened[-1] if self.opened else None
+
+
 class _DropNewlinesInBrackets:
     """A line break inside ( ) or [ ] continues the statement, as in Python."""
 
     always_accept = ("_NL",)
 
+    def __init__(self):
+        self._local = threading.local()  # one parse per thread at a time: its state is its own
+
+    @property
+    def state(self) -> _Brackets | None:
+        return getattr(self._local, "state", None)
+
     def process(self, stream):
-        depth = 0
+        state = self._local.state = _Brackets()
+        opened = state.opened
         for tok in stream:
-            if tok.type in _OPENERS:
-                depth += 1
-                if depth > MAX_BRACKETS:
-                    raise _TooDeep(tok)
-            elif tok.type in _CLOSERS:
-                depth = max(0, depth - 1)
-            elif tok.type == "_NL" and depth:
+            if tok.type == "_NL" and opened:
+                state.newline = True
                 continue
+            state.previous = (state.last, state.newline, opened[-1] if opened else None)
+            if tok.type in _CLOSING_OF:
+                opened.append((tok, state.last))
+                if len(opened) > MAX_BRACKETS:
+                    raise _TooDeep(tok)
+            elif tok.type in _CLOSERS and opened:
+                opened.pop()
+            state.last, state.newline = tok, False
             yield tok
+
+
+_POSTLEX = _DropNewlinesInBrackets()
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No cyclic garbage collection inside: parsing and building allocate millions of objects
+    and free none of them in cycles, and on a 5 MB spec the collector's passes over them doubled
+    the time (as mypy and black pause it for the same reason)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @functools.cache
@@ -51,21 +112,51 @@ def _lark() -> Lark:
         _GRAMMAR.read_text(),
         parser="lalr",
         propagate_positions=True,
-        postlex=_DropNewlinesInBrackets(),
+        postlex=_POSTLEX,
         maybe_placeholders=True,
         cache=True,
     )
 
 
-def _int(text: str) -> int:
-    return int(text.replace("_", ""))
+def _int(tok: Token) -> int:
+    digits = tok.replace("_", "").lstrip("0") or "0"
+    if len(digits) > len(str(INT64_MAX)) or int(digits) > INT64_MAX:  # int() of 5,000 digits would raise
+        shown = tok if len(tok) <= 30 else f"{tok[:12]}…{tok[-12:]} ({len(digits)} digits)"
+        raise _BadLiteral(f"integer {shown} is too large: the largest is 2^63 - 1 = {INT64_MAX:,}", tok)
+    return int(digits)
 
 
-@v_args(meta=True, inline=True)
-class _ToAst(Transformer):
+def _float(tok: Token) -> float:
+    value = float(tok.replace("_", ""))
+    if math.isinf(value):
+        raise _BadLiteral(f"float {tok} is too large for a float64 (the largest is about 1.8e308)", tok)
+    return value
+
+
+class _ToAst:
+    """One method per grammar rule, called with the node's meta and its converted children."""
+
     def __init__(self, file: str):
-        super().__init__()
         self.file = file
+
+    def transform(self, tree: Tree):
+        """Convert bottom-up without recursion, calling each rule's method directly: lark's
+        Transformer wraps every call, which costs more than the rest of the conversion."""
+        stack: list[tuple[Tree, bool]] = [(tree, False)]
+        done: list = []
+        while stack:
+            node, ready = stack.pop()
+            if not isinstance(node, Tree):
+                done.append(node)  # a token, or None for an optional part left out
+            elif ready:
+                n = len(node.children)
+                children = done[len(done) - n:] if n else []
+                del done[len(done) - n:]
+                done.append(getattr(self, node.data)(node.meta, *children))
+            else:
+                stack.append((node, True))
+                stack.extend((child, False) for child in reversed(node.children))
+        return done[0]
 
     def span(self, meta) -> ast.Span:
         return ast.Span(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
@@ -173,7 +264,7 @@ class _ToAst(Transformer):
         return ast.Number(_int(tok), self.tspan(tok))
 
     def float_lit(self, meta, tok):
-        return ast.Number(float(tok.replace("_", "")), self.tspan(tok))
+        return ast.Number(_float(tok), self.tspan(tok))
 
     def true_lit(self, meta):
         return ast.Bool(True, self.span(meta))
@@ -204,7 +295,7 @@ class _ToAst(Transformer):
 
 _NICE = {
     "NAME": "a name", "INT": "an integer", "FLOAT": "a float", "STRING": "a string",
-    "DTYPE": "a dtype", "_NL": "a line break", "$END": "end of file",
+    "DTYPE": "a dtype", "_NL": "a line break", "$END": "end of file", "COMPARE": "a comparison",
 }
 
 
@@ -220,14 +311,42 @@ def _describe(terminal: str) -> str:
     return terminal
 
 
+def _unclosed(err: UnexpectedInput, file: str) -> Diagnostic | None:
+    """The diagnostic for a bracket left open, when the error looks like one: the parser, still
+    inside ( or [ that accepts its closer here, met the next line's first token (the line break
+    was dropped as a continuation) or the end of the file. Located just after the last token
+    inside the bracket, where the closer is missing, not at the next line's first token."""
+    state = _POSTLEX.state
+    if not isinstance(err, UnexpectedToken) or state is None:
+        return None
+    last, newline, inner = state.before(err.token)
+    if inner is None or last is None:
+        return None
+    opener, before = inner
+    closer = _CLOSING_OF[opener.type]
+    if not (err.token.type == "$END" or newline) or closer not in err.expected or last.type in ("COMMA", *_CLOSING_OF):
+        return None  # a line that continues after a comma or an open bracket is no missing closer
+    shut = _describe(closer)
+    where = f"line {opener.line}, column {opener.column}"
+    if before is not None and before.type == "NAME" and opener.type == "LPAR":
+        message = f"missing {shut} to close the call of '{before}' (its '(' is at {where})"
+    else:
+        message = f"missing {shut} to close the {_describe(opener.type)} at {where}"
+    return Diagnostic(message, ast.Span(file, last.end_line, last.end_column, last.end_line, last.end_column + 1),
+                      code="E001")
+
+
 def _syntax_error(err: UnexpectedInput, file: str, text: str) -> Diagnostic:
+    unclosed = _unclosed(err, file)
+    if unclosed is not None:
+        return unclosed
     line, col = max(1, err.line if err.line != -1 else 1), max(1, err.column if err.column != -1 else 1)
     width = 1
     if isinstance(err, UnexpectedToken):
         tok = err.token
         if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            line, col = len(lines), len(lines[-1]) + 1
+            lines = text.removesuffix("\n").split("\n")  # as lark counts lines: a form feed ends none
+            line, col = len(lines), len(lines[-1].removesuffix("\r")) + 1
             found = "end of file"
         elif tok.type == "_NL":
             found = "end of line"
@@ -267,7 +386,14 @@ def _nesting_error(file: str, text: str, where, limit: str) -> SpecError:
 
 
 def parse(text: str, file: str = "<string>") -> ast.Module:
-    """Parse one file; raise SpecError (with a located 'syntax error' diagnostic) on bad input."""
+    """Parse one file; raise SpecError (with a located 'syntax error' diagnostic) on bad input.
+    A leading byte-order mark is not part of the text: columns on line 1 count from after it."""
+    text = text.removeprefix(BOM)
+    with gc_paused():
+        return _parse(text, file)
+
+
+def _parse(text: str, file: str) -> ast.Module:
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
@@ -279,7 +405,9 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
         raise _nesting_error(file, text, too_deep, f"expression (more than {MAX_DEPTH} levels)")
     try:
         module = _ToAst(file).transform(tree)
-    except VisitError as err:  # a literal our transformer could not convert
-        raise SpecError([Diagnostic(f"syntax error: {err.orig_exc}", None, code="E001", file=file)], {file: text}) from None
+    except _BadLiteral as err:
+        tok = err.token
+        span = ast.Span(file, tok.line, tok.column, tok.end_line, tok.end_column)
+        raise SpecError([Diagnostic(str(err), span, code="E204")], {file: text}) from None
     module.source = text
     return module

@@ -10,6 +10,6 @@
     serve/        exported models behind HTTP, and the generation that serves them
     cli/          the `lmspec` command line: argparse and handlers that call the stages
 
-Layers (lower may not import higher): errors, atomic <- data, distributed <- checkpoint <- train, hf
+Layers (lower may not import higher): errors <- atomic, checksum <- data, distributed <- checkpoint <- train, hf
 <- finetune <- export <- serve <- cli; all of them may import lmspec.dsl and lmspec.compiler.
 """

@@ -10,7 +10,7 @@ from lmspec.dsl.errors import UserError
 
 __all__ = ["UserError", "UsageError", "DeviceError", "ProviderError", "DataError", "TokenizerError", "ChatError",
            "TemplateError", "CheckpointError", "ConfigError", "TrainingError", "HFError", "BundleError",
-           "DiffInputError"]
+           "DiffInputError", "WriteError", "RunLockedError"]
 
 
 class UsageError(UserError):
@@ -64,3 +64,19 @@ class DeviceError(UsageError):
 
 class DiffInputError(UserError):
     """A side that is missing or not a readable checkpoint: one line, exit 1."""
+
+
+class WriteError(UserError):
+    """A file or directory that cannot be written: a read-only folder, a full disk, a path that runs
+    through a file. The message names the path the user gave and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class RunLockedError(UserError):
+    """A run directory that another live process is writing (runtime/checkpoint/run_lock.py)."""

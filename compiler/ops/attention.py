@@ -23,8 +23,8 @@ class Attention(Op):
         Arg("bias", "bool", True), Arg("dropout", "float", 0.0), Arg("head_dim", "int", None),
         Arg("out_bias", "bool", None),
         Arg("rope", "bool", False), Arg("rope_theta", "float", 10000.0), Arg("rotary_dim", "int", None),
-        Arg("rope_scaling", "str", None), Arg("rope_factor", "float", 1.0), Arg("rope_low", "float", 1.0),
-        Arg("rope_high", "float", 4.0), Arg("rope_original", "int", None),
+        Arg("rope_scaling", "str", None, ROPE_SCALINGS), Arg("rope_factor", "float", 1.0),
+        Arg("rope_low", "float", 1.0), Arg("rope_high", "float", 4.0), Arg("rope_original", "int", None),
         Arg("qk_norm", "bool", False), Arg("qk_norm_eps", "float", 1e-6),
         Arg("window", "int", None), Arg("softcap", "float", None), Arg("scale", "float", None),
     )

@@ -215,8 +215,8 @@ class MLP(Op):
     short = "mlp"
     residual = "proj.weight"
     matrices = ("fc", "proj")
-    args = (Arg("x", "tensor"), Arg("hidden", "int"), Arg("act", "func", "gelu"), Arg("bias", "bool", True),
-            Arg("gated", "bool", False))
+    args = (Arg("x", "tensor"), Arg("hidden", "int"), Arg("act", "func", "gelu", ACTIVATIONS),
+            Arg("bias", "bool", True), Arg("gated", "bool", False))
     doc = ("Feed-forward: proj(act(fc(x))), fc [hidden, d], proj [d, hidden]. `gated=true` is a GLU "
            "(SwiGLU with act=silu, GeGLU with gelu): fc [2*hidden, d] holds gate then up, "
            "proj(act(gate(x)) * up(x)).")

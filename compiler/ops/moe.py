@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..registry import Arg, Op, OpError, register
-from .core import _float_input
+from .core import ACTIVATIONS, _float_input
 from .layers import _check_act, _last_dim, _leading, _positive
 
 
@@ -13,7 +13,7 @@ class MoE(Op):
     residual = "proj_weight"
     matrices = ("router",)  # the experts' stacked [experts, out, in] weights are no nn.Linear
     args = (Arg("x", "tensor"), Arg("experts", "int"), Arg("top_k", "int"), Arg("hidden", "int"),
-            Arg("act", "func", "silu"), Arg("norm_topk", "bool", True))
+            Arg("act", "func", "silu", ACTIVATIONS), Arg("norm_topk", "bool", True))
     doc = ("Mixture of experts (Qwen3-MoE, Mixtral): router [experts, d] scores each token, softmax, the "
            "`top_k` best experts run (each a gated MLP: fc_weight [experts, 2*hidden, d] holds gate then up, "
            "proj_weight [experts, d, hidden]) and their outputs are summed with the router's weights, "

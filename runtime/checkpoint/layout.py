@@ -18,6 +18,11 @@ META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+def run_directory(out: str | None, spec: str) -> Path:
+    """Where `lmspec train` keeps a run: --out, or runs/<the spec's name>."""
+    return Path(out or os.path.join("runs", Path(spec).stem))
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 

@@ -5,11 +5,13 @@
                                (or /optimizer.dcp/     the same through torch.distributed.checkpoint,
                                                        from an FSDP or a model-parallel run)
                                /rng.safetensors        RNG states (torch CPU/CUDA, the data generator)
-                               /meta.json              step, train config, metrics, tokenizer, spec
+                               /meta.json              step, train config, metrics, tokenizer, spec, and a
+                                                       checksum of every other file (checkpoint/integrity.py)
     RUN/checkpoints/latest                             the name of the newest complete directory
 
 A checkpoint is built under `.tmp-*` in the same parent and renamed into place, so a crash or
-Ctrl-C at any moment leaves the previous checkpoint and `latest` as they were.
+Ctrl-C at any moment leaves the previous checkpoint and `latest` as they were. Every reader of a
+file here (read_tensors, Checkpoint.load_model, the optimizer readers) verifies its checksum first.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ from lmspec.runtime.checkpoint.layout import (  # noqa: F401  (the layout is par
     CHECKPOINTS_DIR, LATEST_FILE, META_FILE, MODEL_FILE, CheckpointError, find_checkpoint, step_dir_name,
 )
 from lmspec.runtime.checkpoint.layout import step_dirs as _step_dirs
+from lmspec.runtime.checkpoint.integrity import (
+    CHECKSUMS_FIELD, checksums_of, verified_while_read, verify_directory, verify_file,
+)
 
 # dcp.load(no_dist=True) says it reads in one process, which is what it is asked to do
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized")
@@ -77,7 +82,7 @@ def save_checkpoint(
         "spec": spec,
     }
     try:
-        meta_text = json.dumps(meta, indent=2)
+        json.dumps(meta)  # found now, before a file is written
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {err}") from None
 
@@ -89,7 +94,7 @@ def save_checkpoint(
     try:
         # replace=True: a step saved again, after a crash before `latest` moved on past it
         with atomic_directory(parent / name, replace=True) as tmp:
-            _fill(tmp, model, weights, optimizer, rng, meta_text, move_in)
+            _fill(tmp, model, weights, optimizer, rng, meta, move_in)
         write_text_atomically(parent / LATEST_FILE, name + "\n")
     except BaseException:  # includes KeyboardInterrupt: the staged directories are of no use now
         for source in move_in.values():
@@ -99,8 +104,10 @@ def save_checkpoint(
     return parent / name
 
 
-def _fill(tmp: Path, model, weights, optimizer, rng, meta_text: str, move_in: dict[str, Path]) -> None:
-    """The files of a checkpoint, in the directory that becomes it (atomic_directory flushes them)."""
+def _fill(tmp: Path, model, weights, optimizer, rng, meta: dict, move_in: dict[str, Path]) -> None:
+    """The files of a checkpoint, in the directory that becomes it (atomic_directory flushes them),
+    meta.json last with the checksums of all the others: the staged DCP shards of every rank are in
+    by then, so each file gets one whoever wrote it."""
     if weights is not None:
         save_file(weights, str(tmp / MODEL_FILE))
     else:
@@ -112,7 +119,8 @@ def _fill(tmp: Path, model, weights, optimizer, rng, meta_text: str, move_in: di
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata=metadata)
     if rng is not None:
         save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / RNG_FILE))
-    (tmp / META_FILE).write_text(meta_text, encoding="utf-8")
+    meta = {**meta, CHECKSUMS_FIELD: checksums_of(tmp)}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
 def remove_stale_temporaries(parent: Path, spare: set[Path] = frozenset()) -> None:
@@ -202,11 +210,12 @@ def _unflatten_optimizer(step_dir: Path, optimizer: torch.optim.Optimizer, model
 
 
 def read_tensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, read straight onto `device`."""
+    """A safetensors file's tensors, read straight onto `device` once its checksum is verified."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return load_file(str(path), device=str(device))
+        with verified_while_read(path):
+            return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: corrupt or unreadable ({err})") from None
 
@@ -231,7 +240,8 @@ class Checkpoint:
             raise CheckpointError(f"{path}: missing")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         try:
-            load_model(model, str(path), strict=True, device=str(device))
+            with verified_while_read(path):
+                load_model(model, str(path), strict=True, device=str(device))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: corrupt or unreadable ({err})") from None
         except RuntimeError as err:  # missing/unexpected names or a shape mismatch
@@ -249,6 +259,15 @@ class Checkpoint:
 
     def rng_states(self) -> dict[str, torch.Tensor]:
         return read_tensors(self.path / RNG_FILE)
+
+    def verified(self, name: str) -> Path:
+        """The path of one of the checkpoint's files, for a reader of its own (materialise_from_file),
+        once its checksum is verified."""
+        path = self.path / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        verify_file(path)
+        return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -297,6 +316,7 @@ def read_optimizer_dcp_by_name(directory: Path, names=None) -> dict:
     {"state": {name: {...}}, "param_groups": [...]}, whole tensors on the CPU, only for `names`
     when given (every parameter otherwise). Read by this process alone, with no collective."""
     directory = Path(directory)
+    verify_directory(directory)
     try:
         metadata = FileSystemReader(str(directory)).read_metadata()
         paths = metadata.planner_data
@@ -330,6 +350,7 @@ def load_sharded_optimizer(checkpoint: Checkpoint, optimizer: torch.optim.Optimi
     sharded = checkpoint.path / OPTIMIZER_DCP_DIR
     try:
         if sharded.is_dir():
+            verify_directory(sharded)
             state = get_optimizer_state_dict(model, optimizer)  # the layout to fill, state allocated
             dcp.load({"optimizer": state}, checkpoint_id=str(sharded))
             set_optimizer_state_dict(model, optimizer, state)

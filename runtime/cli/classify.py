@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_provider_option
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option
 from lmspec.runtime.errors import UsageError
 
@@ -65,7 +65,7 @@ def cmd_finetune_classify(args) -> int:
 FINETUNE_CLASSIFY = Verb(
     "finetune classify",
     "Finetune a checkpoint into a classifier: a new head on the last token.",
-    finetune_classify_options, cmd_finetune_classify,
+    finetune_classify_options, cmd_finetune_classify, outputs=(option_output("out", directory=True, run=True),),
     examples="""examples:
   lmspec finetune classify runs/shakespeare --data ../shared/data/SMSSpamCollection.tsv --labels ham,spam --balance
   lmspec finetune classify runs/gpt2 --data reviews.jsonl --labels neg,pos --trainable-blocks 2 --lora 8""",

@@ -1,11 +1,11 @@
-"""`lmspec data prepare|tokenize` and `lmspec tokenizer train|encode|decode`."""
+"""`lmspec data prepare|tokenize|verify` and `lmspec tokenizer train|encode|decode`."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.errors import TokenizerError, UsageError
 
@@ -59,7 +59,7 @@ def cmd_data_prepare(args) -> int:
 DATA_PREPARE = Verb(
     "data prepare",
     "Normalise, clean, deduplicate (exact and near) and filter documents; write a report.",
-    data_prepare_options, cmd_data_prepare,
+    data_prepare_options, cmd_data_prepare, outputs=(option_output("out", directory=True),),
     examples="""examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
@@ -94,10 +94,57 @@ def cmd_data_tokenize(args) -> int:
 DATA_TOKENIZE = Verb(
     "data tokenize",
     "Tokenize a prepared corpus into binary shards for `lmspec train --data`.",
-    data_tokenize_options, cmd_data_tokenize,
+    data_tokenize_options, cmd_data_tokenize, outputs=(option_output("out", directory=True),),
     examples="""examples:
   lmspec data tokenize prepared/ --tokenizer tok.json --out shards/
   lmspec data tokenize prepared/ --tokenizer ../shared/data/gpt2-tokenizer --out shards/ --val-fraction 0.05""",
+)
+
+
+def data_verify_options(p) -> None:
+    """`lmspec data verify`'s options."""
+    p.add_argument("paths", nargs="+", metavar="DIR",
+                   help="a shards directory (from `lmspec data tokenize`), or a run, its checkpoints directory or "
+                        "one step directory")
+
+
+def cmd_data_verify(args) -> int:
+    from lmspec.runtime.checkpoint.integrity import check_run, run_advice
+    from lmspec.runtime.data.shards import is_shards_directory, verify_shards
+    from lmspec.runtime.errors import CheckpointError
+    damaged, advice, shards_damaged = [], [], False
+    for path in args.paths:
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or directory")
+        if is_shards_directory(path):
+            reports = [verify_shards(path)]
+            shards_damaged = shards_damaged or bool(reports[0].problems)
+        else:
+            reports = check_run(path)
+            advice += filter(None, [run_advice(reports)])
+        for report in reports:
+            for file, problem in report.problems:
+                print(f"damaged   {file}: {problem}")
+                damaged.append(str(file))
+            if report.checked and not report.problems:
+                print(f"ok        {report.path} ({report.checked} files verified)")
+            if report.unchecked:
+                print(f"unchecked {report.path}: {report.unchecked}")
+    if damaged:
+        error = DataError if shards_damaged else CheckpointError
+        raise error(f"{len(damaged)} damaged file{'s' * (len(damaged) > 1)}: {', '.join(damaged)}"
+                    + "".join(f"; {a}" for a in advice))
+    return 0
+
+
+DATA_VERIFY = Verb(
+    "data verify",
+    "Check token shards and checkpoints against the checksums recorded when they were written.",
+    data_verify_options, cmd_data_verify,
+    examples="""examples:
+  lmspec data verify shards/                  # every shard and tokenizer.json; exit 1 naming each damaged file
+  lmspec data verify runs/tiny                # every checkpoint of a run
+  lmspec data verify runs/tiny/checkpoints/step_000500 shards/""",
 )
 
 
@@ -126,7 +173,7 @@ def cmd_tokenizer_train(args) -> int:
 TOKENIZER_TRAIN = Verb(
     "tokenizer train",
     "Train a byte-level BPE tokenizer with special tokens (Hugging Face tokenizers).",
-    tokenizer_train_options, cmd_tokenizer_train,
+    tokenizer_train_options, cmd_tokenizer_train, outputs=(option_output("out", directory=False),),
     examples="""examples:
   lmspec tokenizer train prepared/ --vocab-size 8192 --out tok.json
   lmspec tokenizer train ../shared/data/tinyshakespeare.txt --vocab-size 1024 --out shakespeare.json""",

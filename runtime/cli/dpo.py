@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmspec.runtime.cli.instruct import split_fractions
 from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option
 from lmspec.runtime.errors import UsageError
 
@@ -57,7 +57,7 @@ FINETUNE_DPO = Verb(
     "finetune dpo",
     ("Finetune a checkpoint on preference pairs with Direct Preference Optimization: prefer each record's "
      "chosen answer over its rejected one, against a frozen copy of the checkpoint."),
-    finetune_dpo_options, cmd_finetune_dpo,
+    finetune_dpo_options, cmd_finetune_dpo, outputs=(option_output("out", directory=True, run=True),),
     examples="""examples:
   lmspec finetune dpo runs/gpt2-instruct --data ../shared/data/instruction-data-with-preference.json --out runs/gpt2-dpo
   lmspec finetune dpo runs/gpt2-instruct --data prefs.jsonl --beta 0.5 --lora 8 --out runs/gpt2-dpo-lora""",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from lmspec.runtime.cli.options import SPLITS
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
 from lmspec.runtime.errors import UsageError
 
@@ -72,6 +72,7 @@ EVAL = Verb(
     ("Measure a checkpoint: a language model's perplexity on text or shards, a classifier's accuracy on "
      "labelled texts, an instruction-tuned model's answer loss (and its answers)."),
     eval_options, cmd_eval,
+    outputs=(option_output("out", directory=False), option_output("responses", directory=False)),
     examples="""examples:
   lmspec eval runs/tiny --data ../shared/data/the-verdict.txt             # perplexity, windows of the context
   lmspec eval runs/gpt2 --data shards/ --split validation --seq 512 --max-tokens 1000000 --format json

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Output, Verb
 from lmspec.runtime.errors import UsageError
 
 
@@ -49,11 +49,21 @@ def cmd_export(args) -> int:
     return 0 if meta else 1
 
 
+def _onnx_file(args) -> str | None:
+    from lmspec.runtime.export.from_checkpoint import output_path
+    return None if args.hf_checkpoint is not None else str(output_path(args.out))
+
+
+def _hf_directory(args) -> str | None:
+    return args.out if args.hf_checkpoint is not None else None
+
+
 EXPORT = Verb(
     "export",
     ("Export a checkpoint to ONNX with a KV cache, checked against PyTorch; `export hf CHECKPOINT -o DIR` "
      "writes a Hugging Face model directory instead."),
     export_options, cmd_export,
+    outputs=(Output(_onnx_file, directory=False), Output(_hf_directory, directory=True)),
     examples="""examples:
   lmspec export runs/tiny -o exported/tiny.onnx
   lmspec export runs/gpt2 -o exported/gpt2-int8.onnx --optimize --quantize int8

@@ -11,9 +11,9 @@ from __future__ import annotations
 # own extra lacks a module (`classify` of an exported classifier needs onnxruntime), the first extra
 # here that holds it is the one named
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch"),
+    "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch", "xxhash"),
     "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn"),
-    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime"),
+    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash"),
     "graph": ("pydot", "matplotlib"),  # `lmspec info --graph`
 }
 

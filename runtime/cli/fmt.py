@@ -11,7 +11,7 @@ from lmspec.dsl.formatter import format_source
 from lmspec.runtime.atomic import write_text_atomically
 from lmspec.runtime.cli.spec import expand_spec_paths
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.errors import UsageError
+from lmspec.runtime.errors import UsageError, WriteError
 
 
 def _count(n: int, what: str) -> str:
@@ -85,7 +85,13 @@ def cmd_fmt(args) -> int:
         elif args.check:
             print(f"would reformat {path}")
         else:
-            write_text_atomically(path, out, permissions=stat.S_IMODE(os.stat(path).st_mode))
+            target = os.path.realpath(path)  # through a symbolic link: the file it names, the link kept
+            try:
+                write_text_atomically(target, out, permissions=stat.S_IMODE(os.stat(target).st_mode))
+            except WriteError as err:
+                print(f"lmspec fmt: error: cannot write {path}: {err.reason}", file=sys.stderr)
+                changed, failed = changed - 1, failed + 1
+                continue
             print(f"reformatted {path}")
     parts = []
     if changed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lmspec.runtime.cli.options import add_override_options, cli_overrides
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 
 
 def import_hf_options(p) -> None:
@@ -32,6 +32,7 @@ IMPORT_HF = Verb(
     ("Import a Hugging Face model directory (config.json + safetensors) as a checkpoint, checked against a "
      "spec."),
     import_hf_options, cmd_import_hf,
+    outputs=(option_output("out", directory=True), option_output("emit_spec", directory=False)),
     examples="""examples:
   lmspec import hf ~/models/gpt2 --spec specs/gpt2.arch -o runs/gpt2
   lmspec import hf ~/models/Qwen3-0.6B --spec specs/qwen3-0.6b.arch -o runs/qwen3

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
 from lmspec.runtime.errors import TokenizerError, UsageError
 
@@ -66,6 +66,7 @@ FINETUNE_INSTRUCT = Verb(
     "finetune instruct",
     "Finetune a checkpoint to follow instructions (Alpaca or chat data), the loss on the responses only.",
     finetune_instruct_options, cmd_finetune_instruct,
+    outputs=(option_output("out", directory=True, run=True), option_output("responses", directory=False)),
     examples="""examples:
   lmspec finetune instruct runs/gpt2 --data ../shared/data/instruction-data.json --out runs/gpt2-instruct
   lmspec finetune instruct runs/gpt2 --data chats.jsonl --template chatml --lora 16 --out runs/gpt2-chat""",

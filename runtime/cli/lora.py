@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmspec.compiler.lora import adapted_matrices, is_lora, merge_lora
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.errors import CheckpointError
 
 
@@ -42,7 +42,7 @@ LORA_MERGE = Verb(
     "lora merge",
     ("Fold a checkpoint's LoRA adapters into its base weights: a plain checkpoint that samples and exports like"
      " any other."),
-    lora_merge_options, cmd_lora_merge,
+    lora_merge_options, cmd_lora_merge, outputs=(option_output("out", directory=True),),
     examples="""examples:
   lmspec lora merge runs/spam-lora --out runs/spam-merged
   lmspec export runs/spam-merged -o exported/""",

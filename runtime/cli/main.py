@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import ExitStack
 
 from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli import (
     classify, data, diff, dpo, eval, export, fmt, hf, instruct, lora, plan, serve, spec, train
 )
+from lmspec.runtime.atomic import check_output_location, write_failure_reason
+from lmspec.runtime.checkpoint.run_lock import run_lock
 from lmspec.runtime.cli.extras import missing_extra_report
 from lmspec.runtime.cli.verb import Verb
 
@@ -23,14 +26,14 @@ VERBS: list[Verb] = [
     spec.CHECK, fmt.FMT, diff.DIFF, spec.INFO, plan.PLAN,
     train.TRAIN, train.SAMPLE,
     export.EXPORT, serve.GENERATE, serve.SERVE,
-    data.DATA_PREPARE, data.DATA_TOKENIZE, hf.IMPORT_HF,
+    data.DATA_PREPARE, data.DATA_TOKENIZE, data.DATA_VERIFY, hf.IMPORT_HF,
     data.TOKENIZER_TRAIN, data.TOKENIZER_ENCODE, data.TOKENIZER_DECODE,
     classify.FINETUNE_CLASSIFY, classify.CLASSIFY, instruct.FINETUNE_INSTRUCT, instruct.CHAT, dpo.FINETUNE_DPO,
     eval.EVAL, lora.LORA_MERGE,
 ]
 
 GROUPS = {  # verbs of two words: the first names a group
-    "data": "Prepare a text corpus: clean and deduplicate it, tokenize it into shards.",
+    "data": "Prepare a text corpus: clean and deduplicate it, tokenize it into shards; verify shards and checkpoints.",
     "import": "Bring models in from other formats.",
     "tokenizer": "Train, inspect and use tokenizers.",
     "finetune": "Finetune a checkpoint: a classifier, an instruction follower, preferences (DPO).",
@@ -79,14 +82,14 @@ def parser() -> argparse.ArgumentParser:
         for action in q._actions:  # an option declared without help still shows its default
             if action.help is None and action.option_strings and action.default not in (None, False, []):
                 action.help = "(default: %(default)s)"
-        q.set_defaults(handler=row.handler, verb_name=row.name)
+        q.set_defaults(handler=row.handler, verb_name=row.name, outputs=row.outputs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.handler(args)
+        return _run(args)
     except UserError as err:  # every mistake in the input: a spec's, an option's, a file's
         print(err.report(args.verb_name), file=sys.stderr)
         return err.exit_code
@@ -97,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except Exception as err:  # a bug in lmspec, not in the input: say so briefly
+        refused = write_failure_reason(err)
+        if refused:  # no bug: a write the file system refused, in a writer that does not say where
+            where = getattr(err, "filename", None)
+            print(f"lmspec {args.verb_name}: error: {f'cannot write {where}: ' if where else ''}{refused}",
+                  file=sys.stderr)
+            return 1
         missing = isinstance(err, ModuleNotFoundError) and missing_extra_report(args.verb_name, err.name or "")
         if missing:  # no bug either: an install without the extra this verb needs, e.g. `pip install lmspec`
             print(missing, file=sys.stderr)
@@ -106,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmspec {args.verb_name}: internal error: {type(err).__name__}: {err}\n"
               f"(this is a bug in lmspec; run with LMSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
+
+
+def _run(args) -> int:
+    """The verb's handler, what it writes checked first, and its run directory locked throughout
+    (under torchrun by the first rank, for the job)."""
+    with ExitStack() as held:
+        for output in args.outputs:
+            path = output.path(args)
+            if path is None:
+                continue
+            check_output_location(path, directory=output.directory)
+            if output.run and int(os.environ.get("RANK", "0")) == 0:
+                held.enter_context(run_lock(path))
+        return args.handler(args)
 
 
 if __name__ == "__main__":

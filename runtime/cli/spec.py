@@ -8,7 +8,7 @@ import sys
 
 from lmspec.runtime.atomic import write_bytes_atomically
 from lmspec.runtime.cli.options import add_override_options, cli_overrides
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.errors import UsageError
 
 
@@ -52,6 +52,7 @@ def check_options(p) -> None:
 def cmd_check(args) -> int:
     from lmspec.compiler import check_file
     from lmspec.dsl import diagnostic_formats
+    from lmspec.dsl.diagnostics import render_all
     overrides = cli_overrides(args.set)
     files = expand_spec_paths(args.paths)
     diagnostics, sources = [], {}
@@ -73,8 +74,8 @@ def cmd_check(args) -> int:
         print(diagnostic_formats.to_sarif(diagnostics))
     else:
         colour = _use_colour(args.color, sys.stderr)
-        for d in diagnostics:
-            print(d.render(sources, colour=colour), file=sys.stderr)
+        if diagnostics:  # the first 100 (errors first), then a count of the rest: bounded however many
+            print(render_all(diagnostics, sources, colour=colour), file=sys.stderr)
         counts = [f"{n} {word}{'s' * (n != 1)}" for n, word in ((errors, "error"), (warnings, "warning")) if n]
         print(f"checked {len(files)} file{'s' * (len(files) != 1)}: {', '.join(counts) or 'ok'}")
     return 1 if errors else 0
@@ -110,7 +111,8 @@ def info_options(p) -> None:
 
 def cmd_info(args) -> int:
     from lmspec.compiler import load_spec
-    from lmspec.compiler.analysis import breakdown, flops_per_token, parameter_count
+    from lmspec.compiler.analysis import (breakdown, flops_per_token, parameter_count, symbol_values,
+                                          tokens_per_forward)
     from lmspec.compiler.shapes import fmt_shape
     graph = load_spec(args.spec, cli_overrides(args.set), args.model)
     if args.seq is not None and args.seq < 1:
@@ -161,9 +163,10 @@ def cmd_info(args) -> int:
         for name, ref in graph.outputs:
             print(f"  output {name}: {ref.dtype}{fmt_shape(ref.shape)}")
         print(f"parameters: {params:,}" + (f"  (tied: {', '.join(tied)})" if tied else ""))
-        print(f"FLOPs per token at seq {seq}: {fpt / 1e6:,.1f} M forward, {3 * fpt / 1e6:,.1f} M training")
+        at = f" at seq {seq}" if seq is not None else ""  # a model of fixed shapes has no sequence length
+        print(f"FLOPs per token{at}: {fpt / 1e6:,.1f} M forward, {3 * fpt / 1e6:,.1f} M training")
         print(f"\n  {'part':<24}{'parameters':>16}{'fwd MFLOPs/token':>20}")
-        tokens = seq
+        tokens = tokens_per_forward(graph, symbol_values(graph, seq))
         for g in groups:
             if not g.params and not g.flops:
                 continue
@@ -191,7 +194,7 @@ def cmd_info(args) -> int:
 INFO = Verb(
     "info",
     "Parameters, FLOPs per token and a per-block breakdown of a spec.",
-    info_options, cmd_info,
+    info_options, cmd_info, outputs=(option_output("graph", directory=False),),
     examples="""examples:
   lmspec info specs/gpt2.arch
   lmspec info specs/gpt2.arch --set layers=4 --set dim=256 --seq 512

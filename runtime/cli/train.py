@@ -4,9 +4,9 @@ from __future__ import annotations
 from lmspec.dsl.diagnostics import SpecError
 from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli.options import add_override_options, fail
-from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.cli.verb import Output, Verb
 from lmspec.runtime.distributed.device import add_device_option, device_name
-from lmspec.runtime.errors import CheckpointError, UsageError
+from lmspec.runtime.errors import CheckpointError, UsageError, WriteError
 
 
 def train_options(p) -> None:
@@ -102,10 +102,15 @@ def cmd_train(args) -> int:
     return code
 
 
+def _run_dir(args) -> str:
+    from lmspec.runtime.checkpoint.layout import run_directory
+    return str(run_directory(args.out, args.spec))
+
+
 TRAIN = Verb(
     "train",
     "Train a spec on a text corpus (next-token cross-entropy, AdamW).",
-    train_options, cmd_train,
+    train_options, cmd_train, outputs=(Output(_run_dir, directory=True, run=True),),
     examples="""examples:
   lmspec train specs/tiny.arch                      # embedded corpus (CPython's docs), char-level
   lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
@@ -137,6 +142,12 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
                         resume=args.resume, progress=not args.no_progress, world=world,
                         tensor_parallel_plan=run.tensor_parallel_plan, pipeline_stages=run.pipeline_stages,
                         graph=run.graph, device=device, peak_tflops=args.peak_tflops)
+    except WriteError as err:  # a full disk mid-run: say what is safe to resume from
+        from lmspec.runtime.checkpoint.store import find_checkpoint
+        run_dir = runs.run_directory(args.out, args.spec)
+        last = find_checkpoint(run_dir) if run_dir.is_dir() else None
+        return fail("train", f"{err}; " + (f"the last checkpoint, {last}, is intact: free some space and resume "
+                                           f"with --resume" if last else "no checkpoint was written yet"))
     except UserError as err:  # reported here: a rank of torchrun must leave its process group, below
         return fail("train", err)
     except (torch.OutOfMemoryError, RuntimeError) as err:

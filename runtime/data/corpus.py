@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from lmspec.runtime.data.sniff import refuse_non_text
 from lmspec.runtime.errors import DataError  # noqa: F401  (raised here, and imported from here)
 
 
@@ -35,10 +36,11 @@ def _read_file(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    refuse_non_text(path, raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {err.start})") from None
     if not text.strip():
-        raise DataError(f"{path}: file is empty")
+        raise DataError(f"{path}: file is empty" + (" (only white space)" if raw else ""))
     return text

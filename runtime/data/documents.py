@@ -10,6 +10,7 @@ from typing import Iterator
 
 from lmspec.runtime.data.cleaning import decode_utf8, drop_surrogates
 from lmspec.runtime.data.report import Tally
+from lmspec.runtime.data.sniff import refuse_non_text
 from lmspec.runtime.errors import DataError
 
 TEXT_SUFFIXES = (".txt",)
@@ -32,7 +33,7 @@ def list_input_files(inputs: list[str], exclude: Path | None = None) -> list[Inp
     """The files to read, in the order given; a directory contributes its .txt/.jsonl/.json files
     (recursively, in path order: a/x.txt, b/c/y.txt, b/z.txt, w.txt). Hidden files and folders,
     and anything under `exclude` (the output folder, which may sit inside an input folder), are
-    not searched."""
+    not searched. A file that is not text (runtime/data/sniff.py) is refused by name."""
     if not inputs:
         raise DataError("no inputs given")
     files = []
@@ -46,6 +47,8 @@ def list_input_files(inputs: list[str], exclude: Path | None = None) -> list[Inp
             raise DataError(f"{given}: not a regular file or directory")
         else:
             raise DataError(f"{given}: no such file or directory")
+    for path in files:  # before any is read: a compressed or binary input is a mistake to fix first
+        refuse_non_text(path)
     return [InputFile(p, p.stat().st_size) for p in files]
 
 

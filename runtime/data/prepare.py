@@ -76,8 +76,22 @@ def prepare(
         inputs = [inputs]  # one path, not a list of one-character paths
     _check_settings(min_chars, max_chars, near_dup_threshold, shingle, num_perm)
     started = time.perf_counter()
+    files = list_input_files(inputs, exclude=Path(out_dir).resolve())  # inputs refused before --out is made
+    created = not Path(out_dir).exists()
     out = _make_out_dir(out_dir)
-    files = list_input_files(inputs, exclude=out)
+    try:
+        return _prepare_into(out, files, inputs, started, text_field=text_field, min_chars=min_chars,
+                             max_chars=max_chars, near_dup_threshold=near_dup_threshold, shingle=shingle,
+                             num_perm=num_perm, dedup_near=dedup_near, progress=progress)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _prepare_into(out: Path, files: list, inputs: list, started: float, *, text_field: str, min_chars: int,
+                  max_chars: int | None, near_dup_threshold: float, shingle: int, num_perm: int, dedup_near: bool,
+                  progress: bool) -> dict:
     tally = Tally()
     near = NearDuplicateIndex(near_dup_threshold, shingle, num_perm) if dedup_near else None
     sieve = Sieve(tally, min_chars, max_chars, near)
@@ -90,6 +104,8 @@ def prepare(
             text = sieve.keep(doc)
             if text is not None:
                 sink.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        if tally.documents_out == 0:  # raised inside the block: nothing is written
+            raise DataError(_nothing_kept(tally, files))
         sink.flush()
         # The kept side of each near-duplicate example is read back from what was just written,
         # so no document text is held in memory for the report's sake.
@@ -157,6 +173,23 @@ class Sieve:
         if self.max_chars is not None and len(text) > self.max_chars:
             return "too_long"
         return None
+
+
+def _nothing_kept(tally: Tally, files: list) -> str:
+    """Why no document is left, and the option that would keep some."""
+    removed = {reason: n for reason, n in tally.removed.items() if n}
+    fixes = {"too_short": "a lower --min-chars", "too_long": "a higher --max-chars"}
+    hints = [fixes[reason] for reason in removed if reason in fixes]
+    if tally.bad_json_count:
+        hints.append("--text-field naming the field that holds the text"
+                     if any("field" in e for e in tally.bad_json_examples) else "valid JSON records")
+    causes = [f"{n} {reason.replace('_', ' ')}" for reason, n in removed.items()]
+    causes += [f"{item['path']}: {item['reason']}" for item in tally.skipped_files[:3]]
+    causes += tally.bad_json_examples[:2]
+    what = (f"{tally.documents_in} document(s) in {len(files)} file(s)" if tally.documents_in
+            else f"{len(files)} file(s)")
+    return (f"no document is left of {what} ({'; '.join(causes) or 'nothing to read'}); nothing was written"
+            + (f"; try {' or '.join(hints)}" if hints else ""))
 
 
 def _check_settings(min_chars, max_chars, threshold, shingle, num_perm) -> None:

@@ -3,7 +3,8 @@
 A shards directory holds
 
     meta.json        what the files hold: format version, dtype, tokenizer hash, the split rule,
-                     token and document counts per split and per shard (written last)
+                     token and document counts per split and per shard, and each shard's checksum
+                     ("xxh3_128:…", taken as it is written; written last)
     tokenizer.json   the Hugging Face tokenizer the ids come from (usable as `--tokenizer`)
     train_000.bin    token ids, little-endian uint16 (vocabularies up to 65,536) or uint32,
     train_001.bin    no header: shard i is `tokens * itemsize` bytes
@@ -16,7 +17,9 @@ document may continue in the next shard); a training window never crosses a shar
 
 Writing streams: documents are encoded a batch at a time by the Rust tokenizer (in parallel) and
 appended to the open shard, so memory holds one batch, whatever the corpus size. Reading maps the
-files (`numpy.memmap`): a window costs a page fault, not a load of the corpus.
+files (`numpy.memmap`): a window costs a page fault, not a load of the corpus. A shard's checksum is
+verified the first time a window is read from it (once per process, a fraction of a second per GB),
+and `verify_shards` (`lmspec data verify`) checks them all; shards from before checksums are not checked.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,7 +36,8 @@ import numpy as np
 import tokenizers
 import torch
 
-from lmspec.runtime.atomic import PendingFile, remove_temporaries, write_text_atomically
+from lmspec.runtime.atomic import PendingFile, failures_as_write_errors, remove_temporaries, write_text_atomically
+from lmspec.runtime.checksum import Checksum, file_matches, is_checksum
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.tokenizer import EOT_TOKENS, TOKENIZER_FILE, FileTokenizer, TokenizerError
 
@@ -114,6 +119,7 @@ def write_shards(
                     writers[split].append(_as_tokens(flat, token_type), np.asarray(ends, dtype=np.int64))
             if bar is not None:
                 bar.update(sum(len(t) for t in batch))
+        _check_splits(doc_index, val_split.fraction, writers)
         splits = {split: writer.finish() for split, writer in writers.items()}
         meta = {
             "format": FORMAT,
@@ -186,6 +192,16 @@ class _ValidationRule:
         return (index + 1) * self._num // self._den > index * self._num // self._den
 
 
+def _check_splits(documents: int, val_fraction: float, writers: dict) -> None:
+    """An empty corpus, or a validation split asked for and left empty, is a mistake to fix before any
+    shard is kept; the message names the option that fixes it."""
+    if documents == 0:
+        raise DataError("the corpus holds no document with text: nothing to tokenize")
+    if val_fraction > 0 and writers["val"].text_bytes == 0:  # empty documents never reach a split
+        raise DataError(f"no document goes to validation: {documents} document(s) x --val-fraction {val_fraction:g} "
+                        f"< 1; give more documents, a larger --val-fraction, or --val-fraction 0 for none")
+
+
 def _batch_encoder(tokenizer, allow_special: bool):
     """A function from a list of documents to their lists of ids, through the Rust batch encoder."""
     hf = getattr(tokenizer, "tokenizer", None)
@@ -249,6 +265,7 @@ class _SplitWriter:
         self.shards: list[dict] = []
         self.text_bytes = 0
         self._pending: PendingFile | None = None
+        self._checksum: Checksum | None = None  # of the open shard, taken from the bytes as they are written
         self._tokens = 0  # in the open shard
         self._documents = 0  # ending in the open shard
         self._finished: list[Path] = []
@@ -260,7 +277,10 @@ class _SplitWriter:
             if self._pending is None:
                 self._open()
             take = min(len(ids) - pos, self.shard_tokens - self._tokens)
-            self._pending.file.write(memoryview(ids[pos:pos + take]))
+            piece = memoryview(ids[pos:pos + take])
+            with failures_as_write_errors(self._pending.path):  # a full disk: named, not a bare errno
+                self._pending.file.write(piece)
+            self._checksum.update(piece)
             # A document belongs to the shard that holds its end-of-text token.
             ended = np.searchsorted(doc_ends, pos + take, "right") - np.searchsorted(doc_ends, pos, "right")
             self._documents += int(ended)
@@ -287,12 +307,14 @@ class _SplitWriter:
 
     def _open(self) -> None:
         self._pending = PendingFile(self.directory / f"{self.split}_{len(self.shards):03d}.bin")
+        self._checksum = Checksum()
         self._tokens = self._documents = 0
 
     def _close(self) -> None:
         self._pending.commit()
         self._finished.append(self._pending.path)
-        self.shards.append({"file": self._pending.path.name, "tokens": self._tokens, "documents": self._documents})
+        self.shards.append({"file": self._pending.path.name, "tokens": self._tokens, "documents": self._documents,
+                            "checksum": self._checksum.value()})
         self._pending = None
 
 
@@ -370,10 +392,86 @@ def read_meta(directory: str | os.PathLike) -> dict:
         need(isinstance(info, dict) and isinstance(info.get("shards"), list), f"{split}: no list of shards")
         for shard in info["shards"]:
             need(isinstance(shard, dict) and isinstance(shard.get("file"), str) and _is_plain_name(shard["file"])
-                 and _is_count(shard.get("tokens")) and shard["tokens"] > 0, f"{split}: bad shard entry {shard!r}")
+                 and _is_count(shard.get("tokens")) and shard["tokens"] > 0
+                 and ("checksum" not in shard or is_checksum(shard["checksum"])), f"{split}: bad shard entry {shard!r}")
         need(info.get("tokens") == sum(s["tokens"] for s in info["shards"]),
              f"{split}: tokens {info.get('tokens')!r} is not the sum of its shards'")
     return meta
+
+
+_REWRITE_ADVICE = "tokenize the corpus again (`lmspec data tokenize … --overwrite`) or restore the file from a copy"
+
+
+def shard_problem(path: Path, recorded: str) -> str | None:
+    """What is wrong with a shard file given its recorded checksum, or None when it matches."""
+    try:
+        return None if file_matches(path, recorded) else "checksum mismatch (the shard is corrupt)"
+    except ValueError as err:  # an algorithm this lmspec does not know
+        return f"cannot be verified: {err}"
+    except OSError as err:
+        return "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err.strerror or err})"
+
+
+@dataclass
+class ShardsReport:
+    """What verify_shards found in a shards directory."""
+
+    path: Path
+    checked: int = 0  # files whose checksum was compared (shards, and tokenizer.json by its sha256)
+    problems: list[tuple[Path, str]] = field(default_factory=list)  # (file, what is wrong)
+    unrecorded: int = 0  # shards written before lmspec recorded checksums: their size alone is checked
+
+    @property
+    def unchecked(self) -> str:
+        """Why part of it could not be verified; empty when every file was."""
+        return (f"{self.unrecorded} shards have no checksums (written before lmspec recorded them): only their "
+                f"sizes were checked") if self.unrecorded else ""
+
+
+def verify_shards(directory: str | os.PathLike) -> ShardsReport:
+    """Check every file of a shards directory: each shard's size and checksum, and tokenizer.json
+    against its sha256. Reads every shard whole; finds every problem, not just the first."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    token_type = TOKEN_TYPES[meta["dtype"]]
+    report = ShardsReport(directory)
+    for split in SPLITS:
+        for entry in meta["splits"][split]["shards"]:
+            path = directory / entry["file"]
+            expected = entry["tokens"] * token_type.itemsize
+            if not path.is_file():
+                report.problems.append((path, "missing"))
+                continue
+            if path.stat().st_size != expected:
+                report.problems.append((path, f"{path.stat().st_size:,} bytes, but meta.json says {expected:,}"))
+                continue
+            if "checksum" not in entry:
+                report.unrecorded += 1
+                continue
+            report.checked += 1
+            problem = shard_problem(path, entry["checksum"])
+            if problem is not None:
+                report.problems.append((path, problem))
+    tokenizer = directory / meta["tokenizer"]["file"]
+    report.checked += 1
+    try:
+        if hashlib.sha256(tokenizer.read_bytes()).hexdigest() != meta["tokenizer"]["sha256"]:
+            report.problems.append((tokenizer, "does not match the sha256 in meta.json"))
+    except OSError as err:
+        report.problems.append((tokenizer, "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"))
+    return report
+
+
+def is_shards_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` is meant as a directory of token shards: its meta.json says so, or it holds
+    shard files (whose meta.json may be what is damaged), rather than a run or anything else."""
+    path = Path(path)
+    try:
+        if json.loads((path / META_FILE).read_text(encoding="utf-8")).get("format") == FORMAT:
+            return True
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        pass
+    return path.is_dir() and any(_SHARD_NAME.match(p.name) for p in path.iterdir())
 
 
 def _is_count(value) -> bool:
@@ -388,10 +486,12 @@ class ShardSplit:
     """One split's shards, memory-mapped. A window is named by one index over every window start
     that fits inside a shard, so windows drawn uniformly are uniform over the whole split."""
 
-    def __init__(self, name: str, shards: list[np.ndarray]):
+    def __init__(self, name: str, shards: list[np.ndarray], checksums: dict[int, tuple[Path, str]] | None = None):
         self.name = name  # "training" or "validation", for messages
         self.shards = shards
         self._counts: dict[int, np.ndarray] = {}  # window starts per shard, by sequence length
+        # shard index -> (its file, its recorded checksum), until the first window read from it verifies it
+        self._unverified = dict(checksums or {})
 
     @classmethod
     def open(cls, directory: Path, info: dict, token_type: np.dtype, name: str) -> ShardSplit:
@@ -407,10 +507,19 @@ class ShardSplit:
                 raise DataError(f"{path}: {size:,} bytes, but meta.json says {entry['tokens']:,} {token_type.name} "
                                 f"tokens ({expected:,} bytes); the shard is truncated or from another run")
             shards.append(np.memmap(path, dtype=token_type, mode="r"))
-        return cls(name, shards)
+        checksums = {i: (directory / e["file"], e["checksum"]) for i, e in enumerate(info["shards"]) if "checksum" in e}
+        return cls(name, shards, checksums)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
+
+    def _verify(self, shard: int) -> None:
+        """Check a shard against its checksum before its first window is used: DataError naming it."""
+        path, recorded = self._unverified[shard]
+        problem = shard_problem(path, recorded)
+        if problem is not None:
+            raise DataError(f"{path}: {problem}; {_REWRITE_ADVICE}")
+        del self._unverified[shard]
 
     def window_counts(self, seq: int) -> np.ndarray:
         """Window starts per shard: a window reads seq + 1 tokens (inputs and the shifted targets)."""
@@ -436,6 +545,9 @@ class ShardSplit:
         ends = np.cumsum(counts)
         idx = indices.numpy().astype(np.int64)
         shard_of = np.searchsorted(ends, idx, side="right")
+        if self._unverified:
+            for shard in set(shard_of.tolist()) & self._unverified.keys():
+                self._verify(shard)
         offset = idx - (ends[shard_of] - counts[shard_of])
         rows = np.empty((len(idx), seq + 1), dtype=np.int64)
         for row, (s, o) in enumerate(zip(shard_of.tolist(), offset.tolist())):

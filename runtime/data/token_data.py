@@ -54,7 +54,7 @@ def _check_fits(ids: torch.Tensor, seq: int, part: str) -> None:
     if len(ids) < seq + 1:
         raise DataError(
             f"the {part} split has {len(ids)} tokens, fewer than sequence length + 1 = {seq + 1}; "
-            f"use more data or a shorter sequence"
+            f"use more data or a shorter --seq"
         )
 
 

@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from lmspec.runtime.atomic import install_file, scratch_directory, write_text_atomically
+from lmspec.runtime.atomic import failures_as_write_errors, install_file, scratch_directory, write_text_atomically
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.export.bundle import (
     BUNDLE_FORMAT,
@@ -55,7 +55,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     target = export_target(checkpoint, log)
     graph, model = target.graph, target.model
 
-    with scratch_directory(destination.parent, "export") as work:
+    with failures_as_write_errors(destination), scratch_directory(destination.parent, "export") as work:
         started = time.perf_counter()
         exported = work / "fp32.onnx"
         target.export(exported, opset)

@@ -110,6 +110,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
         step_dir_name,
     )
     from lmspec.compiler.rewrites import spec_record
+    from lmspec.runtime.checkpoint.integrity import CHECKSUMS_FIELD, checksums_of
     from lmspec.runtime.errors import UsageError
 
     directory, out = Path(directory), Path(out)
@@ -169,6 +170,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
             "spec": spec_record(graph, overrides),
             "hf": {"model_type": model_type, "family": family.name, "source": str(directory.resolve()),
                    "config": config, "files": _carried(directory, tokenizer_from_dir)},
+            CHECKSUMS_FIELD: checksums_of(step),  # as save_checkpoint records them: verified on every read
         }
         write_json(step / META_FILE, meta)
         write_text(tmp / CHECKPOINTS_DIR / LATEST_FILE, step.name + "\n")
@@ -283,7 +285,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
         model_type = family.model_types[0]
     owned, _ = tensor_map(family, graph)
 
-    weights = ckpt.path / MODEL_FILE
+    weights = ckpt.verified(MODEL_FILE)  # read tensor by tensor below, so its checksum is checked here
     stored: dict[str, tuple[str, tuple[int, ...]]] = {}
     try:
         with safe_open(str(weights), "pt") as f:

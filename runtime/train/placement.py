@@ -106,7 +106,7 @@ def place(model: torch.nn.Module, cfg: TrainConfig, world: World, device: torch.
         # offloaded FSDP shards live in host memory; buffers (rotary tables) are used on the device
         where = torch.device("cpu") if cfg.cpu_offload else device
         if checkpoint is not None:
-            materialise_from_file(module, graph, checkpoint.path / MODEL_FILE, where, plan, buffer_device=device)
+            materialise_from_file(module, graph, checkpoint.verified(MODEL_FILE), where, plan, buffer_device=device)
         else:
             materialise_initial(module, graph, cfg.seed, where, plan, buffer_device=device)
 

@@ -16,6 +16,7 @@ from lmspec.compiler import load_spec, parse_overrides
 from lmspec.compiler.graph import ModelGraph
 from lmspec.compiler.rewrites import graph_from_record, spec_record
 from lmspec.compiler.vocab_padding import padded, padding_of
+from lmspec.runtime.checkpoint.layout import run_directory
 from lmspec.runtime.data.corpus import default_corpus_text, read_text_data
 from lmspec.runtime.distributed.device import device_name
 from lmspec.runtime.distributed.world import World
@@ -77,7 +78,7 @@ def prepare(settings, world: World) -> Run:
     from lmspec.runtime.checkpoint.store import find_checkpoint, load_checkpoint
     from lmspec.runtime.data.token_data import TokenData
 
-    run_dir = Path(settings.out or os.path.join("runs", Path(settings.spec).stem))
+    run_dir = run_directory(settings.out, settings.spec)
     tp, pp = settings.tp or 1, settings.pp or 1
     replicas = world.data_parallel(tp, pp)  # the ranks of one model-parallel group read the same batches
     existing = find_checkpoint(run_dir) if run_dir.exists() else None

@@ -2,6 +2,8 @@
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,8 @@ from lmspec.runtime.atomic import (
     PendingFile,
     atomic_directory,
     atomic_file,
+    check_output_location,
+    failures_as_write_errors,
     install_file,
     remove_directory,
     remove_temporaries,
@@ -18,6 +22,7 @@ from lmspec.runtime.atomic import (
     write_bytes_atomically,
     write_text_atomically,
 )
+from lmspec.runtime.errors import WriteError
 
 
 class Crash(Exception):
@@ -232,18 +237,87 @@ def test_a_scratch_directory_is_removed_whatever_happens(tmp_path):
 
 # ---- what a killed writer left -----------------------------------------------------------------
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): no process has it now."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_remove_temporaries_clears_every_temporary_but_the_spared(tmp_path):
-    for folder in (".tmp-step_000200-12345", ".tmp-dcp-step_000300", "step_000100"):
+    dead = _dead_pid()
+    for folder in (f".tmp-step_000200-{dead}", ".tmp-dcp-step_000300", "step_000100"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "model.safetensors").touch()
-    for file in (".tmp-latest-7", "latest"):
+    for file in (f".tmp-latest-{dead}", "latest", f".tmp-latest-{os.getpid()}"):  # ours: left by a namesake
         (tmp_path / file).touch()
     remove_temporaries(tmp_path, spare={tmp_path / ".tmp-dcp-step_000300"})
     assert names(tmp_path) == [".tmp-dcp-step_000300", "latest", "step_000100"]
 
 
 def test_remove_temporaries_of_named_files_only(tmp_path):
-    for name in (".tmp-train_007.bin-4242", ".tmp-meta.json-1", ".tmp-notes.txt-1", ".tmp-meta.json", "train_000.bin"):
+    dead = _dead_pid()
+    for name in (f".tmp-train_007.bin-{dead}", f".tmp-meta.json-{dead}", f".tmp-notes.txt-{dead}", ".tmp-meta.json",
+                 "train_000.bin"):
         (tmp_path / name).touch()
     remove_temporaries(tmp_path, of=re.compile(r"(train|val)_\d{3,}\.bin|meta\.json"))
-    assert names(tmp_path) == [".tmp-meta.json", ".tmp-notes.txt-1", "train_000.bin"]
+    assert names(tmp_path) == [".tmp-meta.json", f".tmp-notes.txt-{dead}", "train_000.bin"]
+
+
+def test_remove_temporaries_spares_a_running_writer(tmp_path):
+    """Two processes writing beside each other: clearing what a killed writer left must not take the
+    file another live process is writing right now, and does take a dead one's."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = _dead_pid()
+        for name in (f".tmp-model.onnx-{live.pid}", f".tmp-model.onnx-{dead}", f".tmp-step_000004-{live.pid}"):
+            (tmp_path / name).mkdir() if "step" in name else (tmp_path / name).touch()
+        remove_temporaries(tmp_path)
+        assert names(tmp_path) == [f".tmp-model.onnx-{live.pid}", f".tmp-step_000004-{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
+    remove_temporaries(tmp_path)  # the writer has gone: now they are leftovers
+    assert names(tmp_path) == []
+
+
+# ---- write errors: the file system's refusals are the user's to fix, named by the path they gave ---------
+
+def test_a_refused_write_becomes_one_write_error_naming_the_destination(tmp_path):
+    import errno
+
+    from safetensors import SafetensorError
+
+    destination = tmp_path / "run" / "model.onnx"
+    refusals = {
+        OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".tmp-x-1")): "No space left on device",
+        PermissionError(errno.EACCES, "Permission denied"): "Permission denied",
+        SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                        'left on device" })'): "No space left on device",
+        RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                     "file write failed"): "the disk refused the data (is it full?)",
+    }
+    for refusal, reason in refusals.items():
+        with pytest.raises(WriteError) as caught:
+            with failures_as_write_errors(destination):
+                raise refusal
+        assert str(caught.value) == f"cannot write {destination}: {reason}"
+    for other in (FileNotFoundError(errno.ENOENT, "No such file or directory"), ValueError("a bug")):
+        with pytest.raises(type(other)):  # a missing input, or a bug: not a write the disk refused
+            with failures_as_write_errors(destination):
+                raise other
+    with pytest.raises(WriteError, match=rf"^cannot write {tmp_path}/a-file/x.json: {tmp_path}/a-file is a file"):
+        (tmp_path / "a-file").write_text("")
+        write_text_atomically(tmp_path / "a-file" / "x.json", "{}")
+
+
+def test_the_output_location_is_checked_without_leaving_anything(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    check_output_location(tmp_path / "new" / "deeper", directory=True)  # made later by the writer
+    check_output_location(tmp_path / "a-file", directory=False)  # replaced later
+    for path, directory, reason in ((tmp_path / "a-file", True, "it is a file, not a directory"),
+                                    (tmp_path, False, "it is a directory"),
+                                    (tmp_path / "a-file" / "x", True, f"{tmp_path / 'a-file'} is a file, not a directory")):
+        with pytest.raises(WriteError, match=f"^cannot write {re.escape(str(path))}: {re.escape(reason)}$"):
+            check_output_location(path, directory=directory)
+    assert names(tmp_path) == ["a-file"]

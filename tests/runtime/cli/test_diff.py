@@ -132,6 +132,9 @@ def test_a_renamed_tied_module_depends_on_the_name_the_checkpoint_stored(old, ca
     weights = load_file(step / "model.safetensors")
     weights["wte.weight"] = weights.pop("lm_head.weight")
     save_file(weights, imported / "model.safetensors")
+    from lmspec.runtime.checkpoint.integrity import checksums_of  # the new file's checksum, as `import hf` records it
+    record = json.loads((imported / "meta.json").read_text())
+    (imported / "meta.json").write_text(json.dumps(record | {"checksums": checksums_of(imported)}))
     assert loads(spec.parent / "run", spec) and loads(imported, spec)  # each loads into OLD itself
     assert not loads(imported, new)
     _, result = diff(capsys, imported, new, "--format", "json")

@@ -283,11 +283,14 @@ def test_jsonl_text_field_and_bad_lines(tmp_path):
     assert "4 JSON records without usable text" in format_report(report)
 
 
-def test_jsonl_without_the_field_is_a_reported_skip(tmp_path):
+def test_jsonl_without_the_field_leaves_no_corpus_and_says_which_option_fixes_it(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"content": "x"}, {"content": "y"}])
-    report = prepare([str(path)], str(tmp_path / "out"))
-    assert report["documents_in"] == 0
-    assert report["skipped_files"] == [{"path": str(path), "reason": "no records with a string 'text' field"}]
+    with pytest.raises(DataError, match=rf"no document is left of 1 file\(s\) \({re.escape(str(path))}: no records "
+                                        r"with a string 'text' field.*nothing was written; try --text-field"):
+        prepare([str(path)], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # made for the run, removed with it
+    report = prepare([str(path)], str(tmp_path / "out"), text_field="content")
+    assert report["documents_out"] == 2
 
 
 def test_directories_are_searched_recursively_in_path_order(tmp_path):
