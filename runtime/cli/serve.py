@@ -2,8 +2,11 @@
 (the app and its models live in runtime/serve/). No torch on these paths."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
+import os
+import re
 import socket
 import sys
 import time
@@ -13,6 +16,8 @@ from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli.options import add_provider_option
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import DataError, TokenizerError, UsageError
+
+API_KEY_VARIABLE = "LMSPEC_API_KEY"  # the key in the environment: out of `ps` and shell history
 
 
 def generate_options(p) -> None:
@@ -98,6 +103,12 @@ GENERATE = Verb(
 def _check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
+    for option, value in (("--read-timeout", args.read_timeout), ("--idle-timeout", args.idle_timeout)):
+        if not value > 0:
+            raise UsageError(f"{option} {value:g}: must be a positive number of seconds")
+    for origin in args.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UsageError(f"--cors-origin {origin}: an origin is a scheme and a host, such as https://app.example")
     for option, value, least in (("--max-tokens", args.max_tokens, 0), ("--max-batch", args.max_batch, 1),
                                  ("--max-body-bytes", args.max_body_bytes, 1),
                                  ("--max-prompt-tokens", args.max_prompt_tokens, 1), ("--threads", args.threads, 1)):
@@ -158,12 +169,24 @@ def serve_options(p) -> None:
                     help="requests generated together in one batch (language models)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     add_provider_option(p)
+    p.add_argument("--api-key", metavar="KEY", default=argparse.SUPPRESS,
+                   help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_VARIABLE} "
+                        f"when set, else no key)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", default=[],
+                   help="a web origin (https://app.example) whose pages may call the server; repeatable "
+                        "(default: none)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a request's headers may take to arrive (the connection closes after), and each "
+                        "part of its body (408 after)")
+    p.add_argument("--idle-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds an idle keep-alive connection stays open")
 
 
 def cmd_serve(args) -> int:
     import uvicorn
 
     from lmspec.runtime.export.bundle import session_providers
+    from lmspec.runtime.serve.guard import guarded, header_timeout_protocol
 
     _check_args(args)
     session_providers(args.provider)  # a provider this onnxruntime lacks: said before the bundle is read
@@ -173,14 +196,18 @@ def cmd_serve(args) -> int:
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     address, port = sock.getsockname()[:2]
-    if not _is_loopback(address):
+    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_VARIABLE) or None
+    if not _is_loopback(address) and api_key is None:
         print(f"lmspec serve: warning: listening on {address}, reachable from other machines; this server "
-              f"has no authentication (use --host 127.0.0.1 to keep it local)", file=sys.stderr)
+              f"has no authentication (give --api-key, or use --host 127.0.0.1 to keep it local)", file=sys.stderr)
+    app = guarded(served.app, api_key=api_key, loopback_only=_is_loopback(address), read_timeout=args.read_timeout,
+                  cors_origins=args.cors_origin)
     for note in served.notes:
         print(f"lmspec serve: note: {note}", file=sys.stderr)
     host = f"[{address}]" if ":" in address else address
     print(f"serving {served.name} at http://{host}:{port}/v1 ({served.answers}; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(served.app, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, timeout_keep_alive=args.idle_timeout,
+                            http=header_timeout_protocol(args.read_timeout))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
@@ -195,6 +222,8 @@ SERVE = Verb(
   lmspec serve exported/tiny.onnx --port 8080 --max-tokens 256
   curl localhost:8000/v1/completions -H 'content-type: application/json' \\
        -d '{"model": "tiny", "prompt": "The ", "max_tokens": 50}'
+  LMSPEC_API_KEY=$(openssl rand -hex 16) lmspec serve exported/tiny.onnx --host 0.0.0.0   # clients send the key
+  lmspec serve exported/tiny.onnx --cors-origin https://app.example   # pages of that origin may call it
   lmspec serve exported/spam/                  # a classifier bundle: POST /v1/classify
   curl localhost:8000/v1/classify -H 'content-type: application/json' \\
        -d '{"input": ["WINNER!! Claim your prize now", "see you at 6?"]}'""",
