@@ -1,7 +1,7 @@
 """`lmspec serve`: an exported ONNX model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, the last two
-with server-sent events when `stream` is true. A classifier bundle is served by classifier_app.py
+with server-sent events when `stream` is true; POST /tokenize and /detokenize, as vLLM answers them. A classifier bundle is served by classifier_app.py
 instead (POST /v1/classify), on the same app skeleton: new_app and add_model_routes below.
 
 One worker thread owns the model: requests are checked and tokenized on the event loop, queued, and
@@ -94,6 +94,22 @@ class CompletionBody(_Sampling):
 class ChatBody(_Sampling):
     messages: list  # checked by chat_template.check_messages, with messages[i] in its errors
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
+
+
+class TokenizeBody(BaseModel):
+    """POST /tokenize, as vLLM reads it: a prompt, or chat messages rendered as /v1/chat/completions would."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list | None = None
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
 
 
 # Fields that take one of several types: pydantic reports a failure per type; one sentence says it better.
@@ -223,6 +239,28 @@ class Api:
         args["stop"] += prompt.stop
         request = GenerationRequest(self.check_prompt(prompt.ids, "messages"), stop_ids=prompt.stop_ids, **args)
         return self.checked(request, "messages")
+
+    def tokenize(self, body: TokenizeBody) -> dict:
+        """The ids the server would feed the model for a prompt, or for chat messages (template applied)."""
+        check_model(body.model, self.settings.name)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt (a string) or messages (a chat), not both or neither")
+        try:
+            if body.prompt is not None:
+                ids = self.model.tokenizer.encode(body.prompt)
+            else:
+                ids = self.template.render(check_messages(body.messages)).ids
+        except ValueError as err:  # a character the vocabulary lacks, or a malformed message
+            raise ApiError(400, f"{'prompt' if body.prompt is not None else 'messages'}: {err}") from None
+        return {"count": len(ids), "max_model_len": self.model.context, "tokens": list(ids)}
+
+    def detokenize(self, body: DetokenizeBody) -> dict:
+        check_model(body.model, self.settings.name)
+        bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < self.model.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens[{bad}]: {body.tokens[bad]} is outside the vocabulary of "
+                           f"{self.model.vocab_size:,}", param="tokens")
+        return {"prompt": self.model.tokenizer.decode(body.tokens)}
 
     # -- running them
 
@@ -401,6 +439,14 @@ def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices, "usage": usage}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return api.tokenize(parse_body(TokenizeBody, await read_json(request, settings.max_body_bytes)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return api.detokenize(parse_body(DetokenizeBody, await read_json(request, settings.max_body_bytes)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

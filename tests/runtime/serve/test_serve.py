@@ -206,6 +206,24 @@ def test_a_client_leaving_mid_stream_does_not_break_the_worker(client, model):
     assert r.json()["choices"][0]["text"] == reference(model, model.tokenizer.encode("The picture"), 20).text
 
 
+def test_tokenize_and_detokenize_as_vllm_answers_them(client, model):
+    ids = model.tokenizer.encode("I had always")
+    assert client.post("/tokenize", json={"prompt": "I had always"}).json() == {
+        "count": len(ids), "max_model_len": model.context, "tokens": ids}
+    assert client.post("/detokenize", json={"model": NAME, "tokens": ids}).json() == {"prompt": "I had always"}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.post("/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == chat_template_for(model.tokenizer).render(check_messages(messages)).ids
+    for route, body, status, words in (
+            ("/tokenize", {"prompt": "I", "messages": messages}, 400, "not both"),
+            ("/tokenize", {"prompt": "naïve ☃"}, 400, "vocabulary"),
+            ("/tokenize", {"model": "gpt-4", "prompt": "I"}, 404, "'gpt-4' does not exist"),
+            ("/detokenize", {"tokens": [model.vocab_size]}, 400, f"tokens[0]: {model.vocab_size} is outside"),
+            ("/detokenize", {"tokens": ["a"]}, 400, "tokens")):
+        r = client.post(route, json=body)
+        assert r.status_code == status and words in r.json()["error"]["message"], (route, body, r.text)
+
+
 # ------------------------------------------------------------------------------ errors
 
 def too_long_prompt(model):
