@@ -12,7 +12,7 @@ from __future__ import annotations
 # here that holds it is the one named
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch", "xxhash"),
-    "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn"),
+    "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn", "prometheus_client"),
     "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash"),
     "graph": ("pydot", "matplotlib"),  # `lmspec info --graph`
 }

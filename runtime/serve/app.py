@@ -1,7 +1,8 @@
 """`lmspec serve`: an exported ONNX model behind an OpenAI-compatible HTTP API (FastAPI + uvicorn).
 
 Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, the last two
-with server-sent events when `stream` is true; POST /tokenize and /detokenize, as vLLM answers them. A classifier bundle is served by classifier_app.py
+with server-sent events when `stream` is true; POST /tokenize and /detokenize, as vLLM answers them;
+GET /metrics for Prometheus (serve/metrics.py). A classifier bundle is served by classifier_app.py
 instead (POST /v1/classify), on the same app skeleton: new_app and add_model_routes below.
 
 One worker thread owns the model: requests are checked and tokenized on the event loop, queued, and
@@ -28,13 +29,14 @@ from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmspec.runtime.data.chat_template import check_messages, chat_template_for
 from lmspec.runtime.export.bundle import session_providers
 from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
+from lmspec.runtime.serve.metrics import ServerMetrics
 from lmspec.runtime.serve.scheduler import Scheduler, Ticket
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: our messages share its format
@@ -164,6 +166,8 @@ class Api:
         self.model, self.settings = model, settings
         self.scheduler = Scheduler(model, settings.max_batch)
         self.template = chat_template_for(model.tokenizer)
+        self.metrics = ServerMetrics(self.scheduler.queue.qsize, settings.max_batch)
+        self.scheduler.observe_batch = self.metrics.batch_size.observe
 
     # -- checks
 
@@ -268,12 +272,15 @@ class Api:
         """(choice, TokenEvent) pairs for the requests, as the worker produces them, until each is finished."""
         ticket = Ticket(asyncio.get_running_loop())
         self.scheduler.submit(ticket, requests)
+        self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
         left = len(requests)
         try:
             while left:
                 choice, event = await ticket.events.get()
                 if isinstance(event, Exception):
                     raise ApiError(500, f"generation failed: {type(event).__name__}: {event}", kind="server_error")
+                if event.token is not None:
+                    self.metrics.generation_tokens.inc()
                 if event.finish_reason is not None:
                     left -= 1
                 yield choice, event
@@ -410,7 +417,7 @@ def refuse_routes(app: FastAPI, paths: tuple[str, ...], message: str) -> None:
 COMPLETION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
-def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
+def create_app(model: OnnxModel, settings: ServeSettings):
     api = Api(model, settings)
 
     @asynccontextmanager
@@ -440,6 +447,11 @@ def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices, "usage": usage}
 
+    @app.get("/metrics")
+    async def metrics():
+        text, kind = api.metrics.exposition()
+        return Response(text, media_type=kind)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return api.tokenize(parse_body(TokenizeBody, await read_json(request, settings.max_body_bytes)))
@@ -463,7 +475,7 @@ def create_app(model: OnnxModel, settings: ServeSettings) -> FastAPI:
         return {**head, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
                 "usage": usage}
 
-    return app
+    return api.metrics.measured(app)
 
 
 def _include_usage(body: _Sampling) -> bool:

@@ -65,6 +65,7 @@ class Scheduler:
         self.queue: queue.Queue[Job | None] = queue.Queue()  # None asks the worker to stop
         self.thread = threading.Thread(target=self._work, name="lmspec-generate", daemon=True)
         self.batches = 0
+        self.observe_batch = None  # called with each batch's size (the /metrics histogram)
 
     def start(self) -> None:
         self.thread.start()
@@ -100,6 +101,8 @@ class Scheduler:
 
     def _run(self, batch: list[Job]) -> None:
         self.batches += 1
+        if self.observe_batch is not None:
+            self.observe_batch(len(batch))
         finished: set[int] = set()
         try:
             for event in self.model.stream([job.request for job in batch]):

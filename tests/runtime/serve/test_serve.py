@@ -224,6 +224,32 @@ def test_tokenize_and_detokenize_as_vllm_answers_them(client, model):
         assert r.status_code == status and words in r.json()["error"]["message"], (route, body, r.text)
 
 
+def test_metrics_count_requests_tokens_and_batches_for_prometheus(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    before = scrape()
+    ok = client.post("/v1/completions", json={"prompt": "I had", "max_tokens": 5, "temperature": 0}).json()
+    assert client.post("/v1/completions", json={"prompt": 5}).status_code == 400
+    after = scrape()
+
+    def grew(name, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("lmspec_requests_total", route="/v1/completions", status="200") == 1
+    assert grew("lmspec_requests_total", route="/v1/completions", status="400") == 1
+    assert grew("lmspec_prompt_tokens_total") == ok["usage"]["prompt_tokens"]
+    assert grew("lmspec_generation_tokens_total") == ok["usage"]["completion_tokens"]
+    assert grew("lmspec_request_seconds_count", route="/v1/completions") == 2
+    assert grew("lmspec_batch_size_count") >= 1 and after[("lmspec_queue_depth", ())] == 0
+
+
 # ------------------------------------------------------------------------------ errors
 
 def too_long_prompt(model):
