@@ -53,6 +53,17 @@ def train_tiny_base(run: Path) -> Path:
     return run
 
 
+def adapters_only_checkpoint(out: Path, base_run: Path) -> dict:
+    """A LoRA run's checkpoint holds the adapters alone and names its base's checkpoint: its meta.json."""
+    from safetensors.torch import load_file
+    step = next((out / "checkpoints").glob("step_*"))
+    saved = load_file(step / "model.safetensors")
+    assert saved and all(name.endswith((".lora_a", ".lora_b")) for name in saved)
+    meta = json.loads((step / "meta.json").read_text())
+    assert meta["spec"]["base"]["checkpoint"] == str(next((base_run / "checkpoints").glob("step_*")).resolve())
+    return meta
+
+
 def finetune_spam(base: Path, out: Path, *extra: str, max_length: int = 24) -> int:
     """`lmspec finetune classify` on 48 balanced SMS texts, one epoch: its exit code."""
     from lmspec.runtime.cli.main import main

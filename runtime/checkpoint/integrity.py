@@ -81,14 +81,22 @@ def verify_file(path: str | os.PathLike) -> None:
     """Check one file of a checkpoint against the checksum its meta.json records (once, as it is
     read): a CheckpointError naming the file and the newest intact earlier checkpoint when it differs."""
     path = Path(path)
+    step_dir, recorded = _recorded(path)
+    if recorded is not None:  # None: a checkpoint from before checksums, or a file it does not list
+        _refuse(path, _problem(path, recorded), step_dir)
+
+
+def _recorded(path: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint directory `path` belongs to, and the checksum its meta.json records for it."""
     step_dir = _step_dir_of(path)
     sums = recorded_checksums(step_dir) if step_dir is not None else None
-    recorded = sums.get(path.relative_to(step_dir).as_posix()) if sums else None
-    if recorded is None:
-        return  # a checkpoint from before checksums, or a file it does not list
-    problem = _problem(path, recorded)
+    return step_dir, sums.get(path.relative_to(step_dir).as_posix()) if sums else None
+
+
+def _refuse(path: Path, problem: str | None, step_dir: Path, cause: BaseException | None = None) -> None:
+    """Raise the located error for a damaged file, naming the checkpoint to use instead; nothing if intact."""
     if problem is not None:
-        raise CheckpointError(f"{path}: {problem}; {advice(newest_intact_before(step_dir))}")
+        raise CheckpointError(f"{path}: {problem}; {advice(newest_intact_before(step_dir))}") from cause
 
 
 @contextmanager
@@ -97,9 +105,7 @@ def verified_while_read(path: str | os.PathLike) -> Iterator[None]:
     block ends: xxh3 lets go of the GIL, so on a file in the page cache the hash hides behind the
     copy instead of adding to it. What the block read must not be used when this raises."""
     path = Path(path)
-    step_dir = _step_dir_of(path)
-    sums = recorded_checksums(step_dir) if step_dir is not None else None
-    recorded = sums.get(path.relative_to(step_dir).as_posix()) if sums else None
+    step_dir, recorded = _recorded(path)
     if recorded is None:
         yield
         return
@@ -110,12 +116,10 @@ def verified_while_read(path: str | os.PathLike) -> Iterator[None]:
         yield
     except BaseException as err:  # a corrupt file may fail to parse: the checksum says why
         checker.join()
-        if found and found[0] is not None:
-            raise CheckpointError(f"{path}: {found[0]}; {advice(newest_intact_before(step_dir))}") from err
+        _refuse(path, found[0] if found else None, step_dir, cause=err)
         raise
     checker.join()
-    if found[0] is not None:
-        raise CheckpointError(f"{path}: {found[0]}; {advice(newest_intact_before(step_dir))}")
+    _refuse(path, found[0], step_dir)
 
 
 def verify_directory(directory: str | os.PathLike) -> None:
@@ -125,9 +129,7 @@ def verify_directory(directory: str | os.PathLike) -> None:
     prefix = directory.name + "/"
     for name, recorded in sorted((recorded_checksums(step_dir) or {}).items()):
         if name.startswith(prefix):
-            problem = _problem(step_dir / name, recorded)
-            if problem is not None:
-                raise CheckpointError(f"{step_dir / name}: {problem}; {advice(newest_intact_before(step_dir))}")
+            _refuse(step_dir / name, _problem(step_dir / name, recorded), step_dir)
 
 
 # --------------------------------------------------------------------------------- whole checkpoints

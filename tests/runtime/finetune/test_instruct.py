@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from runtime_helpers import SHARED_DATA, TESTS_DIR, lmspec_cli
+from runtime_helpers import SHARED_DATA, TESTS_DIR, adapters_only_checkpoint, lmspec_cli
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
@@ -275,7 +275,6 @@ def template_text(instruction: str) -> str:
 
 
 def test_lora_chatml_run_saves_only_the_adapters_and_chats(tmp_path, base_run, bpe, capsys, monkeypatch):
-    from safetensors.torch import load_file
 
     from lmspec.runtime.checkpoint.models import load_model
     out = tmp_path / "lora"
@@ -283,11 +282,7 @@ def test_lora_chatml_run_saves_only_the_adapters_and_chats(tmp_path, base_run, b
                  "--epochs", "1", "--template", "chatml", "--lora", "2", "--lr", "1e-2", "--eval-every", "0",
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    step = next((out / "checkpoints").glob("step_*"))
-    saved = load_file(step / "model.safetensors")
-    assert saved and all(name.endswith((".lora_a", ".lora_b")) for name in saved)
-    meta = json.loads((step / "meta.json").read_text())
-    assert meta["spec"]["base"]["checkpoint"] == str(next((base_run / "checkpoints").glob("step_*")).resolve())
+    meta = adapters_only_checkpoint(out, base_run)
     assert meta["train_config"]["template"] == "chatml"
     assert load_model(out).graph is not None  # adapters on their base, found by the record
     capsys.readouterr()
