@@ -53,6 +53,24 @@ def train_tiny_base(run: Path) -> Path:
     return run
 
 
+def train_bpe_lm(root: Path, context: int, steps: int = 3, eval_batches: int = 1, *extra: str) -> tuple[Path, Path]:
+    """A byte-level BPE of 300 tokens (root/tok.json) and a 2-layer, 32-wide language model trained
+    `steps` steps with it on the-verdict (root/lm): (tokenizer, run). Skips without the shared data."""
+    import pytest
+
+    from lmspec.runtime.cli.main import main
+    from lmspec.runtime.data.tokenizer_training import train_bpe
+    if not VERDICT.is_file():
+        pytest.skip(f"shared data not found at {VERDICT}")
+    tok, run = root / "tok.json", root / "lm"
+    train_bpe(iter([VERDICT.read_text(encoding="utf-8")]), 300, tok)
+    assert main(["train", "specs/tiny.arch", "--set", "layers=2", "--set", "dim=32", "--set", "heads=2",
+                 "--set", f"context={context}", "--data", str(VERDICT), "--tokenizer", str(tok), "--steps", str(steps),
+                 "--batch", "4", "--eval-batches", str(eval_batches), "--no-progress", "--sample-tokens", "0",
+                 *extra, "--out", str(run)]) == 0
+    return tok, run
+
+
 def adapters_only_checkpoint(out: Path, base_run: Path) -> dict:
     """A LoRA run's checkpoint holds the adapters alone and names its base's checkpoint: its meta.json."""
     from safetensors.torch import load_file

@@ -1,5 +1,6 @@
 """`lmspec eval CHECKPOINT`: parse, score the checkpoint the way its kind is used
-(runtime/finetune/evaluation.py), print or write the result.
+(runtime/finetune/evaluation.py) or on multiple-choice items (runtime/train/multiple_choice.py),
+print or write the result.
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def eval_options(p) -> None:
     p.add_argument("--responses", metavar="FILE", help="instruction-tuned: write greedy answers to the scored "
                    "records as JSONL (each record plus \"model_response\")")
     p.add_argument("--response-tokens", type=int, default=256, help="the longest answer (default: 256)")
+    p.add_argument("--multiple-choice", metavar="FILE",
+                   help="a language model: multiple-choice accuracy on JSONL items {\"context\": str, \"choices\": "
+                        "[str, ...], \"answer\": int}, each choice scored by its log-probability after the context "
+                        "as lm-evaluation-harness scores it (acc, acc_norm, acc_bytes)")
     p.add_argument("-o", "--out", metavar="FILE", help="also write the result as a JSON file")
     p.add_argument("--format", choices=["human", "json"], default="human",
                    help="json: print one JSON object (for CI)")
@@ -48,8 +53,25 @@ def cmd_eval(args) -> int:
     for name in ("batch", "seq", "max_tokens", "response_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    items = None
+    if args.multiple_choice:
+        from lmspec.runtime.train.multiple_choice import read_items
+
+        given = [f"--{n.replace('_', '-')}" for n in ("data", "split", "seq", "max_tokens", "responses")
+                 if getattr(args, n)]
+        if given:
+            raise UsageError(f"--multiple-choice scores its own items; drop {', '.join(given)}")
+        items = read_items(args.multiple_choice)  # first: a bad file costs no load
     loaded = load_model(args.checkpoint, device)
     kind = evaluation.checkpoint_kind(loaded)
+    if items is not None:
+        from lmspec.runtime.train.multiple_choice import evaluate as multiple_choice
+
+        if kind == "classifier":
+            raise UsageError("--multiple-choice needs a language model; this checkpoint is a classifier")
+        result = {"checkpoint": str(loaded.checkpoint.path), "kind": kind, "task": "multiple-choice"} | \
+            multiple_choice(loaded, items, args.batch, args.multiple_choice)
+        return _report(result, args)
     if kind != "language-model" and (args.seq or args.max_tokens):
         raise UsageError("--seq and --max-tokens are for a language model; this checkpoint is "
                          + ("a classifier" if kind == "classifier" else "instruction-tuned"))
@@ -57,6 +79,11 @@ def cmd_eval(args) -> int:
         raise UsageError("--responses needs an instruction-tuned checkpoint (lmspec finetune instruct)")
     evaluate = evaluation.SCORERS[kind]
     result = {"checkpoint": str(loaded.checkpoint.path), "kind": kind} | evaluate(loaded, args)
+    return _report(result, args)
+
+
+def _report(result: dict, args) -> int:
+    """Write the result to --out if asked, print it as --format says."""
     if args.out:
         from lmspec.runtime.atomic import write_text_atomically
         write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
@@ -70,7 +97,8 @@ def cmd_eval(args) -> int:
 EVAL = Verb(
     "eval",
     ("Measure a checkpoint: a language model's perplexity on text or shards, a classifier's accuracy on "
-     "labelled texts, an instruction-tuned model's answer loss (and its answers)."),
+     "labelled texts, an instruction-tuned model's answer loss (and its answers), a language model's "
+     "multiple-choice accuracy as lm-evaluation-harness computes it."),
     eval_options, cmd_eval,
     outputs=(option_output("out", directory=False), option_output("responses", directory=False)),
     examples="""examples:
@@ -78,7 +106,8 @@ EVAL = Verb(
   lmspec eval runs/gpt2 --data shards/ --split validation --seq 512 --max-tokens 1000000 --format json
   lmspec eval runs/spam                      # the test split it was finetuned with: accuracy, confusion matrix
   lmspec eval runs/spam --data new-sms.tsv --out spam-eval.json
-  lmspec eval runs/gpt2-instruct --responses answers.jsonl      # test answers, for judging""",
+  lmspec eval runs/gpt2-instruct --responses answers.jsonl      # test answers, for judging
+  lmspec eval runs/gpt2 --multiple-choice items.jsonl --format json   # acc, acc_norm as lm-eval's""",
 )
 
 
@@ -92,6 +121,8 @@ EVAL = Verb(
 
 
 def _human(result: dict) -> str:
+    if result.get("task") == "multiple-choice":
+        return _multiple_choice_table(result)
     where = f"{result['checkpoint']} on {result['data']} ({result['split']})"
     if result["kind"] == "language-model":
         return (f"{where}: {result['tokens']:,} tokens in {result['windows']:,} windows of {result['seq']}\n"
@@ -105,4 +136,17 @@ def _human(result: dict) -> str:
         lines.append(f"masked loss {result['loss']:.4f} over {result['answer_tokens']:,} answer tokens")
     if "responses" in result:
         lines.append(f"answers to the {result['records']} records: {result['responses']}")
+    return "\n".join(lines)
+
+
+def _multiple_choice_table(result: dict) -> str:
+    n = result["items"]
+    lines = [f"{result['checkpoint']} on {result['data']}: {n} multiple-choice items, {result['choices']} choices",
+             f"{'metric':<10} {'value':>7}  correct"]
+    for metric, note in (("acc", "summed log-probability"), ("acc_norm", "per character of the choice"),
+                         ("acc_bytes", "per UTF-8 byte of the choice")):
+        lines.append(f"{metric:<10} {result[metric]:>7.4f}  {round(result[metric] * n)}/{n}  ({note})")
+    if result["truncated"]:
+        lines.append(f"{result['truncated']} of {result['choices']} choices had their context cut on the left to "
+                     f"fit the model's context of {result['context']} tokens")
     return "\n".join(lines)

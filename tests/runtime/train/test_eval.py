@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime_helpers import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_cli, train_bpe_lm
 from lmspec.runtime.checkpoint.store import load_checkpoint
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.data.token_data import TokenData
@@ -19,7 +19,6 @@ from lmspec.runtime.train.perplexity import score_batches
 from lmspec.runtime.checkpoint.models import load_model
 from lmspec.runtime.train.metrics import read_metrics
 from lmspec.runtime.data.tokenizer import load_tokenizer
-from lmspec.runtime.data.tokenizer_training import train_bpe
 
 VERDICT = SHARED_DATA / "the-verdict.txt"
 SMS = SHARED_DATA / "SMSSpamCollection.tsv"
@@ -31,16 +30,8 @@ CONTEXT = 128
 def runs(tmp_path_factory):
     """A small byte-level BPE, a language model trained 3 steps with it, a classifier and an
     instruction-tuned model finetuned from that model (what each finetuning printed is kept)."""
-    if not VERDICT.is_file():
-        pytest.skip(f"shared data not found at {VERDICT}")
     root = tmp_path_factory.mktemp("eval")
-    tok = root / "tok.json"
-    train_bpe(iter([VERDICT.read_text(encoding="utf-8")]), 300, tok)
-    lm = root / "lm"
-    assert main(["train", "specs/tiny.arch", "--set", "layers=2", "--set", "dim=32", "--set", "heads=2",
-                 "--set", f"context={CONTEXT}", "--data", str(VERDICT), "--tokenizer", str(tok), "--steps", "3",
-                 "--batch", "4", "--eval-batches", "3", "--no-progress", "--sample-tokens", "0",
-                 "--out", str(lm)]) == 0
+    tok, lm = train_bpe_lm(root, CONTEXT, eval_batches=3)
     return {"root": root, "tok": tok, "lm": lm}
 
 
