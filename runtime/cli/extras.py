@@ -11,9 +11,10 @@ from __future__ import annotations
 # own extra lacks a module (`classify` of an exported classifier needs onnxruntime), the first extra
 # here that holds it is the one named
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch", "xxhash"),
-    "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn", "prometheus_client"),
-    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash"),
+    "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch", "xxhash",
+              "jinja2"),
+    "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn", "prometheus_client", "jinja2"),
+    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash", "jinja2"),
     "graph": ("pydot", "matplotlib"),  # `lmspec info --graph`
 }
 

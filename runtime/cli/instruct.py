@@ -1,6 +1,7 @@
 """`lmspec finetune instruct` and `lmspec chat`: instruction tuning of a checkpoint, and talking to
-the result turn by turn. The finetuned checkpoint records its template in train_config, so chat
-formats the conversation exactly as training did."""
+the result turn by turn. The finetuned checkpoint records its chat template (a Jinja text) in
+train_config, so chat formats the conversation exactly as training did; an imported checkpoint
+records the template it came with."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +9,7 @@ import sys
 from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
-from lmspec.runtime.errors import TokenizerError, UsageError
+from lmspec.runtime.errors import ChatError, TokenizerError, UsageError
 
 
 def split_fractions(text: str) -> tuple[float, float, float]:
@@ -82,15 +83,16 @@ def chat_options(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) picks the likeliest token")
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int, help="makes sampling repeatable")
-    p.add_argument("--system", help="a system message (chatml), or the text in place of the Alpaca preamble")
+    p.add_argument("--system", help="a system message, first in every prompt (the Alpaca template shows it as "
+                   "the instruction's ### Input:)")
     add_device_option(p)
 
 
 def cmd_chat(args) -> int:
     from lmspec.runtime.checkpoint.models import load_model
+    from lmspec.runtime.data.chat_template import JinjaTemplate
     from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.finetune.answers import chat_template_name
-    from lmspec.runtime.finetune.instruct_data import make_template
+    from lmspec.runtime.finetune.answers import chat_template_of
     from lmspec.runtime.train.sampling import check_arguments
 
     device = resolve_device(args.device)
@@ -100,10 +102,11 @@ def cmd_chat(args) -> int:
         raise UsageError(str(err)) from None
     loaded = load_model(args.checkpoint, device)
     tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
-    name = chat_template_name(loaded.checkpoint, tokenizer)
-    template = make_template(name, tokenizer)
-    if loaded.checkpoint.train_config.get("finetune") not in ("instruct", "dpo"):
-        print(f"note: {loaded.checkpoint.path} was not instruction-tuned; using the {name} template",
+    record, own = chat_template_of(loaded.checkpoint, tokenizer)
+    template = JinjaTemplate(tokenizer, record)
+    template.check()  # a template that does not parse: one line now, not at every turn
+    if not own:
+        print(f"note: {loaded.checkpoint.path} was not instruction-tuned; using the {template.name} template",
               file=sys.stderr)
     converse(loaded.model, tokenizer, template, sys.stdin, sys.stdout, args)
     return 0
@@ -120,16 +123,23 @@ CHAT = Verb(
 
 
 def converse(model, tokenizer, template, lines, out, args) -> None:
-    """One answer per non-empty input line, the conversation so far in every prompt; the oldest
-    exchanges are dropped when the prompt and the answer would not fit the model's context."""
-    from lmspec.runtime.finetune.answers import answer_text
+    """One answer per non-empty input line, the conversation so far in every prompt (rendered by the
+    checkpoint's chat template, `--system` first); the oldest exchanges are dropped when the prompt and
+    the answer would not fit the model's context."""
+    from lmspec.runtime.finetune.answers import chat_answer
     from lmspec.runtime.train.sampling import generate
 
     interactive = lines.isatty()
-    history: list[tuple[str, str]] = []
+    history: list[tuple[str, str]] = []  # (question, answer) exchanges
+    system = [("system", args.system)] if args.system else []
     context = int(model.context)
     room = min(args.max_tokens, context // 2)  # kept free for the answer
     turn = 0
+
+    def prompt_for(question: str):
+        messages = system + [m for q, a in history for m in (("user", q), ("assistant", a))]
+        return template.render(messages + [("user", question)])
+
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -140,17 +150,17 @@ def converse(model, tokenizer, template, lines, out, args) -> None:
         if not question.strip():
             continue
         try:
-            prompt = template.prompt_ids(history, question, args.system)
-            while len(prompt) + room > context and history:
+            prompt = prompt_for(question)
+            while len(prompt.ids) + room > context and history:
                 history.pop(0)
-                prompt = template.prompt_ids(history, question, args.system)
-        except TokenizerError as err:  # a character vocabulary lacks a character of the question
+                prompt = prompt_for(question)
+        except (TokenizerError, ChatError) as err:  # a character the vocabulary lacks; a template's refusal
             print(f"lmspec chat: error: {err}; ask again", file=sys.stderr)
             continue
         seed = None if args.seed is None else args.seed + turn
-        new = generate(model, prompt[-context:], args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                       seed=seed, eot_id=template.stop_id)
-        answer = answer_text(tokenizer, template, new)
+        new = generate(model, prompt.ids[-context:], args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                       seed=seed, eot_id=tokenizer.eot_id, stop_ids=prompt.stop_ids)
+        answer = chat_answer(tokenizer, prompt, new)
         print(answer, file=out, flush=True)
         history.append((question, answer))
         turn += 1

@@ -35,6 +35,11 @@ def generate_options(p) -> None:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     add_provider_option(p)
     p.add_argument("--json", action="store_true", help="print the completions as JSON")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user's message, rendered with the model's chat template (the one it was "
+                        "finetuned or imported with; else ChatML or plain text); the answer stops where the "
+                        "template ends one")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
 
 
 def cmd_generate(args) -> int:
@@ -50,15 +55,20 @@ def cmd_generate(args) -> int:
             raise DataError(f"{args.prompts_file}: cannot read prompts: {err}") from None
     if not prompts:
         prompts = [""]
+    if args.system is not None and not args.chat:
+        raise UsageError("--system: only with --chat")
     model = OnnxModel(args.model, providers=providers, threads=args.threads)
+    template = _chat_template(model) if args.chat else None
     requests = []
     for prompt in prompts:
+        ids, stop, stop_ids = _chat_prompt(template, prompt, args.system) if template else (None, (), ())
         try:
-            ids = model.tokenizer.encode(prompt) if prompt else [model.eot_id if model.eot_id is not None else 0]
+            if ids is None:
+                ids = model.tokenizer.encode(prompt) if prompt else [model.eot_id if model.eot_id is not None else 0]
         except (ValueError, TokenizerError) as err:
             raise TokenizerError(f"prompt {prompt!r}: {err}") from None
         requests.append(GenerationRequest(ids, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                                          args.seed, stop=_stop_strings(args.stop)))
+                                          args.seed, stop=_stop_strings(args.stop) + stop, stop_ids=stop_ids))
     try:
         for request in requests:
             check_request(request, model.vocab_size)
@@ -67,7 +77,7 @@ def cmd_generate(args) -> int:
     started = time.perf_counter()
     try:
         if len(requests) == 1 and not args.json:
-            sys.stdout.write(prompts[0])
+            sys.stdout.write("" if args.chat else prompts[0])  # a chat prints the answer alone
             for event in model.stream(requests):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
@@ -78,15 +88,30 @@ def cmd_generate(args) -> int:
         raise UsageError(str(err)) from None
     seconds = time.perf_counter() - started
     if args.json:
-        print(json.dumps([{"prompt": p, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
-                          for p, c in zip(prompts, completions)], ensure_ascii=False, indent=1))
+        print(json.dumps([{"prompt": p, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
+                           "prompt_tokens": len(r.prompt_ids)}
+                          for p, c, r in zip(prompts, completions, requests)], ensure_ascii=False, indent=1))
     else:
         for prompt, c in zip(prompts, completions):
-            print(prompt + c.text)
+            print(c.text if args.chat else prompt + c.text)
             print("---")
         total = sum(len(c.tokens) for c in completions)
         print(f"{total} tokens in {seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+def _chat_template(model):
+    """The bundle's own chat template, else ChatML or plain text (as `serve` renders chats)."""
+    from lmspec.runtime.data.chat_template import chat_template_for
+    from lmspec.runtime.export.bundle import bundle_chat_template
+
+    return chat_template_for(model.tokenizer, bundle_chat_template(model.meta))
+
+
+def _chat_prompt(template, text: str, system: str | None) -> tuple[list[int], tuple[str, ...], tuple[int, ...]]:
+    """(ids, stop strings, stop ids) of `text` as a user's message; a ChatError is one line."""
+    prompt = template.render(([("system", system)] if system else []) + [("user", text)])
+    return prompt.ids, prompt.stop, prompt.stop_ids
 
 
 GENERATE = Verb(
@@ -96,20 +121,25 @@ GENERATE = Verb(
     examples="""examples:
   lmspec generate exported/tiny.onnx --prompt "The " --max-tokens 100
   lmspec generate exported/tiny.onnx --prompt "def " --prompt "The module" --temperature 0
-  lmspec generate exported/ --prompt "Q:" --stop "\\n" --top-p 0.9 --seed 1""",
+  lmspec generate exported/ --prompt "Q:" --stop "\\n" --top-p 0.9 --seed 1
+  lmspec generate exported/assistant.onnx --chat --prompt "Name three primary colours." --temperature 0""",
 )
 
 
 def _check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
-    for option, value in (("--read-timeout", args.read_timeout), ("--idle-timeout", args.idle_timeout)):
-        if not value > 0:
+    for option, value in (("--read-timeout", args.read_timeout), ("--idle-timeout", args.idle_timeout),
+                          ("--request-timeout", args.request_timeout)):
+        if value is not None and not value > 0:
             raise UsageError(f"{option} {value:g}: must be a positive number of seconds")
+    if not args.drain_seconds >= 0:
+        raise UsageError(f"--drain-seconds {args.drain_seconds:g}: must be 0 or more seconds")
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UsageError(f"--cors-origin {origin}: an origin is a scheme and a host, such as https://app.example")
     for option, value, least in (("--max-tokens", args.max_tokens, 0), ("--max-batch", args.max_batch, 1),
+                                 ("--max-choices", args.max_choices, 1),
                                  ("--max-body-bytes", args.max_body_bytes, 1),
                                  ("--max-prompt-tokens", args.max_prompt_tokens, 1), ("--threads", args.threads, 1)):
         if value is not None and value < least:
@@ -166,12 +196,24 @@ def serve_options(p) -> None:
                     help="the longest prompt accepted (language models; default: the context)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
     p.add_argument("--max-batch", type=int, default=16,
-                    help="requests generated together in one batch (language models)")
+                    help="the most requests generated together: they join and leave the running batch between "
+                         "decode steps (language models)")
+    p.add_argument("--max-choices", type=int, default=16,
+                   help="the most completions one request may ask for, prompts x n (language models)")
+    p.add_argument("--request-timeout", type=float, metavar="S",
+                   help="seconds a request may take from arrival to its last token; it is stopped after, with a 408 "
+                        "(default: no limit)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM or Ctrl-C, seconds the requests in flight may take to finish; those still "
+                        "running after are ended with a 503 error (default: 30)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous (the default), or static: whole batches, one after the other (the old "
+                        "scheduler, kept to measure against)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     add_provider_option(p)
     p.add_argument("--api-key", metavar="KEY", default=argparse.SUPPRESS,
-                   help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_VARIABLE} "
-                        f"when set, else no key)")
+                   help=f"require `Authorization: Bearer KEY` on every route but /health and the chat page at / "
+                        f"(default: ${API_KEY_VARIABLE} when set, else no key)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", default=[],
                    help="a web origin (https://app.example) whose pages may call the server; repeatable "
                         "(default: none)")
@@ -186,6 +228,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from lmspec.runtime.export.bundle import session_providers
+    from lmspec.runtime.serve.draining import DrainingServer
     from lmspec.runtime.serve.guard import guarded, header_timeout_protocol
 
     _check_args(args)
@@ -206,9 +249,10 @@ def cmd_serve(args) -> int:
         print(f"lmspec serve: note: {note}", file=sys.stderr)
     host = f"[{address}]" if ":" in address else address
     print(f"serving {served.name} at http://{host}:{port}/v1 ({served.answers}; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, timeout_keep_alive=args.idle_timeout,
-                            http=header_timeout_protocol(args.read_timeout))
-    uvicorn.Server(config).run(sockets=[sock])
+    # The drain ends every request by the deadline; uvicorn's own grace period is only a backstop.
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.drain_seconds + 5,
+                            timeout_keep_alive=args.idle_timeout, http=header_timeout_protocol(args.read_timeout))
+    DrainingServer(config, served.drain, args.drain_seconds).run(sockets=[sock])
     return 0
 
 

@@ -2,7 +2,9 @@
 of it on the providers asked for. No torch on this path.
 
 A bundle is the ONNX file and, beside it, `<name>.lmspec.json` (see `bundle_sidecar`): the
-tokenizer, the cache layout and what generation needs (context, end-of-text id). Text generation with
+tokenizer, the cache layout and what generation needs (context, end-of-text id), and for a model
+that has one its chat template (`chat_template`: the Jinja text and the special tokens it uses,
+which `generate --chat` and `serve` render; see runtime/data/chat_template.py). Text generation with
 it is runtime/serve/language_model.py.
 
 The sidecar's "kind" says what the model is: a language model (also when it has none, as the first
@@ -19,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from lmspec.runtime.data.chat_template import template_record_problem
 from lmspec.runtime.data.tokenizer import TokenizerError, load_tokenizer
 from lmspec.runtime.errors import BundleError, ProviderError
 
@@ -86,6 +89,8 @@ def read_sidecar(onnx_path: Path) -> dict:
         raise BundleError(f"{path}: corrupt: 'kind' is {meta['kind']!r}, not {LANGUAGE_MODEL!r} or {CLASSIFIER!r}")
     if bundle_kind(meta) == CLASSIFIER:
         _check_classifier_fields(path, meta)
+    if "chat_template" in meta and (problem := template_record_problem(meta["chat_template"])) is not None:
+        raise BundleError(f"{path}: corrupt: 'chat_template' {problem}")
     return meta
 
 
@@ -103,6 +108,12 @@ def _check_classifier_fields(path: Path, meta: dict) -> None:
 
 def bundle_kind(meta: dict) -> str:
     return meta.get("kind", LANGUAGE_MODEL)
+
+
+def bundle_chat_template(meta: dict) -> dict | None:
+    """The model's own chat template ({"source", "template", "special_tokens"}: the Jinja text it was
+    finetuned or imported with), or None for a bundle without one (chat_template_for then falls back)."""
+    return meta.get("chat_template")
 
 
 def bundle_tokenizer(onnx_path: Path, meta: dict):

@@ -43,6 +43,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     import torch
 
     from lmspec.compiler.onnx_export import DEFAULT_OPSET, PARITY_TOLERANCE, ExportError
+    from lmspec.runtime.data.chat_template import checkpoint_chat_template
 
     from lmspec.runtime.export import optimize as onnx_optimize
 
@@ -114,11 +115,15 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             "checkpoint": {"path": str(ckpt.path), "step": ckpt.step},
             "tokenizer": ckpt.tokenizer,
         }
+        chat = checkpoint_chat_template(ckpt.train_config, target.tokenizer) if target.kind == LANGUAGE_MODEL else None
+        if chat is not None:  # what generate --chat and serve render (bundle.bundle_chat_template)
+            meta["chat_template"] = chat
         _install(final, destination)
         # last: a bundle with a sidecar is complete
         write_text_atomically(bundle_sidecar(destination), json.dumps(meta, indent=1) + "\n")
     size = destination.stat().st_size + _data_size(destination)
-    log(f"wrote {destination} ({size / 2**20:.1f} MiB) and {bundle_sidecar(destination).name}")
+    log(f"wrote {destination} ({size / 2**20:.1f} MiB) and {bundle_sidecar(destination).name}"
+        + (f" (chat template: {meta['chat_template'].get('source') or 'Jinja'})" if "chat_template" in meta else ""))
     return meta
 
 

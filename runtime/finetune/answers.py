@@ -1,6 +1,6 @@
 """An instruction-tuned model's answers: decoded without the token or text that ends them, written
 for judging beside the records they answer (`finetune instruct --responses`, `eval --responses`), and
-which prompt template a checkpoint is talked to with (`chat`)."""
+which chat template a checkpoint is talked to with (`chat`)."""
 from __future__ import annotations
 
 import json
@@ -31,12 +31,26 @@ def write_responses(model, tokenizer, records: list[dict], template, path, max_t
     write_text_atomically(Path(path), "".join(lines))
 
 
-def chat_template_name(checkpoint, tokenizer) -> str:
-    """The template the checkpoint was finetuned with; for any other checkpoint ChatML when its
-    vocabulary has the tokens, else Alpaca."""
+def chat_template_of(checkpoint, tokenizer) -> tuple[dict, bool]:
+    """The chat template `chat` talks to a checkpoint in, and whether it is the checkpoint's own: the one
+    it was finetuned with or imported with; for any other checkpoint ChatML when its vocabulary has the
+    tokens, else Alpaca (False)."""
+    from lmspec.runtime.data.chat_template import CHATML_END, builtin_chat_template, checkpoint_chat_template
     from lmspec.runtime.data.tokenizer import FileTokenizer
-    from lmspec.runtime.finetune.instruct_data import TEMPLATES
-    if checkpoint.train_config.get("template") in TEMPLATES:
-        return checkpoint.train_config["template"]
-    has_chatml = isinstance(tokenizer, FileTokenizer) and tokenizer.tokenizer.token_to_id("<|im_end|>") is not None
-    return "chatml" if has_chatml else "alpaca"
+
+    record = checkpoint_chat_template(checkpoint.train_config, tokenizer)
+    if record is not None:
+        return record, True
+    has_chatml = isinstance(tokenizer, FileTokenizer) and tokenizer.tokenizer.token_to_id(CHATML_END) is not None
+    return builtin_chat_template("chatml" if has_chatml else "alpaca", tokenizer), False
+
+
+def chat_answer(tokenizer, prompt, new_ids: list[int]) -> str:
+    """A chat answer's text: without the token that ended it (`prompt.stop_ids` or end-of-text), cut
+    before the first of `prompt.stop` strings."""
+    if new_ids and (new_ids[-1] in prompt.stop_ids or new_ids[-1] == tokenizer.eot_id):
+        new_ids = new_ids[:-1]
+    text = tokenizer.decode(new_ids)
+    for stop in prompt.stop:
+        text = text.split(stop)[0]
+    return text

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmspec.runtime.checkpoint.store import save_checkpoint
+from lmspec.runtime.data.chat_template import builtin_chat_template
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.instruct_data import Example, check_record, collate, length_buckets, tokenize_records
@@ -217,6 +218,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
     policy.eval()
 
     train_config = {"finetune": "dpo", "template": setup.template, "beta": setup.beta, "epochs": setup.epochs,
+                    "chat_template": builtin_chat_template(setup.template, tokenizer),  # what chat and serve render
                     "train": cfg.to_dict()} | (setup.extra or {})
     checkpoint = save_checkpoint(run_dir, step=step, model=None if setup.trainable_only else policy,
                                  optimizer=None, rng=None, train_config=train_config, tokenizer=tokenizer.to_json(),

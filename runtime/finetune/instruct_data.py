@@ -8,6 +8,11 @@ trained or not: only the answers and the end token after each (so the model lear
 trained; the prompt, the template's own text and the padding get target -100, which
 cross-entropy ignores.
 
+Each template is also a Jinja text (runtime/data/chat_template.py's ALPACA_JINJA and CHATML_JINJA),
+recorded in the finetuned checkpoint; rendered for a conversation, it gives the prompt that training
+built here, token for token (tested), so `chat`, `generate --chat` and `serve` talk to the model as it
+was taught.
+
 Prompt and answer are encoded separately and joined, so the mask boundary is exact by
 construction. (With byte-level BPE this is what encoding the joined text gives too, because every
 prompt ends with a newline, which GPT-2's pre-tokenizer always splits off.)
@@ -149,14 +154,6 @@ class AlpacaTemplate:
         return [Segment(self.encode(format_alpaca_prompt(record)), False),
                 Segment(self.encode(record["output"]) + self.end_ids, True)]
 
-    def prompt_ids(self, history: Sequence[tuple[str, str]], instruction: str, system: str | None) -> list[int]:
-        """A conversation for chat: each earlier exchange as a finished block, then the new prompt."""
-        preamble = system or ALPACA_PREAMBLE
-        ids: list[int] = []
-        for question, answer in history:
-            ids += self.encode(format_alpaca_prompt({"instruction": question}, preamble) + answer) + self.end_ids
-        return ids + self.encode(format_alpaca_prompt({"instruction": instruction}, preamble))
-
 
 class ChatMLInstructTemplate:
     """ChatML through runtime/data/chat_template.py's renderer: every assistant turn's text and its
@@ -188,12 +185,6 @@ class ChatMLInstructTemplate:
             segments.append(Segment(answer, True))
             done = len(prefix) + len(answer)
         return segments
-
-    def prompt_ids(self, history: Sequence[tuple[str, str]], instruction: str, system: str | None) -> list[int]:
-        messages = [("system", system)] if system else []
-        for question, answer in history:
-            messages += [("user", question), ("assistant", answer)]
-        return self.chat.render(messages + [("user", instruction)]).ids
 
 
 def make_template(name: str, tokenizer) -> AlpacaTemplate | ChatMLInstructTemplate:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmspec.runtime.checkpoint.store import save_checkpoint
+from lmspec.runtime.data.chat_template import builtin_chat_template
 from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.instruct_data import IGNORE, Example, collate, length_buckets
 from lmspec.runtime.finetune.lora import trainable_weights
@@ -115,6 +116,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
 
     trained = trainable_weights(model) if setup.trainable_only else None
     train_config = {"finetune": "instruct", "template": setup.template, "epochs": setup.epochs,
+                    "chat_template": builtin_chat_template(setup.template, tokenizer),  # what chat and serve render
                     "train": cfg.to_dict()} | (setup.extra or {})
     checkpoint = save_checkpoint(run_dir, step=step, model=None if setup.trainable_only else model, optimizer=None,
                                  rng=None, train_config=train_config, tokenizer=tokenizer.to_json(), spec=spec,

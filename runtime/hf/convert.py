@@ -31,6 +31,7 @@ from lmspec.runtime.hf.config import (
     read_config,
     set_hint,
 )
+from lmspec.runtime.hf.chat_files import chat_template_from_files, files_with_chat_template
 from lmspec.runtime.hf.directories import refuse_non_empty, write_json, write_text
 from lmspec.runtime.hf.families import MODEL_TYPES, Family, Stack, family_for_model_type, fill_template, template_for
 from lmspec.runtime.hf.names import Piece, Planned, infer_family, match_params, pieces_of, tensor_map
@@ -91,6 +92,18 @@ def _carried(directory: Path, tokenizer_from_dir: bool) -> dict[str, str]:
     return files
 
 
+def _template_note(record: dict) -> str:
+    """A chat template's state, for the import's last line: it parses, or why it does not."""
+    from lmspec.runtime.data.chat_jinja import JinjaChat
+    from lmspec.runtime.errors import ChatError
+
+    try:
+        JinjaChat(record["template"], record["source"])
+    except ChatError as err:
+        return f"recorded, but chat requests will be refused: {err}"
+    return "Jinja, recorded"
+
+
 def _one_line(errors: list[str], prefix: str) -> str:
     return prefix + "; ".join(errors)
 
@@ -146,6 +159,10 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
     if isinstance(vocab, int) and tok.vocab_size > vocab:
         raise HFError(f"the tokenizer ({tok.source}) has {tok.vocab_size} tokens but the model predicts {vocab}")
 
+    carried = _carried(directory, tokenizer_from_dir)
+    chat = chat_template_from_files(carried)  # the model's own, rendered by chat, generate --chat and serve
+    train_config = {"chat_template": chat} if chat is not None else {}
+
     source = SafetensorsDir(directory)
     owned, tied = tensor_map(family, graph)
     entries, layouts = _check_source(family, source, owned, tied, directory)
@@ -165,11 +182,11 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
             writer.abort()
             raise
         meta = {
-            "format": FORMAT_VERSION, "step": 0, "train_config": {}, "metrics": {},
+            "format": FORMAT_VERSION, "step": 0, "train_config": train_config, "metrics": {},
             "tokenizer": tok.to_json(),
             "spec": spec_record(graph, overrides),
             "hf": {"model_type": model_type, "family": family.name, "source": str(directory.resolve()),
-                   "config": config, "files": _carried(directory, tokenizer_from_dir)},
+                   "config": config, "files": carried},
             CHECKSUMS_FIELD: checksums_of(step),  # as save_checkpoint records them: verified on every read
         }
         write_json(step / META_FILE, meta)
@@ -180,6 +197,8 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
     size = (out / CHECKPOINTS_DIR / step.name / MODEL_FILE).stat().st_size
     log(f"wrote {out / CHECKPOINTS_DIR / step.name} ({size / 2**20:.1f} MiB); tokenizer: {tok.source} "
         f"({tok.vocab_size} tokens)")
+    if chat is not None:
+        log(f"chat template: {chat['source']} ({_template_note(chat)})")
     return out
 
 
@@ -258,12 +277,13 @@ def _hf_record(step_dir: Path) -> dict | None:
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
               log=print) -> Path:
     """Write the checkpoint as a Hugging Face model directory `out` (config.json, model.safetensors,
-    tokenizer.json): the inverse of import_hf, bit for bit."""
+    tokenizer.json, and its chat template in tokenizer_config.json): the inverse of import_hf, bit for bit."""
     from safetensors import SafetensorError, safe_open
 
     from lmspec.runtime.checkpoint.store import MODEL_FILE, CheckpointError, load_checkpoint
     from lmspec.compiler.rewrites import graph_from_record
     from lmspec.compiler.vocab_padding import unpad, unpadded_record, unpadded_shapes
+    from lmspec.runtime.data.chat_template import checkpoint_chat_template
     from lmspec.runtime.data.tokenizer import FileTokenizer, load_tokenizer
     from lmspec.runtime.errors import UsageError
 
@@ -352,6 +372,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
                 if tokenizer.eot_id is not None:
                     tok_config["eos_token"] = tokenizer.tokenizer.id_to_token(tokenizer.eot_id)
                 files["tokenizer_config.json"] = json.dumps(tok_config, indent=2) + "\n"
+            # the checkpoint's chat template (finetuned with, or imported with), for apply_chat_template
+            files = files_with_chat_template(files, checkpoint_chat_template(ckpt.train_config, tokenizer))
         else:
             log(f"tokenizer: {tokenizer.kind} (characters) has no Hugging Face form; none written")
         for name, text in files.items():

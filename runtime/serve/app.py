@@ -5,12 +5,17 @@ with server-sent events when `stream` is true; POST /tokenize and /detokenize, a
 GET /metrics for Prometheus (serve/metrics.py). A classifier bundle is served by classifier_app.py
 instead (POST /v1/classify), on the same app skeleton: new_app and add_model_routes below.
 
-One worker thread owns the model: requests are checked and tokenized on the event loop, queued, and
-the worker takes up to --max-batch of them at a time and generates for them together as one batch
-(static batching: a request that arrives while a batch runs waits for the next one). Each token's
-event goes back to its request's asyncio queue through `loop.call_soon_threadsafe`. A client that
-goes away only marks its request cancelled: the worker stops sending to it, skips it if it has not
-started, and ends a batch early when no one is left listening.
+One worker thread owns the model (serve/scheduler.py): requests are checked and tokenized on the
+event loop and queued; between two decode steps the worker takes them into its running batch (up to
+--max-batch rows) and drops those that finished, ran out of time or lost their client, so a short
+request never waits for a long one. Each token's event goes back to its request's asyncio queue
+through `loop.call_soon_threadsafe`. A client that goes away, streaming or not, only marks its
+request cancelled: the worker frees its row at the next step.
+
+Every field of a request either does what OpenAI documents (sampling, penalties, logit_bias, n,
+logprobs, echo), changes nothing about the answer (user, metadata, ...: IGNORED), or is refused with
+a 400 (response_format, tools, unknown fields): an option that would change the answer is never
+silently dropped.
 
 Every mistake in a request is answered with a 4xx and an OpenAI-style body,
 `{"error": {"message", "type", "param", "code"}}`, and the server keeps serving.
@@ -23,7 +28,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,12 +42,15 @@ from lmspec.runtime.data.chat_template import check_messages, chat_template_for
 from lmspec.runtime.export.bundle import session_providers
 from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
 from lmspec.runtime.serve.metrics import ServerMetrics
-from lmspec.runtime.serve.scheduler import Scheduler, Ticket
+from lmspec.runtime.serve.page import add_chat_page
+from lmspec.runtime.serve.response_logprobs import chat_logprobs, completion_logprobs
+from lmspec.runtime.serve.scheduler import RequestTimedOut, Scheduler, ServerClosing, StaticScheduler, Ticket
 
 log = logging.getLogger("uvicorn.error")  # uvicorn configures it: our messages share its format
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; each one is searched for at every token
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs (and vLLM's default for logprobs)
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -59,23 +67,26 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready: there is no one to answer."""
+
+
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
 # ------------------------------------------------------------------------------ request bodies
 
-# Strict types: "5" or 5.0 for max_tokens is a mistake to report, not a value to guess at. Fields
-# this server does not implement are ignored where leaving them out changes only the sampling
-# (penalties, logit_bias, user, ...), as other OpenAI-compatible servers do, so that clients which
-# always send them still work; the others are refused (UNSUPPORTED).
+# Strict types: "5" or 5.0 for max_tokens is a mistake to report, not a value to guess at. Unknown
+# fields are refused (parse_body), but for IGNORED ones, which change nothing about the answer.
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
@@ -85,17 +96,24 @@ class _Sampling(BaseModel):
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[str, StrictFloat] | None = None  # token id (as a string, JSON keys are) -> bias
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
 
 
 class CompletionBody(_Sampling):
-    prompt: StrictStr | list[StrictStr]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]  # text, or token ids
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None  # the k likeliest tokens at each place (0: the chosen one's only)
 
 
 class ChatBody(_Sampling):
     messages: list  # checked by chat_template.check_messages, with messages[i] in its errors
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
 
 
 class TokenizeBody(BaseModel):
@@ -115,13 +133,24 @@ class DetokenizeBody(BaseModel):
 
 
 # Fields that take one of several types: pydantic reports a failure per type; one sentence says it better.
-UNION_FIELDS = {"prompt": "a string or a list of strings", "stop": "a string or a list of strings",
-                "input": "a string or a list of strings"}
+UNION_FIELDS = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of them",
+                "stop": "a string or a list of strings", "input": "a string or a list of strings"}
 
+# Fields that change nothing about the answer: accepted and dropped, as OpenAI's own server treats
+# them for generation (bookkeeping, caching and routing hints).
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                     "parallel_tool_calls"})
 
-# Options whose silent omission would hand a client something other than what it asked for.
-UNSUPPORTED = {"echo": "echoing the prompt", "suffix": "a suffix", "logprobs": "log-probabilities",
-               "top_logprobs": "log-probabilities", "tools": "tool calls", "functions": "function calls"}
+# Fields that would change the answer in ways this server does not implement, and the values that
+# ask for nothing (which are accepted).
+UNSUPPORTED = {"suffix": ("a suffix (fill-in-the-middle)", (None, "")),
+               "response_format": ("structured output (response_format)", (None, {"type": "text"})),
+               "tools": ("tool calls", (None, [])), "functions": ("function calls", (None, [])),
+               "tool_choice": ("tool calls", (None, "none")), "function_call": ("function calls", (None, "none")),
+               "best_of": ("best_of > 1 (give n instead)", (None, 1)),
+               "modalities": ("output other than text", (None, ["text"])), "audio": ("audio output", (None,)),
+               "prediction": ("predicted outputs", (None,)), "reasoning_effort": ("reasoning effort", (None,)),
+               "web_search_options": ("web search", (None,))}
 
 
 def check_model(asked: str | None, served: str) -> None:
@@ -131,12 +160,23 @@ def check_model(asked: str | None, served: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _reject_unsupported(data: dict) -> None:
-    for option, what in UNSUPPORTED.items():
-        if data.get(option) not in (None, False, "", []):
-            raise ApiError(400, f"{option}: this server does not support {what}", param=option)
-    if data.get("best_of") not in (None, 1):
-        raise ApiError(400, "best_of: this server generates one completion per prompt (best_of=1)", param="best_of")
+def _known_fields(data: dict, model_class: type[BaseModel]) -> dict:
+    """`data` without the IGNORED fields; an option this server cannot honour is a 400, never dropped."""
+    missing = next((name for name, f in model_class.model_fields.items() if f.is_required() and name not in data), None)
+    if missing is not None:  # the field a request lacks says more than the one it has too many of
+        raise ApiError(400, f"{missing}: Field required", param=missing)
+    kept = {}
+    for key, value in data.items():
+        if key in model_class.model_fields:
+            kept[key] = value
+        elif key in UNSUPPORTED:
+            what, harmless = UNSUPPORTED[key]
+            if value not in harmless:
+                raise ApiError(400, f"{key}: this server does not support {what}", param=key)
+        elif key not in IGNORED:
+            raise ApiError(400, f"{key}: not a field this server knows; it refuses what it cannot honour rather "
+                           f"than ignore it", param=key)
+    return kept
 
 
 def _validation_error(err: ValidationError) -> ApiError:
@@ -155,6 +195,9 @@ class ServeSettings:
     max_prompt_tokens: int
     max_body_bytes: int
     max_batch: int
+    max_choices: int = 16  # prompts x n in one request
+    request_timeout: float | None = None  # seconds from arrival to the last token
+    batching: str = "continuous"  # or "static", the old scheduler (the baseline bench/serve.py measures)
 
 
 # ------------------------------------------------------------------------------------ the API
@@ -164,23 +207,24 @@ class Api:
 
     def __init__(self, model: OnnxModel, settings: ServeSettings):
         self.model, self.settings = model, settings
-        self.scheduler = Scheduler(model, settings.max_batch)
-        self.template = chat_template_for(model.tokenizer)
-        self.metrics = ServerMetrics(self.scheduler.queue.qsize, settings.max_batch)
+        worker = StaticScheduler if settings.batching == "static" else Scheduler
+        self.scheduler = worker(model, settings.max_batch, settings.request_timeout)
+        self.template = chat_template_for(model.tokenizer, model.meta.get("chat_template"))  # its own, or ChatML/plain
+        self.metrics = ServerMetrics(self.scheduler.queued, settings.max_batch)
         self.scheduler.observe_batch = self.metrics.batch_size.observe
+        self.closing = False  # set on SIGTERM: new requests get a 503 while the running ones drain
 
     # -- checks
 
-    def sampling(self, body: _Sampling, max_tokens: int | None, default_max_tokens: int) -> dict:
-        """GenerationRequest arguments from a body's sampling fields, each checked."""
-        if body.n not in (None, 1):
-            raise ApiError(400, f"n={body.n}: this server generates one choice per prompt (n=1)", param="n")
-        max_tokens = min(default_max_tokens, self.settings.max_tokens) if max_tokens is None else max_tokens
-        if max_tokens < 0:
-            raise ApiError(400, f"max_tokens must be >= 0, got {max_tokens}", param="max_tokens")
-        if max_tokens > self.settings.max_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {self.settings.max_tokens}",
-                           param="max_tokens")
+    def sampling(self, body: _Sampling, choices_per_prompt_count: int) -> dict:
+        """GenerationRequest arguments from a body's sampling fields, each checked (max_tokens is
+        checked here against the server's limit, and per prompt against the context by max_tokens_for)."""
+        if body.n is not None and body.n < 1:
+            raise ApiError(400, f"n must be >= 1, got {body.n}", param="n")
+        choices = choices_per_prompt_count * (body.n or 1)
+        if choices > self.settings.max_choices:
+            raise ApiError(400, f"this request asks for {choices} completions (prompts x n); this server gives at "
+                           f"most {self.settings.max_choices} per request", param="n")
         temperature = 1.0 if body.temperature is None else body.temperature
         if not 0 <= temperature <= 2:
             raise ApiError(400, f"temperature must be between 0 and 2 (0 is greedy), got {temperature}",
@@ -189,14 +233,55 @@ class Api:
             raise ApiError(400, f"top_p must be in (0, 1], got {body.top_p}", param="top_p")
         if body.top_k is not None and body.top_k < 1:
             raise ApiError(400, f"top_k must be >= 1, got {body.top_k}", param="top_k")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(body, name)
+            if value is not None and not -2 <= value <= 2:
+                raise ApiError(400, f"{name} must be between -2 and 2, got {value}", param=name)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ApiError(400, f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}", param="stop")
         # numpy seeds must be >= 0; OpenAI's may be any 64-bit integer: fold them in, keeping them distinct.
         seed = None if body.seed is None else body.seed % 2**64
-        return dict(max_tokens=max_tokens, temperature=float(temperature), top_k=body.top_k,
-                    top_p=None if body.top_p is None else float(body.top_p), seed=seed,
-                    stop=tuple(s for s in stops if s))
+        return dict(temperature=float(temperature), top_k=body.top_k, seed=seed,
+                    top_p=None if body.top_p is None else float(body.top_p), stop=tuple(s for s in stops if s),
+                    presence_penalty=float(body.presence_penalty or 0), frequency_penalty=float(body.frequency_penalty or 0),
+                    logit_bias=self.logit_bias(body.logit_bias))
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        if not bias:
+            return None
+        checked = {}
+        for key, value in bias.items():
+            if not key.isdigit() or not int(key) < self.model.vocab_size:
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model's vocabulary "
+                               f"(0 to {self.model.vocab_size - 1})", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias[{key}]: a bias is between -100 and 100, got {value}",
+                               param="logit_bias")
+            checked[int(key)] = float(value)
+        return checked
+
+    def max_tokens_for(self, prompt_tokens: int, asked: int | None, default: int, param: str) -> int:
+        """What a prompt may generate: `asked`, if the context holds it; else as much as the context
+        leaves, at most `default` and the server's --max-tokens."""
+        context = self.model.context
+        if asked is not None:
+            if asked < 0:
+                raise ApiError(400, f"max_tokens must be >= 0, got {asked}", param="max_tokens")
+            if asked > self.settings.max_tokens:
+                raise ApiError(400, f"max_tokens {asked} is above this server's limit of {self.settings.max_tokens}",
+                               param="max_tokens")
+            if prompt_tokens + asked > context:
+                raise ApiError(400, f"{param}: this model's context is {context} tokens, and this request asks for "
+                               f"{prompt_tokens + asked} ({prompt_tokens} in the prompt, {asked} to generate): "
+                               f"shorten the prompt or lower max_tokens", param="max_tokens",
+                               code="context_length_exceeded")
+            return asked
+        if prompt_tokens >= context:
+            raise ApiError(400, f"{param}: the prompt is {prompt_tokens} tokens, the whole of this model's context "
+                           f"({context}): nothing is left to generate", param=param.split("[")[0],
+                           code="context_length_exceeded")
+        return min(default, self.settings.max_tokens, context - prompt_tokens)
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids and self.model.eot_id is not None:
@@ -214,35 +299,62 @@ class Api:
             raise ApiError(400, f"{param}: {err}", param=param.split("[")[0]) from None
         return request
 
+    @staticmethod
+    def copies(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+        """n choices of one prompt; with a seed, each its own stream of random numbers from it."""
+        if n == 1:
+            return [request]
+        return [replace(request, seed=None if request.seed is None else (request.seed, j)) for j in range(n)]
+
     # -- requests
 
     def completion_requests(self, body: CompletionBody) -> list[GenerationRequest]:
+        """One request per prompt and choice, in OpenAI's order: prompt 0's n choices first."""
         check_model(body.model, self.settings.name)
-        args = self.sampling(body, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = _prompts(body.prompt)
         if not prompts:
             raise ApiError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
+        args = self.sampling(body, len(prompts))
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+            raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {body.logprobs}", param="logprobs")
         requests = []
         for i, prompt in enumerate(prompts):
-            param = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
-            try:
-                ids = self.model.tokenizer.encode(prompt)
-            except ValueError as err:  # TokenizerError: a character the vocabulary lacks
-                raise ApiError(400, f"{param}: {err}", param="prompt") from None
-            requests.append(self.checked(GenerationRequest(self.check_prompt(ids, param), **args), param))
+            param = "prompt" if len(prompts) == 1 and not isinstance(body.prompt, list) else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                try:
+                    ids = self.model.tokenizer.encode(prompt)
+                except ValueError as err:  # TokenizerError: a character the vocabulary lacks
+                    raise ApiError(400, f"{param}: {err}", param="prompt") from None
+            else:
+                ids = list(prompt)
+            ids = self.check_prompt(ids, param)
+            max_tokens = self.max_tokens_for(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS, param)
+            request = self.checked(GenerationRequest(ids, max_tokens, logprobs=body.logprobs,
+                                                     prompt_logprobs=body.echo and body.logprobs is not None, **args),
+                                   param)
+            requests += self.copies(request, body.n or 1)
         return requests
 
-    def chat_request(self, body: ChatBody) -> GenerationRequest:
+    def chat_requests(self, body: ChatBody) -> list[GenerationRequest]:
         check_model(body.model, self.settings.name)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        args = self.sampling(body, max_tokens, self.settings.max_tokens)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        args = self.sampling(body, 1)
+        if body.top_logprobs is not None:
+            if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+                raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {body.top_logprobs}",
+                               param="top_logprobs")
+            if not body.logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
         try:
             prompt = self.template.render(check_messages(body.messages))
         except ValueError as err:  # ChatError: a malformed message, or text the vocabulary cannot encode
             raise ApiError(400, str(err), param="messages") from None
         args["stop"] += prompt.stop
-        request = GenerationRequest(self.check_prompt(prompt.ids, "messages"), stop_ids=prompt.stop_ids, **args)
-        return self.checked(request, "messages")
+        ids = self.check_prompt(prompt.ids, "messages")
+        max_tokens = self.max_tokens_for(len(ids), asked, self.settings.max_tokens, "messages")
+        request = GenerationRequest(ids, max_tokens, stop_ids=prompt.stop_ids,
+                                    logprobs=(body.top_logprobs or 0) if body.logprobs else None, **args)
+        return self.copies(self.checked(request, "messages"), body.n or 1)
 
     def tokenize(self, body: TokenizeBody) -> dict:
         """The ids the server would feed the model for a prompt, or for chat messages (template applied)."""
@@ -266,10 +378,27 @@ class Api:
                            f"{self.model.vocab_size:,}", param="tokens")
         return {"prompt": self.model.tokenizer.decode(body.tokens)}
 
+    def stop_tokens(self, request: GenerationRequest) -> set[int]:
+        """The tokens that end an answer without being part of its text."""
+        eot = {self.model.eot_id} if request.stop_at_eot and self.model.eot_id is not None else set()
+        return set(request.stop_ids) | eot
+
     # -- running them
+
+    def drain(self, seconds: float) -> None:
+        """Shutting down: refuse new requests, and give the running ones `seconds` to finish. Called
+        from a signal handler, so it only sets values."""
+        self.closing = True
+        self.scheduler.drain(seconds)
+
+    def open(self) -> None:
+        if self.closing:
+            raise ApiError(503, "the server is shutting down: send this request to another one, or again later",
+                           kind="server_error", code="server_shutting_down")
 
     async def events(self, requests: list[GenerationRequest]):
         """(choice, TokenEvent) pairs for the requests, as the worker produces them, until each is finished."""
+        self.open()
         ticket = Ticket(asyncio.get_running_loop())
         self.scheduler.submit(ticket, requests)
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
@@ -278,7 +407,7 @@ class Api:
             while left:
                 choice, event = await ticket.events.get()
                 if isinstance(event, Exception):
-                    raise ApiError(500, f"generation failed: {type(event).__name__}: {event}", kind="server_error")
+                    raise _failure(event)
                 if event.token is not None:
                     self.metrics.generation_tokens.inc()
                 if event.finish_reason is not None:
@@ -287,22 +416,56 @@ class Api:
         finally:  # finished, failed, or the client went away (the task was cancelled)
             ticket.cancelled = True
 
-    async def complete(self, requests: list[GenerationRequest]) -> tuple[list[str], list[str], dict]:
-        """The texts and finish reasons of the requests, and their usage."""
-        texts, reasons = [""] * len(requests), [""] * len(requests)
-        generated = 0
+    async def complete(self, requests: list[GenerationRequest]) -> tuple[list[Answer], dict]:
+        """Each request's answer, and their usage."""
+        answers = [Answer() for _ in requests]
         async for choice, event in self.events(requests):
-            texts[choice] += event.text
-            generated += event.token is not None
-            if event.finish_reason is not None:
-                reasons[choice] = event.finish_reason
-        return texts, reasons, self.usage(requests, generated)
+            answers[choice].add(event)
+        return answers, self.usage(requests, sum(a.generated for a in answers))
 
     @staticmethod
     def usage(requests: list[GenerationRequest], generated: int) -> dict:
         """completion_tokens counts every token the model generated, a stop token included."""
         prompt = sum(len(r.prompt_ids) for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+@dataclass
+class Answer:
+    """One choice's events gathered: its text, how it ended, and the scores of its tokens."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    generated: int = 0
+    scored: list = field(default_factory=list)  # Scored, one per generated token (a stop token's too)
+    prompt: list | None = None  # Scored per prompt token, when the prompt's log-probabilities were asked
+
+    def add(self, event) -> None:
+        self.text += event.text
+        self.generated += event.token is not None
+        if event.scored is not None:
+            self.scored.append(event.scored)
+        if event.prompt is not None:
+            self.prompt = event.prompt
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+
+
+def _failure(err: Exception) -> ApiError:
+    if isinstance(err, RequestTimedOut):
+        return ApiError(408, str(err), code="request_timeout")
+    if isinstance(err, ServerClosing):
+        return ApiError(503, str(err), kind="server_error", code="server_shutting_down")
+    return ApiError(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
+
+
+def _prompts(prompt) -> list:
+    """A completion body's prompts: each a string or a list of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [prompt]  # one prompt given as token ids
+    return list(prompt)
 
 
 # ------------------------------------------------------------------------------------ the app
@@ -335,7 +498,8 @@ def _reject_constant(name: str):
 def parse_body(model_class: type[BaseModel], data: object) -> BaseModel:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    _reject_unsupported(data)
+    if model_class.model_config.get("extra") == "forbid":
+        data = _known_fields(data, model_class)
     try:
         return model_class.model_validate(data)
     except ValidationError as err:
@@ -372,6 +536,10 @@ def new_app(lifespan) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, err: RequestValidationError):
         return _error_response(ApiError(400, "; ".join(e["msg"] for e in err.errors())))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_request, _err):
+        return Response(status_code=499)  # nginx's "client closed request": never read, logged as such
 
     @app.exception_handler(Exception)
     async def internal_error(_request, err: Exception):
@@ -418,7 +586,12 @@ COMPLETION_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
 def create_app(model: OnnxModel, settings: ServeSettings):
-    api = Api(model, settings)
+    return app_for(Api(model, settings))
+
+
+def app_for(api: Api):
+    """The ASGI app that serves `api`: its routes, measured for /metrics."""
+    model, settings = api.model, api.settings
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -428,23 +601,33 @@ def create_app(model: OnnxModel, settings: ServeSettings):
 
     app = new_app(lifespan)
     app.state.api = api
-    add_model_routes(app, model_card(settings.name, model.path),
-                     lambda: {"queued": api.scheduler.queue.qsize(), "batches": api.scheduler.batches})
+    # vLLM's name for the context; the page shows these limits.
+    card = model_card(settings.name, model.path, max_model_len=model.context, max_tokens=settings.max_tokens,
+                      max_prompt_tokens=settings.max_prompt_tokens)
+    add_model_routes(app, card, api.scheduler.health)
+    add_chat_page(app)
     refuse_routes(app, ("/v1/classify",), f"{settings.name} is a language model, not a classifier: it answers "
                   f"{' and '.join(COMPLETION_ROUTES)}")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        api.open()
         body = parse_body(CompletionBody, await read_json(request, settings.max_body_bytes))
         requests = api.completion_requests(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": settings.name}
         if body.stream:
-            return StreamingResponse(_stream_completion(api, requests, head, _include_usage(body)),
+            return StreamingResponse(_stream_completion(api, body, requests, head),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        texts, reasons, usage = await api.complete(requests)
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        answers, usage = await while_connected(request, api.complete(requests))
+        decode = model.tokenizer.decode
+        choices = []
+        for i, (req, answer) in enumerate(zip(requests, answers)):
+            prefix = decode(req.prompt_ids) if body.echo else ""
+            scores = (answer.prompt or []) + answer.scored if body.echo else answer.scored
+            logprobs = None if body.logprobs is None else completion_logprobs(decode, scores)
+            choices.append({"index": i, "text": prefix + answer.text, "logprobs": logprobs,
+                            "finish_reason": answer.finish_reason})
         return {**head, "choices": choices, "usage": usage}
 
     @app.get("/metrics")
@@ -462,60 +645,126 @@ def create_app(model: OnnxModel, settings: ServeSettings):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        api.open()
         body = parse_body(ChatBody, await read_json(request, settings.max_body_bytes))
-        generation = api.chat_request(body)
+        requests = api.chat_requests(body)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": settings.name}
         if body.stream:
             head["object"] = "chat.completion.chunk"
-            return StreamingResponse(_stream_chat(api, generation, head, _include_usage(body)),
+            return StreamingResponse(_stream_chat(api, body, requests, head),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        [text], [reason], usage = await api.complete([generation])
-        message = {"role": "assistant", "content": text}
-        return {**head, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
-                "usage": usage}
+        answers, usage = await while_connected(request, api.complete(requests))
+        choices = []
+        for i, (req, answer) in enumerate(zip(requests, answers)):
+            logprobs = chat_logprobs(model.tokenizer.decode, _answer_scores(api, req, answer.scored)) \
+                if body.logprobs else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": answer.text},
+                            "logprobs": logprobs, "finish_reason": answer.finish_reason})
+        return {**head, "choices": choices, "usage": usage}
 
     return api.metrics.measured(app)
+
+
+async def while_connected(request: Request, work):
+    """`await work`, unless the client disconnects first: then the work is cancelled (which frees its
+    rows in the batch at the next step) and ClientGone raised. A streamed response needs none of this:
+    Starlette cancels a stream whose client has gone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        gone = not task.done()
+        if gone:
+            task.cancel()
+    if gone:
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read: the next message from the server is the client's disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _include_usage(body: _Sampling) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-async def _stream_completion(api: Api, requests: list[GenerationRequest], head: dict, include_usage: bool):
+def _answer_scores(api: Api, request: GenerationRequest, scored: list) -> list:
+    """A chat answer's token scores, without the token that ended it (it is not in the text)."""
+    stops = api.stop_tokens(request)
+    return [s for s in scored if s.token not in stops] if scored and scored[-1].token in stops else scored
+
+
+async def _stream_completion(api: Api, body: CompletionBody, requests: list[GenerationRequest], head: dict):
+    decode = api.model.tokenizer.decode
     generated = 0
+    pending = [[] for _ in requests]  # scores of tokens whose text has not been sent yet
+    offsets = [0] * len(requests)
+    started = [False] * len(requests)
     try:
         async for choice, event in api.events(requests):
             generated += event.token is not None
-            if event.text or event.finish_reason:  # empty deltas (text held back) say nothing
-                yield _sse({**head, "choices": [{"index": choice, "text": event.text, "logprobs": None,
+            text = event.text
+            if not started[choice]:
+                started[choice] = True
+                if body.echo:
+                    text = decode(requests[choice].prompt_ids) + text
+                    pending[choice] += event.prompt or []
+            if event.scored is not None:
+                pending[choice].append(event.scored)
+            if text or event.finish_reason:  # empty deltas (text held back) say nothing
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(decode, pending[choice], offsets[choice])
+                    pending[choice] = []
+                offsets[choice] += len(text)
+                yield _sse({**head, "choices": [{"index": choice, "text": text, "logprobs": logprobs,
                                                  "finish_reason": event.finish_reason}]})
     except ApiError as err:  # the status line is long gone: report the failure in the stream
         yield _sse(err.body())
+        yield _sse("[DONE]")
         return
-    if include_usage:
+    if _include_usage(body):
         yield _sse({**head, "choices": [], "usage": api.usage(requests, generated)})
     yield _sse("[DONE]")
 
 
-async def _stream_chat(api: Api, request: GenerationRequest, head: dict, include_usage: bool):
-    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}]})
+async def _stream_chat(api: Api, body: ChatBody, requests: list[GenerationRequest], head: dict):
+    decode = api.model.tokenizer.decode
+    for i in range(len(requests)):
+        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
     generated = 0
+    pending = [[] for _ in requests]
     try:
-        async for _, event in api.events([request]):
+        async for choice, event in api.events(requests):
             generated += event.token is not None
-            if event.text:
-                yield _sse({**head, "choices": [{"index": 0, "delta": {"content": event.text}, "logprobs": None,
-                                                 "finish_reason": None}]})
-            if event.finish_reason:
-                yield _sse({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                 "finish_reason": event.finish_reason}]})
+            if event.scored is not None:
+                pending[choice].append(event.scored)
+            if event.text or event.finish_reason:
+                logprobs = None
+                if body.logprobs:
+                    logprobs = chat_logprobs(decode, _answer_scores(api, requests[choice], pending[choice])
+                                             if event.finish_reason else pending[choice])
+                    pending[choice] = []
+                if event.text:
+                    yield _sse({**head, "choices": [{"index": choice, "delta": {"content": event.text},
+                                                     "logprobs": logprobs, "finish_reason": None}]})
+                    logprobs = None
+                if event.finish_reason:
+                    yield _sse({**head, "choices": [{"index": choice, "delta": {}, "logprobs": logprobs,
+                                                     "finish_reason": event.finish_reason}]})
     except ApiError as err:
         yield _sse(err.body())
+        yield _sse("[DONE]")
         return
-    if include_usage:
-        yield _sse({**head, "choices": [], "usage": api.usage([request], generated)})
+    if _include_usage(body):
+        yield _sse({**head, "choices": [], "usage": api.usage(requests, generated)})
     yield _sse("[DONE]")
 
 
@@ -530,16 +779,21 @@ class Served:
     name: str
     answers: str
     notes: tuple[str, ...] = ()
+    drain: Callable[[float], None] | None = None  # on SIGTERM: stop taking requests, finish the others
 
 
 def served_language_model(path: Path, args) -> Served:
     model = OnnxModel(path, providers=session_providers(args.provider), threads=args.threads)
     settings = ServeSettings(name=args.name or model.name, max_tokens=args.max_tokens,
-                             max_prompt_tokens=args.max_prompt_tokens or model.context,
-                             max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
+                             max_prompt_tokens=min(args.max_prompt_tokens or model.context, model.context),
+                             max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                             max_choices=args.max_choices, request_timeout=args.request_timeout,
+                             batching=args.batching)
     notes = ()
-    if settings.max_prompt_tokens > model.context:
-        notes = (f"prompts longer than the model's context ({model.context} tokens) are cut to their last "
-                 f"{model.context} tokens",)
-    return Served(create_app(model, settings), settings.name,
-                  f"OpenAI-compatible; batches of up to {settings.max_batch}", notes)
+    if args.max_prompt_tokens and args.max_prompt_tokens > model.context:
+        notes = (f"--max-prompt-tokens {args.max_prompt_tokens} is beyond the model's context: prompts are "
+                 f"accepted up to {model.context} tokens",)
+    how = "continuous batching" if settings.batching == "continuous" else "static batches"
+    api = Api(model, settings)
+    return Served(app_for(api), settings.name, f"OpenAI-compatible; {how} of up to {settings.max_batch}", notes,
+                  drain=api.drain)

@@ -18,7 +18,9 @@ from fastapi.responses import JSONResponse
 from lmspec.runtime.serve.app import ApiError
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
-OPEN_PATHS = {"/health"}  # for load balancers' and orchestrators' probes, which hold no key
+# /health for load balancers' and orchestrators' probes, which hold no key; / for the chat page
+# (serve/page.py), static and secret-free, which asks its user for the key and sends it on its own calls.
+OPEN_PATHS = {"/health", "/"}
 
 
 class Guard:

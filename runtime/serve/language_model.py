@@ -9,6 +9,7 @@ bundle itself (its sidecar, tokenizer and session) is read by runtime/export/bun
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +40,11 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # strings that end the completion (not included in its text)
     stop_at_eot: bool = True  # end at the tokenizer's end-of-text token (not included either)
     stop_ids: tuple[int, ...] = ()  # further token ids that end it, e.g. a chat template's <|im_end|>
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
+    presence_penalty: float = 0.0  # taken from a token's logit once it has been generated
+    frequency_penalty: float = 0.0  # taken from a token's logit once per time it has been generated
+    logprobs: int | None = None  # None: none; k: each new token's log-probability and the k likeliest
+    prompt_logprobs: bool = False  # also the log-probability of each prompt token after the first
 
 
 @dataclass
@@ -49,15 +55,29 @@ class Completion:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A token with its log-probability under the model (None for a prompt's first token, which
+    nothing predicts) and the `k` likeliest tokens at its place, as (token, log-probability), best first."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class TokenEvent:
     """A step of a streamed generation: request `index` has new `text` (possibly empty while a
-    multi-byte character or a possible stop string is incomplete); `finish_reason` is set on its last."""
+    multi-byte character or a possible stop string is incomplete); `finish_reason` is set on its last.
+    With logprobs asked, `scored` is the new token's (a stop token's too); with prompt_logprobs, a
+    request's first event carries `prompt`, one Scored per prompt token."""
 
     index: int
     token: int | None
     text: str
     finish_reason: str | None = None
+    scored: Scored | None = None
+    prompt: list[Scored] | None = None
 
 
 def check_request(request: GenerationRequest, vocab_size: int) -> None:
@@ -75,6 +95,57 @@ def check_request(request: GenerationRequest, vocab_size: int) -> None:
         raise ValueError(f"top_k must be >= 1, got {request.top_k}")
     if request.top_p is not None and not 0 < request.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
+    bad = next((t for t in request.logit_bias or {} if not 0 <= int(t) < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary of {vocab_size:,}")
+    if request.logprobs is not None and not 0 <= request.logprobs <= vocab_size:
+        raise ValueError(f"logprobs must be between 0 and the vocabulary size, got {request.logprobs}")
+
+
+def adjusted_logits(logits: np.ndarray, request: GenerationRequest, counts: Counter) -> np.ndarray:
+    """A row's logits with the request's logit_bias and presence and frequency penalties applied, as
+    OpenAI defines them: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty."""
+    penalised = counts and (request.presence_penalty or request.frequency_penalty)
+    if not request.logit_bias and not penalised:
+        return logits
+    logits = logits.astype(np.float64)
+    if request.logit_bias:
+        ids = np.fromiter(request.logit_bias, dtype=np.int64)
+        np.add.at(logits, ids, np.fromiter(request.logit_bias.values(), dtype=np.float64))
+    if penalised:
+        ids = np.fromiter(counts, dtype=np.int64)
+        times = np.fromiter(counts.values(), dtype=np.float64)
+        logits[ids] -= times * request.frequency_penalty + request.presence_penalty
+    return logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (the logits themselves may be float16)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def scored(token: int, logprobs: np.ndarray, k: int) -> Scored:
+    """`token` with its log-probability from a [vocab] row of them, and the row's k likeliest."""
+    return Scored(token, float(logprobs[token]), top_logprobs(logprobs, k))
+
+
+def top_logprobs(logprobs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    if k <= 0:
+        return ()
+    best = np.argpartition(-logprobs, k - 1)[:k] if k < logprobs.size else np.arange(logprobs.size)
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return tuple((int(t), float(logprobs[t])) for t in best)
+
+
+def scored_prompt(prompt: list[int], logits: np.ndarray, k: int) -> list[Scored]:
+    """Each prompt token's log-probability given the tokens before it, from the prompt's logits
+    [len(prompt), vocab] (the first token's is None, as OpenAI's echo gives it)."""
+    out = [Scored(prompt[0], None)]
+    for t in range(1, len(prompt)):
+        out.append(scored(prompt[t], log_softmax(logits[t - 1]), k))
+    return out
 
 
 def pick_token(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
@@ -141,14 +212,17 @@ class TextStream:
         return delta
 
 
-@dataclass
-class _Row:
+@dataclass(eq=False)
+class Row:
+    """One request being generated: its sampler, its text so far and how it may end."""
+
     index: int
     request: GenerationRequest
     rng: np.random.Generator
     stream: TextStream
     stops: frozenset
     new: list[int] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)  # generated tokens, for the penalties
     finish_reason: str | None = None
 
 
@@ -181,6 +255,17 @@ class OnnxModel:
     @property
     def uses_cache(self) -> bool:
         return bool(self._past_names)
+
+    @property
+    def cache_bytes_per_position(self) -> int:
+        """What the KV cache holds for one token of one row: the keys and values of every layer."""
+        return sum(kv * hd for kv, hd in self._past_shapes) * np.dtype(self._float).itemsize
+
+    @property
+    def weight_bytes(self) -> int:
+        """The size of the model's file, with its external data file when its weights are kept apart."""
+        data = self.path.with_name(self.path.name + ".data")
+        return self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
     # ------------------------------------------------------------------------------ one forward
 
@@ -216,12 +301,12 @@ class OnnxModel:
         """Generate for all requests at once, yielding each token's event as it is produced."""
         return self._run(self._rows(requests))
 
-    def _rows(self, requests: list[GenerationRequest]) -> list[_Row]:
+    def _rows(self, requests: list[GenerationRequest]) -> list[Row]:
         for request in requests:
             check_request(request, self.vocab_size)
-        return [self._row(i, r) for i, r in enumerate(requests)]
+        return [self.new_row(i, r) for i, r in enumerate(requests)]
 
-    def _run(self, rows: list[_Row]) -> Iterator[TokenEvent]:
+    def _run(self, rows: list[Row]) -> Iterator[TokenEvent]:
         live = []
         for row in rows:
             if row.request.max_tokens == 0:
@@ -237,21 +322,24 @@ class OnnxModel:
             for row in live:
                 yield from self._generate_windowed([row], [list(row.request.prompt_ids)[-self.context:]])
 
-    def _row(self, index: int, request: GenerationRequest) -> _Row:
+    def new_row(self, index: int, request: GenerationRequest) -> Row:
         stops = set(request.stop_ids)
         if request.stop_at_eot and self.eot_id is not None:
             stops.add(self.eot_id)
-        return _Row(index, request, np.random.default_rng(request.seed), TextStream(self.tokenizer.decode, request.stop),
+        return Row(index, request, np.random.default_rng(request.seed), TextStream(self.tokenizer.decode, request.stop),
                     frozenset(stops))
 
-    def _advance(self, row: _Row, logits: np.ndarray) -> TokenEvent:
+    def advance(self, row: Row, logits: np.ndarray) -> TokenEvent:
         """Pick the row's next token from its last logits; finish the row where it must."""
         r = row.request
-        token = pick_token(logits, r.temperature, r.top_k, r.top_p, row.rng)
+        token = pick_token(adjusted_logits(logits, r, row.counts), r.temperature, r.top_k, r.top_p, row.rng)
+        score = None if r.logprobs is None else scored(token, log_softmax(logits), r.logprobs)
         if token in row.stops:
             row.finish_reason = "stop"
-            return TokenEvent(row.index, token, row.stream.finish(), "stop")
+            return TokenEvent(row.index, token, row.stream.finish(), "stop", score)
         row.new.append(token)
+        if r.presence_penalty or r.frequency_penalty:
+            row.counts[token] += 1
         text, hit = row.stream.push(token)
         if hit:
             row.finish_reason = "stop"
@@ -259,14 +347,14 @@ class OnnxModel:
         elif len(row.new) >= r.max_tokens:
             row.finish_reason = "length"
             text += row.stream.finish()
-        return TokenEvent(row.index, token, text, row.finish_reason)
+        return TokenEvent(row.index, token, text, row.finish_reason, score)
 
-    def _generate_cached(self, rows: list[_Row]) -> Iterator[TokenEvent]:
+    def _generate_cached(self, rows: list[Row]) -> Iterator[TokenEvent]:
         prompts = [list(row.request.prompt_ids)[-self.context:] for row in rows]
         ids, mask = left_pad(prompts, pad_id=0)
         logits, past = self.forward(ids, mask)
         while True:
-            events = [self._advance(row, logits[i, -1]) for i, row in enumerate(rows)]
+            events = [self.advance(row, logits[i, -1]) for i, row in enumerate(rows)]
             yield from events
             keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
             if not keep:
@@ -283,7 +371,7 @@ class OnnxModel:
                 return
             logits, past = self.forward(column, mask, positions_from_mask(mask)[:, -1:], past)
 
-    def _generate_windowed(self, rows: list[_Row], ids: list[list[int]],
+    def _generate_windowed(self, rows: list[Row], ids: list[list[int]],
                            masks: list[list[int]] | None = None) -> Iterator[TokenEvent]:
         """Each step re-runs the last `context` tokens without a cache, as the PyTorch sampler does
         once its cache is full: generation may go on past the context."""
@@ -295,7 +383,7 @@ class OnnxModel:
                 logits, _ = self.forward(window, window_mask)
             else:
                 logits, _ = self.forward(window)
-            events = [self._advance(row, logits[i, -1]) for i, row in enumerate(rows)]
+            events = [self.advance(row, logits[i, -1]) for i, row in enumerate(rows)]
             yield from events
             keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
             if not keep:

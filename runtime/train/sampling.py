@@ -20,8 +20,10 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eot_id: int | None = None,
+    stop_ids: tuple[int, ...] = (),
 ) -> list[int]:
-    """The new tokens that follow `prompt_ids` (at most `max_tokens`; stops after `eot_id`).
+    """The new tokens that follow `prompt_ids` (at most `max_tokens`; stops after `eot_id` or any of
+    `stop_ids`, such as a chat template's end-of-turn token).
 
     temperature 0 picks the most likely token (greedy); `seed` makes sampling reproducible."""
     check_arguments(prompt_ids, max_tokens, temperature, top_k, top_p)
@@ -46,7 +48,7 @@ def generate(
                 token = _pick(logits[0, -1], temperature, top_k, top_p, generator)
                 new.append(token)
                 ids.append(token)
-                if token == eot_id or len(new) == max_tokens:
+                if token == eot_id or token in stop_ids or len(new) == max_tokens:
                     break
                 if cache is not None and cache.offset < cache.max_len:
                     logits = model(torch.tensor([[token]], device=device), cache)

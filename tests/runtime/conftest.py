@@ -48,6 +48,14 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def bpe(tmp_path_factory, verdict_text):
+    """A small byte-level BPE (400 tokens) of the-verdict, with the default specials <|endoftext|>
+    <|pad|> <|im_start|> <|im_end|> = 0..3 (so ChatML's tokens too)."""
+    from lmspec.runtime.data.tokenizer_training import train_bpe
+    return train_bpe(iter([verdict_text]), 400, tmp_path_factory.mktemp("bpe") / "tok.json")
+
+
 TINY_BUNDLE_SETTINGS = ("--set", "layers=2", "--set", "dim=64", "--set", "heads=4", "--set", "context=64")
 
 

@@ -8,15 +8,6 @@ from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import spec_record
 from lmspec.runtime.checkpoint.store import save_checkpoint
-from lmspec.runtime.data.tokenizer_training import train_bpe
-from runtime_helpers import SHARED_DATA
-
-
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    """A small byte-level BPE with <|endoftext|> <|pad|> <|im_start|> <|im_end|> = 0..3."""
-    text = (SHARED_DATA / "the-verdict.txt").read_text(encoding="utf-8")
-    return train_bpe(iter([text]), 400, tmp_path_factory.mktemp("bpe") / "tok.json")
 
 
 @pytest.fixture(scope="module")

@@ -259,8 +259,9 @@ def test_chat_stops_at_the_end_token_and_keeps_the_conversation(bpe):
     from types import SimpleNamespace
 
     from lmspec.runtime.cli.instruct import converse
+    from lmspec.runtime.data.chat_template import JinjaTemplate, builtin_chat_template
     hello = bpe.encode(" Hello")
-    template = AlpacaTemplate(bpe)
+    template = JinjaTemplate(bpe, builtin_chat_template("alpaca", bpe))  # what an Alpaca checkpoint records
     model = ScriptedModel(bpe.vocab_size, hello + [bpe.eot_id] + bpe.encode(" more text"))
     out = io.StringIO()
     args = SimpleNamespace(max_tokens=20, temperature=0.0, top_k=None, seed=None, system=None)

@@ -101,12 +101,13 @@ def test_seeded_sampling_and_top_k(client, model):
 
 
 def test_chat_completion_with_the_plain_text_template(client, model):
+    """Without max_tokens, a chat answer may take what the context leaves."""
     messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Who painted it?"}]
-    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "max_tokens": 60,
-                                                  "temperature": 0})
+    r = client.post("/v1/chat/completions", json={"model": NAME, "messages": messages, "temperature": 0})
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = chat_reference(model, messages, 60)
+    prompt_tokens = len(chat_template_for(model.tokenizer).render(check_messages(messages)).ids)
+    expected = chat_reference(model, messages, model.context - prompt_tokens)
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": expected.text}
@@ -135,7 +136,7 @@ def test_streamed_completion_adds_up_to_the_whole(client):
 
 
 def test_streamed_chat_adds_up_to_the_whole(client):
-    ask = {"messages": [{"role": "user", "content": "Tell me about the picture."}], "max_tokens": 50, "temperature": 0}
+    ask = {"messages": [{"role": "user", "content": "Tell me about the picture."}], "max_tokens": 15, "temperature": 0}
     whole = client.post("/v1/chat/completions", json=ask).json()["choices"][0]
     with client.stream("POST", "/v1/chat/completions", json={**ask, "stream": True}) as r:
         data = sse_data(r)
@@ -159,10 +160,10 @@ def test_the_official_openai_client(server, model):
     assert "".join(chunk.choices[0].text for chunk in streamed) == done.choices[0].text
 
     messages = [{"role": "user", "content": "Hello, who are you?"}]
-    chat = api.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0)
-    assert chat.choices[0].message.content == chat_reference(model, messages, 40).text
+    chat = api.chat.completions.create(model=NAME, messages=messages, max_tokens=25, temperature=0)
+    assert chat.choices[0].message.content == chat_reference(model, messages, 25).text
     assert chat.usage.completion_tokens > 0
-    stream = api.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0, stream=True)
+    stream = api.chat.completions.create(model=NAME, messages=messages, max_tokens=25, temperature=0, stream=True)
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == chat.choices[0].message.content
     top_k = api.completions.create(model=NAME, prompt="I had always", max_tokens=30, temperature=1, seed=1,
                                    extra_body={"top_k": 1})
@@ -170,17 +171,19 @@ def test_the_official_openai_client(server, model):
 
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         api.completions.create(model="gpt-4", prompt="I", max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        api.chat.completions.create(model=NAME, messages=messages, n=2)
+    with pytest.raises(openai.BadRequestError, match="context is 64 tokens") as refused:
+        api.chat.completions.create(model=NAME, messages=messages, max_tokens=60)
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_32_concurrent_clients_each_get_their_own_answer(client, model, verdict_text):
     """Distinct prompts of different lengths, half of them streamed, all at once: the server batches
-    them (fewer batches than requests) and each answer equals that prompt's greedy answer alone."""
+    them (far fewer decode steps than one request after another would take) and each answer equals
+    that prompt's greedy answer alone."""
     prompts = [verdict_text[1000 + 137 * i:][:6 + i % 23] for i in range(32)]
     assert len(set(prompts)) == 32
     expected = [reference(model, model.tokenizer.encode(p), 24).text for p in prompts]
-    batches_before = client.get("/health").json()["batches"]
+    steps_before = client.get("/health").json()["steps"]
 
     def ask(i):
         with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
@@ -193,17 +196,77 @@ def test_32_concurrent_clients_each_get_their_own_answer(client, model, verdict_
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
     assert answers == expected
-    assert client.get("/health").json()["batches"] - batches_before < 32
+    assert client.get("/health").json()["steps"] - steps_before < 32 * 24 / 2
 
 
 def test_a_client_leaving_mid_stream_does_not_break_the_worker(client, model):
-    with client.stream("POST", "/v1/completions", json={"prompt": "I had", "max_tokens": MAX_TOKENS,
+    with client.stream("POST", "/v1/completions", json={"prompt": "I had", "max_tokens": 55,
                                                         "temperature": 0, "stream": True}) as r:
         first = next(r.iter_lines())
         assert first.startswith("data: ")
     # The connection is closed with most of the stream unread; the next request is served as usual.
     r = client.post("/v1/completions", json={"prompt": "The picture", "max_tokens": 20, "temperature": 0})
     assert r.json()["choices"][0]["text"] == reference(model, model.tokenizer.encode("The picture"), 20).text
+
+
+def test_logprobs_echo_and_token_prompts_as_lm_eval_asks(client, model):
+    """lm-eval-harness's loglikelihood request: token ids, echo, logprobs=1, max_tokens=1; every prompt
+    token after the first gets its log-probability under the model, the first gets null."""
+    from lmspec.runtime.serve.language_model import log_softmax
+
+    ids = model.tokenizer.encode("The picture was")
+    r = client.post("/v1/completions", json={"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+                                             "temperature": 0})
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    generated = reference(model, ids, 1)
+    assert choice["text"] == "The picture was" + generated.text
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][:2] == [0, len(lp["tokens"][0])]
+    logits, _ = model.forward([ids + generated.tokens])
+    expected = log_softmax(logits[0])
+    for t in range(1, len(ids) + 1):
+        token = ids[t] if t < len(ids) else generated.tokens[0]
+        assert lp["token_logprobs"][t] == pytest.approx(expected[t - 1, token], abs=1e-4)
+        [(best, value)] = lp["top_logprobs"][t].items()
+        assert value == pytest.approx(expected[t - 1].max(), abs=1e-4)
+    # Without echo, only the generated tokens; streamed, the chunks' logprobs add up to the same.
+    ask = {"prompt": "I had", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    whole = client.post("/v1/completions", json=ask).json()["choices"][0]
+    assert len(whole["logprobs"]["tokens"]) == 12 and all(len(t) == 2 for t in whole["logprobs"]["top_logprobs"])
+    with client.stream("POST", "/v1/completions", json={**ask, "stream": True}) as s:
+        chunks = [json.loads(d)["choices"][0] for d in sse_data(s) if d != "[DONE]"]
+    assert sum((c["logprobs"]["token_logprobs"] for c in chunks), []) == whole["logprobs"]["token_logprobs"]
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+
+
+def test_n_choices_seeds_bias_and_chat_logprobs(client, model):
+    ask = {"prompt": ["I had", "It was"], "n": 3, "max_tokens": 10, "temperature": 1.0, "seed": 11}
+    first, again = (client.post("/v1/completions", json=ask).json() for _ in range(2))
+    assert [c["index"] for c in first["choices"]] == list(range(6)) and first == {**again, "id": first["id"],
+                                                                                   "created": first["created"]}
+    texts = [c["text"] for c in first["choices"]]
+    assert len(set(texts[:3])) > 1  # three samples of one prompt, not one sample thrice
+    assert first["usage"]["prompt_tokens"] == 3 * sum(len(model.tokenizer.encode(p)) for p in ask["prompt"])
+    # logit_bias applied: a +100 bias makes greedy decoding write that token only.
+    token = model.tokenizer.encode("e")[0]
+    forced = client.post("/v1/completions", json={"prompt": "I had", "max_tokens": 5, "temperature": 0,
+                                                  "logit_bias": {str(token): 100}}).json()
+    assert forced["choices"][0]["text"] == "eeeee"
+    # Chat: one content entry per token of the answer, each with its top_logprobs, best first.
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 2,
+                                                     "max_tokens": 8, "temperature": 0, "logprobs": True,
+                                                     "top_logprobs": 2}).json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1]
+    for choice in chat["choices"]:
+        content = choice["logprobs"]["content"]
+        assert "".join(e["token"] for e in content) == choice["message"]["content"]
+        for e in content:
+            assert [t["logprob"] for t in e["top_logprobs"]] == sorted((t["logprob"] for t in e["top_logprobs"]),
+                                                                       reverse=True)
+            assert e["top_logprobs"][0]["token"] == e["token"] and e["bytes"] == list(e["token"].encode())
 
 
 def test_tokenize_and_detokenize_as_vllm_answers_them(client, model):
@@ -274,21 +337,34 @@ ERRORS = [
     ("/v1/completions", {"prompt": "I", "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": "I", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
     ("/v1/completions", {"prompt": "I", "top_k": 0}, 400, "top_k must be >= 1"),
-    ("/v1/completions", {"prompt": "I", "n": 2}, 400, "n=1"),
+    ("/v1/completions", {"prompt": "I", "n": 0}, 400, "n must be >= 1"),
+    ("/v1/completions", {"prompt": ["I", "a"], "n": 9}, 400, "asks for 18 completions (prompts x n); this server "
+                                                             "gives at most 16"),
+    ("/v1/completions", {"prompt": "I", "max_tokens": 64}, 400, "context is 64 tokens, and this request asks for 65"),
+    ("/v1/completions", {"prompt": [3, 1000000]}, 400, "prompt[0]: token id 1000000 is outside the vocabulary"),
+    ("/v1/completions", {"prompt": "I", "logprobs": 21}, 400, "logprobs must be between 0 and 20"),
+    ("/v1/completions", {"prompt": "I", "presence_penalty": 2.5}, 400, "presence_penalty must be between -2 and 2"),
+    ("/v1/completions", {"prompt": "I", "logit_bias": {"x": 1}}, 400, "logit_bias: 'x' is not a token id"),
+    ("/v1/completions", {"prompt": "I", "logit_bias": {"3": 101}}, 400, "between -100 and 100"),
+    ("/v1/completions", {"prompt": "I", "suffix": "end"}, 400, "suffix: this server does not support"),
+    ("/v1/completions", {"prompt": "I", "min_p": 0.1}, 400, "min_p: not a field this server knows"),
     ("/v1/completions", {"prompt": "I", "stop": 5}, 400, "stop must be a string or a list of strings"),
     ("/v1/completions", {"prompt": "I", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
     ("/v1/completions", {"prompt": "I", "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
-    ("/v1/completions", {"prompt": 5}, 400, "prompt must be a string or a list of strings"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt must be a string, a list of strings, a list of token ids"),
     ("/v1/completions", {"prompt": []}, 400, "non-empty list"),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt: Field required"),
     ("/v1/completions", {"prompt": "I", "seed": "x"}, 400, "seed: Input should be a valid integer"),
     ("/v1/completions", {"prompt": "naïve ☃"}, 400, "is not in the tokenizer's vocabulary"),
     ("/v1/completions", {"prompt": ["I", ""]}, 400, "prompt[1]: the prompt is empty"),
     ("/v1/completions", b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, "too deeply"),
-    ("/v1/completions", {"prompt": "I", "echo": True}, 400, "echo: this server does not support"),
-    ("/v1/completions", {"prompt": "I", "best_of": 3}, 400, "best_of=1"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400,
-     "logprobs: this server does not support"),
+    ("/v1/completions", {"prompt": "I", "best_of": 3}, 400, "best_of > 1"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format: this server does not"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools: this server does not support tool calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Grüße 👋"}]}, 400,
      "messages[0].content: character 'ü'"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role must be one of"),

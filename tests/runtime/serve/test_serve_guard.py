@@ -37,9 +37,10 @@ def _error(r: httpx.Response, status: int, code: str) -> str:
     return error["message"]
 
 
-def test_the_key_is_required_everywhere_but_health(guarded_server):
+def test_the_key_is_required_everywhere_but_health_and_the_chat_page(guarded_server):
     ask = {"prompt": "I had", "max_tokens": 3}
     assert httpx.get(f"{guarded_server}/health").status_code == 200  # probes hold no key
+    assert httpx.get(f"{guarded_server}/").status_code == 200  # the page asks for the key, and sends it
     assert "Authorization: Bearer" in _error(httpx.post(f"{guarded_server}/v1/completions", json=ask), 401,
                                              "invalid_api_key")
     for wrong in ("Bearer not-the-key", f"Basic {KEY}", KEY):

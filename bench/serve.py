@@ -1,0 +1,188 @@
+"""`lmspec serve` with continuous batching against the static scheduler it replaced, side by side.
+
+Two servers on the same bundle, one `--batching static` (the baseline: whole batches of up to
+--max-batch, one after the other) and one `--batching continuous` (rows join and leave between
+decode steps), each in its own process, measured one after the other in one run:
+
+1. Head-of-line blocking: a 1,024-token request, then, once its first token is out, a 3-token one;
+   the 3-token request's latency (target: < 1 s with continuous batching).
+2. 32 concurrent clients, each sending `--requests` requests one after another with mixed lengths
+   (max_tokens drawn from 8, 32, 128, 512, the same sequence for both servers); generated tokens
+   per second over the whole run, and the 95th percentile of request latency (targets: throughput
+   at least 1.5x the baseline's, p95 at most 0.5x).
+
+The model is GPT-2 small's body (12 layers of width 768, 85M parameters) over a character
+vocabulary, with context 2048 and random weights (speed does not depend on them), trained one step
+and exported here; `--dim`, `--layers` and `--heads` shape another, `--bundle PATH` takes one. The
+model matters: on a CPU a decode step's cost grows with the rows in it, so batching pays where a
+step's fixed cost (reading every weight) is large beside its per-row cost (attention over the
+cache), as for real LLMs; a 6-layer, 256-wide model spends most of a step on attention, and there
+continuous batching wins latency for short requests only (bench/RESULTS.md has both).
+
+    python bench/serve.py [--bundle PATH | --dim 768 --layers 12 --heads 12] [--requests 4]
+                          [--clients 32] [--threads N] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path, and its tokenize.py would shadow the
+# standard library's `tokenize` (which logging imports): drop the folder.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+import httpx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+LENGTHS = (8, 32, 128, 512)
+LONG, SHORT = 1024, 3
+
+
+def lmspec(*args) -> list[str]:
+    return [sys.executable, "-m", "lmspec.runtime.cli.main", *map(str, args)]
+
+
+def build_bundle(workdir: Path, dim: int, layers: int, heads: int) -> Path:
+    name = f"serve-bench-{layers}x{dim}"
+    run, bundle = workdir / name, workdir / f"{name}.onnx"
+    if bundle.exists():
+        return bundle
+    subprocess.run(lmspec("train", ROOT / "specs/tiny.arch", "--set", "context=2048", "--set", f"layers={layers}",
+                          "--set", f"dim={dim}", "--set", f"heads={heads}", "--data", DATA / "the-verdict.txt", "--out", run,
+                          "--steps", 1, "--batch", 1, "--seq", 256, "--no-progress", "--sample-tokens", 0, "--eval-batches", 1),
+                   check=True, capture_output=True)
+    subprocess.run(lmspec("export", run, "-o", bundle), check=True, capture_output=True)
+    return bundle
+
+
+@contextmanager
+def server(bundle: Path, batching: str, threads: int | None, logs: Path):
+    out, err = logs / f"{batching}.out", logs / f"{batching}.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(lmspec("serve", bundle, "--port", 0, "--batching", batching, "--max-tokens", LONG,
+                                       *(("--threads", threads) if threads else ())), stdout=o, stderr=e, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"at (http://\S+)/v1", out.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the {batching} server did not start: {err.read_text()}")
+            time.sleep(0.1)
+        yield found.group(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def complete(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(seconds, tokens generated) for one non-streamed request (a character vocabulary has no
+    end-of-text token: every request generates max_tokens)."""
+    started = time.perf_counter()
+    r = client.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    r.raise_for_status()
+    return time.perf_counter() - started, r.json()["usage"]["completion_tokens"]
+
+
+def short_behind_long(url: str) -> tuple[float, float]:
+    """(the 3-token request's latency, the 1,024-token one's) when the short one is sent as soon as
+    the long one has produced its first token."""
+    first = threading.Event()
+    long_seconds = []
+
+    def long_request():
+        started = time.perf_counter()
+        with httpx.Client(timeout=600) as c, c.stream("POST", f"{url}/v1/completions", json={
+                "prompt": "I had always", "max_tokens": LONG, "temperature": 0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    first.set()
+        long_seconds.append(time.perf_counter() - started)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    first.wait(120)
+    with httpx.Client(timeout=600) as c:
+        short, _ = complete(c, url, "It was", SHORT)
+    worker.join()
+    return short, long_seconds[0]
+
+
+def mixed_load(url: str, clients: int, requests: int, seed: int = 0) -> dict:
+    """Generated tokens per second, and latencies (p95, median, and p95 of the requests for at most 32
+    tokens), for `clients` concurrent clients."""
+    rng = random.Random(seed)
+    plan = [[rng.choice(LENGTHS) for _ in range(requests)] for _ in range(clients)]
+    latencies: list[tuple[int, float]] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def client_loop(lengths: list[int]) -> None:
+        with httpx.Client(timeout=600) as c:
+            for n in lengths:
+                seconds, generated = complete(c, url, "The picture was", n)
+                with lock:
+                    latencies.append((n, seconds))
+                    tokens[0] += generated
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client_loop, plan))
+    wall = time.perf_counter() - started
+    every = [s for _, s in latencies]
+    short = [s for n, s in latencies if n <= 32]
+    return dict(throughput=tokens[0] / wall, p95=statistics.quantiles(every, n=20)[18],
+                median=statistics.median(every), short_p95=statistics.quantiles(short, n=20)[18],
+                requests=len(every))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads of each server (default: its own)")
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lmspec-bench-serve-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or build_bundle(workdir, args.dim, args.layers, args.heads)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"bundle {bundle}", flush=True)
+    results = {}
+    for batching in ("static", "continuous"):
+        with server(bundle, batching, args.threads, workdir) as url:
+            short, long = short_behind_long(url)
+            load = mixed_load(url, args.clients, args.requests)
+        results[batching] = r = dict(short=short, long=long, **load)
+        print(f"{batching:>10}: {SHORT}-token request behind a {LONG}-token one: {short:.2f} s (the long one "
+              f"{long:.2f} s); {args.clients} clients, {r['requests']} requests: {r['throughput']:.0f} tokens/s, "
+              f"latency p95 {r['p95']:.2f} s, median {r['median']:.2f} s, p95 of those <= 32 tokens "
+              f"{r['short_p95']:.2f} s", flush=True)
+    base, new = results["static"], results["continuous"]
+    print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}))
+    print(f"short request behind a long one: {new['short']:.2f} s (target < 1 s), was {base['short']:.2f} s; "
+          f"throughput {new['throughput'] / base['throughput']:.2f}x (target >= 1.5x); "
+          f"p95 latency {new['p95'] / base['p95']:.2f}x (target <= 0.5x); median latency "
+          f"{new['median'] / base['median']:.2f}x; p95 of requests <= 32 tokens {new['short_p95'] / base['short_p95']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
