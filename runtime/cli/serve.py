@@ -268,6 +268,9 @@ SERVE = Verb(
        -d '{"model": "tiny", "prompt": "The ", "max_tokens": 50}'
   LMSPEC_API_KEY=$(openssl rand -hex 16) lmspec serve exported/tiny.onnx --host 0.0.0.0   # clients send the key
   lmspec serve exported/tiny.onnx --cors-origin https://app.example   # pages of that origin may call it
+  lmspec serve exported/tiny.onnx --max-batch 32 --request-timeout 120 --drain-seconds 10
+  curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+       -d '{"prompt": "The cat", "max_tokens": 1, "echo": true, "logprobs": 1}'   # prompt log-probabilities
   lmspec serve exported/spam/                  # a classifier bundle: POST /v1/classify
   curl localhost:8000/v1/classify -H 'content-type: application/json' \\
        -d '{"input": ["WINNER!! Claim your prize now", "see you at 6?"]}'""",
