@@ -13,6 +13,9 @@ import pytest
 
 from runtime_helpers import SHARED_DATA, lmspec_cli, running_server
 
+# A model trained and exported for these tests alone (~20 s) and generations of seconds: run with -m slow.
+pytestmark = pytest.mark.slow
+
 LONG = 1000  # tokens: at least ~3 s on any machine, for a model of this size
 LONGEST = 2000  # at least ~7 s
 
