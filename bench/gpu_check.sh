@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command that checks lmspec on a machine with one NVIDIA GPU and prints one summary line last:
 # the GPU tests, GPT-2 small trained from the command line (bf16 + torch.compile: MFU and peak memory
-# against `lmspec plan`'s prediction), and generation against transformers (bench/gpu_generate.py).
+# against `lmspec plan`'s prediction), generation against transformers (bench/gpu_generate.py), and
+# `lmspec serve` with continuous batching against static batching on onnxruntime's CUDA provider
+# (bench/serve.py; skipped, and said so, when the installed onnxruntime has no CUDA provider).
 #
 #   bench/gpu_check.sh               # from the repository root, under 8 minutes on an H100
 #   bench/gpu_check.sh --cpu-smoke   # the same plumbing on the CPU with tiny sizes (or GPU_CHECK_SMOKE=1)
@@ -27,12 +29,14 @@ if [[ "$SMOKE" == 1 ]]; then
   DEVICE=cpu
   TRAIN_SHAPE=(--set layers=2 --seq 128 --device cpu --peak-tflops 1)
   GENERATE_SHAPE=(--device cpu --set layers=2)
+  SERVE_ARGS=(--provider cpu --dim 64 --layers 2 --heads 2 --clients 4 --requests 1)
   MODEL_LABEL="GPT-2 2-layer bf16 (cpu smoke)"
 else
   BATCH="${GPU_CHECK_BATCH:-32}" STEPS="${GPU_CHECK_STEPS:-300}" TOKENS="${GPU_CHECK_TOKENS:-256}"
   DEVICE=cuda
   TRAIN_SHAPE=(--seq 1024 --compile --device cuda)
   GENERATE_SHAPE=(--device cuda)
+  SERVE_ARGS=(--provider cuda --requests 2)
   MODEL_LABEL="GPT-2 small bf16+compile"
 fi
 
@@ -125,6 +129,26 @@ print(f"{fp32['ratio']:.2f}x transformers (fp32, {fp32['new_tokens']} tokens, "
 EOF
 }
 
+run_serve_bench() {
+  if [[ "$SMOKE" != 1 ]] && ! "$PY" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())"; then
+    SERVE_PART="serve: skipped (onnxruntime has no CUDA provider: install onnxruntime-gpu)"
+    return 0
+  fi
+  local cmd=("$PY" bench/serve.py --workdir "$WORK/serve" "${SERVE_ARGS[@]}")
+  section "serving: ${cmd[*]}"
+  timeout 300 "${cmd[@]}" 2>&1 | tee "$WORK/serve.log" || failed serve
+  SERVE_PART="$("$PY" - "$WORK/serve.log" <<'EOF'
+import json, sys
+lines = [line for line in open(sys.argv[1]).read().splitlines() if line.startswith('{"bench": "serve"')]
+if not lines:
+    sys.exit("serve: no figures")
+r = json.loads(lines[-1])["ratios"]
+print(f"serve: short behind long {r['short_behind_long_s']:.2f} s (was {r['was_s']:.2f} s), continuous/static "
+      f"throughput {r['throughput']:.2f}x, p95 {r['p95']:.2f}x")
+EOF
+)" || { has_failed serve || failed serve-figures; SERVE_PART="serve: no figures"; }
+}
+
 ensure_installed || failed install
 GPU="$(gpu_name)"
 section "device: $GPU"
@@ -151,6 +175,8 @@ else
   GENERATE_PART="generate: no figures"
 fi
 
+run_serve_bench
+
 ELAPSED=$((SECONDS - START))
 STATUS="ok"
 if [[ ${#FAILED[@]} -gt 0 ]]; then
@@ -158,6 +184,6 @@ if [[ ${#FAILED[@]} -gt 0 ]]; then
   printf '\nlogs kept in %s\n' "$WORK"
 fi
 echo
-echo "gpu_check: $GPU | gpu tests $TESTS | $TRAIN_PART | $MEMORY_PART | $GENERATE_PART |" \
+echo "gpu_check: $GPU | gpu tests $TESTS | $TRAIN_PART | $MEMORY_PART | $GENERATE_PART | $SERVE_PART |" \
      "$((ELAPSED / 60))m$(printf '%02d' $((ELAPSED % 60)))s | $STATUS"
 [[ ${#FAILED[@]} -eq 0 ]]

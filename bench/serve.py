@@ -20,7 +20,9 @@ cache), as for real LLMs; a 6-layer, 256-wide model spends most of a step on att
 continuous batching wins latency for short requests only (bench/RESULTS.md has both).
 
     python bench/serve.py [--bundle PATH | --dim 768 --layers 12 --heads 12] [--requests 4]
-                          [--clients 32] [--threads N] [--workdir DIR]
+                          [--clients 32] [--threads N] [--provider cpu|cuda] [--workdir DIR]
+
+The last line is JSON ({"bench": "serve", ...}) for bench/gpu_check.sh, which runs it on the GPU.
 """
 from __future__ import annotations
 
@@ -72,11 +74,12 @@ def build_bundle(workdir: Path, dim: int, layers: int, heads: int) -> Path:
 
 
 @contextmanager
-def server(bundle: Path, batching: str, threads: int | None, logs: Path):
+def server(bundle: Path, batching: str, threads: int | None, provider: str, logs: Path):
     out, err = logs / f"{batching}.out", logs / f"{batching}.err"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(lmspec("serve", bundle, "--port", 0, "--batching", batching, "--max-tokens", LONG,
-                                       *(("--threads", threads) if threads else ())), stdout=o, stderr=e, cwd=ROOT)
+                                       "--provider", provider, *(("--threads", threads) if threads else ())),
+                                stdout=o, stderr=e, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
         while not (found := re.search(r"at (http://\S+)/v1", out.read_text())):
@@ -145,9 +148,15 @@ def mixed_load(url: str, clients: int, requests: int, seed: int = 0) -> dict:
     wall = time.perf_counter() - started
     every = [s for _, s in latencies]
     short = [s for n, s in latencies if n <= 32]
-    return dict(throughput=tokens[0] / wall, p95=statistics.quantiles(every, n=20)[18],
-                median=statistics.median(every), short_p95=statistics.quantiles(short, n=20)[18],
+    return dict(throughput=tokens[0] / wall, p95=p95(every), median=statistics.median(every), short_p95=p95(short),
                 requests=len(every))
+
+
+def p95(values: list[float]) -> float:
+    """The 95th percentile; with fewer than two values (a smoke run), the largest, or NaN for none."""
+    if len(values) < 2:
+        return max(values, default=float("nan"))
+    return statistics.quantiles(values, n=20)[18]
 
 
 def main() -> None:
@@ -156,6 +165,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--threads", type=int, help="onnxruntime threads of each server (default: its own)")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's provider")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
@@ -168,7 +178,7 @@ def main() -> None:
           f"bundle {bundle}", flush=True)
     results = {}
     for batching in ("static", "continuous"):
-        with server(bundle, batching, args.threads, workdir) as url:
+        with server(bundle, batching, args.threads, args.provider, workdir) as url:
             short, long = short_behind_long(url)
             load = mixed_load(url, args.clients, args.requests)
         results[batching] = r = dict(short=short, long=long, **load)
@@ -177,11 +187,16 @@ def main() -> None:
               f"latency p95 {r['p95']:.2f} s, median {r['median']:.2f} s, p95 of those <= 32 tokens "
               f"{r['short_p95']:.2f} s", flush=True)
     base, new = results["static"], results["continuous"]
-    print(json.dumps({k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}))
+    ratios = {"short_behind_long_s": round(new["short"], 3), "was_s": round(base["short"], 3),
+              "throughput": round(new["throughput"] / base["throughput"], 3), "p95": round(new["p95"] / base["p95"], 3),
+              "median": round(new["median"] / base["median"], 3),
+              "short_p95": round(new["short_p95"] / base["short_p95"], 3)}
     print(f"short request behind a long one: {new['short']:.2f} s (target < 1 s), was {base['short']:.2f} s; "
-          f"throughput {new['throughput'] / base['throughput']:.2f}x (target >= 1.5x); "
-          f"p95 latency {new['p95'] / base['p95']:.2f}x (target <= 0.5x); median latency "
-          f"{new['median'] / base['median']:.2f}x; p95 of requests <= 32 tokens {new['short_p95'] / base['short_p95']:.2f}x")
+          f"throughput {ratios['throughput']:.2f}x (target >= 1.5x); p95 latency {ratios['p95']:.2f}x "
+          f"(target <= 0.5x); median latency {ratios['median']:.2f}x; p95 of requests <= 32 tokens "
+          f"{ratios['short_p95']:.2f}x")
+    print(json.dumps({"bench": "serve", "provider": args.provider, "ratios": ratios,
+                      "results": {k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}}))
 
 
 if __name__ == "__main__":
