@@ -23,6 +23,8 @@ and `verify_shards` (`lmspec data verify`) checks them all; shards from before c
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -99,6 +101,7 @@ def write_shards(
     token_type = _choose_dtype(vocab_size, dtype)
     tokenizer_json = tokenizer.tokenizer.to_str()
 
+    created = not out_dir.exists()
     _prepare_directory(out_dir, overwrite)
     writers = {split: _SplitWriter(out_dir, split, token_type, shard_tokens) for split in SPLITS}
     bar = _progress_bar(progress)
@@ -141,6 +144,9 @@ def write_shards(
         for writer in writers.values():
             writer.discard()
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+        if created:  # nor the directory this run made, so that the same command can simply run again
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
         raise
     finally:
         if bar is not None:

@@ -98,6 +98,12 @@ def test_an_empty_corpus_or_validation_split_names_the_option_that_fixes_it(tmp_
     assert capsys.readouterr().err.strip() == (
         "lmspec data tokenize: error: no document goes to validation: 1 document(s) x --val-fraction 0.1 < 1; give "
         "more documents, a larger --val-fraction, or --val-fraction 0 for none")
+    assert not (tmp_path / "shards").exists()  # nor an empty folder that would stand in the way of the rerun
+    (tmp_path / "kept").mkdir()  # a folder the user made stays
+    assert main(["data", "tokenize", str(short), "--tokenizer", str(tmp_path / "tok.json"),
+                 "-o", str(tmp_path / "kept"), "--no-progress"]) == 1
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    capsys.readouterr()
 
     small = tmp_path / "small.txt"
     small.write_text(TEXT[:1000])  # 900 characters train, 100 validate: too few for --seq 128
