@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmspec.runtime.data.chat_template import check_messages, chat_template_for
-from lmspec.runtime.export.bundle import session_providers
+from lmspec.runtime.export.bundle import bundle_chat_template, session_providers
 from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
 from lmspec.runtime.serve.metrics import ServerMetrics
 from lmspec.runtime.serve.page import add_chat_page
@@ -209,7 +209,7 @@ class Api:
         self.model, self.settings = model, settings
         worker = StaticScheduler if settings.batching == "static" else Scheduler
         self.scheduler = worker(model, settings.max_batch, settings.request_timeout)
-        self.template = chat_template_for(model.tokenizer, model.meta.get("chat_template"))  # its own, or ChatML/plain
+        self.template = chat_template_for(model.tokenizer, bundle_chat_template(model.meta))  # its own, or ChatML/plain
         self.metrics = ServerMetrics(self.scheduler.queued, settings.max_batch)
         self.scheduler.observe_batch = self.metrics.batch_size.observe
         self.closing = False  # set on SIGTERM: new requests get a 503 while the running ones drain

@@ -5,6 +5,7 @@ replaced, stays as `--batching static`, the baseline bench/serve.py measures aga
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -88,7 +89,7 @@ class Scheduler:
         self.steps = 0
         self.closing_at: float | None = None  # set by drain(): when the remaining jobs are failed
         self.observe_batch = None  # called with the batch's size at each step (the /metrics histogram)
-        self._numbers = iter(range(1 << 62))
+        self._numbers = itertools.count()  # rows' indices, never reused
 
     def start(self) -> None:
         self.thread.start()
@@ -125,7 +126,7 @@ class Scheduler:
     def _take_queued(self) -> bool:
         """Move queued jobs to `waiting`, blocking only when there is nothing else to do; False once
         asked to stop."""
-        block = not self.batch.rows and not self.waiting
+        block = not len(self.batch) and not self.waiting
         while True:
             try:
                 job = self.queue.get(timeout=IDLE_POLL) if block else self.queue.get_nowait()
@@ -149,9 +150,11 @@ class Scheduler:
 
         kept = deque()
         for job in self.waiting:
-            if not job.ticket.cancelled and (err := reason(job)) is not None:
+            if job.ticket.cancelled:
+                continue
+            if (err := reason(job)) is not None:
                 job.ticket.send(job.choice, err)
-            elif not job.ticket.cancelled:
+            else:
                 kept.append(job)
         self.waiting = kept
         gone = set()
@@ -178,7 +181,7 @@ class Scheduler:
             self._deliver(lambda: self.batch.join(joining), joining)
 
     def _step(self) -> None:
-        if not self.batch.rows:
+        if not len(self.batch):
             return
         self.steps += 1
         if self.observe_batch is not None:
