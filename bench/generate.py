@@ -52,7 +52,8 @@ from lmspec.compiler.rewrites import spec_record  # noqa: E402
 from lmspec.runtime.export.from_checkpoint import export_bundle  # noqa: E402
 from lmspec.runtime.train.sampling import generate  # noqa: E402
 from lmspec.runtime.export.bundle import bundle_sidecar  # noqa: E402
-from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel  # noqa: E402
+from lmspec.runtime.serve.language_model import OnnxModel  # noqa: E402
+from lmspec.runtime.serve.requests import GenerationRequest  # noqa: E402
 from lmspec.runtime.data.tokenizer import FileTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

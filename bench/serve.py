@@ -1,8 +1,10 @@
 """`lmspec serve` with continuous batching against the static scheduler it replaced, side by side.
 
-Two servers on the same bundle, one `--batching static` (the baseline: whole batches of up to
---max-batch, one after the other) and one `--batching continuous` (rows join and leave between
-decode steps), each in its own process, measured one after the other in one run:
+Two servers of one model, each in its own process, measured one after the other in one run: the
+baseline is `--batching static` (whole batches of up to --max-batch, one after the other) on the
+plain export (its cache concatenated anew at every step), the new one `--batching continuous` (rows
+join and leave between decode steps) on the export with `--fused-attention` (each row in a slot of
+one KV buffer, updated in place). `--also-cohorts` adds continuous batching on the plain export:
 
 1. Head-of-line blocking: a 1,024-token request, then, once its first token is out, a 3-token one;
    the 3-token request's latency (target: < 1 s with continuous batching).
@@ -13,14 +15,11 @@ decode steps), each in its own process, measured one after the other in one run:
 
 The model is GPT-2 small's body (12 layers of width 768, 85M parameters) over a character
 vocabulary, with context 2048 and random weights (speed does not depend on them), trained one step
-and exported here; `--dim`, `--layers` and `--heads` shape another, `--bundle PATH` takes one. The
-model matters: on a CPU a decode step's cost grows with the rows in it, so batching pays where a
-step's fixed cost (reading every weight) is large beside its per-row cost (attention over the
-cache), as for real LLMs; a 6-layer, 256-wide model spends most of a step on attention, and there
-continuous batching wins latency for short requests only (bench/RESULTS.md has both).
+and exported both ways here; `--dim`, `--layers` and `--heads` shape another, `--run DIR` exports a
+trained run instead.
 
-    python bench/serve.py [--bundle PATH | --dim 768 --layers 12 --heads 12] [--requests 4]
-                          [--clients 32] [--threads N] [--provider cpu|cuda] [--workdir DIR]
+    python bench/serve.py [--run DIR | --dim 768 --layers 12 --heads 12] [--requests 4] [--clients 32]
+                          [--threads N] [--provider cpu|cuda] [--also-cohorts] [--workdir DIR]
 
 The last line is JSON ({"bench": "serve", ...}) for bench/gpu_check.sh, which runs it on the GPU.
 """
@@ -60,22 +59,27 @@ def lmspec(*args) -> list[str]:
     return [sys.executable, "-m", "lmspec.runtime.cli.main", *map(str, args)]
 
 
-def build_bundle(workdir: Path, dim: int, layers: int, heads: int) -> Path:
-    name = f"serve-bench-{layers}x{dim}"
-    run, bundle = workdir / name, workdir / f"{name}.onnx"
-    if bundle.exists():
-        return bundle
-    subprocess.run(lmspec("train", ROOT / "specs/tiny.arch", "--set", "context=2048", "--set", f"layers={layers}",
-                          "--set", f"dim={dim}", "--set", f"heads={heads}", "--data", DATA / "the-verdict.txt", "--out", run,
-                          "--steps", 1, "--batch", 1, "--seq", 256, "--no-progress", "--sample-tokens", 0, "--eval-batches", 1),
-                   check=True, capture_output=True)
-    subprocess.run(lmspec("export", run, "-o", bundle), check=True, capture_output=True)
+def build_run(workdir: Path, dim: int, layers: int, heads: int) -> Path:
+    run = workdir / f"serve-bench-{layers}x{dim}"
+    if not (run / "meta.json").exists():
+        subprocess.run(lmspec("train", ROOT / "specs/tiny.arch", "--set", "context=2048", "--set", f"layers={layers}",
+                              "--set", f"dim={dim}", "--set", f"heads={heads}", "--data", DATA / "the-verdict.txt",
+                              "--out", run, "--steps", 1, "--batch", 1, "--seq", 256, "--no-progress",
+                              "--sample-tokens", 0, "--eval-batches", 1), check=True, capture_output=True)
+    return run
+
+
+def export(run: Path, workdir: Path, fused: bool) -> Path:
+    bundle = workdir / f"{run.name}-{'fused' if fused else 'plain'}.onnx"
+    if not bundle.exists():
+        subprocess.run(lmspec("export", run, "-o", bundle, *(("--fused-attention",) if fused else ())),
+                       check=True, capture_output=True)
     return bundle
 
 
 @contextmanager
 def server(bundle: Path, batching: str, threads: int | None, provider: str, logs: Path):
-    out, err = logs / f"{batching}.out", logs / f"{batching}.err"
+    out, err = logs / f"{bundle.stem}-{batching}.out", logs / f"{bundle.stem}-{batching}.err"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(lmspec("serve", bundle, "--port", 0, "--batching", batching, "--max-tokens", LONG,
                                        "--provider", provider, *(("--threads", threads) if threads else ())),
@@ -161,7 +165,9 @@ def p95(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--run", type=Path, help="a trained run to export and serve (default: a random model)")
+    parser.add_argument("--also-cohorts", action="store_true",
+                        help="also measure continuous batching on the plain export (cohorts of padded rows)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--threads", type=int, help="onnxruntime threads of each server (default: its own)")
@@ -173,16 +179,20 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lmspec-bench-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or build_bundle(workdir, args.dim, args.layers, args.heads)
+    run = args.run or build_run(workdir, args.dim, args.layers, args.heads)
+    plain, fused = export(run, workdir, fused=False), export(run, workdir, fused=True)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-          f"bundle {bundle}", flush=True)
+          f"bundles {plain} and {fused}", flush=True)
+    servers = {"static": (plain, "static"), "continuous": (fused, "continuous")}
+    if args.also_cohorts:
+        servers["cohorts"] = (plain, "continuous")
     results = {}
-    for batching in ("static", "continuous"):
+    for name, (bundle, batching) in servers.items():
         with server(bundle, batching, args.threads, args.provider, workdir) as url:
             short, long = short_behind_long(url)
             load = mixed_load(url, args.clients, args.requests)
-        results[batching] = r = dict(short=short, long=long, **load)
-        print(f"{batching:>10}: {SHORT}-token request behind a {LONG}-token one: {short:.2f} s (the long one "
+        results[name] = r = dict(short=short, long=long, **load)
+        print(f"{name:>10}: {SHORT}-token request behind a {LONG}-token one: {short:.2f} s (the long one "
               f"{long:.2f} s); {args.clients} clients, {r['requests']} requests: {r['throughput']:.0f} tokens/s, "
               f"latency p95 {r['p95']:.2f} s, median {r['median']:.2f} s, p95 of those <= 32 tokens "
               f"{r['short_p95']:.2f} s", flush=True)

@@ -22,6 +22,7 @@ once (`export_classifier_onnx`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import warnings
@@ -46,6 +47,8 @@ PARITY_TOLERANCE = 1e-4  # largest |ONNX - PyTorch| logit allowed for an fp32 ex
 
 # Dimension names of the exported graph, as Hugging Face Optimum names them.
 BATCH, SEQUENCE, PAST = "batch_size", "sequence_length", "past_sequence_length"
+MAX_LENGTH = "max_sequence_length"  # a shared buffer's length (onnxruntime-genai's max_length)
+SHARED_BUFFER = "shared"  # the sidecar's cache "buffer" value for a fused-attention export
 TOTAL = f"{PAST} + {SEQUENCE}"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -56,11 +59,14 @@ class ExportError(UserError):
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """What a KV cache of this model holds: per attention layer, kv_heads x head_dim."""
+    """What a KV cache of this model holds: per attention layer, kv_heads x head_dim; and whether it
+    is one preallocated buffer per layer that fused attention updates in place (shared_buffer), or
+    grows by concatenation at every call."""
 
     layers: int
     kv_heads: tuple[int, ...]
     head_dim: tuple[int, ...]
+    shared_buffer: bool = False
 
     def input_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
@@ -69,7 +75,18 @@ class CacheLayout:
         return [f"present.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
 
     def as_dict(self) -> dict:
-        return {"layers": self.layers, "kv_heads": list(self.kv_heads), "head_dim": list(self.head_dim)}
+        shape = {"layers": self.layers, "kv_heads": list(self.kv_heads), "head_dim": list(self.head_dim)}
+        return {**shape, "buffer": SHARED_BUFFER} if self.shared_buffer else shape
+
+
+def _fused_layout(model: nn.Module, layout: CacheLayout | None, graph: ModelGraph) -> CacheLayout:
+    """The shared-buffer layout of `model`, or ExportError saying why its attention cannot be fused."""
+    from .onnx_fused_attention import why_not_fused
+
+    reason = "its attention cannot use a KV cache" if layout is None else why_not_fused(model)
+    if reason:
+        raise ExportError(f"{graph.name}: fused attention needs causal attention over a KV cache, but {reason}")
+    return dataclasses.replace(layout, shared_buffer=True)
 
 
 def cache_layout(model: nn.Module) -> CacheLayout | None:
@@ -122,7 +139,11 @@ class CachedDecoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.layout.layers)]
-        cache = TensorCache(past, attention_mask, position_ids)
+        if self.layout.shared_buffer:
+            from .onnx_fused_attention import SharedBufferCache
+            cache = SharedBufferCache(past, attention_mask, position_ids)
+        else:
+            cache = TensorCache(past, attention_mask, position_ids)
         logits = _logits(self.model(input_ids, cache))
         return (logits, *[t for pair in cache.present for t in pair])
 
@@ -185,10 +206,12 @@ def is_classifier(graph: ModelGraph) -> bool:
         and len(graph.outputs[0][1].shape) == 2
 
 
-def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: int = DEFAULT_OPSET) -> CacheLayout | None:
+def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: int = DEFAULT_OPSET,
+                fused_attention: bool = False) -> CacheLayout | None:
     """Write `model` (lowered from `graph`, in eval mode) to `path` as ONNX; return its cache layout,
-    None when it exports without a cache. Raises SpecError for an op that cannot be exported and
-    ExportError when the exporter fails, naming the op where it can."""
+    None when it exports without a cache. With `fused_attention`, attention is onnxruntime's
+    GroupQueryAttention over a shared KV buffer (compiler/onnx_fused_attention.py). Raises SpecError
+    for an op that cannot be exported and ExportError when the exporter fails, naming the op where it can."""
     check_before_tracing(graph, opset)
     if len(graph.inputs) != 1:  # the decoders below feed the token ids alone
         kind = "a classifier: export it with export_classifier_onnx" if is_classifier(graph) else \
@@ -196,25 +219,33 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
         raise ExportError(f"{graph.name} takes {len(graph.inputs)} inputs ({', '.join(spec_inputs(graph))}); {kind}")
     model = model.eval()
     layout = cache_layout(model)
+    if fused_attention:
+        layout = _fused_layout(model, layout, graph)
     batch, (seq, past) = 2, example_lengths(graph.context)
     ids = example_ids(graph, batch, seq)
+    translation = {}
     if layout is None:
         wrapper, args = PlainDecoder(model), (ids,)
         input_names, output_names = ["input_ids"], ["logits"]
         dims = {"input_ids": {0: torch.export.Dim(BATCH), 1: torch.export.Dim(SEQUENCE)}}
     else:
         wrapper = CachedDecoder(model, layout)
-        past_kv = [torch.zeros(batch, layout.kv_heads[i], past, layout.head_dim[i])
+        # a shared buffer is longer than what it holds; traced with a third length, it stays symbolic
+        buffer = past + seq + 3 if layout.shared_buffer else past
+        past_kv = [torch.zeros(batch, layout.kv_heads[i], buffer, layout.head_dim[i])
                    for i in range(layout.layers) for _ in ("key", "value")]
         mask = torch.ones(batch, past + seq, dtype=torch.long)
         positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
         args = (ids, mask, positions, *past_kv)
         input_names = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
         output_names = ["logits", *layout.output_names()]
-        b, s, p = (torch.export.Dim(n) for n in (BATCH, SEQUENCE, PAST))
+        b, s, p = (torch.export.Dim(n) for n in (BATCH, SEQUENCE, MAX_LENGTH if layout.shared_buffer else PAST))
         dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
                 "position_ids": {0: b, 1: s}, "past_flat": tuple({0: b, 2: p} for _ in past_kv)}
-    _write(wrapper, args, input_names, output_names, dims, graph, path, opset)
+        if layout.shared_buffer:
+            from .onnx_fused_attention import onnx_translation
+            translation = onnx_translation()
+    _write(wrapper, args, input_names, output_names, dims, graph, path, opset, translation)
     if layout is not None:
         _rename_dim(Path(path), "attention_mask", 1, TOTAL)
     return layout
@@ -251,13 +282,13 @@ def example_ids(graph: ModelGraph, batch: int, seq: int) -> torch.Tensor:
 
 
 def _write(wrapper: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dims: dict,
-           graph: ModelGraph, path: str | Path, opset: int) -> None:
+           graph: ModelGraph, path: str | Path, opset: int, translation: dict | None = None) -> None:
     """Trace `wrapper` on `args` with torch's exporter and save the ONNX model to `path`."""
     try:
         with _quiet_exporter(), _plain_attention():
             program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, opset_version=opset,
                                         input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=dims)
+                                        dynamic_shapes=dims, custom_translation_table=translation or None)
     except Exception as err:  # the exporter raises many kinds; all mean the same to the user
         raise ExportError(_export_failure(err, graph)) from None
     program.save(str(path), external_data=_needs_external_data(wrapper))

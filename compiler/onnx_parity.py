@@ -66,12 +66,13 @@ def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_si
     ids = torch.randint(0, vocab_size, (batch, prompt_len + extra), generator=gen)
     model = model.eval()
     with torch.no_grad():
-        out = model(ids)
-        reference = (out[0] if isinstance(out, tuple) else out).float().numpy()
+        reference = _logits_of(model(ids)).float().numpy()
     if layout is None:
         logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
         return Parity(_max_diff(logits, reference), None)
 
+    if layout.shared_buffer:
+        return _shared_buffer_parity(model, session, layout, ids, prompt_len, extra)
     prompt = ids[:, :prompt_len].numpy()
     float_type = _float_type(session)
     empty = {name: np.zeros((batch, layout.kv_heads[i // 2], 0, layout.head_dim[i // 2]), dtype=float_type)
@@ -83,6 +84,45 @@ def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_si
     past = dict(zip(layout.input_names(), first[1:]))
     second = session.run(None, _feeds(ids[:, prompt_len:].numpy(), prompt_len, past))
     return Parity(parity_empty, _max_diff(second[0], reference[:, prompt_len:]))
+
+
+def _shared_buffer_parity(model: nn.Module, session, layout: CacheLayout, ids: torch.Tensor, prompt_len: int,
+                          extra: int) -> Parity:
+    """The check for a fused-attention export: rows of different lengths in one buffer (the prompt
+    right-padded, then one token per call, each row at its own position), each compared with the
+    PyTorch model run over that row alone."""
+    batch = ids.shape[0]
+    lengths = [prompt_len - min(i, prompt_len - 1) % 3 for i in range(batch)]  # row i is i % 3 shorter
+    rows = [ids[i, :lengths[i] + extra] for i in range(batch)]
+    with torch.no_grad():
+        references = [_logits_of(model(row[None]))[0].float().numpy() for row in rows]
+    capacity = prompt_len + extra
+    float_type = _float_type(session)
+    past = {name: np.zeros((batch, layout.kv_heads[i // 2], capacity, layout.head_dim[i // 2]), dtype=float_type)
+            for i, name in enumerate(layout.input_names())}
+    prompt = np.zeros((batch, prompt_len), dtype=np.int64)
+    for i, row in enumerate(rows):
+        prompt[i, :lengths[i]] = row[:lengths[i]].numpy()
+    mask = (np.arange(prompt_len)[None] < np.array(lengths)[:, None]).astype(np.int64)
+    positions = np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)).copy()
+    out = session.run(None, {"input_ids": prompt, "attention_mask": mask, "position_ids": positions, **past})
+    parity_empty = max(_max_diff(out[0][i, :n], references[i][:n]) for i, n in enumerate(lengths))
+    if extra == 0:
+        return Parity(parity_empty, None)
+    filled = 0.0
+    for step in range(extra):  # onnxruntime's kernel takes one token per row once a batch has a past
+        past = dict(zip(layout.input_names(), out[1:]))
+        now = [n + step for n in lengths]
+        column = np.array([[row[n].item()] for row, n in zip(rows, now)], dtype=np.int64)
+        mask = (np.arange(max(now) + 1)[None] < np.array(now)[:, None] + 1).astype(np.int64)
+        out = session.run(None, {"input_ids": column, "attention_mask": mask,
+                                 "position_ids": np.array(now, dtype=np.int64)[:, None], **past})
+        filled = max(filled, *(_max_diff(out[0][i, 0], references[i][n]) for i, n in enumerate(now)))
+    return Parity(parity_empty, filled)
+
+
+def _logits_of(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 def check_classifier_parity(model: nn.Module, session, vocab_size: int, context: int | None,

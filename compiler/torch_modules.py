@@ -178,6 +178,8 @@ class Attention(nn.Module):
             angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [batch or 1, 1, t, rotary_dim]
             cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hasattr(cache, "attend"):  # an export that runs attention as one fused onnxruntime kernel
+            return self.proj(cache.attend(self, q, k, v))
         mask, is_causal = None, cfg.causal
         if getattr(cache, "attention_mask", None) is not None:
             # A cache with a padding mask builds the whole [batch, 1, t, s] mask itself.

@@ -24,6 +24,10 @@ def export_options(p) -> None:
                    help="apply onnxruntime's graph optimisations and transformer fusions")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation of the weights (CPU)")
     p.add_argument("--fp16", action="store_true", help="convert to float16 (for GPU execution providers)")
+    p.add_argument("--fused-attention", action="store_true",
+                   help="attention as onnxruntime's fused GroupQueryAttention kernel over a KV cache that is one "
+                        "buffer per layer, updated in place (onnxruntime-genai's layout): faster decoding, and "
+                        "rows of different lengths batch without padding (what `lmspec serve` wants)")
 
 
 def cmd_export(args) -> int:
@@ -33,7 +37,8 @@ def cmd_export(args) -> int:
             raise UsageError(f"unexpected argument {args.hf_checkpoint!r} (did you mean `lmspec export hf "
                              f"{args.hf_checkpoint}`?)")
         onnx_only = [flag for flag, used in (("--opset", args.opset is not None), ("--optimize", args.optimize),
-                                             ("--quantize", args.quantize), ("--fp16", args.fp16)) if used]
+                                             ("--quantize", args.quantize), ("--fp16", args.fp16),
+                                             ("--fused-attention", args.fused_attention)) if used]
         if onnx_only:
             raise UsageError(f"{', '.join(onnx_only)}: only for ONNX export, not `export hf`")
         from lmspec.runtime.cli.hf import cmd_export_hf
@@ -45,7 +50,7 @@ def cmd_export(args) -> int:
         raise UsageError("--model-type is only for `lmspec export hf`")
 
     meta = export_bundle(args.checkpoint, args.out, opset=args.opset, optimize=args.optimize,
-                         quantize=args.quantize, fp16=args.fp16)
+                         quantize=args.quantize, fp16=args.fp16, fused_attention=args.fused_attention)
     return 0 if meta else 1
 
 
@@ -67,5 +72,6 @@ EXPORT = Verb(
     examples="""examples:
   lmspec export runs/tiny -o exported/tiny.onnx
   lmspec export runs/gpt2 -o exported/gpt2-int8.onnx --optimize --quantize int8
+  lmspec export runs/gpt2 -o exported/gpt2-serve.onnx --fused-attention   # for lmspec serve
   lmspec export hf runs/qwen3 -o hf/qwen3       # a Hugging Face model directory (config.json, model.safetensors)""",
 )

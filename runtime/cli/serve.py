@@ -44,7 +44,8 @@ def generate_options(p) -> None:
 
 def cmd_generate(args) -> int:
     from lmspec.runtime.export.bundle import session_providers
-    from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
+    from lmspec.runtime.serve.language_model import OnnxModel
+    from lmspec.runtime.serve.requests import GenerationRequest, check_request
 
     providers = session_providers(args.provider)  # a provider this onnxruntime lacks: said before any loading
     prompts = list(args.prompt or [])

@@ -29,6 +29,7 @@ BUNDLE_FORMAT = "lmspec-onnx"
 BUNDLE_VERSION = 1
 SIDECAR_SUFFIX = ".lmspec.json"
 LANGUAGE_MODEL, CLASSIFIER = "language_model", "classifier"  # a sidecar's "kind"
+SHARED_BUFFER = "shared"  # a sidecar's cache "buffer" for a fused-attention export (compiler/onnx_export.py)
 CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 # What each `--provider` name means to onnxruntime, in order of preference: the CPU stays last for the
 # odd operator a GPU provider has no kernel for (onnxruntime places such nodes there itself).

@@ -32,7 +32,8 @@ def output_path(out: str) -> Path:
 
 
 def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize: bool = False,
-                  quantize: str | None = None, fp16: bool = False, log=print) -> dict:
+                  quantize: str | None = None, fp16: bool = False, fused_attention: bool = False,
+                  log=print) -> dict:
     """Export a checkpoint, a language model or a classifier, to `out` with its sidecar; returns the
     sidecar's content.
 
@@ -55,6 +56,9 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     destination = output_path(out)
     target = export_target(checkpoint, log)
     graph, model = target.graph, target.model
+    if fused_attention and target.kind != LANGUAGE_MODEL:
+        raise UsageError("--fused-attention: a classifier has no KV cache; it exports without one")
+    target.fused_attention = fused_attention
 
     with failures_as_write_errors(destination), scratch_directory(destination.parent, "export") as work:
         started = time.perf_counter()
@@ -147,10 +151,11 @@ class LanguageModelExport(ModelExport):
     kind = LANGUAGE_MODEL
     quantized_note = QUANTIZED_TOLERANCE_NOTE
     layout = None  # known once exported
+    fused_attention = False
 
     def export(self, path: Path, opset: int) -> None:
         from lmspec.compiler.onnx_export import export_onnx
-        self.layout = export_onnx(self.model, self.graph, path, opset=opset)
+        self.layout = export_onnx(self.model, self.graph, path, opset=opset, fused_attention=self.fused_attention)
 
     def check(self, session):
         from lmspec.compiler.onnx_parity import check_parity

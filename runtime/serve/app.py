@@ -40,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmspec.runtime.data.chat_template import check_messages, chat_template_for
 from lmspec.runtime.export.bundle import bundle_chat_template, session_providers
-from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, check_request
+from lmspec.runtime.serve.language_model import OnnxModel
+from lmspec.runtime.serve.requests import GenerationRequest, check_request
 from lmspec.runtime.serve.metrics import ServerMetrics
 from lmspec.runtime.serve.page import add_chat_page
 from lmspec.runtime.serve.response_logprobs import chat_logprobs, completion_logprobs

@@ -3,20 +3,21 @@ prompts of different lengths, streamed text that stops at stop strings. No torch
 
 Generation keeps the KV cache between steps, batches prompts of different lengths by padding them on
 the left (with an attention mask and per-row positions), and drops finished rows from the batch as it
-goes; once the cache is full, it goes on over a sliding window of the last `context` tokens. The
-bundle itself (its sidecar, tokenizer and session) is read by runtime/export/bundle.py.
+goes; once the cache is full, it goes on over a sliding window of the last `context` tokens. A bundle
+exported with fused attention keeps its cache in one buffer per layer instead, updated in place, each
+row at its own length (serve/slot_batch.py runs it). The bundle itself (its sidecar, tokenizer and
+session) is read by runtime/export/bundle.py.
 """
 from __future__ import annotations
 
 import os
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 
 import numpy as np
 
 from lmspec.runtime.export.bundle import (
     CLASSIFIER,
+    SHARED_BUFFER,
     BundleError,
     bundle_kind,
     bundle_sidecar,
@@ -25,205 +26,18 @@ from lmspec.runtime.export.bundle import (
     open_session,
     read_sidecar,
 )
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt and how to continue it. temperature 0 is greedy."""
-
-    prompt_ids: list[int]
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # strings that end the completion (not included in its text)
-    stop_at_eot: bool = True  # end at the tokenizer's end-of-text token (not included either)
-    stop_ids: tuple[int, ...] = ()  # further token ids that end it, e.g. a chat template's <|im_end|>
-    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before sampling
-    presence_penalty: float = 0.0  # taken from a token's logit once it has been generated
-    frequency_penalty: float = 0.0  # taken from a token's logit once per time it has been generated
-    logprobs: int | None = None  # None: none; k: each new token's log-probability and the k likeliest
-    prompt_logprobs: bool = False  # also the log-probability of each prompt token after the first
-
-
-@dataclass
-class Completion:
-    tokens: list[int]  # the new tokens, without a stop token
-    text: str  # their text, cut before a stop string
-    finish_reason: str  # "stop" (end-of-text, stop token or string) or "length" (max_tokens)
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A token with its log-probability under the model (None for a prompt's first token, which
-    nothing predicts) and the `k` likeliest tokens at its place, as (token, log-probability), best first."""
-
-    token: int
-    logprob: float | None
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class TokenEvent:
-    """A step of a streamed generation: request `index` has new `text` (possibly empty while a
-    multi-byte character or a possible stop string is incomplete); `finish_reason` is set on its last.
-    With logprobs asked, `scored` is the new token's (a stop token's too); with prompt_logprobs, a
-    request's first event carries `prompt`, one Scored per prompt token."""
-
-    index: int
-    token: int | None
-    text: str
-    finish_reason: str | None = None
-    scored: Scored | None = None
-    prompt: list[Scored] | None = None
-
-
-def check_request(request: GenerationRequest, vocab_size: int) -> None:
-    """Raise ValueError, with a message for the user, for arguments generation cannot use."""
-    if not request.prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token to condition on")
-    bad = next((i for i in request.prompt_ids if not 0 <= int(i) < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"token id {bad} is outside the vocabulary of {vocab_size:,}")
-    if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
-        raise ValueError(f"max_tokens must be an integer >= 0, got {request.max_tokens!r}")
-    if request.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {request.temperature}")
-    if request.top_k is not None and request.top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {request.top_k}")
-    if request.top_p is not None and not 0 < request.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {request.top_p}")
-    bad = next((t for t in request.logit_bias or {} if not 0 <= int(t) < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary of {vocab_size:,}")
-    if request.logprobs is not None and not 0 <= request.logprobs <= vocab_size:
-        raise ValueError(f"logprobs must be between 0 and the vocabulary size, got {request.logprobs}")
-
-
-def adjusted_logits(logits: np.ndarray, request: GenerationRequest, counts: Counter) -> np.ndarray:
-    """A row's logits with the request's logit_bias and presence and frequency penalties applied, as
-    OpenAI defines them: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty."""
-    penalised = counts and (request.presence_penalty or request.frequency_penalty)
-    if not request.logit_bias and not penalised:
-        return logits
-    logits = logits.astype(np.float64)
-    if request.logit_bias:
-        ids = np.fromiter(request.logit_bias, dtype=np.int64)
-        np.add.at(logits, ids, np.fromiter(request.logit_bias.values(), dtype=np.float64))
-    if penalised:
-        ids = np.fromiter(counts, dtype=np.int64)
-        times = np.fromiter(counts.values(), dtype=np.float64)
-        logits[ids] -= times * request.frequency_penalty + request.presence_penalty
-    return logits
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities over the last axis, in float64 (the logits themselves may be float16)."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def scored(token: int, logprobs: np.ndarray, k: int) -> Scored:
-    """`token` with its log-probability from a [vocab] row of them, and the row's k likeliest."""
-    return Scored(token, float(logprobs[token]), top_logprobs(logprobs, k))
-
-
-def top_logprobs(logprobs: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
-    if k <= 0:
-        return ()
-    best = np.argpartition(-logprobs, k - 1)[:k] if k < logprobs.size else np.arange(logprobs.size)
-    best = best[np.argsort(-logprobs[best], kind="stable")]
-    return tuple((int(t), float(logprobs[t])) for t in best)
-
-
-def scored_prompt(prompt: list[int], logits: np.ndarray, k: int) -> list[Scored]:
-    """Each prompt token's log-probability given the tokens before it, from the prompt's logits
-    [len(prompt), vocab] (the first token's is None, as OpenAI's echo gives it)."""
-    out = [Scored(prompt[0], None)]
-    for t in range(1, len(prompt)):
-        out.append(scored(prompt[t], log_softmax(logits[t - 1]), k))
-    return out
-
-
-def pick_token(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None,
-               rng: np.random.Generator) -> int:
-    """One token id from a [vocab] row of logits: the same rules as the PyTorch sampler."""
-    logits = logits.astype(np.float64)
-    if temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size:
-        kth = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < kth, -np.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        order = np.argsort(-logits, kind="stable")
-        probs = _softmax(logits[order])
-        # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-        drop = (np.cumsum(probs) - probs) >= top_p
-        logits[order[drop]] = -np.inf
-    probs = _softmax(logits)
-    return int(rng.choice(probs.size, p=probs))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x))
-    return e / e.sum()
-
-
-class TextStream:
-    """Turns a row's tokens into text deltas that are safe to show: never half a UTF-8 character,
-    never text that a stop string may still claim."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
-        self.decode, self.stop = decode, tuple(s for s in stop if s)
-        self.tokens: list[int] = []
-        self.sent = 0  # characters of the text already handed out
-        self.text = ""
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (new text to show, whether a stop string has appeared)."""
-        self.tokens.append(token)
-        self.text = self.decode(self.tokens)
-        hit = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
-                  default=-1)
-        if hit >= 0:
-            self.text = self.text[:hit]
-            return self._take(len(self.text)), True
-        safe = len(self.text)
-        if self.text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
-            safe = len(self.text.rstrip("\ufffd"))
-        for s in self.stop:  # hold back a tail that could be the start of a stop string
-            for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
-                if self.text[safe - k:safe] == s[:k]:
-                    safe -= k
-                    break
-        return self._take(safe), False
-
-    def finish(self) -> str:
-        return self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        upto = max(upto, self.sent)
-        delta = self.text[self.sent:upto]
-        self.sent = upto
-        return delta
-
-
-@dataclass(eq=False)
-class Row:
-    """One request being generated: its sampler, its text so far and how it may end."""
-
-    index: int
-    request: GenerationRequest
-    rng: np.random.Generator
-    stream: TextStream
-    stops: frozenset
-    new: list[int] = field(default_factory=list)
-    counts: Counter = field(default_factory=Counter)  # generated tokens, for the penalties
-    finish_reason: str | None = None
+from lmspec.runtime.serve.requests import (
+    adjusted_logits,
+    check_request,
+    Completion,
+    GenerationRequest,
+    log_softmax,
+    pick_token,
+    Row,
+    scored,
+    TextStream,
+    TokenEvent,
+)
 
 
 class OnnxModel:
@@ -251,6 +65,8 @@ class OnnxModel:
                               f"but {self.path.name} takes {len(self._past_names)}")
         kinds = {i.type for i in self.session.get_inputs() if i.name in self._past_names}
         self._float = np.float16 if kinds == {"tensor(float16)"} else np.float32
+        self.shared_buffer = bool(cache) and cache.get("buffer") == SHARED_BUFFER
+        self._present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
 
     @property
     def uses_cache(self) -> bool:
@@ -276,17 +92,50 @@ class OnnxModel:
         if not self.uses_cache:
             return self.session.run(["logits"], {"input_ids": ids})[0], []
         batch, seq = ids.shape
-        if past is None:
-            past = [np.zeros((batch, kv, 0, hd), dtype=self._float) for kv, hd in self._past_shapes]
-        past_len = past[0].shape[2]
-        if mask is None:
-            mask = np.ones((batch, past_len + seq), dtype=np.int64)
-        if positions is None:
-            positions = positions_from_mask(mask)[:, past_len:]
+        if self.shared_buffer:
+            # The mask counts each row's length after this call (a prompt's rows padded on the right);
+            # the buffers are the cache so far, or a new one for a prompt.
+            mask = np.ones((batch, seq), dtype=np.int64) if mask is None else mask
+            past = self.new_cache(batch, mask.shape[1]) if past is None else past
+            if positions is None:
+                start = 0 if seq == mask.shape[1] else mask.sum(axis=1, keepdims=True) - seq
+                positions = start + np.arange(seq)[None]
+        else:
+            if past is None:
+                past = [np.zeros((batch, kv, 0, hd), dtype=self._float) for kv, hd in self._past_shapes]
+            past_len = past[0].shape[2]
+            if mask is None:
+                mask = np.ones((batch, past_len + seq), dtype=np.int64)
+            if positions is None:
+                positions = positions_from_mask(mask)[:, past_len:]
         feeds = {"input_ids": ids, "attention_mask": mask.astype(np.int64), "position_ids": positions.astype(np.int64)}
         feeds.update(zip(self._past_names, past))
         out = self.session.run(None, feeds)
         return out[0], out[1:]
+
+    def new_cache(self, rows: int, length: int | None = None) -> list[np.ndarray]:
+        """Empty shared buffers, [rows, kv_heads, length (default: the context), head_dim] per cache
+        tensor. Zeros from the allocator: pages no row reaches cost no memory."""
+        return [np.zeros((rows, kv, length or self.context, hd), dtype=self._float) for kv, hd in self._past_shapes]
+
+    def forward_in_place(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                         buffers: list[np.ndarray]) -> np.ndarray:
+        """Logits [batch, seq, vocab] of a shared-buffer model, which writes the new keys and values
+        into `buffers` (contiguous arrays, each bound as both past and present: nothing is copied).
+        `mask` has as many ones in each row as the row's length after this call."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        binding.bind_output("logits")
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        for past, present, buffer in zip(self._past_names, self._present_names, buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     # ------------------------------------------------------------------------------ generation
 
@@ -316,7 +165,9 @@ class OnnxModel:
                 live.append(row)
         if not live:
             return
-        if self.uses_cache:
+        if self.shared_buffer:
+            yield from self._generate_in_slots(live)
+        elif self.uses_cache:
             yield from self._generate_cached(live)
         else:  # no padding mask in such a graph: each prompt runs on its own
             for row in live:
@@ -371,6 +222,19 @@ class OnnxModel:
                 return
             logits, past = self.forward(column, mask, positions_from_mask(mask)[:, -1:], past)
 
+    def _generate_in_slots(self, rows: list[Row]) -> Iterator[TokenEvent]:
+        """Every row in its own slot of one shared buffer; a row whose cache fills up goes on alone
+        over a sliding window, as _generate_cached's rows do."""
+        from lmspec.runtime.serve.slot_batch import SlotBatch
+
+        batch = SlotBatch(self, len(rows))
+        yield from batch.join(rows)
+        while len(batch):
+            for row in batch.discard_full():
+                yield from self._generate_windowed([row], [list(row.request.prompt_ids)[-self.context:] + row.new])
+            if len(batch):
+                yield from batch.step()
+
     def _generate_windowed(self, rows: list[Row], ids: list[list[int]],
                            masks: list[list[int]] | None = None) -> Iterator[TokenEvent]:
         """Each step re-runs the last `context` tokens without a cache, as the PyTorch sampler does
@@ -379,7 +243,9 @@ class OnnxModel:
         while True:
             window = np.array([r[-self.context:] for r in ids], dtype=np.int64)
             window_mask = np.array([m[-self.context:] for m in masks], dtype=np.int64)
-            if self.uses_cache:
+            if self.shared_buffer:  # its prompts are padded on the right, if at all: one row at a time
+                logits = np.concatenate([self.forward(np.array([r[-self.context:]]))[0][:, -1:] for r in ids])
+            elif self.uses_cache:
                 logits, _ = self.forward(window, window_mask)
             else:
                 logits, _ = self.forward(window)

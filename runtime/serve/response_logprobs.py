@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from lmspec.runtime.serve.language_model import Scored
+from lmspec.runtime.serve.requests import Scored
 
 
 def completion_logprobs(decode: Callable[[list[int]], str], scored: Sequence[Scored], offset: int = 0) -> dict:

@@ -19,14 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmspec.runtime.serve.language_model import (
-    OnnxModel,
-    Row,
-    TokenEvent,
-    left_pad,
-    positions_from_mask,
-    scored_prompt,
-)
+from lmspec.runtime.serve.language_model import OnnxModel, left_pad, positions_from_mask
+from lmspec.runtime.serve.requests import Row, TokenEvent, end_at_context, first_events
 
 MAX_COHORTS = 6  # beyond this many, the two that waste the least padding together are merged
 
@@ -117,17 +111,7 @@ class RunningBatch:
         else:
             mask, past = None, []
             every = [self.model.forward(np.array([p], dtype=np.int64))[0][0] for p in prompts]
-        events = []
-        for row, prompt, own in zip(rows, prompts, every):
-            request = row.request
-            if request.max_tokens == 0:
-                row.finish_reason = "length"
-                event = TokenEvent(row.index, None, "", "length")
-            else:
-                event = self.model.advance(row, own[-1])
-            if request.prompt_logprobs:
-                event.prompt = scored_prompt(prompt, own, request.logprobs or 0)
-            events.append(event)
+        events = first_events(self.model, rows, prompts, every)
         going_on = [i for i, row in enumerate(rows) if row.finish_reason is None]
         if going_on:
             self.cohorts.append(Cohort([rows[i] for i in going_on], [p[going_on] for p in past],
@@ -141,7 +125,7 @@ class RunningBatch:
         for cohort in self.cohorts:
             full = [i for i, n in enumerate(cohort.lengths()) if n > self.model.context]
             for i in full:
-                events.append(_end(cohort.rows[i]))
+                events.append(end_at_context(cohort.rows[i]))
             if full:
                 cohort.keep([i for i in range(len(cohort.rows)) if i not in full])
             if cohort.rows:
@@ -192,11 +176,6 @@ class RunningBatch:
                 return
             self.cohorts[i].absorb(self.cohorts[j])
             del self.cohorts[j]
-
-
-def _end(row: Row) -> TokenEvent:
-    row.finish_reason = "length"
-    return TokenEvent(row.index, None, row.stream.finish(), "length")
 
 
 def _pad_left(a: np.ndarray, length: int) -> np.ndarray:

@@ -13,12 +13,20 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, TokenEvent
+from lmspec.runtime.serve.language_model import OnnxModel
+from lmspec.runtime.serve.requests import GenerationRequest, TokenEvent
 from lmspec.runtime.serve.running_batch import RunningBatch
+from lmspec.runtime.serve.slot_batch import SlotBatch
 
 log = logging.getLogger("uvicorn.error")
 
 IDLE_POLL = 0.5  # seconds an idle worker waits on the queue before it looks at the drain deadline again
+
+
+def running_batch_for(model: OnnxModel, capacity: int) -> RunningBatch | SlotBatch:
+    """The running batch a bundle wants: slots in a shared buffer for a fused-attention export, else
+    cohorts of padded rows; `capacity` is the most rows it will be given."""
+    return SlotBatch(model, capacity) if model.shared_buffer else RunningBatch(model)
 
 
 class Ticket:
@@ -83,7 +91,7 @@ class Scheduler:
         self.model, self.max_batch, self.request_timeout = model, max_batch, request_timeout
         self.queue: queue.Queue[Job | None] = queue.Queue()  # None asks the worker to stop
         self.thread = threading.Thread(target=self._work, name="lmspec-generate", daemon=True)
-        self.batch = RunningBatch(model)
+        self.batch = running_batch_for(model, max_batch)
         self.waiting: deque[Job] = deque()  # taken from the queue, not yet in the batch (it is full)
         self.running: dict[int, Job] = {}  # a row's index -> its job
         self.steps = 0

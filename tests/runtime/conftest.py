@@ -77,3 +77,14 @@ def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
     out = lmspec_cli("export", tiny_run, "-o", path)
     assert out.returncode == 0, out.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_fused_bundle(tmp_path_factory, tiny_run) -> Path:
+    """`tiny_run` exported with `lmspec export --fused-attention`: attention as onnxruntime's fused
+    kernel over a shared KV buffer."""
+    path = tmp_path_factory.mktemp("tiny_fused_bundle") / "tiny.onnx"
+    out = lmspec_cli("export", tiny_run, "-o", path, "--fused-attention")
+    assert out.returncode == 0, out.stderr
+    assert "parity fp32" in out.stdout, out.stdout
+    return path

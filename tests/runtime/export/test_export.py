@@ -17,7 +17,8 @@ from lmspec.compiler.rewrites import spec_record
 from lmspec.runtime.export.from_checkpoint import export_bundle
 from lmspec.runtime.train.sampling import generate
 from lmspec.runtime.export.bundle import BundleError, bundle_sidecar
-from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel
+from lmspec.runtime.serve.language_model import OnnxModel
+from lmspec.runtime.serve.requests import GenerationRequest
 from lmspec.runtime.data.tokenizer import FileTokenizer
 
 

@@ -7,7 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel, adjusted_logits, log_softmax
+from lmspec.runtime.serve.language_model import OnnxModel
+from lmspec.runtime.serve.requests import GenerationRequest, adjusted_logits, log_softmax
 from lmspec.runtime.serve.running_batch import RunningBatch
 
 
@@ -27,6 +28,23 @@ def full_logits(model, ids):
     return logits[0]
 
 
+def schedule(batch, joins: dict, steps: int = 200):
+    """Drive a running batch: the rows of joins[step] join before that step; yields each step's events."""
+    step = 0
+    while step < steps and (len(batch) or any(s >= step for s in joins)):
+        events = batch.join(joins[step]) if step in joins else []
+        yield events + batch.step()
+        step += 1
+
+
+def tally(events, tokens: dict, reasons: dict) -> None:
+    for e in events:
+        if e.token is not None:
+            tokens[e.index].append(e.token)
+        if e.finish_reason:
+            reasons[e.index] = e.finish_reason
+
+
 @pytest.mark.parametrize("slack", [0, 10**9], ids=["cohorts-apart", "cohorts-merged"])
 def test_rows_that_join_and_leave_between_steps_get_their_own_tokens(model, slack):
     """Whether the rows that joined at different steps run as separate cohorts (no padding) or
@@ -41,20 +59,12 @@ def test_rows_that_join_and_leave_between_steps_get_their_own_tokens(model, slac
     batch.merge_slack = slack
     joins = {0: [rows[0]], 3: [rows[1], rows[2]], 12: [rows[3]], 20: [rows[4]]}
     tokens, reasons, cohorts, sizes = {i: [] for i in range(5)}, {}, set(), []
-    step = 0
-    while step < 200 and (batch.rows or any(s >= step for s in joins)):
-        events = batch.join(joins[step]) if step in joins else []
-        events += batch.step()
-        for e in events:
-            if e.token is not None:
-                tokens[e.index].append(e.token)
-            if e.finish_reason:
-                reasons[e.index] = e.finish_reason
+    for events in schedule(batch, joins):
+        tally(events, tokens, reasons)
         cohorts.add(len(batch.cohorts))
         for cohort in batch.cohorts:
             longest = max(len(r.request.prompt_ids) + len(r.new) - 1 for r in cohort.rows)
             sizes.append((cohort.mask.shape[1], longest, cohort.past[0].shape[2]))
-        step += 1
     for i, request in enumerate(requests):
         expected = alone(model, request)
         assert tokens[i] == expected.tokens and reasons[i] == expected.finish_reason == "length", i

@@ -14,7 +14,8 @@ import pytest
 
 from runtime_helpers import lmspec_cli, running_server
 from lmspec.runtime.data.chat_template import chat_template_for, check_messages
-from lmspec.runtime.serve.language_model import GenerationRequest, OnnxModel
+from lmspec.runtime.serve.language_model import OnnxModel
+from lmspec.runtime.serve.requests import GenerationRequest
 
 NAME = "tiny-char"  # given with --name, so /v1/models must report it rather than the spec's name
 MAX_TOKENS = 256
@@ -212,7 +213,7 @@ def test_a_client_leaving_mid_stream_does_not_break_the_worker(client, model):
 def test_logprobs_echo_and_token_prompts_as_lm_eval_asks(client, model):
     """lm-eval-harness's loglikelihood request: token ids, echo, logprobs=1, max_tokens=1; every prompt
     token after the first gets its log-probability under the model, the first gets null."""
-    from lmspec.runtime.serve.language_model import log_softmax
+    from lmspec.runtime.serve.requests import log_softmax
 
     ids = model.tokenizer.encode("The picture was")
     r = client.post("/v1/completions", json={"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
