@@ -19,7 +19,7 @@ and exported both ways here; `--dim`, `--layers` and `--heads` shape another, `-
 trained run instead.
 
     python bench/serve.py [--run DIR | --dim 768 --layers 12 --heads 12] [--requests 4] [--clients 32]
-                          [--threads N] [--provider cpu|cuda] [--also-cohorts] [--workdir DIR]
+                          [--threads N] [--provider cpu|cuda] [--max-batch N] [--also-cohorts] [--workdir DIR]
 
 The last line is JSON ({"bench": "serve", ...}) for bench/gpu_check.sh, which runs it on the GPU.
 """
@@ -61,7 +61,7 @@ def lmspec(*args) -> list[str]:
 
 def build_run(workdir: Path, dim: int, layers: int, heads: int) -> Path:
     run = workdir / f"serve-bench-{layers}x{dim}"
-    if not (run / "meta.json").exists():
+    if not (run / "checkpoints").is_dir():
         subprocess.run(lmspec("train", ROOT / "specs/tiny.arch", "--set", "context=2048", "--set", f"layers={layers}",
                               "--set", f"dim={dim}", "--set", f"heads={heads}", "--data", DATA / "the-verdict.txt",
                               "--out", run, "--steps", 1, "--batch", 1, "--seq", 256, "--no-progress",
@@ -78,11 +78,12 @@ def export(run: Path, workdir: Path, fused: bool) -> Path:
 
 
 @contextmanager
-def server(bundle: Path, batching: str, threads: int | None, provider: str, logs: Path):
+def server(bundle: Path, batching: str, threads: int | None, provider: str, logs: Path, max_batch: int | None = None):
     out, err = logs / f"{bundle.stem}-{batching}.out", logs / f"{bundle.stem}-{batching}.err"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(lmspec("serve", bundle, "--port", 0, "--batching", batching, "--max-tokens", LONG,
-                                       "--provider", provider, *(("--threads", threads) if threads else ())),
+                                       "--provider", provider, *(("--threads", threads) if threads else ()),
+                                       *(("--max-batch", max_batch) if max_batch else ())),
                                 stdout=o, stderr=e, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--max-batch", type=int, help="each server's --max-batch (default: serve's own, 16)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lmspec-bench-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,7 @@ def main() -> None:
         servers["cohorts"] = (plain, "continuous")
     results = {}
     for name, (bundle, batching) in servers.items():
-        with server(bundle, batching, args.threads, args.provider, workdir) as url:
+        with server(bundle, batching, args.threads, args.provider, workdir, args.max_batch) as url:
             short, long = short_behind_long(url)
             load = mixed_load(url, args.clients, args.requests)
         results[name] = r = dict(short=short, long=long, **load)

@@ -200,6 +200,39 @@ def test_32_concurrent_clients_each_get_their_own_answer(client, model, verdict_
     assert client.get("/health").json()["steps"] - steps_before < 32 * 24 / 2
 
 
+def test_a_fused_attention_bundle_serves_the_answers_of_the_plain_one(tiny_fused_bundle, model, verdict_text,
+                                                                      tmp_path):
+    """The same run exported with --fused-attention: each request in a slot of one shared buffer.
+    Twelve clients at once, more than --max-batch 4, with different lengths, so rows leave and
+    waiting ones take their slots mid-run; each answer equals the plain bundle's, and so do the
+    prompt's log-probabilities."""
+    prompts = [verdict_text[2000 + 151 * i:][:4 + 2 * i] for i in range(12)]  # prompt + answer within 64
+    lengths = [6 + 7 * (i % 5) for i in range(12)]
+    expected = [reference(model, model.tokenizer.encode(p), n).text for p, n in zip(prompts, lengths)]
+    with running_server(tiny_fused_bundle, "--max-batch", 4, "--threads", 1, log_dir=tmp_path) as (url, proc, err), \
+            httpx.Client(base_url=url, timeout=60) as c:
+        def ask(i):
+            body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0}
+            if i % 2:
+                with httpx.Client(base_url=url, timeout=60) as own, \
+                        own.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    return "".join(json.loads(d)["choices"][0]["text"] for d in sse_data(r) if d != "[DONE]")
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(12) as pool:
+            assert list(pool.map(ask, range(12))) == expected
+        ids = model.tokenizer.encode("The picture was")
+        echoed = c.post("/v1/completions", json={"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1,
+                                                 "temperature": 0}).json()["choices"][0]["logprobs"]
+        from lmspec.runtime.serve.requests import log_softmax
+        logits, _ = model.forward([ids])
+        want = log_softmax(logits[0])
+        assert echoed["token_logprobs"][1:len(ids)] == pytest.approx([want[t - 1, ids[t]] for t in range(1, len(ids))],
+                                                                     abs=1e-4)
+        assert c.get("/health").json()["running"] == 0
+        assert proc.poll() is None and "Traceback" not in err.read_text()
+
+
 def test_a_client_leaving_mid_stream_does_not_break_the_worker(client, model):
     with client.stream("POST", "/v1/completions", json={"prompt": "I had", "max_tokens": 55,
                                                         "temperature": 0, "stream": True}) as r:
