@@ -39,6 +39,9 @@ RECURSION_LIMIT = 60_000
 SUGGESTION_BUDGET = 250_000  # names compared for "did you mean": bounded, so 50,000 typos stay linear
 
 
+_UNBOUND = object()  # a name not bound in a frame (None is a value a name can have)
+
+
 @dataclass
 class Frame:
     env: dict
@@ -278,12 +281,15 @@ class Builder:
             return
         self._layers_built += count
         outer_repeat, outer_top = self._repeat_scope, frame.top_level
+        shadowed = frame.env.get(stmt.index, _UNBOUND) if stmt.index else _UNBOUND
         frame.top_level = False
         try:
             for i in range(count):
                 frame.scope.extend([stmt.name, str(i)])
                 if outer_repeat is None:
                     self._repeat_scope = ".".join(frame.scope)
+                if stmt.index:
+                    frame.env[stmt.index] = i
                 before = len(self.diagnostics)
                 try:
                     self.exec_body(stmt.body, frame)
@@ -293,6 +299,11 @@ class Builder:
                     break  # the same mistake would repeat in every layer
         finally:
             self._repeat_scope, frame.top_level = outer_repeat, outer_top
+            if stmt.index:  # the index is the body's: after the repeat, the name means what it meant before
+                if shadowed is _UNBOUND:
+                    frame.env.pop(stmt.index, None)
+                else:
+                    frame.env[stmt.index] = shadowed
 
     # ---- expressions ------------------------------------------------------------------------
     def eval(self, e, frame: Frame, label: str | None = None, explicit: bool = False):
@@ -310,6 +321,8 @@ class Builder:
         if isinstance(e, ast.ListLit):
             items = [self.eval(i, frame) for i in e.items]
             return POISON if any(i is POISON for i in items) else items
+        if isinstance(e, ast.Index):
+            return self.eval_index(e, frame)
         if isinstance(e, ast.Named):
             value = self.eval(e.value, frame, label=e.name, explicit=True)
             frame.env[e.name] = value
@@ -348,6 +361,22 @@ class Builder:
         if isinstance(e, ast.Call):
             return self.eval_call(e, frame, label, explicit)
         raise TypeError(f"unknown expression {e!r}")
+
+    def eval_index(self, e: ast.Index, frame: Frame):
+        """`items[i]`: an item of a list, counted from 0 (from the end when negative, as in Python)."""
+        items, index = self.eval(e.value, frame), self.eval(e.index, frame)
+        if items is POISON or index is POISON:
+            return POISON
+        if not isinstance(items, list):
+            self.error(f"only a list can be indexed, not {describe(items)}", e.value.span, "E201")
+            return POISON
+        if not isinstance(index, int) or isinstance(index, bool):
+            self.error(f"a list index must be an int, got {describe(index)}", e.index.span, "E201")
+            return POISON
+        if not -len(items) <= index < len(items):
+            self.error(f"index {index} is out of range for a list of {len(items)}", e.index.span, "E201")
+            return POISON
+        return items[index]
 
     def lookup(self, e: ast.Name, frame: Frame):
         if e.id in frame.env:

@@ -100,6 +100,14 @@ class ListLit:
 
 
 @dataclass
+class Index:
+    """`value[index]`: an item of a list (a hyper-parameter per layer, read with a repeat's index)."""
+    value: "Expr"
+    index: "Expr"
+    span: Span
+
+
+@dataclass
 class Named:
     """`expr as name`: names the node (and, for ops with weights, their parameter scope)."""
     value: "Expr"
@@ -108,7 +116,7 @@ class Named:
     span: Span
 
 
-Expr = Union[Name, Number, Bool, NoneLit, String, BinOp, Neg, Not, IfElse, Call, ListLit, Named]
+Expr = Union[Name, Number, Bool, NoneLit, String, BinOp, Neg, Not, IfElse, Call, ListLit, Index, Named]
 
 
 # ---- types ---------------------------------------------------------------------------------
@@ -165,6 +173,8 @@ class Repeat:
     name: str
     body: list["Stmt"]
     span: Span
+    index: str | None = None  # `repeat N as block, i`: the name the layer's index is bound to
+    index_span: Span | None = None
 
 
 @dataclass

@@ -230,6 +230,11 @@ class _Printer:
             self._bracketed(ch[1:], self._arg)
         elif kind == "list_lit":
             self._bracketed(ch, self.expr)
+        elif kind == "index":  # value[i]
+            self.expr(ch[0])
+            self._tok(ch[1])
+            self.expr(ch[2])
+            self._tok(ch[3])
         elif kind in ("atom", "repeat_count"):  # ( expr )
             self._tok(ch[0])
             self.expr(ch[1])
@@ -276,12 +281,18 @@ class _Printer:
         elif kind == "return_stmt":
             self._spaced(ch[0])
             self.expr(ch[1])
-        elif kind == "repeat":  # repeat count as name { body }
+        elif kind == "repeat":  # repeat count as name[, index] { body }
             self._spaced(ch[0])
             self.expr(ch[1])
             self._spaced(ch[2])
             self._tok(ch[3])
-            self.body(ch[4:])
+            rest = ch[4:]
+            if isinstance(rest[0], Token) and rest[0].type == "COMMA":
+                self._tok(rest[0])
+                self.space = True
+                self._tok(rest[1])
+                rest = rest[2:]
+            self.body(rest)
         else:
             raise ValueError(f"formatter: unknown statement {kind}")
 

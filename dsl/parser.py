@@ -207,8 +207,9 @@ class _ToAst:
     def output_decl(self, meta, name, type_):
         return ast.Output(str(name), type_, self.span(meta))
 
-    def repeat(self, meta, count, name, body):
-        return ast.Repeat(count, str(name), body, self.span(meta))
+    def repeat(self, meta, count, name, index, body):
+        return ast.Repeat(count, str(name), body, self.span(meta), None if index is None else str(index),
+                          None if index is None else self.tspan(index))
 
     def return_stmt(self, meta, value):
         return ast.Return(value, self.span(meta))
@@ -288,6 +289,9 @@ class _ToAst:
 
     def kwarg(self, meta, name, value):
         return ast.Keyword(str(name), value, self.span(meta))
+
+    def index(self, meta, value, index):
+        return ast.Index(value, index, self.span(meta))
 
     def list_lit(self, meta, *items):
         return ast.ListLit([i for i in items if i is not None], self.span(meta))

@@ -1,6 +1,7 @@
 """What the runtime tests (tests/runtime/<stage>/) import from one another: where the repository and
 the shared data are, the real `lmspec` command line in a subprocess, a tiny base model and a spam
-classifier finetuned from it, the two specs the parallel tests split, and a running `lmspec serve`.
+classifier finetuned from it, the two specs the parallel tests split, a spec whose layers differ, and a
+running `lmspec serve`.
 
 tests/ is on pytest's pythonpath (pyproject.toml), so every test imports this module by this one name,
 whichever folder it sits in and whichever tests run before it. Fixtures are in conftest.py files
@@ -136,3 +137,22 @@ def running_server(*args, log_dir: Path):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# Layers that differ (`repeat … as block, i`): a sliding window of 3 in the even layers, none in the odd
+# ones, a RoPE base per parity of the layer, QK-norm in the last layer only.
+ALTERNATING = """model alternating {
+  vocab = 50; context = 32; dim = 32; heads = 4; layers = 4
+  windows = [3, none, 3, none]
+  thetas = [10000.0, 500000.0]
+  input tokens: i64[batch, seq <= context]
+  x = embedding(tokens, vocab, dim) as embed
+  repeat layers as block, i {
+    x = x + attention(rmsnorm(x) as attn_norm, heads, kv_heads=2, rope=true, bias=false, window=windows[i],
+                      rope_theta=thetas[i % 2], qk_norm=true if i == layers - 1 else false) as attn
+    x = x + mlp(rmsnorm(x) as mlp_norm, 64, act=silu, gated=true, bias=false) as mlp
+  }
+  logits = linear(rmsnorm(x) as norm, vocab, bias=false) as head
+  output logits
+}
+"""

@@ -114,7 +114,7 @@ def strip_spans(node):
     if dataclasses.is_dataclass(node):
         return (type(node).__name__,) + tuple(
             strip_spans(getattr(node, f.name)) for f in dataclasses.fields(node)
-            if f.name not in ("span", "func_span", "name_span", "file", "source"))
+            if f.name not in ("span", "func_span", "name_span", "index_span", "file", "source"))
     if isinstance(node, list):
         return [strip_spans(n) for n in node]
     return node
@@ -155,6 +155,9 @@ def test_canonical_text_is_left_alone():
     # a repeat never shares a line; the user's `;` groups and line breaks after commas stay
     ("model m { x = 1; repeat 2 as b { y = 2 }; z = f(a,\n b); w = 3 }",
      "model m {\n  x = 1\n  repeat 2 as b {\n    y = 2\n  }\n  z = f(a,\n        b); w = 3\n}\n"),
+    # a repeat's index, and indexing
+    ("model m { repeat 2 as b ,i { y = w [ i ]+f(v)[i-1] } }",
+     "model m {\n  repeat 2 as b, i {\n    y = w[i] + f(v)[i - 1]\n  }\n}\n"),
     # breaks that are not after a comma go; continuation lines align inside their own bracket
     ("model m {\n\tx = f(\n    a, b,\n  c\n  )\n}", "model m {\n  x = f(a, b,\n        c)\n}\n"),
     ("model m {\n x = f(g(a,\n b), [1,\n 2],\n c)\n}",
