@@ -159,7 +159,7 @@ class Builder:
         value = self.eval(stmt.value, frame, label=name_hint)
         if len(stmt.targets) == 1:
             target = stmt.targets[0].id
-            if frame.kind == "model" and frame.top_level and _is_scalar(value):
+            if frame.kind == "model" and frame.top_level and (_is_scalar(value) or _is_per_layer(value)):
                 if target in self.overrides and target not in self.graph.hyper:
                     value = self._override(target, value, stmt.targets[0].span)
                 self.graph.hyper.setdefault(target, value)
@@ -181,6 +181,12 @@ class Builder:
     def _override(self, name: str, default, span):
         self.used_overrides.add(name)
         value = self.overrides[name]
+        if isinstance(default, list) or isinstance(value, list):
+            if not (isinstance(default, list) and _is_per_layer(value)):
+                self.error(f"--set {name}={value}: expected {'a list' if isinstance(default, list) else 'no list'} "
+                           f"like the spec's {describe(default)}", span, "E106")
+                return default
+            return value
         if isinstance(default, bool) != isinstance(value, bool) or (
                 isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)):
             self.error(f"--set {name}={value}: expected {type(default).__name__} like the spec's "
@@ -792,6 +798,11 @@ def _numeric(v) -> bool:
 
 def _is_scalar(v) -> bool:
     return isinstance(v, (int, float, bool, str))
+
+
+def _is_per_layer(v) -> bool:
+    """A list hyper-parameter (one value per layer, read with a repeat's index): scalars and none."""
+    return isinstance(v, list) and all(item is None or _is_scalar(item) for item in v)
 
 
 def _is_expr(v) -> bool:

@@ -130,13 +130,20 @@ def _defines_nothing(program: Program) -> Diagnostic | None:
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """`layers=4` -> ('layers', 4); values are ints, floats or true/false."""
+    """`layers=4` -> ('layers', 4); values are ints, floats, true/false, none, "strings", or a list of
+    them (`windows=[1024, none]`, a hyper-parameter read per layer)."""
     if "=" not in text:
         raise ValueError(f"--set {text!r}: expected NAME=VALUE")
     name, raw = (s.strip() for s in text.split("=", 1))
     if not name.isidentifier():
         raise ValueError(f"--set {text!r}: {name!r} is not a name")
+    if raw.startswith("[") and raw.endswith("]"):
+        return name, [parse_override(f"{name}={item}")[1] for item in raw[1:-1].split(",") if item.strip()]
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        return name, raw[1:-1]
     low = raw.lower()
+    if low == "none":
+        return name, None
     if low in ("true", "false"):
         return name, low == "true"
     digits = raw.replace("_", "")
@@ -147,7 +154,7 @@ def parse_override(text: str) -> tuple[str, object]:
             return name, conv(digits)
         except ValueError:
             pass
-    raise ValueError(f"--set {text!r}: value must be an int, a float or true/false")
+    raise ValueError(f"--set {text!r}: value must be an int, a float, true/false, none, a \"string\" or a list")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

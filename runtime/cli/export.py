@@ -19,6 +19,8 @@ def export_options(p) -> None:
     p.add_argument("--output", dest="out", help=argparse.SUPPRESS)  # its name before every verb said --out
     p.add_argument("--model-type", help="export hf: the Hugging Face model_type to write (default: the imported "
                                         "model's, else inferred from the parameter names)")
+    p.add_argument("--map", metavar="MAP.toml", help="export hf: the family's map (default: the one the checkpoint "
+                                                      "was imported by, else the shipped map that fits)")
     p.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default: 20)")
     p.add_argument("--optimize", action="store_true",
                    help="apply onnxruntime's graph optimisations and transformer fusions")
@@ -46,8 +48,9 @@ def cmd_export(args) -> int:
         return cmd_export_hf(args)
     if args.checkpoint == "hf" and not Path("hf").exists():
         raise UsageError("export hf: name the checkpoint: lmspec export hf CHECKPOINT -o DIR")
-    if getattr(args, "model_type", None):
-        raise UsageError("--model-type is only for `lmspec export hf`")
+    for flag, used in (("--model-type", getattr(args, "model_type", None)), ("--map", getattr(args, "map", None))):
+        if used:
+            raise UsageError(f"{flag} is only for `lmspec export hf`")
 
     meta = export_bundle(args.checkpoint, args.out, opset=args.opset, optimize=args.optimize,
                          quantize=args.quantize, fp16=args.fp16, fused_attention=args.fused_attention)

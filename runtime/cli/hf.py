@@ -1,5 +1,5 @@
 """`lmspec import hf DIR` and `lmspec export hf CHECKPOINT`: Hugging Face model directories in and out
-(the work is in hf_import, the tables in hf_families)."""
+(the work is in runtime/hf/convert.py, the families in runtime/hf/maps/)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,9 @@ def import_hf_options(p) -> None:
     p.add_argument("-o", "--out", required=True, help="the run directory to create for the checkpoint")
     p.add_argument("--output", dest="out", help=argparse.SUPPRESS)  # its name before every verb said --out
     p.add_argument("--tokenizer", help="a tokenizer to store when DIR has none (or to use instead of DIR's)")
+    p.add_argument("--map", metavar="MAP.toml",
+                   help="how config.json and the tensors map onto the spec, for any model_type (the README's "
+                        "\"Bringing a new family\"); default: the map lmspec ships for DIR's model_type")
     add_override_options(p)
 
 
@@ -23,7 +26,7 @@ def cmd_import_hf(args) -> int:
     from lmspec.runtime.hf.convert import import_hf
 
     import_hf(args.dir, args.out, spec=args.spec, overrides=cli_overrides(args.set), model=args.model,
-              emit_spec=args.emit_spec, tokenizer=args.tokenizer)
+              emit_spec=args.emit_spec, tokenizer=args.tokenizer, map_path=args.map)
     return 0
 
 
@@ -37,6 +40,7 @@ IMPORT_HF = Verb(
   lmspec import hf ~/models/gpt2 --spec specs/gpt2.arch -o runs/gpt2
   lmspec import hf ~/models/Qwen3-0.6B --spec specs/qwen3-0.6b.arch -o runs/qwen3
   lmspec import hf ~/models/gpt2-tiny --emit-spec gpt2-tiny.arch -o runs/gpt2-tiny
+  lmspec import hf ~/models/SmolLM3-3B --spec smollm3.arch --map smollm3.toml -o runs/smollm3
   lmspec import hf ~/models/no-tokenizer --spec my.arch -o runs/x --tokenizer ../shared/data/gpt2-tokenizer""",
 )
 
@@ -44,5 +48,5 @@ IMPORT_HF = Verb(
 def cmd_export_hf(args) -> int:
     from lmspec.runtime.hf.convert import export_hf
 
-    export_hf(args.checkpoint, args.out, model_type=args.model_type)
+    export_hf(args.checkpoint, args.out, model_type=args.model_type, map_path=getattr(args, "map", None))
     return 0

@@ -1,7 +1,10 @@
-"""Hugging Face model directories in and out: model families as tables (data, not code), config
+"""Hugging Face model directories in and out: model families as TOML maps (data, not code), config
 checks, name maps, safetensors streaming. May import: errors, atomic, data, checkpoint.
 
-    families.py     the tables: parameter names, config keys, spec templates, per family
+    families.py     what a family is: parameter names, config keys, spec templates (and template filling)
+    map_file.py     a family read from a TOML map file, every mistake located (`--map`)
+    maps/           the families lmspec ships, as maps: gpt2, llama (mistral, qwen2), qwen3, qwen3_moe
+    shipped.py      those maps, loaded once, found by model_type
     config.py       config.json read, checked against a family and a spec, and written for a spec
     expressions.py  the arithmetic of the tables' hyper-parameter expressions
     names.py        the name plan: the HF tensors (pieces, transposes) of each lmspec parameter

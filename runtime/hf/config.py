@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lmspec.runtime.errors import HFError
 from lmspec.runtime.hf.expressions import evaluate
-from lmspec.runtime.hf.families import MODEL_TYPES, Family, Hyper, family_for_model_type, spec_literal
+from lmspec.runtime.hf.families import Family, Hyper, spec_literal
+from lmspec.runtime.hf.shipped import family_for_model_type, shipped_model_types
 
 CONFIG_FILE = "config.json"
 
@@ -33,7 +34,7 @@ def family_of(config: dict, where: str = CONFIG_FILE) -> tuple[str, Family]:
     model_type = config.get("model_type")
     family = family_for_model_type(model_type) if isinstance(model_type, str) else None
     if family is None:
-        known = ", ".join(sorted(MODEL_TYPES))
+        known = ", ".join(sorted(shipped_model_types()))
         raise HFError(f"{where}: model_type {model_type!r} is not supported (supported: {known})")
     return model_type, family
 
@@ -189,6 +190,9 @@ def set_hint(family: Family, config: dict, graph) -> str:
 
 def config_for_export(family: Family, model_type: str, graph, dtype: str, eot_id: int | None) -> dict:
     """config.json for a checkpoint that was not imported: the family's base plus the spec's values."""
+    if model_type not in family.architectures:
+        raise HFError(f"the {family.name} map gives no transformers class for model_type {model_type!r}: "
+                      f"add [export.{model_type}] architecture = \"...ForCausalLM\" to it")
     config = {"architectures": [family.architectures[model_type]], "model_type": model_type}
     config.update(json.loads(json.dumps(family.base_config.get(model_type, {}))))
     for h in family.hyper:

@@ -33,7 +33,8 @@ from lmspec.runtime.hf.config import (
 )
 from lmspec.runtime.hf.chat_files import chat_template_from_files, files_with_chat_template
 from lmspec.runtime.hf.directories import refuse_non_empty, write_json, write_text
-from lmspec.runtime.hf.families import MODEL_TYPES, Family, Stack, family_for_model_type, fill_template, template_for
+from lmspec.runtime.hf.families import Family, Stack, fill_template, template_for
+from lmspec.runtime.hf.shipped import MAPS, family_for_model_type, shipped_model_types
 from lmspec.runtime.hf.names import Piece, Planned, infer_family, match_params, pieces_of, tensor_map
 from lmspec.runtime.hf.streaming import DTYPES, WEIGHTS_FILE, SafetensorsDir, SafetensorsWriter, torch_dtype
 
@@ -110,8 +111,9 @@ def _one_line(errors: list[str], prefix: str) -> str:
 
 def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | None = None,
               overrides: dict | None = None, model: str | None = None, emit_spec: str | None = None,
-              tokenizer: str | None = None, log=print) -> Path:
-    """Import the Hugging Face model in `directory` as an lmspec checkpoint in the run directory `out`."""
+              tokenizer: str | None = None, map_path: str | None = None, log=print) -> Path:
+    """Import the Hugging Face model in `directory` as an lmspec checkpoint in the run directory `out`,
+    its family read from `map_path` (a TOML map, runtime/hf/map_file.py) or found by its model_type."""
     from lmspec.compiler import load_spec
 
     from lmspec.runtime.checkpoint.store import (
@@ -131,15 +133,29 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
     if (spec is None) == (emit_spec is None):
         raise UsageError("give either --spec SPEC or --emit-spec FILE")
     config = read_config(directory)
-    model_type, family = family_of(config, str(directory / CONFIG_FILE))
+    map_text = None
+    if map_path is not None:
+        map_text, family = _read_map(map_path)
+        model_type = config.get("model_type")
+        if model_type not in family.model_types:
+            raise HFError(f"{directory / CONFIG_FILE}: model_type {model_type!r} is not one of the map's "
+                          f"family.model_types ({', '.join(family.model_types)}) in {map_path}")
+    else:
+        model_type, family = family_of(config, str(directory / CONFIG_FILE))
     refuse_non_empty(out, "a checkpoint")
     problems = check_requires(family, config)
     if problems:
         raise HFError(_one_line(problems, f"{directory / CONFIG_FILE}: "))
 
-    emitted = None
+    emitted = emitted_map = None
     if emit_spec is not None:
         emitted = spec_text_from_config(directory, config, model_type, family)
+        # the map goes beside the spec, so that both can be edited and imported again with --spec --map
+        emitted_map = map_text if map_text is not None else (MAPS / f"{family.name}.toml").read_text()
+        map_target = Path(emit_spec).with_suffix(".toml")
+        if map_target.exists() and (not map_target.is_file() or map_target.read_text(encoding="utf-8") != emitted_map):
+            raise UsageError(f"--emit-spec {emit_spec}: {map_target}, where its map goes, exists; remove it or "
+                             f"choose another name")
         target = Path(emit_spec)
         if target.exists() and (not target.is_file() or target.read_text(encoding="utf-8") != emitted):
             raise UsageError(f"--emit-spec {target}: the file exists; remove it or choose another name")
@@ -165,7 +181,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
 
     source = SafetensorsDir(directory)
     owned, tied = tensor_map(family, graph)
-    entries, layouts = _check_source(family, source, owned, tied, directory)
+    entries, layouts = _check_source(family, source, owned, tied, directory, map_path)
     params = sum(math.prod(p.shape) for p in owned)
     log(f"importing {model_type} ({family.name} family) from {directory}: {len(owned)} tensors, {params:,} parameters"
         f" -> {graph.name} ({graph.file})")
@@ -186,14 +202,15 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
             "tokenizer": tok.to_json(),
             "spec": spec_record(graph, overrides),
             "hf": {"model_type": model_type, "family": family.name, "source": str(directory.resolve()),
-                   "config": config, "files": carried},
+                   "config": config, "files": carried, **({"map": map_text} if map_text else {})},
             CHECKSUMS_FIELD: checksums_of(step),  # as save_checkpoint records them: verified on every read
         }
         write_json(step / META_FILE, meta)
         write_text(tmp / CHECKPOINTS_DIR / LATEST_FILE, step.name + "\n")
         if emitted is not None:
             write_text_atomically(emit_spec, emitted)
-            log(f"wrote {emit_spec}")
+            write_text_atomically(map_target, emitted_map)
+            log(f"wrote {emit_spec} and its map {map_target}")
     size = (out / CHECKPOINTS_DIR / step.name / MODEL_FILE).stat().st_size
     log(f"wrote {out / CHECKPOINTS_DIR / step.name} ({size / 2**20:.1f} MiB); tokenizer: {tok.source} "
         f"({tok.vocab_size} tokens)")
@@ -202,11 +219,21 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
     return out
 
 
+def _read_map(path: str) -> tuple[str, Family]:
+    """A map file's text (recorded in the checkpoint, for `export hf`) and its family."""
+    from lmspec.runtime.hf.map_file import load_map
+
+    family = load_map(path)
+    return Path(path).read_text(), family
+
+
 def _check_source(family: Family, source: SafetensorsDir, owned: list[Planned], tied: list[Planned],
-                  directory: Path):
+                  directory: Path, map_path: str | None = None):
     """The output header entries and, per parameter, its pieces resolved to the source's names.
-    Every piece must exist with the planned shape; every source tensor must be used or ignorable."""
-    errors: list[str] = []
+    Every piece must exist with the planned shape; every source tensor must be used or ignorable:
+    otherwise one error lists every tensor that is missing, of the wrong shape, or left unused."""
+    missing: list[str] = []
+    wrong_shape: list[str] = []
     used: set[str] = set()
     entries, layouts = [], []
     for planned in owned:
@@ -220,12 +247,12 @@ def _check_source(family: Family, source: SafetensorsDir, owned: list[Planned], 
         for piece in pieces:
             name = source.resolve(piece.hf, family.aliases)
             if name is None:
-                errors.append(f"tensor {piece.hf} is missing (the spec's {planned.name} needs it)")
+                missing.append(f"{piece.hf} (the spec's {planned.name} needs it)")
                 continue
             dtype, shape = source.meta[name]
             if shape != piece.shape:
-                errors.append(f"tensor {name} has shape {list(shape)} but the spec's {planned.name} needs "
-                              f"{list(piece.shape)}")
+                wrong_shape.append(f"{name} has shape {list(shape)} but the spec's {planned.name} needs "
+                                   f"{list(piece.shape)}")
             used.add(name)
             dtypes.append(dtype)
             resolved.append((name, piece))
@@ -236,13 +263,23 @@ def _check_source(family: Family, source: SafetensorsDir, owned: list[Planned], 
     patterns = [re.compile(p) for p in family.ignore]
     unused = sorted(n for n in source.meta if n not in used and n not in ignorable
                     and not any(p.match(n) for p in patterns))
-    if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise HFError(f"{directory}: {errors[0]}{more}")
-    if unused:
-        shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
-        raise HFError(f"{directory}: {len(unused)} tensors have no place in the spec: {shown}")
+    problems = [f"{_count(items, 'tensor')} {what}: {_first(items)}" for items, what in (
+        (missing, "missing"), (wrong_shape, "of another shape"), (unused, "with no place in the spec")) if items]
+    if problems:
+        by = f" (by the map {map_path})" if map_path else ""
+        raise HFError(f"{directory}{by}: " + "; ".join(problems))
     return entries, layouts
+
+
+LISTED = 2  # of each kind of problem, the tensors one error names before "and N more"
+
+
+def _count(items: list, noun: str) -> str:
+    return f"1 {noun}" if len(items) == 1 else f"{len(items)} {noun}s"
+
+
+def _first(items: list[str]) -> str:
+    return ", ".join(items[:LISTED]) + (f" and {len(items) - LISTED} more" if len(items) > LISTED else "")
 
 
 def _assemble(source: SafetensorsDir, planned: Planned, resolved: list[tuple[str, Piece]], st_dtype: str):
@@ -275,7 +312,7 @@ def _hf_record(step_dir: Path) -> dict | None:
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
-              log=print) -> Path:
+              map_path: str | None = None, log=print) -> Path:
     """Write the checkpoint as a Hugging Face model directory `out` (config.json, model.safetensors,
     tokenizer.json, and its chat template in tokenizer_config.json): the inverse of import_hf, bit for bit."""
     from safetensors import SafetensorError, safe_open
@@ -293,10 +330,20 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
     graph = graph_from_record(unpadded_record(ckpt.spec))  # a vocabulary padded for training: the real one
     padded_shapes = unpadded_shapes(ckpt.spec)
     record = _hf_record(ckpt.path)
-    if model_type is not None:
+    recorded_map = (record or {}).get("map")
+    if map_path is not None or recorded_map:  # the map given, or the one the checkpoint was imported by
+        if map_path is not None:
+            _, family = _read_map(map_path)
+        else:
+            from lmspec.runtime.hf.map_file import parse_map
+            family = parse_map(recorded_map, f"{ckpt.path}: the map recorded at import")
+        model_type = model_type or (record or {}).get("model_type") or family.model_types[0]
+        if model_type not in family.model_types:
+            raise UsageError(f"--model-type {model_type}: not one of the map's ({', '.join(family.model_types)})")
+    elif model_type is not None:
         family = family_for_model_type(model_type)
         if family is None:
-            raise UsageError(f"--model-type {model_type}: not one of {', '.join(sorted(MODEL_TYPES))}")
+            raise UsageError(f"--model-type {model_type}: not one of {', '.join(sorted(shipped_model_types()))}")
     elif record is not None and family_for_model_type(record.get("model_type")) is not None:
         model_type = record["model_type"]
         family = family_for_model_type(model_type)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from lmspec.runtime.errors import HFError
 from lmspec.runtime.hf.expressions import evaluate
-from lmspec.runtime.hf.families import FAMILIES, Cat, Family, Stack, T
+from lmspec.runtime.hf.families import Cat, Family, Stack, T
+from lmspec.runtime.hf.shipped import shipped_families
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def match_params(family: Family, graph) -> list[tuple[str, object, object, str |
             if param.tied_to is not None:
                 continue
             raise HFError(f"the spec's parameter {name} has no Hugging Face counterpart in the "
-                          f"{family.name} table (runtime/hf/families.py): is {graph.file} a {family.name} model?")
+                          f"{family.name} map: is {graph.file} a {family.name} model?")
         found.append((name, param, match[1], match[0].groupdict().get("i")))
     return found
 
@@ -113,7 +114,7 @@ def tensor_map(family: Family, graph) -> tuple[list[Planned], list[Planned]]:
 
 def infer_family(graph) -> Family:
     """The first family whose table holds every parameter the spec owns."""
-    for family in FAMILIES.values():
+    for family in shipped_families().values():
         try:
             owned, _ = tensor_map(family, graph)
         except HFError:
@@ -121,4 +122,4 @@ def infer_family(graph) -> Family:
         if owned:
             return family
     raise HFError(f"the parameters of model {graph.name} match no Hugging Face family's table "
-                  f"({', '.join(FAMILIES)}); name one with --model-type")
+                  f"({', '.join(shipped_families())}); name one with --model-type")

@@ -238,6 +238,12 @@ def test_emit_spec_writes_a_checked_spec_that_imports_identically(hf_gpt2, impor
     assert _run("check", spec) == 0
     a, b = _weights(imported), _weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # its map beside it, the family's: the two import again with --spec and --map
+    assert (tmp_path / "gpt2-tiny.toml").read_text() == (REPO / "runtime/hf/maps/gpt2.toml").read_text()
+    assert _run("import", "hf", directory, "--spec", spec, "--map", tmp_path / "gpt2-tiny.toml", "-o",
+                tmp_path / "by-map") == 0
+    c = _weights(tmp_path / "by-map")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     capsys.readouterr()
     assert _run("import", "hf", directory, "--spec", GPT2_SPEC, "--emit-spec", spec, "-o", tmp_path / "r2") == 2
 

@@ -1,0 +1,136 @@
+"""`lmspec import hf --map` and `export hf` for a family lmspec does not ship: the README's worked
+example (SmolLM3, whose every fourth layer has no rotary positions) imported from a random model
+saved by `transformers`, compared with it, and written back; mistakes in a map are located errors,
+and a map that does not fit the checkpoint is one error listing every problem, before anything is
+written."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from runtime_helpers import ROOT, lmspec_cli
+from lmspec.runtime.hf.map_file import MapError, parse_map
+from lmspec.runtime.train.sampling import generate
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, rope_theta=2000000.0,
+             pad_token_id=None)
+
+
+def readme_example() -> tuple[str, str]:
+    """(spec, map) as the README's "Bringing a new family" section writes them."""
+    block = re.search(r"<!-- family-example -->(.*?)<!-- /family-example -->", (ROOT / "README.md").read_text(),
+                      re.S).group(1)
+    return re.search(r"```\n(model .*?)```", block, re.S).group(1), re.search(r"```toml\n(.*?)```", block, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def smollm3(tmp_path_factory):
+    """A random small SmolLM3 saved by transformers, with a word tokenizer: (directory, model)."""
+    from test_hf import _quiet_transformers, _word_tokenizer
+
+    _quiet_transformers()
+    torch.manual_seed(0)
+    hf = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**SMALL)).eval()
+    assert hf.config.no_rope_layers == [1, 1, 1, 0]  # the fourth layer has no rotary positions
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.05)
+    directory = tmp_path_factory.mktemp("smollm3") / "smollm3"
+    hf.save_pretrained(directory, safe_serialization=True)
+    _word_tokenizer(directory / "tokenizer.json", 1000)
+    return directory, hf
+
+
+def sizes(directory) -> list[str]:
+    """--set options that size the README's spec (SmolLM3-3B) like the small config.json."""
+    config = json.loads((directory / "config.json").read_text())
+    return ["--set", "vocab=1000", "--set", "context=128", "--set", "dim=64", "--set", "layers=4", "--set", "heads=4",
+            "--set", "kv_heads=2", "--set", "head_dim=16", "--set", "ffn=96", "--set", f"eps={config['rms_norm_eps']}",
+            "--set", "theta=2000000.0", "--set", "rope_layers=[1, 1, 1, 0]"]
+
+
+def test_the_readme_example_imports_matches_transformers_and_round_trips(smollm3, tmp_path):
+    directory, hf = smollm3
+    spec_text, map_text = readme_example()
+    spec, map_file = tmp_path / "smollm3.arch", tmp_path / "smollm3.toml"
+    spec.write_text(spec_text)
+    map_file.write_text(map_text)
+    out = tmp_path / "run"
+    run = lmspec_cli("import", "hf", directory, "--spec", spec, "--map", map_file, *sizes(directory), "-o", out)
+    assert run.returncode == 0, run.stderr
+    from test_hf import _load
+    model = _load(out)
+    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+        prompt = tokens[0, :8]
+        want = hf.generate(prompt[None], max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert generate(model, prompt.tolist(), 24, temperature=0) == want[0, 8:].tolist()  # with the KV cache
+
+    exported = tmp_path / "exported"
+    run = lmspec_cli("export", "hf", out, "-o", exported)  # the map recorded at import, backwards
+    assert run.returncode == 0, run.stderr
+    original, written = load_file(str(directory / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)
+
+
+def test_a_map_that_does_not_fit_the_checkpoint_lists_every_problem_and_writes_nothing(smollm3, tmp_path):
+    directory, _ = smollm3
+    spec_text, map_text = readme_example()
+    (tmp_path / "s.arch").write_text(spec_text)
+    wrong = map_text.replace("self_attn.o_proj.weight", "self_attn.out_proj.weight")  # a tensor it lacks
+    wrong = wrong.replace('"block.{i}.mlp.proj.weight" = "model.layers.{i}.mlp.down_proj.weight"',
+                          '"block.{i}.mlp.proj.weight" = "model.layers.{i}.mlp.up_proj.weight"')  # shape; down unused
+    (tmp_path / "m.toml").write_text(wrong)
+    run = lmspec_cli("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map", tmp_path / "m.toml",
+                     *sizes(directory), "-o", tmp_path / "run")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert f"(by the map {tmp_path / 'm.toml'})" in line
+    assert ("4 tensors missing: model.layers.0.self_attn.out_proj.weight (the spec's block.0.attn.proj.weight "
+            "needs it), model.layers.1.self_attn.out_proj.weight (the spec's block.1.attn.proj.weight needs it) "
+            "and 2 more") in line
+    assert ("4 tensors of another shape: model.layers.0.mlp.up_proj.weight has shape [96, 64] but the spec's "
+            "block.0.mlp.proj.weight needs [64, 96]") in line
+    assert "8 tensors with no place in the spec: model.layers.0.mlp.down_proj.weight" in line
+    assert not (tmp_path / "run").exists()
+    other = lmspec_cli("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map",
+                       ROOT / "runtime/hf/maps/llama.toml", *sizes(directory), "-o", tmp_path / "run")
+    assert other.returncode == 1 and "model_type 'smollm3' is not one of the map's family.model_types" in other.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (("keys = [\"num_key_value_heads\"]", "keyz = [\"num_key_value_heads\"]"),
+     "m.toml:12: unknown key hyper.kv_heads.keyz (expected one of: keys, default, when, needed)"),
+    (("[hyper]", "[hyper"), "m.toml:6:9: not TOML"),
+    (('op = "mlp"', 'op = "mpl"'), "m.toml:31: op_args: op 'mpl' is not an op of the language"),
+    ((', "model.layers.{i}.mlp.up_proj.weight"] }', '] }'), "params.'block.{i}.mlp.fc.weight': cat names two or more"),
+    (('[params]', '[parameters]'), "unknown key parameters (expected one of: family, hyper, requires"),
+    (('default = "hidden_size // num_attention_heads"', 'default = "hidden_size //"'),
+     "hyper.head_dim.default: 'hidden_size //' is not an expression"),
+])
+def test_mistakes_in_a_map_are_located_errors(change, message):
+    _, map_text = readme_example()
+    old, new = change
+    assert old in map_text
+    with pytest.raises(MapError) as info:
+        parse_map(map_text.replace(old, new, 1), "m.toml")
+    assert message in str(info.value), str(info.value)
+
+
+def test_every_shipped_family_is_a_map():
+    from lmspec.runtime.hf.shipped import shipped_families
+
+    families = shipped_families()
+    assert list(families) == ["gpt2", "llama", "qwen3", "qwen3_moe"]
+    assert families["llama"].model_types == ("llama", "mistral", "qwen2")
+    assert families["gpt2"].base_config["gpt2"] == {"n_inner": None}  # `null = [...]` in TOML
+    assert "llama/llama3" in families["llama"].templates
