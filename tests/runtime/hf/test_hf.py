@@ -283,6 +283,11 @@ FAMILY_CASES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "specs/qwen3-moe-tiny.arch",
                   dict(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                        norm_topk_prob=True, rope_theta=1e6, intermediate_size=None)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "specs/phi3-mini-4k.arch",
+             dict(sliding_window=16, rms_norm_eps=1e-5, pad_token_id=0)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", "specs/granite-3.0-2b.arch",
+                dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                     logits_scaling=8.0, tie_word_embeddings=True, rms_norm_eps=1e-5)),
 }
 
 
@@ -445,3 +450,34 @@ def test_import_streams_without_holding_the_model(streamed_import):
           f"({'reset' if report['reset'] else 'not reset'} before the import)")
     assert size > 90 * 2**20
     assert growth < 0.5 * size  # one output tensor at a time, not a copy of the model
+
+
+# Shipped specs of one published size each, with that model's config.json values.
+PUBLISHED = {
+    "specs/phi3-mini-4k.arch": ("Phi3Config", "Phi3ForCausalLM", dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, sliding_window=2047, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)),
+    "specs/granite-3.0-2b.arch": ("GraniteConfig", "GraniteForCausalLM", dict(
+        vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0)),
+}
+
+
+@pytest.mark.parametrize("spec", list(PUBLISHED))
+def test_a_shipped_spec_matches_its_published_config_and_parameter_count(spec):
+    """The spec agrees with the published config.json through its family's map, and has the
+    parameters transformers builds from that config (counted on the meta device: nothing allocated)."""
+    from lmspec.compiler import load_spec
+    from lmspec.compiler.analysis import parameter_count
+    from lmspec.runtime.hf.config import check_hyper, check_op_args, family_of
+
+    config_class, model_class, values = PUBLISHED[spec]
+    config = getattr(transformers, config_class)(**values)
+    _, family = family_of(config.to_dict())
+    graph = load_spec(str(REPO / spec))
+    assert check_hyper(family, config.to_dict(), graph) + check_op_args(family, config.to_dict(), graph) == []
+    with torch.device("meta"):
+        model = getattr(transformers, model_class)(config)
+    assert parameter_count(graph) == sum(p.numel() for p in model.parameters())
