@@ -288,6 +288,10 @@ FAMILY_CASES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", "specs/granite-3.0-2b.arch",
                 dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
                      logits_scaling=8.0, tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", "specs/starcoder2-3b.arch",
+                   dict(sliding_window=16, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", "specs/stablelm-2-1.6b.arch",
+                 dict(use_qkv_bias=True, layer_norm_eps=1e-5, partial_rotary_factor=0.25)),
 }
 
 
@@ -462,6 +466,14 @@ PUBLISHED = {
         vocab_size=49155, hidden_size=2048, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
         num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
         embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0)),
+    "specs/starcoder2-3b.arch": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(
+        vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=30, num_attention_heads=24,
+        num_key_value_heads=2, max_position_embeddings=16384, rope_theta=999999.4420358813, sliding_window=4096,
+        norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)),
+    "specs/stablelm-2-1.6b.arch": ("StableLmConfig", "StableLmForCausalLM", dict(
+        vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.25,
+        layer_norm_eps=1e-5, use_qkv_bias=True, tie_word_embeddings=False)),
 }
 
 
