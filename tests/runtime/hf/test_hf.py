@@ -292,6 +292,8 @@ FAMILY_CASES = {
                    dict(sliding_window=16, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", "specs/stablelm-2-1.6b.arch",
                  dict(use_qkv_bias=True, layer_norm_eps=1e-5, partial_rotary_factor=0.25)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "specs/gemma-2b.arch",
+              dict(head_dim=16, num_key_value_heads=1, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0)),
 }
 
 
@@ -474,6 +476,10 @@ PUBLISHED = {
         vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
         num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0, partial_rotary_factor=0.25,
         layer_norm_eps=1e-5, use_qkv_bias=True, tie_word_embeddings=False)),
+    "specs/gemma-2b.arch": ("GemmaConfig", "GemmaForCausalLM", dict(
+        vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
 }
 
 
