@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 DATA = ROOT.parent / "shared" / "data"
 GPT2 = DATA / "gpt2-tokenizer"
@@ -24,6 +26,7 @@ def test_gpt2_tokenizer_from_the_cli():
     assert back.stdout == "Hello, world. Is this-- a test?\n"
 
 
+@pytest.mark.slow  # the README tour (tests/test_readme_tour.py) runs the same pipeline end to end
 def test_prepare_tokenize_train_sample(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

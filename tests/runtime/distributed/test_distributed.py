@@ -276,6 +276,7 @@ def test_pipeline_parallel_equals_one_process(pp_ranks, one_process):
     assert oa.keys() == ob.keys() and all(torch.allclose(oa[k], ob[k], atol=1e-6) for k in oa)
 
 
+@pytest.mark.slow  # test_tensor_and_pipeline_parallel_compose runs the composition; this adds bf16 and checkpointing
 def test_tp_and_pp_compose_with_bf16_and_activation_checkpointing(pp_ranks, tmp_path):
     """TP 2 x PP 2: each stage, split over its tp ranks, runs its forward under autocast and
     recomputes its own blocks in the backward."""
@@ -333,6 +334,7 @@ def test_tensor_and_pipeline_parallel_compose(tp_pp_ranks, one_process):
     same_run(run, one_process, optimizer=True)  # the head tied across stages, split over tp on both
 
 
+@pytest.mark.slow  # test_a_model_parallel_checkpoint_resumes_under_another_layout resumes across layouts
 def test_fsdp_over_tensor_parallel_replicas_resumes_a_pipeline_checkpoint(tp_pp_ranks, one_process, tmp_path):
     """2-D FSDP x TP (fully_shard over the dp sub-mesh of DTensor shards), continuing the tp x pp run
     from its step-4 checkpoint: another layout, the same trajectory as one process."""

@@ -98,6 +98,7 @@ def _gpt2_shape_parity(tmp_path, overrides, tokens=64):
     assert np.abs(np.concatenate(steps) - reference).max() <= 1e-4
 
 
+@pytest.mark.slow  # GPT-2's layout exports in test_every_spec_exports and imports in test_hf.py
 def test_gpt2_width_random_weights_greedy_parity(tmp_path):
     """GPT-2-small widths and vocabulary (768, 12 heads, 50,257), two layers: quick enough for every run."""
     _gpt2_shape_parity(tmp_path, {"layers": 2})
@@ -239,14 +240,16 @@ def test_opset_option(tiny_run, tmp_path):
 @pytest.mark.parametrize("spec, overrides", [
     ("specs/handwritten.arch", {}),
     ("specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 4, "kv_heads": None}),
-    ("specs/llama3.2-1b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96,
-                                "rope_original": 8}),
+    pytest.param("specs/llama3.2-1b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                                            "ffn": 96, "rope_original": 8},
+                 marks=pytest.mark.slow),  # test_hf.py exports an imported Llama 3 with its parity check
     pytest.param("specs/mistral-7b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 1, "head_dim": 16,
                                            "ffn": 96, "window": 3}, marks=pytest.mark.slow),  # llama's, plus a window
     pytest.param("specs/qwen3-0.6b.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 32,
                                            "ffn": 96}, marks=pytest.mark.slow),  # QK-norm: qwen3-moe-tiny has it too
-    ("specs/qwen3-moe-tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
-                                   "experts": 4, "top_k": 2, "moe_ffn": 32}),
+    pytest.param("specs/qwen3-moe-tiny.arch", {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                                               "experts": 4, "top_k": 2, "moe_ffn": 32},
+                 marks=pytest.mark.slow),  # test_hf.py exports an imported Qwen3-MoE with its parity check
 ])
 def test_every_spec_exports(tmp_path, spec, overrides):
     overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from runtime_helpers import ALTERNATING, lmspec_cli
@@ -84,6 +85,7 @@ def test_the_ops_torch_implementation_is_the_models_attention(tmp_path):
                 torch.testing.assert_close(logits[row, 0], want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # the plain export's optimize/int8/fp16 tests run by default; this is the fused variant
 def test_optimize_int8_and_fp16_keep_the_fused_kernel(tiny_run, tmp_path):
     out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q.onnx", "--fused-attention", "--optimize",
                      "--quantize", "int8")

@@ -27,6 +27,7 @@ def test_activation_checkpointing_leaves_every_loss_the_same(tmp_path):
     assert weights[0].keys() == weights[1].keys()  # the same parameter names
 
 
+@pytest.mark.slow  # the fp16 test covers autocast and resumes; bf16 needs no loss scale
 def test_bf16_trains_like_fp32(tmp_path):
     fp32, bf16 = train(tmp_path / "a"), train(tmp_path / "b", "--precision", "bf16")
     assert bf16 != fp32  # autocast did run in bf16
