@@ -139,6 +139,7 @@ class AttentionConfig:
     rope_original: int | None = None
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
+    qk_norm_offset: float = 0.0
     window: int | None = None
     softcap: float | None = None
     scale: float | None = None
@@ -152,7 +153,10 @@ class Attention(nn.Module):
         hd = cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * hd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.heads * hd, cfg.dim, bias=cfg.out_bias)
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.qk_norm_offset:
+            self.q_norm = OffsetRMSNorm(hd, cfg.qk_norm_eps, cfg.qk_norm_offset)
+            self.k_norm = OffsetRMSNorm(hd, cfg.qk_norm_eps, cfg.qk_norm_offset)
+        elif cfg.qk_norm:
             self.q_norm = nn.RMSNorm(hd, eps=cfg.qk_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.qk_norm_eps)
         if cfg.rope:

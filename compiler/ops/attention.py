@@ -25,7 +25,7 @@ class Attention(Op):
         Arg("rope", "bool", False), Arg("rope_theta", "float", 10000.0), Arg("rotary_dim", "int", None),
         Arg("rope_scaling", "str", None, ROPE_SCALINGS), Arg("rope_factor", "float", 1.0),
         Arg("rope_low", "float", 1.0), Arg("rope_high", "float", 4.0), Arg("rope_original", "int", None),
-        Arg("qk_norm", "bool", False), Arg("qk_norm_eps", "float", 1e-6),
+        Arg("qk_norm", "bool", False), Arg("qk_norm_eps", "float", 1e-6), Arg("qk_norm_offset", "float", 0.0),
         Arg("window", "int", None), Arg("softcap", "float", None), Arg("scale", "float", None),
     )
     doc = ("Self-attention over [batch, seq, dim]: fused q/k/v projection, `heads` query heads sharing "
@@ -33,7 +33,8 @@ class Attention(Op):
            "dim / heads); `rope` rotary positions (`rope_theta`, `rotary_dim` for partial rotation, "
            "`rope_scaling` \"llama3\" with `rope_factor`, `rope_low`, `rope_high`, `rope_original`, or "
            "\"linear\"); `qk_norm` RMSNorm of each query and key head; `window` keys seen per query "
-           "(sliding window); `softcap` c*tanh(scores/c); `scale` (default 1/sqrt(head_dim)); `bias` on "
+           "(sliding window); `softcap` c*tanh(scores/c); `scale` (default 1/sqrt(head_dim)); `qk_norm_offset` "
+           "1.0 scales the QK-norm by 1 + weight (Gemma 3); `bias` on "
            "q/k/v and `out_bias` (default: `bias`) on the output projection.")
     onnx = "MatMul/Softmax subgraph with past/present KV"
     autocast = "lower"
@@ -106,8 +107,8 @@ class Attention(Op):
         return c["bias"] if c["out_bias"] is None else c["out_bias"]
 
     def init(self, param, args):
-        if param.endswith("norm.weight"):
-            return ("fill", 1.0)
+        if param.endswith("norm.weight"):  # stored as scale - offset: the norm starts as the identity
+            return ("fill", 1.0 - args.get("qk_norm_offset", 0.0))
         return super().init(param, args)
 
     def flops(self, f):
@@ -125,7 +126,8 @@ class Attention(Op):
         d, heads, kv, hd = self.geometry(c.spec)
         options = {name: c.spec[name] for name in (
             "causal", "bias", "dropout", "rope", "rope_theta", "rotary_dim", "rope_scaling", "rope_factor",
-            "rope_low", "rope_high", "rope_original", "qk_norm", "qk_norm_eps", "window", "softcap", "scale")}
+            "rope_low", "rope_high", "rope_original", "qk_norm", "qk_norm_eps", "qk_norm_offset", "window", "softcap",
+            "scale")}
         cfg = AttentionConfig(d, heads, kv, hd, out_bias=self._out_bias(c.spec), **options)
         return c.module(A(cfg, layer_index=c.attention_index()), c["x"], c.cache)
 

@@ -167,17 +167,22 @@ class _Norm(Op):
 class LayerNorm(_Norm):
     name = "layernorm"
     short = "ln"
-    args = (Arg("x", "tensor"), Arg("eps", "float", 1e-5), Arg("bias", "bool", True))
-    doc = "Layer normalisation over the last dim, with a learned scale (and bias)."
+    args = (Arg("x", "tensor"), Arg("eps", "float", 1e-5), Arg("bias", "bool", True), Arg("affine", "bool", True))
+    doc = ("Layer normalisation over the last dim, with a learned scale (and bias); `affine=false` learns "
+           "neither (OLMo's norm without parameters).")
     onnx = "LayerNormalization (opset 17)"
 
     def params(self, c):
         d = _last_dim(c)
+        if not c["affine"]:
+            return {}
         return {"weight": (d,), "bias": (d,)} if c["bias"] else {"weight": (d,)}
 
     def lower(self, c):
         import torch
-        return c.module(torch.nn.LayerNorm(_last_dim(c.spec), eps=c["eps"], bias=c["bias"]), c["x"])
+        affine = c["affine"]
+        return c.module(torch.nn.LayerNorm(_last_dim(c.spec), eps=c["eps"], elementwise_affine=affine,
+                                           bias=c["bias"] and affine), c["x"])
 
     def saved_for_backward(self, s):
         return [s.input("x", cast=True), self._stats(s), self._stats(s)]  # x, mean, 1/std

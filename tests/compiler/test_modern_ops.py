@@ -198,3 +198,29 @@ def test_misused_options_are_located_errors(tmp_path, call, message, arg):
     line = next(line for line in text.splitlines() if line.lstrip().startswith("4 |"))
     caret = text.splitlines()[text.splitlines().index(line) + 1]
     assert line[caret.index("^"):].startswith(arg), text
+
+
+def test_a_layernorm_without_parameters_and_qk_norm_by_one_plus_weight(tmp_path):
+    """OLMo's LayerNorm learns nothing; Gemma 3's QK-norm scales by 1 + w (stored as w, starting at 0)."""
+    spec = write_spec(tmp_path, """
+  x = embedding(tokens, 50, 16) as embed
+  y = attention(layernorm(x, affine=false) as ln, 2, qk_norm=true, qk_norm_offset=1.0, bias=false) as attn
+  output y""")
+    graph = load_spec(spec)
+    model = lower(graph, seed=0).eval()
+    assert set(dict(model.named_parameters())) == {"embed.weight", "attn.qkv.weight", "attn.proj.weight",
+                                                   "attn.q_norm.weight", "attn.k_norm.weight"}
+    assert torch.equal(model.attn.q_norm.weight, torch.zeros(8))  # 1 + w starts as the identity
+    with torch.no_grad():
+        model.attn.q_norm.weight.normal_()
+        ids = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(3))
+        x = torch.nn.functional.layer_norm(model.embed(ids), (16,))
+        q, k, v = model.attn.qkv(x).split(16, dim=-1)
+        heads = lambda t: t.view(1, 5, 2, 8)
+        rms = lambda t, w: t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w)
+        q = rms(heads(q), model.attn.q_norm.weight).transpose(1, 2)
+        k = rms(heads(k), model.attn.k_norm.weight).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+        want = model.attn.proj((scores.softmax(-1) @ heads(v).transpose(1, 2)).transpose(1, 2).reshape(1, 5, 16))
+        torch.testing.assert_close(model(ids), want, atol=1e-5, rtol=1e-5)

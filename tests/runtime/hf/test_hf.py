@@ -294,6 +294,7 @@ FAMILY_CASES = {
                  dict(use_qkv_bias=True, layer_norm_eps=1e-5, partial_rotary_factor=0.25)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", "specs/gemma-2b.arch",
               dict(head_dim=16, num_key_value_heads=1, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", "specs/olmo-1b.arch", dict(tie_word_embeddings=True, pad_token_id=0)),
 }
 
 
@@ -482,6 +483,9 @@ PUBLISHED = {
         vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8,
         num_key_value_heads=1, head_dim=256, max_position_embeddings=8192, rms_norm_eps=1e-6,
         tie_word_embeddings=True)),
+    "specs/olmo-1b.arch": ("OlmoConfig", "OlmoForCausalLM", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=True)),
 }
 
 
