@@ -295,6 +295,9 @@ FAMILY_CASES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", "specs/gemma-2b.arch",
               dict(head_dim=16, num_key_value_heads=1, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0)),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", "specs/olmo-1b.arch", dict(tie_word_embeddings=True, pad_token_id=0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "specs/gemma3-1b.arch",
+               dict(num_hidden_layers=6, head_dim=16, num_key_value_heads=1, sliding_window=4, query_pre_attn_scalar=16,
+                    rope_local_base_freq=10000.0, rope_theta=1000000.0, pad_token_id=0)),
 }
 
 
@@ -316,9 +319,9 @@ def _settings_for(directory: Path, spec: str) -> list[str]:
 
 # qwen2 (biases on q/k/v) and mistral (a window) differ from llama3 in one option each, qwen3's QK-norm
 # is in qwen3_moe too, phi3 is llama's layout with a window, stablelm's LayerNorm and biases are in
-# starcoder2: slow
+# starcoder2, gemma's norms, embedding scale and GeGLU are in gemma3: slow
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow)
-                                  if c in ("qwen2", "mistral", "qwen3", "phi3", "stablelm") else c
+                                  if c in ("qwen2", "mistral", "qwen3", "phi3", "stablelm", "gemma") else c
                                   for c in FAMILY_CASES])
 def test_llama_family_imports_match_transformers_and_round_trip(case, tmp_path):
     config_class, model_class, spec, extra = FAMILY_CASES[case]
@@ -486,6 +489,11 @@ PUBLISHED = {
     "specs/olmo-1b.arch": ("OlmoConfig", "OlmoForCausalLM", dict(
         vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=True)),
+    "specs/gemma3-1b.arch": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, sliding_window=512, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
 }
 
 

@@ -130,7 +130,7 @@ def test_every_shipped_family_is_a_map():
     from lmspec.runtime.hf.shipped import shipped_families
 
     families = shipped_families()
-    assert list(families) == ["gpt2", "llama", "qwen3", "qwen3_moe", "phi3", "granite", "starcoder2", "stablelm", "gemma", "olmo"]
+    assert list(families) == ["gpt2", "llama", "qwen3", "qwen3_moe", "phi3", "granite", "starcoder2", "stablelm", "gemma", "olmo", "gemma3"]
     assert families["llama"].model_types == ("llama", "mistral", "qwen2")
     assert families["gpt2"].base_config["gpt2"] == {"n_inner": None}  # `null = [...]` in TOML
     assert "llama/llama3" in families["llama"].templates
