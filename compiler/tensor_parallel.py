@@ -177,6 +177,10 @@ def _rule(op, module, args, local, tp, vocab_sizes, is_output, graph, refuse, da
                           reason=reason, tied_to=p.tied_to)
 
     if op == "attention":
+        if args.get("qk_norm") and args.get("qk_norm_scope") == "projection":
+            refuse(data, "QK-norm over the whole projection needs every head's q and k on one rank: "
+                         "it is not tensor-parallel (qk_norm_scope=\"head\" is)")
+            return replicated("")
         heads = args["heads"]
         kv = args["kv_heads"] if args["kv_heads"] is not None else heads
         hd = local["proj.weight"].shape[1] // heads

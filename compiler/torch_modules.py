@@ -140,6 +140,7 @@ class AttentionConfig:
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
     qk_norm_offset: float = 0.0
+    qk_norm_scope: str = "head"  # or "projection": the whole q and k, before they split into heads
     window: int | None = None
     softcap: float | None = None
     scale: float | None = None
@@ -153,12 +154,15 @@ class Attention(nn.Module):
         hd = cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * hd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.heads * hd, cfg.dim, bias=cfg.out_bias)
-        if cfg.qk_norm and cfg.qk_norm_offset:
-            self.q_norm = OffsetRMSNorm(hd, cfg.qk_norm_eps, cfg.qk_norm_offset)
-            self.k_norm = OffsetRMSNorm(hd, cfg.qk_norm_eps, cfg.qk_norm_offset)
-        elif cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=cfg.qk_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=cfg.qk_norm_eps)
+        if cfg.qk_norm:
+            whole = cfg.qk_norm_scope == "projection"
+            q_dim, k_dim = (cfg.heads * hd, cfg.kv_heads * hd) if whole else (hd, hd)
+            if cfg.qk_norm_offset:
+                self.q_norm = OffsetRMSNorm(q_dim, cfg.qk_norm_eps, cfg.qk_norm_offset)
+                self.k_norm = OffsetRMSNorm(k_dim, cfg.qk_norm_eps, cfg.qk_norm_offset)
+            else:
+                self.q_norm = nn.RMSNorm(q_dim, eps=cfg.qk_norm_eps)
+                self.k_norm = nn.RMSNorm(k_dim, eps=cfg.qk_norm_eps)
         if cfg.rope:
             inv = rope_frequencies(cfg.rotary_dim or hd, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
                                    cfg.rope_low, cfg.rope_high, cfg.rope_original)
@@ -171,9 +175,12 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
+        whole = cfg.qk_norm_scope == "projection"
+        if cfg.qk_norm and whole:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.heads, hd)
         k = k.view(b, t, self.kv_heads, hd)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not whole:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.kv_heads, hd).transpose(1, 2)

@@ -10,6 +10,7 @@ from .core import _float_input
 from .layers import _last_dim
 
 ROPE_SCALINGS = ("linear", "llama3")
+QK_NORM_SCOPES = ("head", "projection")  # QK-norm of each head (Qwen3), or of the whole q and k (OLMo 2)
 
 
 @register
@@ -26,6 +27,7 @@ class Attention(Op):
         Arg("rope_scaling", "str", None, ROPE_SCALINGS), Arg("rope_factor", "float", 1.0),
         Arg("rope_low", "float", 1.0), Arg("rope_high", "float", 4.0), Arg("rope_original", "int", None),
         Arg("qk_norm", "bool", False), Arg("qk_norm_eps", "float", 1e-6), Arg("qk_norm_offset", "float", 0.0),
+        Arg("qk_norm_scope", "str", "head", QK_NORM_SCOPES),
         Arg("window", "int", None), Arg("softcap", "float", None), Arg("scale", "float", None),
     )
     doc = ("Self-attention over [batch, seq, dim]: fused q/k/v projection, `heads` query heads sharing "
@@ -34,7 +36,8 @@ class Attention(Op):
            "`rope_scaling` \"llama3\" with `rope_factor`, `rope_low`, `rope_high`, `rope_original`, or "
            "\"linear\"); `qk_norm` RMSNorm of each query and key head; `window` keys seen per query "
            "(sliding window); `softcap` c*tanh(scores/c); `scale` (default 1/sqrt(head_dim)); `qk_norm_offset` "
-           "1.0 scales the QK-norm by 1 + weight (Gemma 3); `bias` on "
+           "1.0 scales the QK-norm by 1 + weight (Gemma 3); `qk_norm_scope` \"projection\" normalises the whole q "
+           "and k projections rather than each head (OLMo 2); `bias` on "
            "q/k/v and `out_bias` (default: `bias`) on the output projection.")
     onnx = "MatMul/Softmax subgraph with past/present KV"
     autocast = "lower"
@@ -98,8 +101,9 @@ class Attention(Op):
         if self._out_bias(c):
             p["proj.bias"] = (d,)
         if c["qk_norm"]:
-            p["q_norm.weight"] = (hd,)
-            p["k_norm.weight"] = (hd,)
+            whole = c["qk_norm_scope"] == "projection"
+            p["q_norm.weight"] = (heads * hd,) if whole else (hd,)
+            p["k_norm.weight"] = (kv * hd,) if whole else (hd,)
         return p
 
     @staticmethod
@@ -126,8 +130,8 @@ class Attention(Op):
         d, heads, kv, hd = self.geometry(c.spec)
         options = {name: c.spec[name] for name in (
             "causal", "bias", "dropout", "rope", "rope_theta", "rotary_dim", "rope_scaling", "rope_factor",
-            "rope_low", "rope_high", "rope_original", "qk_norm", "qk_norm_eps", "qk_norm_offset", "window", "softcap",
-            "scale")}
+            "rope_low", "rope_high", "rope_original", "qk_norm", "qk_norm_eps", "qk_norm_offset", "qk_norm_scope",
+            "window", "softcap", "scale")}
         cfg = AttentionConfig(d, heads, kv, hd, out_bias=self._out_bias(c.spec), **options)
         return c.module(A(cfg, layer_index=c.attention_index()), c["x"], c.cache)
 

@@ -40,7 +40,7 @@ IMPORT_HF = Verb(
   lmspec import hf ~/models/gpt2 --spec specs/gpt2.arch -o runs/gpt2
   lmspec import hf ~/models/Qwen3-0.6B --spec specs/qwen3-0.6b.arch -o runs/qwen3
   lmspec import hf ~/models/gpt2-tiny --emit-spec gpt2-tiny.arch -o runs/gpt2-tiny
-  lmspec import hf ~/models/SmolLM3-3B --spec smollm3.arch --map smollm3.toml -o runs/smollm3
+  lmspec import hf ~/models/OLMo-2-0425-1B --spec olmo2.arch --map olmo2.toml -o runs/olmo2
   lmspec import hf ~/models/no-tokenizer --spec my.arch -o runs/x --tokenizer ../shared/data/gpt2-tokenizer""",
 )
 

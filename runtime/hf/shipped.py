@@ -9,7 +9,7 @@ from lmspec.runtime.hf.map_file import load_map
 
 MAPS = Path(__file__).with_name("maps")
 # In this order `export hf` tries the families on a checkpoint that was not imported.
-ORDER = ("gpt2", "llama", "qwen3", "qwen3_moe", "phi3", "granite", "starcoder2", "stablelm", "gemma", "olmo", "gemma3")
+ORDER = ("gpt2", "llama", "qwen3", "qwen3_moe", "phi3", "granite", "starcoder2", "stablelm", "gemma", "olmo", "gemma3", "smollm3")
 
 
 @functools.cache

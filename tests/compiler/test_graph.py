@@ -21,6 +21,7 @@ SPECS = ROOT / "specs"
     ("phi3-mini-4k", 3_821_079_552), ("granite-3.0-2b", 2_533_531_648),
     ("starcoder2-3b", 3_030_371_328), ("stablelm-2-1.6b", 1_644_515_328), ("gemma-2b", 2_506_172_416),
     ("olmo-1b", 1_176_764_416), ("gemma3-1b", 999_885_952),
+    ("smollm3-3b", 3_075_098_624),
     ("gpt3-175b", 174_604_259_328),  # no released config: the paper's table 2.1 sizes, "175.0B"
 ])
 def test_parameter_counts_are_the_published_ones(name, params):

@@ -121,3 +121,24 @@ def test_info_lists_the_layers_that_differ(alternating):
     assert out.returncode == 0, out.stderr
     rows = [line.split()[0] for line in out.stdout.splitlines() if line.strip().startswith("block.")]
     assert rows == ["block.0", "block.1", "block.2", "block.3"]  # no "(x4)": they are not one layer four times
+
+
+def test_qk_norm_over_the_whole_projection_is_counted_and_refused_by_tensor_parallelism(tmp_path):
+    """OLMo 2's QK-norm normalises all of q (and of k) at once: one weight per feature of the
+    projection, and a rank holding some heads cannot compute it, so the TP plan refuses it at its line."""
+    from lmspec.compiler.tensor_parallel import tensor_parallel_plan
+
+    spec = tmp_path / "olmo2.arch"
+    spec.write_text(ALTERNATING.replace("qk_norm=true if i == layers - 1 else false",
+                                        'qk_norm=true, qk_norm_scope="projection"'))
+    graph = load_spec(str(spec))
+    model = lower(graph, seed=0).eval()
+    assert model.get_submodule("block.0.attn").q_norm.weight.shape == (32,)  # 4 heads of 8
+    assert model.get_submodule("block.0.attn").k_norm.weight.shape == (16,)  # 2 kv heads of 8
+    with torch.no_grad():
+        ids = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(decoded_with_cache(model, ids, 3), model(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(SpecError) as info:
+        tensor_parallel_plan(graph, 2)
+    [first, *_] = info.value.diagnostics
+    assert "QK-norm over the whole projection" in first.message and first.span.line == 8

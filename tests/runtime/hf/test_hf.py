@@ -298,6 +298,8 @@ FAMILY_CASES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "specs/gemma3-1b.arch",
                dict(num_hidden_layers=6, head_dim=16, num_key_value_heads=1, sliding_window=4, query_pre_attn_scalar=16,
                     rope_local_base_freq=10000.0, rope_theta=1000000.0, pad_token_id=0)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "specs/smollm3-3b.arch",
+                dict(num_hidden_layers=4, rope_theta=2000000.0, pad_token_id=0)),  # layer 3 without RoPE
 }
 
 
@@ -493,6 +495,10 @@ PUBLISHED = {
         vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
         num_key_value_heads=1, head_dim=256, max_position_embeddings=32768, rope_theta=1000000.0,
         rope_local_base_freq=10000.0, sliding_window=512, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
+    "specs/smollm3-3b.arch": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=4, max_position_embeddings=65536, rope_theta=5000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True)),
 }
 

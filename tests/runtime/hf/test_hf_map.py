@@ -1,9 +1,8 @@
 """`lmspec import hf --map` and `export hf` for a family lmspec does not ship: the README's worked
-example (SmolLM3, whose every fourth layer has no rotary positions) imported from a random model
-saved by `transformers`, compared with it, and written back; mistakes in a map are located errors,
+example (OLMo 2: norms after each sublayer, QK-norm over the whole projections) imported from a
+random model saved by `transformers`, compared with it, and written back; mistakes in a map are located errors,
 and a map that does not fit the checkpoint is one error listing every problem, before anything is
 written."""
-import json
 import re
 
 import pytest
@@ -17,8 +16,12 @@ from lmspec.runtime.train.sampling import generate
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, rope_theta=2000000.0,
-             pad_token_id=None)
+             num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, rms_norm_eps=1e-6,
+             pad_token_id=0)
+# OLMo-2-0425-1B's config.json values, which the README's spec is written for
+PUBLISHED = dict(vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096, rope_theta=500000.0,
+                 rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 
 def readme_example() -> tuple[str, str]:
@@ -29,35 +32,32 @@ def readme_example() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def smollm3(tmp_path_factory):
-    """A random small SmolLM3 saved by transformers, with a word tokenizer: (directory, model)."""
+def olmo2(tmp_path_factory):
+    """A random small OLMo 2 saved by transformers, with a word tokenizer: (directory, model)."""
     from test_hf import _quiet_transformers, _word_tokenizer
 
     _quiet_transformers()
     torch.manual_seed(0)
-    hf = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**SMALL)).eval()
-    assert hf.config.no_rope_layers == [1, 1, 1, 0]  # the fourth layer has no rotary positions
+    hf = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SMALL)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.05)
-    directory = tmp_path_factory.mktemp("smollm3") / "smollm3"
+    directory = tmp_path_factory.mktemp("olmo2") / "olmo2"
     hf.save_pretrained(directory, safe_serialization=True)
     _word_tokenizer(directory / "tokenizer.json", 1000)
     return directory, hf
 
 
 def sizes(directory) -> list[str]:
-    """--set options that size the README's spec (SmolLM3-3B) like the small config.json."""
-    config = json.loads((directory / "config.json").read_text())
+    """--set options that size the README's spec (OLMo 2 1B) like the small config.json."""
     return ["--set", "vocab=1000", "--set", "context=128", "--set", "dim=64", "--set", "layers=4", "--set", "heads=4",
-            "--set", "kv_heads=2", "--set", "head_dim=16", "--set", "ffn=96", "--set", f"eps={config['rms_norm_eps']}",
-            "--set", "theta=2000000.0", "--set", "rope_layers=[1, 1, 1, 0]"]
+            "--set", "kv_heads=2", "--set", "head_dim=16", "--set", "ffn=96"]
 
 
-def test_the_readme_example_imports_matches_transformers_and_round_trips(smollm3, tmp_path):
-    directory, hf = smollm3
+def test_the_readme_example_imports_matches_transformers_and_round_trips(olmo2, tmp_path):
+    directory, hf = olmo2
     spec_text, map_text = readme_example()
-    spec, map_file = tmp_path / "smollm3.arch", tmp_path / "smollm3.toml"
+    spec, map_file = tmp_path / "olmo2.arch", tmp_path / "olmo2.toml"
     spec.write_text(spec_text)
     map_file.write_text(map_text)
     out = tmp_path / "run"
@@ -82,8 +82,8 @@ def test_the_readme_example_imports_matches_transformers_and_round_trips(smollm3
         assert torch.equal(reloaded(tokens).logits, hf(tokens).logits)
 
 
-def test_a_map_that_does_not_fit_the_checkpoint_lists_every_problem_and_writes_nothing(smollm3, tmp_path):
-    directory, _ = smollm3
+def test_a_map_that_does_not_fit_the_checkpoint_lists_every_problem_and_writes_nothing(olmo2, tmp_path):
+    directory, _ = olmo2
     spec_text, map_text = readme_example()
     (tmp_path / "s.arch").write_text(spec_text)
     wrong = map_text.replace("self_attn.o_proj.weight", "self_attn.out_proj.weight")  # a tensor it lacks
@@ -104,14 +104,14 @@ def test_a_map_that_does_not_fit_the_checkpoint_lists_every_problem_and_writes_n
     assert not (tmp_path / "run").exists()
     other = lmspec_cli("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map",
                        ROOT / "runtime/hf/maps/llama.toml", *sizes(directory), "-o", tmp_path / "run")
-    assert other.returncode == 1 and "model_type 'smollm3' is not one of the map's family.model_types" in other.stderr
+    assert other.returncode == 1 and "model_type 'olmo2' is not one of the map's family.model_types" in other.stderr
 
 
 @pytest.mark.parametrize("change, message", [
     (("keys = [\"num_key_value_heads\"]", "keyz = [\"num_key_value_heads\"]"),
      "m.toml:12: unknown key hyper.kv_heads.keyz (expected one of: keys, default, when, needed)"),
     (("[hyper]", "[hyper"), "m.toml:6:9: not TOML"),
-    (('op = "mlp"', 'op = "mpl"'), "m.toml:31: op_args: op 'mpl' is not an op of the language"),
+    (('op = "mlp"', 'op = "mpl"'), "m.toml:30: op_args: op 'mpl' is not an op of the language"),
     ((', "model.layers.{i}.mlp.up_proj.weight"] }', '] }'), "params.'block.{i}.mlp.fc.weight': cat names two or more"),
     (('[params]', '[parameters]'), "unknown key parameters (expected one of: family, hyper, requires"),
     (('default = "hidden_size // num_attention_heads"', 'default = "hidden_size //"'),
@@ -126,11 +126,23 @@ def test_mistakes_in_a_map_are_located_errors(change, message):
     assert message in str(info.value), str(info.value)
 
 
+def test_the_readme_spec_has_the_parameters_transformers_builds_for_olmo2_1b():
+    from lmspec.compiler import load_spec
+    from lmspec.compiler.analysis import parameter_count
+
+    spec_text, _map = readme_example()
+    graph = load_spec("olmo2.arch", sources={"olmo2.arch": spec_text})
+    with torch.device("meta"):
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**PUBLISHED))
+    assert parameter_count(graph) == sum(p.numel() for p in model.parameters()) == 1_484_916_736
+
+
 def test_every_shipped_family_is_a_map():
     from lmspec.runtime.hf.shipped import shipped_families
 
     families = shipped_families()
-    assert list(families) == ["gpt2", "llama", "qwen3", "qwen3_moe", "phi3", "granite", "starcoder2", "stablelm", "gemma", "olmo", "gemma3"]
+    assert list(families) == ["gpt2", "llama", "qwen3", "qwen3_moe", "phi3", "granite", "starcoder2", "stablelm",
+                              "gemma", "olmo", "gemma3", "smollm3"]
     assert families["llama"].model_types == ("llama", "mistral", "qwen2")
     assert families["gpt2"].base_config["gpt2"] == {"n_inner": None}  # `null = [...]` in TOML
     assert "llama/llama3" in families["llama"].templates
