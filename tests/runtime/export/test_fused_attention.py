@@ -116,9 +116,10 @@ def test_what_cannot_be_fused_is_one_clear_error_and_writes_nothing(tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["every_option.arch", "handwritten", "run"]
 
 
-def test_layers_that_differ_export_both_ways(tmp_path):
+def test_layers_that_differ_export_fused(tmp_path):
     """Alternating sliding-window and global layers with a RoPE base each (`repeat … as block, i`):
-    the plain and the fused export each match PyTorch, with the cache, and generate its tokens."""
+    the fused export matches PyTorch, with the cache, and generates its tokens. (The plain export of
+    such layers is checked on an imported Gemma 3 in tests/runtime/hf/test_hf.py.)"""
     spec = tmp_path / "alternating.arch"
     spec.write_text(ALTERNATING)
     model, tokenizer = random_checkpoint(tmp_path / "run", str(spec), {"layers": 2, "vocab": 96},
@@ -126,9 +127,7 @@ def test_layers_that_differ_export_both_ways(tmp_path):
     prompt = tokenizer.encode("layers that differ")
     with torch.no_grad():
         want = generate(model.eval(), prompt, 20, temperature=0)
-    for fused in (False, True):
-        meta = export_bundle(str(tmp_path / "run"), str(tmp_path / f"{fused}.onnx"), fused_attention=fused, log=quiet)
-        assert meta["parity"]["fp32"]["filled_cache"] <= 1e-4, fused
-        [got] = OnnxModel(tmp_path / f"{fused}.onnx").generate([GenerationRequest(prompt, 20, temperature=0,
-                                                                                   stop_at_eot=False)])
-        assert got.tokens == want, fused
+    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "m.onnx"), fused_attention=True, log=quiet)
+    assert meta["parity"]["fp32"]["filled_cache"] <= 1e-4
+    [got] = OnnxModel(tmp_path / "m.onnx").generate([GenerationRequest(prompt, 20, temperature=0, stop_at_eot=False)])
+    assert got.tokens == want

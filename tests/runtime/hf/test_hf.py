@@ -296,7 +296,8 @@ FAMILY_CASES = {
               dict(head_dim=16, num_key_value_heads=1, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0)),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", "specs/olmo-1b.arch", dict(tie_word_embeddings=True, pad_token_id=0)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "specs/gemma3-1b.arch",
-               dict(num_hidden_layers=6, head_dim=16, num_key_value_heads=1, sliding_window=4, query_pre_attn_scalar=16,
+               dict(head_dim=16, num_key_value_heads=1, sliding_window=4, query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "full_attention"],  # Gemma 3's pattern, in two layers
                     rope_local_base_freq=10000.0, rope_theta=1000000.0, pad_token_id=0)),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", "specs/smollm3-3b.arch",
                 dict(num_hidden_layers=4, rope_theta=2000000.0, pad_token_id=0)),  # layer 3 without RoPE
@@ -321,9 +322,10 @@ def _settings_for(directory: Path, spec: str) -> list[str]:
 
 # qwen2 (biases on q/k/v) and mistral (a window) differ from llama3 in one option each, qwen3's QK-norm
 # is in qwen3_moe too, phi3 is llama's layout with a window, stablelm's LayerNorm and biases are in
-# starcoder2, gemma's norms, embedding scale and GeGLU are in gemma3: slow
+# starcoder2, gemma's norms, embedding scale and GeGLU are in gemma3, granite's multipliers are spec
+# arithmetic tested elsewhere: slow
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow)
-                                  if c in ("qwen2", "mistral", "qwen3", "phi3", "stablelm", "gemma") else c
+                                  if c in ("qwen2", "mistral", "qwen3", "phi3", "stablelm", "gemma", "granite") else c
                                   for c in FAMILY_CASES])
 def test_llama_family_imports_match_transformers_and_round_trip(case, tmp_path):
     config_class, model_class, spec, extra = FAMILY_CASES[case]
