@@ -129,7 +129,7 @@ def check_one(path: Path, text: str, fmt: bool = True) -> list[Diagnostic]:
     return diagnostics
 
 
-FAST = settings(max_examples=1000, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=500, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -168,8 +168,10 @@ def test_plan_is_within_15_percent_of_the_measured_peak(name, overrides):
         assert measured[True] < 0.7 * measured[False]  # checkpointing does save what plan says it saves
 
 
-# DDP's memory is one process's plus its buckets (checked above); FSDP's is the new arithmetic
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
+# DDP's memory is one process's plus its buckets (checked above); FSDP's is the new arithmetic. Both
+# start two processes: slow (the one-process checks run by default)
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow),
+                                      pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_plan_is_within_15_percent_of_the_measured_peak_on_two_ranks(strategy, tmp_path):
     name, overrides = "gpt2", dict(layers=4, dim=256, heads=4, context=256, vocab=4096)
     batch, seq = 8, 256
