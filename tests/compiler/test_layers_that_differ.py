@@ -142,3 +142,24 @@ def test_qk_norm_over_the_whole_projection_is_counted_and_refused_by_tensor_para
         tensor_parallel_plan(graph, 2)
     [first, *_] = info.value.diagnostics
     assert "QK-norm over the whole projection" in first.message and first.span.line == 8
+
+
+def test_the_parallel_plans_and_checkpointing_take_layers_that_differ(alternating):
+    """Layers that differ still split: TP over whole heads in every layer, PP cut at layer boundaries,
+    each layer its own checkpointed segment, with the same outputs."""
+    from lmspec.compiler.checkpointing import checkpoint_blocks
+    from lmspec.compiler.pipeline_stages import pipeline_stages
+    from lmspec.compiler.tensor_parallel import tensor_parallel_plan
+
+    graph = load_spec(str(alternating))
+    plan = tensor_parallel_plan(graph, 2)
+    assert plan is not None
+    stages = pipeline_stages(graph, 2)
+    assert [s.blocks for s in stages] == [["block.0", "block.1"], ["block.2", "block.3"]]
+    model = lower(graph, seed=0).eval()
+    ids = torch.randint(0, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+    assert checkpoint_blocks(model, "all") == ["block.0", "block.1", "block.2", "block.3"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want)
