@@ -348,8 +348,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
         model_type = record["model_type"]
         family = family_for_model_type(model_type)
     else:
-        family = infer_family(graph)
-        model_type = family.model_types[0]
+        family, model_type = infer_family(graph)
     owned, _ = tensor_map(family, graph)
 
     weights = ckpt.verified(MODEL_FILE)  # read tensor by tensor below, so its checksum is checked here

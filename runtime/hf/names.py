@@ -112,14 +112,55 @@ def tensor_map(family: Family, graph) -> tuple[list[Planned], list[Planned]]:
     return owned, tied
 
 
-def infer_family(graph) -> Family:
-    """The first family whose table holds every parameter the spec owns."""
+def infer_family(graph) -> tuple[Family, str]:
+    """The family, and the model_type, of a spec that was not imported. Of the families whose map
+    holds every parameter the spec owns, the one with a template that builds the same graph from the
+    spec's hyper-parameters (so a Gemma or OLMo spec, whose parameters a Llama map also holds, is
+    written as what it is); else the first whose map reads every hyper-parameter of the spec; else
+    the first that holds the parameters."""
+    fitting = []
     for family in shipped_families().values():
         try:
             owned, _ = tensor_map(family, graph)
         except HFError:
             continue
         if owned:
-            return family
+            fitting.append(family)
+    for family in fitting:
+        model_type = _template_model_type(graph, family)
+        if model_type is not None:
+            return family, model_type
+    for family in fitting:
+        if set(graph.hyper) <= {h.name for h in family.hyper}:
+            return family, family.model_types[0]
+    if fitting:
+        return fitting[0], fitting[0].model_types[0]
     raise HFError(f"the parameters of model {graph.name} match no Hugging Face family's table "
                   f"({', '.join(shipped_families())}); name one with --model-type")
+
+
+def _template_model_type(graph, family: Family) -> str | None:
+    """The model_type of the family's first template that, filled with the spec's hyper-parameters,
+    builds the spec's graph op for op; None when none does."""
+    from lmspec.compiler import load_spec
+    from lmspec.dsl.diagnostics import SpecError
+    from lmspec.runtime.hf.families import fill_template
+
+    for key, template in family.templates.items():
+        text, missing = fill_template(template, {**graph.hyper, "name": "template", "source": "template"})
+        if missing:
+            continue
+        try:
+            built = load_spec("template.arch", sources={"template.arch": text})
+        except SpecError:
+            continue
+        if _ops(built) == _ops(graph):
+            first = key.split("/")[0]
+            return first if first in family.model_types else family.model_types[0]
+    return None
+
+
+def _ops(graph) -> list[tuple]:
+    """Every op of the graph in order with its arguments, tensors as their shapes: what a model computes."""
+    return [(data["op"], tuple(sorted((k, getattr(v, "shape", v)) for k, v in data["args"].items() if k != "name")))
+            for _, data in graph.nodes()]

@@ -3,6 +3,7 @@ example (OLMo 2: norms after each sublayer, QK-norm over the whole projections) 
 random model saved by `transformers`, compared with it, and written back; mistakes in a map are located errors,
 and a map that does not fit the checkpoint is one error listing every problem, before anything is
 written."""
+import json
 import re
 
 import pytest
@@ -146,3 +147,42 @@ def test_every_shipped_family_is_a_map():
     assert families["llama"].model_types == ("llama", "mistral", "qwen2")
     assert families["gpt2"].base_config["gpt2"] == {"n_inner": None}  # `null = [...]` in TOML
     assert "llama/llama3" in families["llama"].templates
+
+
+@pytest.mark.parametrize("spec, family, model_type", [
+    ("gemma-2b", "gemma", "gemma"), ("olmo-1b", "olmo", "olmo"), ("gemma3-1b", "gemma3", "gemma3_text"),
+    ("granite-3.0-2b", "granite", "granite"), ("smollm3-3b", "smollm3", "smollm3"), ("llama3.2-1b", "llama", "llama"),
+    ("gpt2", "gpt2", "gpt2"), ("starcoder2-3b", "starcoder2", "starcoder2"),
+])
+def test_export_of_a_checkpoint_never_imported_finds_its_own_family(spec, family, model_type):
+    """A Llama map holds a Gemma or OLMo spec's parameters too; the family is the one whose template
+    builds the spec's graph, so the written config.json computes what the spec does."""
+    from lmspec.compiler import load_spec
+    from lmspec.runtime.hf.names import infer_family
+
+    found, found_type = infer_family(load_spec(str(ROOT / "specs" / f"{spec}.arch")))
+    assert (found.name, found_type) == (family, model_type)
+
+
+def test_an_olmo_trained_here_exports_to_a_model_transformers_runs_the_same(tmp_path):
+    from lmspec.compiler import load_spec
+    from lmspec.compiler.lower import lower
+    from lmspec.compiler.rewrites import spec_record
+    from lmspec.runtime.checkpoint.store import save_checkpoint
+    from lmspec.runtime.data.tokenizer import FileTokenizer
+    from test_hf import _load, _word_tokenizer
+
+    sizes = {"layers": 2, "dim": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "ffn": 96, "vocab": 1000,
+             "context": 128}
+    graph = load_spec(str(ROOT / "specs/olmo-1b.arch"), overrides=sizes)
+    _word_tokenizer(tmp_path / "tokenizer.json", 1000)
+    save_checkpoint(tmp_path / "run", step=0, model=lower(graph, seed=0), optimizer=None, rng=None, train_config={},
+                    metrics={}, tokenizer=FileTokenizer.from_path(tmp_path / "tokenizer.json").to_json(),
+                    spec=spec_record(graph, sizes))
+    run = lmspec_cli("export", "hf", tmp_path / "run", "-o", tmp_path / "hf")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "olmo"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - _load(tmp_path / "run")(tokens)).abs().max().item() <= 1e-4
