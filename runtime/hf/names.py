@@ -146,8 +146,10 @@ def _template_model_type(graph, family: Family) -> str | None:
     from lmspec.dsl.diagnostics import SpecError
     from lmspec.runtime.hf.families import fill_template
 
+    # a hyper-parameter the spec does not name takes the map's constant default (Mistral's spec has no `tied`)
+    defaults = {h.name: h.default for h in family.hyper if h.default is not None and not isinstance(h.default, str)}
     for key, template in family.templates.items():
-        text, missing = fill_template(template, {**graph.hyper, "name": "template", "source": "template"})
+        text, missing = fill_template(template, {**defaults, **graph.hyper, "name": "template", "source": "template"})
         if missing:
             continue
         try:

@@ -152,7 +152,7 @@ def test_every_shipped_family_is_a_map():
 @pytest.mark.parametrize("spec, family, model_type", [
     ("gemma-2b", "gemma", "gemma"), ("olmo-1b", "olmo", "olmo"), ("gemma3-1b", "gemma3", "gemma3_text"),
     ("granite-3.0-2b", "granite", "granite"), ("smollm3-3b", "smollm3", "smollm3"), ("llama3.2-1b", "llama", "llama"),
-    ("gpt2", "gpt2", "gpt2"), ("starcoder2-3b", "starcoder2", "starcoder2"),
+    ("gpt2", "gpt2", "gpt2"), ("starcoder2-3b", "starcoder2", "starcoder2"), ("mistral-7b", "llama", "mistral"),
 ])
 def test_export_of_a_checkpoint_never_imported_finds_its_own_family(spec, family, model_type):
     """A Llama map holds a Gemma or OLMo spec's parameters too; the family is the one whose template
