@@ -34,6 +34,7 @@ from lmspec.runtime.hf.config import (
 from lmspec.runtime.hf.chat_files import chat_template_from_files, files_with_chat_template
 from lmspec.runtime.hf.directories import refuse_non_empty, write_json, write_text
 from lmspec.runtime.hf.families import Family, Stack, fill_template, template_for
+from lmspec.runtime.hf.map_file import read_map
 from lmspec.runtime.hf.shipped import MAPS, family_for_model_type, shipped_model_types
 from lmspec.runtime.hf.names import Piece, Planned, infer_family, match_params, pieces_of, tensor_map
 from lmspec.runtime.hf.streaming import DTYPES, WEIGHTS_FILE, SafetensorsDir, SafetensorsWriter, torch_dtype
@@ -135,7 +136,7 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
     config = read_config(directory)
     map_text = None
     if map_path is not None:
-        map_text, family = _read_map(map_path)
+        map_text, family = read_map(map_path)
         model_type = config.get("model_type")
         if model_type not in family.model_types:
             raise HFError(f"{directory / CONFIG_FILE}: model_type {model_type!r} is not one of the map's "
@@ -217,14 +218,6 @@ def import_hf(directory: str | os.PathLike, out: str | os.PathLike, spec: str | 
     if chat is not None:
         log(f"chat template: {chat['source']} ({_template_note(chat)})")
     return out
-
-
-def _read_map(path: str) -> tuple[str, Family]:
-    """A map file's text (recorded in the checkpoint, for `export hf`) and its family."""
-    from lmspec.runtime.hf.map_file import load_map
-
-    family = load_map(path)
-    return Path(path).read_text(), family
 
 
 def _check_source(family: Family, source: SafetensorsDir, owned: list[Planned], tied: list[Planned],
@@ -333,7 +326,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
     recorded_map = (record or {}).get("map")
     if map_path is not None or recorded_map:  # the map given, or the one the checkpoint was imported by
         if map_path is not None:
-            _, family = _read_map(map_path)
+            _, family = read_map(map_path)
         else:
             from lmspec.runtime.hf.map_file import parse_map
             family = parse_map(recorded_map, f"{ckpt.path}: the map recorded at import")

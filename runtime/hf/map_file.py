@@ -61,12 +61,17 @@ class MapError(UsageError):
 
 def load_map(path: str | Path) -> Family:
     """The family a map file describes."""
+    return read_map(path)[1]
+
+
+def read_map(path: str | Path) -> tuple[str, Family]:
+    """A map file's text (what an import records, for `export hf`) and the family it describes."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise MapError(f"{path}: cannot read the map: {err.strerror or err}") from None
-    return parse_map(text, str(path))
+    return text, parse_map(text, str(path))
 
 
 def parse_map(text: str, where: str) -> Family:

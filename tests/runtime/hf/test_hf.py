@@ -304,6 +304,19 @@ FAMILY_CASES = {
 }
 
 
+def assert_matches_transformers(model, hf, new_tokens: int) -> torch.Tensor:
+    """The imported `model` against the transformers one: logits within 1e-4 on random tokens (returned),
+    and the same greedy continuation of their first 8, lmspec's with the KV cache."""
+    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+        prompt = tokens[0, :8]
+        want = hf.generate(prompt[None], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
+    assert generate(model, prompt.tolist(), new_tokens, temperature=0) == want[0, 8:].tolist()
+    return tokens
+
+
 def _settings_for(directory: Path, spec: str) -> list[str]:
     """--set options that size the shipped spec like config.json (the import then checks them all)."""
     from lmspec.compiler import load_spec
@@ -348,12 +361,7 @@ def test_llama_family_imports_match_transformers_and_round_trip(case, tmp_path):
     out = tmp_path / "run"
     assert _run("import", "hf", directory, "--spec", spec, *_settings_for(directory, spec), "-o", out) == 0
     model = _load(out)
-    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
-        prompt = tokens[0, :8]
-        want = hf.generate(prompt[None], max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    assert generate(model, prompt.tolist(), 32, temperature=0) == want[0, 8:].tolist()  # with the KV cache
+    tokens = assert_matches_transformers(model, hf, 32)
 
     # The spec written from config.json imports the same weights.
     emitted = tmp_path / "emitted.arch"

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from runtime_helpers import ROOT, lmspec_cli
 from lmspec.runtime.hf.map_file import MapError, parse_map
-from lmspec.runtime.train.sampling import generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,14 +63,8 @@ def test_the_readme_example_imports_matches_transformers_and_round_trips(olmo2, 
     out = tmp_path / "run"
     run = lmspec_cli("import", "hf", directory, "--spec", spec, "--map", map_file, *sizes(directory), "-o", out)
     assert run.returncode == 0, run.stderr
-    from test_hf import _load
-    model = _load(out)
-    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
-        prompt = tokens[0, :8]
-        want = hf.generate(prompt[None], max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert generate(model, prompt.tolist(), 24, temperature=0) == want[0, 8:].tolist()  # with the KV cache
+    from test_hf import _load, assert_matches_transformers
+    tokens = assert_matches_transformers(_load(out), hf, 24)
 
     exported = tmp_path / "exported"
     run = lmspec_cli("export", "hf", out, "-o", exported)  # the map recorded at import, backwards
