@@ -9,6 +9,10 @@ The ONNX model follows Hugging Face Optimum's decoder layout, so it looks famili
     outputs  logits               float [batch, seq, vocab]
              present.{i}.key / .value           float [batch, kv_heads, past + seq, head_dim]
 
+A layer with a sliding window of W keys keeps only the last W - 1 positions (the keys the next
+query can see): its past and present are [batch, kv_heads, <= W - 1, head_dim], and the last columns
+of attention_mask are its keys'. The sidecar's cache "kept" lists that bound per layer (null: all).
+
 The first call passes a past of length 0. A model whose attention is written by hand (matmul,
 softmax, causal_mask) cannot use a cache: it exports with `input_ids` and `logits` only.
 
@@ -67,6 +71,12 @@ class CacheLayout:
     kv_heads: tuple[int, ...]
     head_dim: tuple[int, ...]
     shared_buffer: bool = False
+    # Per layer, the most positions its cache keeps (a sliding window's layer needs only the last
+    # window - 1 keys for the next query), or None: all of them.
+    kept: tuple[int | None, ...] | None = None
+
+    def keeps(self, layer: int) -> int | None:
+        return self.kept[layer] if self.kept else None
 
     def input_names(self) -> list[str]:
         return [f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
@@ -76,6 +86,8 @@ class CacheLayout:
 
     def as_dict(self) -> dict:
         shape = {"layers": self.layers, "kv_heads": list(self.kv_heads), "head_dim": list(self.head_dim)}
+        if self.kept:
+            shape["kept"] = list(self.kept)
         return {**shape, "buffer": SHARED_BUFFER} if self.shared_buffer else shape
 
 
@@ -86,7 +98,8 @@ def _fused_layout(model: nn.Module, layout: CacheLayout | None, graph: ModelGrap
     reason = "its attention cannot use a KV cache" if layout is None else why_not_fused(model)
     if reason:
         raise ExportError(f"{graph.name}: fused attention needs causal attention over a KV cache, but {reason}")
-    return dataclasses.replace(layout, shared_buffer=True)
+    # The kernel writes into a buffer of the whole context; a window bounds what it reads, not what it keeps.
+    return dataclasses.replace(layout, shared_buffer=True, kept=None)
 
 
 def cache_layout(model: nn.Module) -> CacheLayout | None:
@@ -94,7 +107,18 @@ def cache_layout(model: nn.Module) -> CacheLayout | None:
     if not getattr(model, "supports_kv_cache", False):
         return None
     layers = sorted((m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_index)
-    return CacheLayout(len(layers), tuple(m.kv_heads for m in layers), tuple(m.head_dim for m in layers))
+    context = getattr(model, "context", None)
+    kept = tuple(_kept_by_window(m.cfg.window, context) for m in layers)
+    return CacheLayout(len(layers), tuple(m.kv_heads for m in layers), tuple(m.head_dim for m in layers),
+                       kept=kept if any(k is not None for k in kept) else None)
+
+
+def _kept_by_window(window: int | None, context: int | None) -> int | None:
+    """How many past positions a layer with this window needs: window - 1 (at least two, so that the
+    traced length stays symbolic), or None when that is the whole context anyway."""
+    if window is None or (context is not None and window - 1 >= context):
+        return None
+    return max(window - 1, 2)
 
 
 class TensorCache:
@@ -102,9 +126,11 @@ class TensorCache:
     graph inputs, plus a padding mask and explicit positions: what a traced graph needs."""
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor):
+                 position_ids: torch.Tensor, kept: tuple[int | None, ...] | None = None):
         self.past = past
-        self.offset = past[0][0].shape[2] if past else 0
+        self.kept = kept
+        # A bounded layer's past is shorter than the sequence so far; the mask is as long as all of it.
+        self.offset = attention_mask.shape[1] - position_ids.shape[1]
         self.attention_mask = attention_mask
         self.position_ids = position_ids
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -113,7 +139,8 @@ class TensorCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past_k, past_v = self.past[layer]
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        self.present.append((k, v))
+        keep = self.kept[layer] if self.kept else None
+        self.present.append((k, v) if keep is None else (_last(k, keep), _last(v, keep)))
         return k, v
 
     def mask(self, t, s, causal: bool, window: int | None = None) -> torch.Tensor:
@@ -121,13 +148,31 @@ class TensorCache:
         nor (window) too far in the past. A query always sees itself, so that a padding row is never
         all-masked: softmax over nothing is NaN, and a NaN in a padded position would spread through
         0 * NaN."""
-        if (causal, window) not in self._masks:
+        key = (causal, window, str(s))  # s is symbolic while tracing, and a SymInt does not hash
+        if key not in self._masks:
             device = self.attention_mask.device
-            keep = self.attention_mask[:, None, :].bool() & visible_keys(t, s, causal, window, device)[None]
+            # the mask's last s columns are this layer's keys: a bounded layer holds only the latest
+            padding = self.attention_mask if self.kept is None else _last_columns(self.attention_mask, s)
+            keep = padding[:, None, :].bool() & visible_keys(t, s, causal, window, device)[None]
             query = torch.arange(t, device=device) + (s - t)
             keep = keep | (torch.arange(s, device=device)[None, :] == query[:, None])[None]
-            self._masks[(causal, window)] = keep[:, None]
-        return self._masks[(causal, window)]
+            self._masks[key] = keep[:, None]
+        return self._masks[key]
+
+
+def _last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The last n positions of a cache tensor [batch, kv_heads, positions, head_dim], or all of them
+    when it holds fewer. Gathered by index: a slice would have the exporter guess which is longer."""
+    size = x.shape[2]
+    start = torch.sym_max(size - n, 0)
+    return x.index_select(2, torch.arange(size - start, device=x.device) + start)
+
+
+def _last_columns(mask: torch.Tensor, n) -> torch.Tensor:
+    """The last n columns of the padding mask: those of a bounded layer's keys. Gathered by index, as
+    a slice would tie the mask's traced length to the bounded cache's."""
+    index = torch.arange(n, device=mask.device) + (mask.shape[1] - n)
+    return mask.index_select(1, index)
 
 
 class CachedDecoder(nn.Module):
@@ -143,7 +188,7 @@ class CachedDecoder(nn.Module):
             from .onnx_fused_attention import SharedBufferCache
             cache = SharedBufferCache(past, attention_mask, position_ids)
         else:
-            cache = TensorCache(past, attention_mask, position_ids)
+            cache = TensorCache(past, attention_mask, position_ids, self.layout.kept)
         logits = _logits(self.model(input_ids, cache))
         return (logits, *[t for pair in cache.present for t in pair])
 
@@ -232,7 +277,8 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
         wrapper = CachedDecoder(model, layout)
         # a shared buffer is longer than what it holds; traced with a third length, it stays symbolic
         buffer = past + seq + 3 if layout.shared_buffer else past
-        past_kv = [torch.zeros(batch, layout.kv_heads[i], buffer, layout.head_dim[i])
+        lengths = [buffer if layout.keeps(i) is None else min(past, layout.keeps(i)) for i in range(layout.layers)]
+        past_kv = [torch.zeros(batch, layout.kv_heads[i], lengths[i], layout.head_dim[i])
                    for i in range(layout.layers) for _ in ("key", "value")]
         mask = torch.ones(batch, past + seq, dtype=torch.long)
         positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
@@ -240,15 +286,24 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
         input_names = ["input_ids", "attention_mask", "position_ids", *layout.input_names()]
         output_names = ["logits", *layout.output_names()]
         b, s, p = (torch.export.Dim(n) for n in (BATCH, SEQUENCE, MAX_LENGTH if layout.shared_buffer else PAST))
+        # a bounded layer's past has a length of its own, at most what it keeps
+        bounded = {keep: torch.export.Dim(bounded_past(keep), max=keep) for keep in set(layout.kept or ()) if keep}
+        past_dims = [p if layout.keeps(i) is None else bounded[layout.keeps(i)] for i in range(layout.layers)]
         dims = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
-                "position_ids": {0: b, 1: s}, "past_flat": tuple({0: b, 2: p} for _ in past_kv)}
+                "position_ids": {0: b, 1: s},
+                "past_flat": tuple({0: b, 2: past_dims[i]} for i in range(layout.layers) for _ in ("key", "value"))}
         if layout.shared_buffer:
             from .onnx_fused_attention import onnx_translation
             translation = onnx_translation()
     _write(wrapper, args, input_names, output_names, dims, graph, path, opset, translation)
     if layout is not None:
-        _rename_dim(Path(path), "attention_mask", 1, TOTAL)
+        _name_dims(Path(path), layout)
     return layout
+
+
+def bounded_past(kept: int) -> str:
+    """The dim name of a bounded layer's past: it never holds more than `kept` positions."""
+    return f"{PAST}_up_to_{kept}"
 
 
 def export_classifier_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
@@ -317,21 +372,23 @@ def _needs_external_data(model: nn.Module) -> bool:
     return sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
 
 
-def _rename_dim(path: Path, input_name: str, axis: int, name: str) -> None:
-    """Give an input's symbolic dim a readable name everywhere it appears (the exporter names it s53)."""
+def _name_dims(path: Path, layout: CacheLayout) -> None:
+    """Give the exporter's symbolic dims readable names: the mask's length (the exporter calls it
+    s53) everywhere it appears, and a bounded layer's present length its past's (the exporter writes
+    it as a Max formula)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    old = None
-    for value in model.graph.input:
-        if value.name == input_name:
-            old = value.type.tensor_type.shape.dim[axis].dim_param
-    if not old or old == name:
-        return
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param == old:
-                dim.dim_param = name
+    old = next(v.type.tensor_type.shape.dim[1].dim_param for v in model.graph.input if v.name == "attention_mask")
+    if old and old != TOTAL:
+        for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param == old:
+                    dim.dim_param = TOTAL
+    for value in model.graph.output:
+        layer = int(value.name.split(".")[1]) if value.name.startswith("present.") else None
+        if layer is not None and layout.keeps(layer) is not None:
+            value.type.tensor_type.shape.dim[2].dim_param = bounded_past(layout.keeps(layer))
     onnx.save(model, str(path))
 
 

@@ -86,6 +86,10 @@ def read_sidecar(onnx_path: Path) -> dict:
                                   and len(cache.get("kv_heads", [])) == cache["layers"]
                                   and len(cache.get("head_dim", [])) == cache["layers"]):
         raise BundleError(f"{path}: corrupt: 'cache' does not describe the layers")
+    kept = (cache or {}).get("kept")
+    if kept is not None and not (isinstance(kept, list) and len(kept) == cache["layers"] and all(
+            k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 1) for k in kept)):
+        raise BundleError(f"{path}: corrupt: the cache's 'kept' is not, for each layer, null or a number of positions")
     if bundle_kind(meta) not in (LANGUAGE_MODEL, CLASSIFIER):
         raise BundleError(f"{path}: corrupt: 'kind' is {meta['kind']!r}, not {LANGUAGE_MODEL!r} or {CLASSIFIER!r}")
     if bundle_kind(meta) == CLASSIFIER:

@@ -59,6 +59,9 @@ class OnnxModel:
         self.cache_layers: int = cache["layers"] if cache else 0
         self._past_shapes = ([(kv, hd) for kv, hd in zip(cache["kv_heads"], cache["head_dim"]) for _ in range(2)]
                              if cache else [])
+        # per cache tensor, the most positions it keeps (a sliding-window layer's), or None: all
+        self.kept: list[int | None] = [k for k in (cache.get("kept") or [None] * cache["layers"]) for _ in range(2)] \
+            if cache else []
         self._past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         if len(self._past_names) != len(self._past_shapes):
             raise BundleError(f"{bundle_sidecar(self.path)}: describes {len(self._past_shapes)} cache tensors, "
@@ -103,7 +106,7 @@ class OnnxModel:
         else:
             if past is None:
                 past = [np.zeros((batch, kv, 0, hd), dtype=self._float) for kv, hd in self._past_shapes]
-            past_len = past[0].shape[2]
+            past_len = mask.shape[1] - seq if mask is not None else self._past_length(past)
             if mask is None:
                 mask = np.ones((batch, past_len + seq), dtype=np.int64)
             if positions is None:
@@ -112,6 +115,28 @@ class OnnxModel:
         feeds.update(zip(self._past_names, past))
         out = self.session.run(None, feeds)
         return out[0], out[1:]
+
+    def _past_length(self, past: list[np.ndarray]) -> int:
+        """The positions a cache holds, read from a tensor of a layer that keeps them all."""
+        whole = [p.shape[2] for p, kept in zip(past, self.kept) if kept is None]
+        if not whole:
+            raise ValueError("every layer of this model keeps a window of its cache: pass the mask, which "
+                             "says how long the sequence is")
+        return whole[0]
+
+    def fit_cache(self, past: list[np.ndarray], length: int) -> list[np.ndarray]:
+        """`past` cut or padded (with zeros) on the left to hold `length` positions, each tensor no
+        more than its layer keeps: the cache of a batch whose mask has `length` columns."""
+        fitted = []
+        for tensor, kept in zip(past, self.kept):
+            target = length if kept is None else min(length, kept)
+            have = tensor.shape[2]
+            if have > target:
+                tensor = np.ascontiguousarray(tensor[:, :, have - target:])
+            elif have < target:
+                tensor = np.pad(tensor, [(0, 0), (0, 0), (target - have, 0), (0, 0)])
+            fitted.append(tensor)
+        return fitted
 
     def new_cache(self, rows: int, length: int | None = None) -> list[np.ndarray]:
         """Empty shared buffers, [rows, kv_heads, length (default: the context), head_dim] per cache

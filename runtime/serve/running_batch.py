@@ -37,10 +37,12 @@ def merge_slack(model: OnnxModel) -> int:
 
 class Cohort:
     """Rows that run as one batch: their cache [rows, kv_heads, length, head_dim] per layer, padded on
-    the left, and its mask [rows, length]. Without a cache: each row's tokens so far."""
+    the left (a sliding-window layer's: only its last positions, OnnxModel.fit_cache), and its mask
+    [rows, length]. Without a cache: each row's tokens so far."""
 
-    def __init__(self, rows: list[Row], past: list[np.ndarray], mask: np.ndarray | None, ids: list[list[int]]):
-        self.rows, self.past, self.mask, self.ids = rows, past, mask, ids
+    def __init__(self, model: OnnxModel, rows: list[Row], past: list[np.ndarray], mask: np.ndarray | None,
+                 ids: list[list[int]]):
+        self.model, self.rows, self.past, self.mask, self.ids = model, rows, past, mask, ids
 
     @property
     def length(self) -> int:
@@ -67,8 +69,8 @@ class Cohort:
         self.mask = self.mask[indices]
         unused = int(np.argmax(self.mask.any(axis=0)))  # leading columns that are padding in every row
         if unused:
-            self.past = [np.ascontiguousarray(p[:, :, unused:]) for p in self.past]
             self.mask = np.ascontiguousarray(self.mask[:, unused:])
+            self.past = self.model.fit_cache(self.past, self.mask.shape[1])
 
     def absorb(self, other: Cohort) -> None:
         """Take `other`'s rows in, padding the shorter cache on the left."""
@@ -77,7 +79,8 @@ class Cohort:
             self.ids += other.ids
             return
         length = max(self.length, other.length)
-        self.past = [np.concatenate([_pad_left(a, length), _pad_left(b, length)]) for a, b in zip(self.past, other.past)]
+        self.past = [np.concatenate([a, b]) for a, b in zip(self.model.fit_cache(self.past, length),
+                                                             self.model.fit_cache(other.past, length))]
         self.mask = np.concatenate([_pad_left(self.mask, length), _pad_left(other.mask, length)])
 
     def padding_if_merged(self, other: Cohort) -> int:
@@ -114,7 +117,7 @@ class RunningBatch:
         events = first_events(self.model, rows, prompts, every)
         going_on = [i for i, row in enumerate(rows) if row.finish_reason is None]
         if going_on:
-            self.cohorts.append(Cohort([rows[i] for i in going_on], [p[going_on] for p in past],
+            self.cohorts.append(Cohort(self.model, [rows[i] for i in going_on], [p[going_on] for p in past],
                                        None if mask is None else mask[going_on], [prompts[i] for i in going_on]))
             self._merge()
         return events
@@ -178,12 +181,7 @@ class RunningBatch:
             del self.cohorts[j]
 
 
-def _pad_left(a: np.ndarray, length: int) -> np.ndarray:
-    """`a` padded with zeros on the left of its time axis (axis 2 of a cache tensor, 1 of a mask) to `length`."""
-    axis = 2 if a.ndim == 4 else 1
-    missing = length - a.shape[axis]
-    if missing == 0:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (missing, 0)
-    return np.pad(a, widths)
+def _pad_left(mask: np.ndarray, length: int) -> np.ndarray:
+    """`mask` [rows, columns] padded with zeros on the left to `length` columns."""
+    missing = length - mask.shape[1]
+    return mask if missing == 0 else np.pad(mask, [(0, 0), (missing, 0)])
