@@ -11,7 +11,14 @@ call without character offsets, which write_shards uses) is timed too.
 Peak memory: each side runs alone in a fresh process on the half corpus and on the whole one;
 streaming shows as a peak that does not grow with the corpus.
 
-    python bench/tokenize.py [--mb 50 --rounds 3]
+Dataset formats (issue 24): the same documents written to a Parquet file are tokenized from it
+(`documents.read_documents` reading record batches, into write_shards) as a fourth method of the
+rounds. And --stream-gb of text (Tiny Shakespeare repeated into one file under the temp folder) goes
+through the real `lmspec data tokenize` in a fresh process, against `encode_batch` (and
+`encode_batch_fast`) on the same text read in the same 256 KiB pieces, batches of 8, each in another;
+each reports tokens/s and its peak resident memory (VmHWM: the whole process, imports included).
+
+    python bench/tokenize.py [--mb 50 --rounds 3 --stream-gb 1 | --stream-only]
 """
 from __future__ import annotations
 
@@ -36,6 +43,8 @@ from collections.abc import Iterator  # noqa: E402
 
 import tokenizers  # noqa: E402
 
+from lmspec.runtime.data.documents import list_input_files, read_documents  # noqa: E402
+from lmspec.runtime.data.formats import PIECE_BYTES  # noqa: E402
 from lmspec.runtime.data.shards import DEFAULT_BATCH_CHARS, DEFAULT_BATCH_DOCS, document_batches, write_shards  # noqa: E402
 from lmspec.runtime.data.tokenizer import FileTokenizer  # noqa: E402
 
@@ -73,6 +82,22 @@ def run_baseline(hf: tokenizers.Tokenizer, corpus: Corpus, fast: bool = False) -
 
 def run_ours(tok: FileTokenizer, corpus: Corpus, out_dir: Path) -> dict:
     return write_shards(corpus, tok, out_dir, overwrite=True)
+
+
+def write_parquet(corpus: Corpus, path: Path, rows_per_group: int = 65_536) -> None:
+    """The corpus's documents as a Parquet file with one string column, `text`, a row group at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        documents = iter(corpus)
+        while group := list(itertools.islice(documents, rows_per_group)):
+            writer.write_table(pa.table({"text": group}, schema=schema))
+
+
+def run_ours_parquet(tok: FileTokenizer, parquet: Path, out_dir: Path) -> dict:
+    return write_shards(read_documents(list_input_files([str(parquet)])), tok, out_dir, overwrite=True)
 
 
 def timed(fn, *args) -> tuple[float, object]:
@@ -137,6 +162,43 @@ def worker(method: str, mb: float) -> None:
     print(json.dumps({"before_kib": before, "peak_kib": peak, "seconds": seconds, "exact": exact}))
 
 
+def write_repeated_text(path: Path, gb: float) -> int:
+    """Tiny Shakespeare repeated into one file of about `gb` GB; its size in bytes."""
+    text = SHAKESPEARE.read_bytes()
+    with path.open("wb") as f:
+        for _ in range(max(1, round(gb * 1e9 / len(text)))):
+            f.write(text)
+    return path.stat().st_size
+
+
+def stream_worker(method: str, text_file: str) -> None:
+    """Tokenize one big text file alone: `lmspec data tokenize` as a user runs it, or encode_batch on
+    the same 256 KiB pieces, 8 a batch (the ids thrown away); print tokens, seconds and the peak."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        if method == "ours":
+            from lmspec.runtime.cli.main import main as lmspec_main
+
+            assert lmspec_main(["data", "tokenize", text_file, "--tokenizer", str(GPT2), "--out", tmp,
+                                "--val-fraction", "0", "--no-progress", "--overwrite"]) == 0
+            tokens = json.loads((Path(tmp) / "meta.json").read_text())["tokens"] - 1  # less the one end-of-text
+        else:
+            hf = FileTokenizer.from_path(GPT2).tokenizer
+            encode = hf.encode_batch_fast if method == "fast" else hf.encode_batch
+            tokens = 0
+            with open(text_file, encoding="utf-8") as f:
+                while batch := [piece for piece in (f.read(PIECE_BYTES) for _ in range(8)) if piece]:
+                    tokens += sum(len(e.ids) for e in encode(batch, add_special_tokens=False))
+        seconds = time.perf_counter() - start
+    print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_kib": _status_kib("VmHWM")}))
+
+
+def measure_stream(method: str, text_file: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--stream-worker", method, "--text-file", str(text_file)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure_memory(method: str, mb: float) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", method, "--mb", str(mb)],
                          capture_output=True, text=True, check=True)
@@ -150,10 +212,21 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (default 50)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each method (default 3)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument("--stream-gb", type=float, default=1.0,
+                        help="GB of text for the streaming run through `lmspec data tokenize` (default 1; 0: none)")
     parser.add_argument("--worker", choices=["ours", "baseline", "hold"], help=argparse.SUPPRESS)
+    parser.add_argument("--stream-only", action="store_true", help="only the streaming run")
+    parser.add_argument("--stream-worker", choices=["ours", "baseline", "fast"], help=argparse.SUPPRESS)
+    parser.add_argument("--text-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.mb)
+        return
+    if args.stream_worker:
+        stream_worker(args.stream_worker, args.text_file)
+        return
+    if args.stream_only:
+        stream(args.stream_gb)
         return
 
     tok = FileTokenizer.from_path(GPT2)
@@ -167,12 +240,17 @@ def main() -> None:
         "tokenizers encode_batch (baseline)": lambda: run_baseline(tok.tokenizer, corpus),
         "tokenizers encode_batch_fast": lambda: run_baseline(tok.tokenizer, corpus, fast=True),
         "lmspec write_shards": lambda: run_ours(tok, corpus, out_dir),
+        "lmspec write_shards from .parquet": lambda: run_ours_parquet(tok, parquet, out_dir),
     }
     times: dict[str, list[float]] = {name: [] for name in methods}
     cpu: dict[str, list[float]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "shards"
+        parquet = Path(tmp) / "corpus.parquet"
+        write_parquet(corpus, parquet)
+        print(f"parquet: {parquet.stat().st_size / 1e6:.1f} MB (snappy), {corpus.documents:,} rows")
         meta = run_ours(tok, corpus, out_dir)  # warm-up: page cache, the tokenizer's word cache
+        run_ours_parquet(tok, parquet, out_dir)  # and pyarrow's import
         names = list(methods)
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
@@ -192,12 +270,15 @@ def main() -> None:
     for name, seconds in median.items():
         print(f"  {name:<36}{corpus.bytes / 1e6 / seconds:>8.2f}{text_tokens / seconds:>14,.0f}{seconds:>10.2f}"
               f"{median_cpu[name]:>8.2f}")
-    (base, fast, ours), (base_cpu, fast_cpu, ours_cpu) = median.values(), median_cpu.values()
+    (base, fast, ours, ours_parquet), (base_cpu, fast_cpu, ours_cpu, _) = median.values(), median_cpu.values()
     print(f"ratio write_shards / encode_batch (throughput):      {base / ours:.3f}  (target >= 0.9)")
+    print(f"ratio write_shards from .parquet / encode_batch:     {base / ours_parquet:.3f}")
     print(f"ratio write_shards / encode_batch_fast (throughput): {fast / ours:.3f}")
     print(f"CPU time per byte, encode_batch / write_shards:      {base_cpu / ours_cpu:.3f}  "
           f"(encode_batch_fast / write_shards: {fast_cpu / ours_cpu:.3f})")
 
+    if args.stream_gb > 0:
+        stream(args.stream_gb)
     if args.no_memory:
         return
     print("\npeak resident memory, each run alone in a fresh process; growth = peak during the run - RSS before it:")
@@ -210,6 +291,26 @@ def main() -> None:
             print(f"  {label:<40}{mb:>6.0f}MB{peak:>10.1f}{growth:>12.1f}{m['seconds']:>10.2f}", flush=True)
     if not m["exact"]:
         print("  (no /proc/self/clear_refs here: peaks are ru_maxrss, including the set-up)")
+
+
+def stream(gb: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "repeated.txt"
+        size = write_repeated_text(text_file, gb)
+        print(f"\nstreaming {size / 1e9:.2f} GB of text ({text_file.name}: {SHAKESPEARE.name} repeated), each run "
+              f"alone in a fresh process:")
+        print(f"  {'method':<44}{'MB/s':>8}{'tokens/s':>14}{'seconds':>10}{'peak RSS MiB':>14}")
+        results = {}
+        for method, label in (("baseline", "tokenizers encode_batch, 256 KiB pieces x 8"),
+                              ("fast", "tokenizers encode_batch_fast, the same"),
+                              ("ours", "lmspec data tokenize (into shards)")):
+            m = results[method] = measure_stream(method, text_file)
+            print(f"  {label:<44}{size / 1e6 / m['seconds']:>8.2f}{m['tokens'] / m['seconds']:>14,.0f}"
+                  f"{m['seconds']:>10.1f}{m['peak_kib'] / 1024:>14.0f}", flush=True)
+    rate = {method: m["tokens"] / m["seconds"] for method, m in results.items()}
+    print(f"ratio lmspec data tokenize / encode_batch (tokens/s):      {rate['ours'] / rate['baseline']:.3f}")
+    print(f"ratio lmspec data tokenize / encode_batch_fast (tokens/s): {rate['ours'] / rate['fast']:.3f}")
+    print(f"peak RSS of lmspec data tokenize: {results['ours']['peak_kib'] / 1024:.0f} MiB (target < 1024 MiB)")
 
 
 if __name__ == "__main__":

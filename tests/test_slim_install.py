@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lmspec.runtime.cli.diff import DiffInputError, read_header
+from lmspec.runtime.checkpoint.header import read_header
+from lmspec.runtime.errors import DiffInputError
 from lmspec.runtime.cli.extras import EXTRAS, VERB_EXTRAS, extra_for
 from lmspec.runtime.cli.main import VERBS, main
 

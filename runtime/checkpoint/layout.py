@@ -15,7 +15,18 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+CONFIG_FILE = "config.toml"  # in a run directory: the options it started with (`--config` reads it back)
 STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def write_run_options(run_dir: str | os.PathLike, text: str | None) -> None:
+    """RUN/config.toml, the options a fresh run started with (runtime/cli/config_file.py writes the
+    text); None, for a resumed run, keeps the one there."""
+    if text is None:
+        return
+    from lmspec.runtime.atomic import write_text_atomically
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomically(Path(run_dir) / CONFIG_FILE, text)
 
 
 def run_directory(out: str | None, spec: str) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 
-from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_provider_option
+from lmspec.runtime.cli.options import (
+    add_log_option, add_lora_options, add_optimizer_options, add_provider_option, check_log_option
+)
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option
 from lmspec.runtime.errors import UsageError
@@ -33,6 +35,7 @@ def finetune_classify_options(p) -> None:
     add_device_option(p)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_option(p)
     add_lora_options(p)
 
 
@@ -45,6 +48,7 @@ def cmd_finetune_classify(args) -> int:
     from lmspec.runtime.finetune.runs import classify_run
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
+    check_log_option(args)
     labels, fractions = parse_labels(args.labels), parse_split(args.split)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be at least 1")
@@ -66,6 +70,7 @@ FINETUNE_CLASSIFY = Verb(
     "finetune classify",
     "Finetune a checkpoint into a classifier: a new head on the last token.",
     finetune_classify_options, cmd_finetune_classify, outputs=(option_output("out", directory=True, run=True),),
+    config_file=True,
     examples="""examples:
   lmspec finetune classify runs/shakespeare --data ../shared/data/SMSSpamCollection.tsv --labels ham,spam --balance
   lmspec finetune classify runs/gpt2 --data reviews.jsonl --labels neg,pos --trainable-blocks 2 --lora 8""",

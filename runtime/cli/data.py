@@ -10,32 +10,31 @@ from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.errors import TokenizerError, UsageError
 
 
-def _documents(sources: list[str]):
-    """The texts of a prepared corpus directory, or of text files and directories (one file, one document)."""
-    from lmspec.runtime.data.corpus import read_text_data
+def _documents(sources: list[str], text_field: str):
+    """(the documents of a prepared corpus directory, or of corpus files and directories in any format
+    runtime/data/formats.py reads, streamed; their size in bytes, None when unknown)."""
+    from lmspec.runtime.data.documents import list_input_files, no_corpus_files, read_documents
     from lmspec.runtime.data.prepare import DOCUMENTS_FILE, iter_documents
     if len(sources) == 1 and (Path(sources[0]) / DOCUMENTS_FILE).is_file():
-        return iter_documents(sources[0])
-    files: list[Path] = []
+        return iter_documents(sources[0]), None
+    files = list_input_files(sources)
     for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not found:
-                raise DataError(f"{path}: holds neither {DOCUMENTS_FILE} nor .txt files")
-            files += found
-        elif path.exists():
-            files.append(path)
-        else:
-            raise DataError(f"{path}: no such file or directory")
-    return (read_text_data(f) for f in files)
+        if Path(source).is_dir() and not any(f.path.is_relative_to(source) for f in files):
+            raise DataError(no_corpus_files(source) + f"; nor is it a prepared folder ({DOCUMENTS_FILE})")
+    return read_documents(files, text_field), sum(f.size for f in files)
+
+
+def _texts(documents):
+    return (doc if isinstance(doc, str) else doc.text for doc in documents)
 
 
 def data_prepare_options(p) -> None:
     """`lmspec data prepare`'s options."""
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories, JSONL files")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="text, JSONL, JSON, .jsonl.gz, .jsonl.zst or Parquet files, datasets directories, directories")
     p.add_argument("-o", "--out", required=True, help="directory for documents.jsonl and report.json")
-    p.add_argument("--text-field", default="text", help="the field holding the text in JSONL records")
+    p.add_argument("--text-field", default="text",
+                   help="the field holding the text in JSON records, Parquet and datasets rows (default: text)")
     p.add_argument("--min-chars", type=int, default=1, help="drop shorter documents")
     p.add_argument("--max-chars", type=int, help="drop longer documents")
     p.add_argument("--near-dup-threshold", type=float, default=0.8,
@@ -62,6 +61,7 @@ DATA_PREPARE = Verb(
     data_prepare_options, cmd_data_prepare, outputs=(option_output("out", directory=True),),
     examples="""examples:
   lmspec data prepare corpus/ extra.jsonl --out prepared/
+  lmspec data prepare crawl.jsonl.zst wiki.parquet saved_dataset/ --out prepared/
   lmspec data prepare dump.jsonl --text-field content --min-chars 200 --near-dup-threshold 0.7 --out prepared/""",
 )
 
@@ -69,7 +69,10 @@ DATA_PREPARE = Verb(
 def data_tokenize_options(p) -> None:
     """`lmspec data tokenize`'s options."""
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                    help="a prepared directory, or text files and directories (one file, one document)")
+                    help="a prepared directory, or corpus files and directories as `data prepare` reads them "
+                         "(a text file is one document; a JSONL, JSON, Parquet or datasets record is one)")
+    p.add_argument("--text-field", default="text",
+                   help="the field holding the text in JSON records, Parquet and datasets rows (default: text)")
     p.add_argument("--tokenizer", required=True,
                     help="a tokenizers JSON file, or a directory with tokenizer.json or encoder.json + vocab.bpe")
     p.add_argument("-o", "--out", required=True, help="directory for the shards and meta.json")
@@ -83,8 +86,9 @@ def cmd_data_tokenize(args) -> int:
     from lmspec.runtime.data.shards import write_shards
     from lmspec.runtime.data.tokenizer import FileTokenizer
     tokenizer = FileTokenizer.from_path(args.tokenizer)
-    meta = write_shards(_documents(args.sources), tokenizer, args.out, val_fraction=args.val_fraction,
-                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=not args.no_progress)
+    documents, size = _documents(args.sources, args.text_field)
+    meta = write_shards(documents, tokenizer, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
+                        overwrite=args.overwrite, progress=not args.no_progress, total_bytes=size)
     splits = ", ".join(f"{name}: {info['tokens']:,} tokens in {info['documents']:,} documents"
                        for name, info in meta["splits"].items())
     print(f"wrote {args.out} ({meta['dtype']}): {splits}")
@@ -97,7 +101,8 @@ DATA_TOKENIZE = Verb(
     data_tokenize_options, cmd_data_tokenize, outputs=(option_output("out", directory=True),),
     examples="""examples:
   lmspec data tokenize prepared/ --tokenizer tok.json --out shards/
-  lmspec data tokenize prepared/ --tokenizer ../shared/data/gpt2-tokenizer --out shards/ --val-fraction 0.05""",
+  lmspec data tokenize prepared/ --tokenizer ../shared/data/gpt2-tokenizer --out shards/ --val-fraction 0.05
+  lmspec data tokenize dump.parquet --text-field content --tokenizer tok.json --out shards/""",
 )
 
 
@@ -150,7 +155,9 @@ DATA_VERIFY = Verb(
 
 def tokenizer_train_options(p) -> None:
     """`lmspec tokenizer train`'s options."""
-    p.add_argument("corpus", nargs="+", help="a prepared directory, or text files and directories")
+    p.add_argument("corpus", nargs="+", help="a prepared directory, or corpus files and directories")
+    p.add_argument("--text-field", default="text",
+                   help="the field holding the text in JSON records, Parquet and datasets rows (default: text)")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("-o", "--out", required=True, help="the tokenizer JSON file to write")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN",
@@ -162,7 +169,8 @@ def tokenizer_train_options(p) -> None:
 def cmd_tokenizer_train(args) -> int:
     from lmspec.runtime.data.tokenizer_training import DEFAULT_SPECIAL_TOKENS, train_bpe
     specials = list(DEFAULT_SPECIAL_TOKENS) + [s for s in args.special if s not in DEFAULT_SPECIAL_TOKENS]
-    tok = train_bpe(_documents(args.corpus), args.vocab_size, args.out, special_tokens=specials,
+    documents, _ = _documents(args.corpus, args.text_field)
+    tok = train_bpe(_texts(documents), args.vocab_size, args.out, special_tokens=specials,
                     min_frequency=args.min_frequency, progress=not args.no_progress)
     ids = {s: tok.tokenizer.token_to_id(s) for s in specials}
     print(f"wrote {args.out}: {tok.vocab_size:,} tokens; special: "

@@ -3,7 +3,9 @@ of itself. Data, template, split and model choice (whole or LoRA) are instructio
 from __future__ import annotations
 
 from lmspec.runtime.cli.instruct import split_fractions
-from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
+from lmspec.runtime.cli.options import (
+    add_log_option, add_lora_options, add_optimizer_options, add_record_options, check_log_option
+)
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option
 from lmspec.runtime.errors import UsageError
@@ -32,6 +34,7 @@ def finetune_dpo_options(p) -> None:
     add_record_options(p)
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_option(p)
     add_lora_options(p)
 
 
@@ -40,6 +43,7 @@ def cmd_finetune_dpo(args) -> int:
     from lmspec.runtime.finetune.runs import dpo_run
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
+    check_log_option(args)
     fractions = split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1 or args.eval_pairs < 0:
         raise UsageError("--epochs and --batch must be at least 1, --eval-pairs at least 0")
@@ -58,6 +62,7 @@ FINETUNE_DPO = Verb(
     ("Finetune a checkpoint on preference pairs with Direct Preference Optimization: prefer each record's "
      "chosen answer over its rejected one, against a frozen copy of the checkpoint."),
     finetune_dpo_options, cmd_finetune_dpo, outputs=(option_output("out", directory=True, run=True),),
+    config_file=True,
     examples="""examples:
   lmspec finetune dpo runs/gpt2-instruct --data ../shared/data/instruction-data-with-preference.json --out runs/gpt2-dpo
   lmspec finetune dpo runs/gpt2-instruct --data prefs.jsonl --beta 0.5 --lora 8 --out runs/gpt2-dpo-lora""",

@@ -12,17 +12,18 @@ from __future__ import annotations
 # here that holds it is the one named
 EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch", "xxhash",
-              "jinja2"),
+              "jinja2", "pyarrow", "zstandard"),
     "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn", "prometheus_client", "jinja2"),
     "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash", "jinja2"),
     "graph": ("pydot", "matplotlib"),  # `lmspec info --graph`
+    "watch": ("tensorboard",),  # `--log tensorboard` of train and the finetune verbs
 }
 
 # a verb (its first word) -> the extra it needs; check, fmt, diff and plan need none, and info only
 # for --graph
 VERB_EXTRAS: dict[str, str] = {
     "info": "graph",
-    "train": "train", "sample": "train", "data": "train", "tokenizer": "train", "import": "train",
+    "train": "train", "sample": "train", "plot": "train", "data": "train", "tokenizer": "train", "import": "train",
     "finetune": "train", "classify": "train", "chat": "train", "eval": "train", "lora": "train",
     "export": "export",
     "generate": "serve", "serve": "serve",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from lmspec.runtime.cli.options import add_lora_options, add_optimizer_options, add_record_options
+from lmspec.runtime.cli.options import (
+    add_log_option, add_lora_options, add_optimizer_options, add_record_options, check_log_option
+)
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
 from lmspec.runtime.errors import ChatError, TokenizerError, UsageError
@@ -43,6 +45,7 @@ def finetune_instruct_options(p) -> None:
     p.add_argument("--response-tokens", type=int, default=256, help="the longest answer --responses writes")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_option(p)
     add_lora_options(p)
 
 
@@ -51,6 +54,7 @@ def cmd_finetune_instruct(args) -> int:
     from lmspec.runtime.finetune.runs import instruct_run
 
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
+    check_log_option(args)
     fractions = split_fractions(args.split)
     if args.epochs < 1 or args.batch < 1:
         raise UsageError("--epochs and --batch must be at least 1")
@@ -68,6 +72,7 @@ FINETUNE_INSTRUCT = Verb(
     "Finetune a checkpoint to follow instructions (Alpaca or chat data), the loss on the responses only.",
     finetune_instruct_options, cmd_finetune_instruct,
     outputs=(option_output("out", directory=True, run=True), option_output("responses", directory=False)),
+    config_file=True,
     examples="""examples:
   lmspec finetune instruct runs/gpt2 --data ../shared/data/instruction-data.json --out runs/gpt2-instruct
   lmspec finetune instruct runs/gpt2 --data chats.jsonl --template chatml --lora 16 --out runs/gpt2-chat""",

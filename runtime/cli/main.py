@@ -15,16 +15,19 @@ from contextlib import ExitStack
 
 from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli import (
-    classify, data, diff, dpo, eval, export, fmt, hf, instruct, lora, plan, serve, spec, train
+    classify, data, diff, dpo, eval, export, fmt, hf, instruct, lora, plan, plot, serve, spec, train
 )
 from lmspec.runtime.atomic import check_output_location, write_failure_reason
 from lmspec.runtime.checkpoint.run_lock import run_lock
+from lmspec.runtime.cli.config_file import (
+    add_config_option, apply_config_file, check_required, config_text, loosen_required
+)
 from lmspec.runtime.cli.extras import missing_extra_report
 from lmspec.runtime.cli.verb import Verb
 
 VERBS: list[Verb] = [
     spec.CHECK, fmt.FMT, diff.DIFF, spec.INFO, plan.PLAN,
-    train.TRAIN, train.SAMPLE,
+    train.TRAIN, train.SAMPLE, plot.PLOT,
     export.EXPORT, serve.GENERATE, serve.SERVE,
     data.DATA_PREPARE, data.DATA_TOKENIZE, data.DATA_VERIFY, hf.IMPORT_HF,
     data.TOKENIZER_TRAIN, data.TOKENIZER_ENCODE, data.TOKENIZER_DECODE,
@@ -79,16 +82,24 @@ def parser() -> argparse.ArgumentParser:
         q = parent.add_parser(name, help=row.help, description=row.help, epilog=row.examples or None,
                               formatter_class=_Formatter, allow_abbrev=False)
         row.options(q)
+        if row.config_file:
+            add_config_option(q)
+            loosen_required(q)
         for action in q._actions:  # an option declared without help still shows its default
             if action.help is None and action.option_strings and action.default not in (None, False, []):
                 action.help = "(default: %(default)s)"
-        q.set_defaults(handler=row.handler, verb_name=row.name, outputs=row.outputs)
+        q.set_defaults(handler=row.handler, verb_name=row.name, outputs=row.outputs,
+                       verb_parser=q if row.config_file else None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = parser()
+    args = top.parse_args(argv)
     try:
+        if args.verb_parser is not None:
+            args = options_of_run(args, argv, top)
         return _run(args)
     except UserError as err:  # every mistake in the input: a spec's, an option's, a file's
         print(err.report(args.verb_name), file=sys.stderr)
@@ -115,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmspec {args.verb_name}: internal error: {type(err).__name__}: {err}\n"
               f"(this is a bug in lmspec; run with LMSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
+
+
+def options_of_run(args, argv: list[str], top: argparse.ArgumentParser):
+    """A run's options: with --config, the file's under the command line's; its positionals given one way or the other."""
+    if args.config:
+        args = apply_config_file(args, argv, top, args.verb_parser)
+    check_required(args, args.verb_parser)
+    # what a fresh run writes as RUN/config.toml once it has checked its input (a resumed run keeps its own)
+    args.run_options = None if getattr(args, "resume", False) else config_text(args, args.verb_parser, args.verb_name)
+    return args
 
 
 def _run(args) -> int:

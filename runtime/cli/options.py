@@ -39,13 +39,23 @@ def add_override_options(p) -> None:
 
 
 def add_optimizer_options(q, *, lr: float, warmup: int, lr_note: str = "") -> None:
-    """The optimiser's settings: --batch --lr --min-lr --warmup --weight-decay --grad-clip."""
+    """The optimiser's settings: --batch --lr --min-lr --warmup --weight-decay --grad-clip --schedule."""
     q.add_argument("--batch", type=int, default=8, help="examples per step (default: 8)")
     q.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g}{lr_note})")
-    q.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: lr/10)")
+    q.add_argument("--min-lr", type=float, help="final learning rate of the decay (default: lr/10)")
     q.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default: {warmup})")
     q.add_argument("--weight-decay", type=float, default=0.1)
     q.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
+    add_schedule_options(q)
+
+
+def add_schedule_options(q) -> None:
+    """--schedule and --decay-fraction: the learning rate's shape after warm-up."""
+    q.add_argument("--schedule", choices=["cosine", "wsd", "linear", "constant"], default="cosine",
+                   help="the learning rate after warm-up: cosine decay to --min-lr, wsd (stable, then a linear "
+                        "decay over the last --decay-fraction of the steps), linear decay, or constant")
+    q.add_argument("--decay-fraction", type=float, default=0.2,
+                   help="with --schedule wsd: the share of the steps spent decaying")
 
 
 def add_lora_options(q) -> None:
@@ -67,6 +77,21 @@ def add_record_options(q) -> None:
     q.add_argument("--seed", type=int, default=123, help="the split, the batch order, dropout (default: 123)")
     q.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast compute dtype; weights stay fp32")
+
+
+def add_log_option(q) -> None:
+    """--log, for every verb that trains: where its metrics go besides RUN/metrics.jsonl."""
+    q.add_argument("--log", choices=("none", "tensorboard"), default="none",
+                   help="also log the metrics for a viewer: tensorboard writes TensorBoard event files to "
+                        "RUN/tensorboard (watch with `tensorboard --logdir runs/`; needs the tensorboard package); "
+                        "metrics.jsonl is always written (default: none)")
+
+
+def check_log_option(args) -> None:
+    """--log tensorboard without the package installed: one line before any work, not an error after it."""
+    if args.log != "none":
+        from lmspec.runtime.train.watch import check_log
+        check_log(args.log)
 
 
 def fail(verb: str, err: UserError | str) -> int:

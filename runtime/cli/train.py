@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from lmspec.dsl.diagnostics import SpecError
 from lmspec.dsl.errors import UserError
-from lmspec.runtime.cli.options import add_override_options, fail
+from lmspec.runtime.cli.options import (
+    add_log_option, add_override_options, add_schedule_options, check_log_option, fail
+)
 from lmspec.runtime.cli.verb import Output, Verb
 from lmspec.runtime.distributed.device import add_device_option, device_name
 from lmspec.runtime.errors import CheckpointError, UsageError, WriteError
@@ -11,18 +13,27 @@ from lmspec.runtime.errors import CheckpointError, UsageError, WriteError
 
 def train_options(p) -> None:
     """`lmspec train`'s options."""
-    p.add_argument("spec")
+    p.add_argument("spec", help="the model's spec file (or `spec = ...` in a --config file)")
     add_override_options(p)
-    p.add_argument("--data", help="a text file or a directory of .txt files (default: CPython's docs)")
+    p.add_argument("--data", help="a corpus file (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet), a `datasets` "
+                   "directory, a directory of such files, or token shards from `lmspec data tokenize` "
+                   "(default: CPython's docs)")
+    p.add_argument("--text-field", default="text", help="the field of a JSON record or Parquet/datasets column "
+                   "that holds the text")
     p.add_argument("--tokenizer", help="a Hugging Face tokenizers JSON file (default: characters)")
     p.add_argument("-o", "--out", help="run directory for checkpoints and logs (default: runs/<spec name>)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (an imported model, another run, a merged finetune) "
+                        "with a fresh optimizer and schedule: continued pretraining. Its tokenizer is the run's; a "
+                        "spec its weights do not fit is refused, as `lmspec diff` would report it")
     p.add_argument("--steps", type=int, help="optimizer steps in all (default: 500, or the resumed run's)")
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--seq", type=int, help="training sequence length (default: the model's context)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: lr/10)")
+    p.add_argument("--min-lr", type=float, help="final learning rate of the decay (default: lr/10)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    add_schedule_options(p)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay (nanoGPT's char model: 0.99)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -68,6 +79,7 @@ def train_options(p) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_option(p)
 
 
 def cmd_train(args) -> int:
@@ -81,6 +93,7 @@ def cmd_train(args) -> int:
     world = distributed.world_from_environment()  # torchrun's ranks; a world of one otherwise
     try:  # before the process group: NCCL wants each rank's GPU chosen first
         device = resolve_device(args.device)
+        check_log_option(args)  # --log tensorboard without the package: said before any rank starts
     except UsageError:
         if world.main:
             raise
@@ -111,11 +124,16 @@ TRAIN = Verb(
     "train",
     "Train a spec on a text corpus (next-token cross-entropy, AdamW).",
     train_options, cmd_train, outputs=(Output(_run_dir, directory=True, run=True),),
+    config_file=True,
     examples="""examples:
   lmspec train specs/tiny.arch                      # embedded corpus (CPython's docs), char-level
   lmspec train specs/shakespeare-char.arch --data ../shared/data/tinyshakespeare.txt --steps 2000
   lmspec train specs/gpt2.arch --set layers=4 --set dim=256 --data corpus/ --tokenizer tok.json
   lmspec train specs/tiny.arch --out runs/tiny --resume   # continue a stopped run
+  lmspec train --config specs/recipes/shakespeare-char.toml     # a recipe; flags given here override it
+  lmspec train --config runs/tiny/config.toml --out runs/tiny-again   # repeat a run
+  lmspec train specs/qwen3-0.6b.arch --init-from runs/qwen3-imported --data shards/ --lr 1e-4 --schedule wsd
+  lmspec train specs/tiny.arch --log tensorboard    # watch it: tensorboard --logdir runs/ (or lmspec plot runs/tiny)
   lmspec train specs/gpt2.arch --precision bf16 --activation-checkpointing --compile --data shards/
   lmspec train specs/gpt2.arch --device cuda:1 --precision bf16 --compile --pad-vocab 64 --batch 16 --seq 1024
   lmspec train specs/tiny.arch --device cpu --peak-tflops 2   # MFU in the metrics against a CPU's peak
@@ -129,6 +147,7 @@ TRAIN = Verb(
 def _train_in_world(args, world, device, backend: str | None = None) -> int:
     import torch
 
+    from lmspec.runtime.checkpoint.layout import write_run_options
     from lmspec.runtime.train import run as runs
     from lmspec.runtime.train.loop import train
     from lmspec.runtime.train.sampling import encode_prompt, generate
@@ -137,11 +156,13 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
     try:
         run = runs.prepare(args, world)
         if world.main:
+            write_run_options(run.run_dir, args.run_options)
             print(run.describe(world, device, backend))
         summary = train(run.model, run.tokenizer, run.data, run.cfg, str(run.run_dir), spec=run.spec,
                         resume=args.resume, progress=not args.no_progress, world=world,
                         tensor_parallel_plan=run.tensor_parallel_plan, pipeline_stages=run.pipeline_stages,
-                        graph=run.graph, device=device, peak_tflops=args.peak_tflops)
+                        graph=run.graph, device=device, peak_tflops=args.peak_tflops, log_to=args.log,
+                        init_from=run.init_from)
     except WriteError as err:  # a full disk mid-run: say what is safe to resume from
         from lmspec.runtime.checkpoint.store import find_checkpoint
         run_dir = runs.run_directory(args.out, args.spec)

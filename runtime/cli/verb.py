@@ -30,3 +30,6 @@ class Verb:
     handler: Callable[[argparse.Namespace], int]
     examples: str = ""
     outputs: tuple[Output, ...] = ()
+    # a verb that starts a run: its options may come from `--config FILE.toml`, and the run directory
+    # (its Output with run=True) gets the options it used as config.toml (runtime/cli/config_file.py)
+    config_file: bool = False

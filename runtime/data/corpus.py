@@ -1,4 +1,5 @@
-"""Where training text comes from: a file, a directory of .txt files, or the built-in corpus.
+"""Where training text comes from: a corpus file or directory (runtime/data/formats.py's formats), or
+the built-in corpus.
 
 The built-in corpus is the documentation text that ships inside CPython (`pydoc_data`), so
 `lmspec train` works out of the box with nothing downloaded.
@@ -18,17 +19,29 @@ def default_corpus_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def read_text_data(path: str | os.PathLike) -> str:
-    """The text of one file, or of every *.txt file under a directory (sorted, joined by blank lines)."""
+def read_text_data(path: str | os.PathLike, text_field: str = "text") -> str:
+    """The documents of one corpus file (text, JSON Lines, JSON, gzip or zstd, Parquet, a datasets
+    directory: runtime/data/formats.py), or of every corpus file under a directory in path order,
+    joined by blank lines; JSON records and columnar rows give their `text_field`."""
+    from lmspec.runtime.data.documents import list_input_files, no_corpus_files, read_documents
+    from lmspec.runtime.data.formats import Strict
+
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"{path}: directory holds no .txt files")
-        return "\n\n".join(_read_file(p) for p in files)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    return _read_file(path)
+    files = list_input_files([str(path)])
+    if not files:
+        raise DataError(no_corpus_files(path))
+    strict = Strict(f"--data reads the {text_field!r} field; --text-field names another")
+    parts = []
+    for doc in read_documents(files, text_field, strict):
+        parts += (doc.text, "\n\n") if doc.ends else (doc.text,)
+    text = "".join(parts[:-1])
+    if not text.strip():
+        if path.is_file():
+            raise DataError(f"{path}: file is empty" + (" (only white space)" if text else ""))
+        raise DataError(f"{path}: holds no text")
+    return text
 
 
 def _read_file(path: Path) -> str:

@@ -3,8 +3,10 @@
     prepare(["corpus/", "extra.jsonl"], "prepared/")  ->  prepared/documents.jsonl, prepared/report.json
 
 Inputs are text files (one document each), JSON Lines files (one document per line, the text in
-`text_field`), JSON files holding an array of such objects, and directories of any of these
-(searched recursively). Every document is
+`text_field`), JSON files holding an array of such objects, any of these gzip- or zstd-compressed,
+Parquet files and Hugging Face `datasets` directories (a row each, the text in column `text_field`),
+and directories of any of these (searched recursively); runtime/data/formats.py reads them. Every
+document is
   1. decoded as UTF-8; invalid bytes are dropped and counted per file,
   2. cleaned: line endings become "\\n", control characters other than "\\n" and "\\t" are dropped,
      the text is put in Unicode NFC form and blank edges are trimmed,
@@ -61,10 +63,11 @@ def prepare(
 
     documents_in = documents_out + sum(removed.values()); removed: empty (nothing left after
         cleaning), too_short / too_long (characters), exact_duplicates, near_duplicates
-    skipped_files: [{path, reason}] for empty files, files that are not UTF-8 text, and JSON files
-        without one usable record (those are not documents)
+    skipped_files: [{path, reason}] for empty files, files that are not UTF-8 text, JSON files
+        without one usable record, Parquet files and datasets without a `text_field` column of strings
+        (those are not documents)
     bad_json_lines: {count, examples: ["path:line: reason"]}: invalid JSON, not an object, no
-        string `text_field`
+        string `text_field` (and null texts in Parquet or datasets rows, "path[row]: reason")
     invalid_utf8: {count, files: {path: count}}: bytes that were not UTF-8 (and lone surrogates
         spelled by JSON escapes), dropped
     control_chars_removed, line_endings_normalised ("\r\n" or "\r"), nfc_normalised_documents
@@ -180,9 +183,12 @@ def _nothing_kept(tally: Tally, files: list) -> str:
     removed = {reason: n for reason, n in tally.removed.items() if n}
     fixes = {"too_short": "a lower --min-chars", "too_long": "a higher --max-chars"}
     hints = [fixes[reason] for reason in removed if reason in fixes]
-    if tally.bad_json_count:
-        hints.append("--text-field naming the field that holds the text"
-                     if any("field" in e for e in tally.bad_json_examples) else "valid JSON records")
+    # a record without the field, or a Parquet or datasets file without the column
+    reasons = tally.bad_json_examples + [item["reason"] for item in tally.skipped_files]
+    if any("field" in reason for reason in reasons):
+        hints.append("--text-field naming the field that holds the text")
+    elif tally.bad_json_count:
+        hints.append("valid JSON records")
     causes = [f"{n} {reason.replace('_', ' ')}" for reason, n in removed.items()]
     causes += [f"{item['path']}: {item['reason']}" for item in tally.skipped_files[:3]]
     causes += tally.bad_json_examples[:2]

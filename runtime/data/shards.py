@@ -16,8 +16,9 @@ Every document is followed by the tokenizer's end-of-text id, so documents are s
 document may continue in the next shard); a training window never crosses a shard boundary.
 
 Writing streams: documents are encoded a batch at a time by the Rust tokenizer (in parallel) and
-appended to the open shard, so memory holds one batch, whatever the corpus size. Reading maps the
-files (`numpy.memmap`): a window costs a page fault, not a load of the corpus. A shard's checksum is
+appended to the open shard, so memory holds one batch, whatever the corpus size; a long document
+may come in pieces (runtime/data/formats.py reads a long text file so), the end-of-text after its
+last. Reading maps the files (`numpy.memmap`): a window costs a page fault, not a load of the corpus. A shard's checksum is
 verified the first time a window is read from it (once per process, a fraction of a second per GB),
 and `verify_shards` (`lmspec data verify`) checks them all; shards from before checksums are not checked.
 """
@@ -41,6 +42,7 @@ import torch
 from lmspec.runtime.atomic import PendingFile, failures_as_write_errors, remove_temporaries, write_text_atomically
 from lmspec.runtime.checksum import Checksum, file_matches, is_checksum
 from lmspec.runtime.data.corpus import DataError
+from lmspec.runtime.data.formats import Document
 from lmspec.runtime.data.tokenizer import EOT_TOKENS, TOKENIZER_FILE, FileTokenizer, TokenizerError
 
 FORMAT = "lmspec-shards"
@@ -49,7 +51,9 @@ META_FILE = "meta.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 64 * 2**20  # 128 MiB per shard in uint16: few files, each still quick to copy
 DEFAULT_BATCH_DOCS = 1024  # documents per encode_batch call: enough for the Rust thread pool
-DEFAULT_BATCH_CHARS = 8 * 2**20  # ...but no more text than this per batch, however long the documents
+# ...but no more text than this per batch, however long the documents: a batch's ids as Python ints
+# and the Rust encodings take ~40 bytes per character of text, and two batches are in flight
+DEFAULT_BATCH_CHARS = 2 * 2**20
 SPLIT_RULE = ("document i (counting from 0, empty documents skipped) validates when "
               "floor((i + 1) * val_fraction) > floor(i * val_fraction)")
 _SHARD_NAME = re.compile(r"^(train|val)_\d{3,}\.bin$")
@@ -59,7 +63,7 @@ _OUR_FILES = re.compile(r"(train|val)_\d{3,}\.bin|meta\.json|tokenizer\.json")  
 # ------------------------------------------------------------------------------------ writing
 
 def write_shards(
-    texts: Iterable[str],
+    texts: Iterable[str | Document],
     tokenizer: FileTokenizer,
     out_dir: str | os.PathLike,
     *,
@@ -71,8 +75,10 @@ def write_shards(
     allow_special: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    total_bytes: int | None = None,
 ) -> dict:
-    """Tokenize `texts` (one document each, e.g. `prepare.iter_documents(dir)`) into shards under
+    """Tokenize `texts` (one document each, e.g. `prepare.iter_documents(dir)`, or the Documents of
+    `documents.read_documents`, whose pieces make one document until one `ends`) into shards under
     `out_dir`, and return the metadata written to meta.json.
 
     - Split: by document, deterministic and evenly spread: with val_fraction = 0.1 documents
@@ -83,6 +89,7 @@ def write_shards(
       function writes (tiktoken's `encode_ordinary`, as nanoGPT prepares data). True matches them
       as special tokens, for corpora already formatted with a chat template.
     - A directory that already holds shards is refused unless overwrite=True.
+    - progress=True shows bytes read (of `total_bytes`, the inputs' size, when given) and tokens per second.
     Files appear under temporary names and are renamed when complete, meta.json last: a directory
     without meta.json is unfinished, and a crash never leaves one that looks complete."""
     out_dir = Path(out_dir)
@@ -104,24 +111,28 @@ def write_shards(
     created = not out_dir.exists()
     _prepare_directory(out_dir, overwrite)
     writers = {split: _SplitWriter(out_dir, split, token_type, shard_tokens) for split in SPLITS}
-    bar = _progress_bar(progress)
+    bar = _Progress(total_bytes) if progress else None
     try:
-        doc_index = 0
-        for batch, encoded in _encoded_ahead(document_batches(texts, batch_docs, batch_chars), encode_batch):
+        doc_index = 0  # a document's pieces share it, and so their split
+        batches = _piece_batches(_as_documents(texts), batch_docs, batch_chars)
+        for batch, encoded in _encoded_ahead(batches, lambda docs: encode_batch([d.text for d in docs])):
             routed = {split: ([], []) for split in SPLITS}  # flat ids, document end offsets
-            for text, ids in zip(batch, encoded):
+            for doc, ids in zip(batch, encoded):
                 split = "val" if val_split.is_validation(doc_index) else "train"
                 flat, ends = routed[split]
                 flat.extend(ids)
-                flat.append(eot_id)
-                ends.append(len(flat))
-                writers[split].text_bytes += len(text.encode("utf-8"))
-                doc_index += 1
+                if doc.ends:
+                    flat.append(eot_id)
+                    ends.append(len(flat))
+                    doc_index += 1
+                writers[split].text_bytes += len(doc.text.encode("utf-8"))
             for split, (flat, ends) in routed.items():
                 if flat:
                     writers[split].append(_as_tokens(flat, token_type), np.asarray(ends, dtype=np.int64))
             if bar is not None:
-                bar.update(sum(len(t) for t in batch))
+                bar.update(sum(d.size for d in batch), sum(len(ids) for ids in encoded))
+        if bar is not None:
+            bar.complete()
         _check_splits(doc_index, val_split.fraction, writers)
         splits = {split: writer.finish() for split, writer in writers.items()}
         meta = {
@@ -157,18 +168,34 @@ def write_shards(
 def document_batches(texts: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
     """Consecutive groups of non-empty documents: at most `max_docs` of them, and no more than
     `max_chars` characters unless one document alone is longer. Memory holds one group."""
-    batch: list[str] = []
-    chars = 0
+    for batch in _piece_batches(_as_documents(texts), max_docs, max_chars):
+        yield [doc.text for doc in batch]
+
+
+def _as_documents(texts: Iterable[str | Document]) -> Iterator[Document]:
     for i, text in enumerate(texts):
-        if not isinstance(text, str):
+        if isinstance(text, Document):
+            yield text
+        elif isinstance(text, str):
+            yield Document(text, f"document {i}", len(text.encode("utf-8")))
+        else:
             raise DataError(f"document {i} is a {type(text).__name__}, not a str")
-        if not text:
+
+
+def _piece_batches(docs: Iterator[Document], max_docs: int, max_chars: int) -> Iterator[list[Document]]:
+    """document_batches over Documents, which may be pieces of one; an empty last piece stays, to
+    carry its document's end."""
+    batch: list[Document] = []
+    chars, inside = 0, False
+    for doc in docs:
+        if not doc.text and not (doc.ends and inside):
             continue  # an empty document would add a lone end-of-text token and nothing to learn
-        if batch and (len(batch) >= max_docs or chars + len(text) > max_chars):
+        inside = not doc.ends
+        if batch and (len(batch) >= max_docs or chars + len(doc.text) > max_chars):
             yield batch
             batch, chars = [], 0
-        batch.append(text)
-        chars += len(text)
+        batch.append(doc)
+        chars += len(doc.text)
     if batch:
         yield batch
 
@@ -348,12 +375,31 @@ def _prepare_directory(out_dir: Path, overwrite: bool) -> None:
         path.unlink()
 
 
-def _progress_bar(progress: bool):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
+class _Progress:
+    """A bar of the bytes read, with the tokens written per second beside it."""
 
-    return tqdm(unit="char", unit_scale=True, desc="tokenize", dynamic_ncols=True)
+    def __init__(self, total_bytes: int | None):
+        import time
+
+        from tqdm.auto import tqdm
+
+        self._clock = time.perf_counter
+        self._start, self._tokens = self._clock(), 0
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenize",
+                        dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, read_bytes: int, tokens: int) -> None:
+        self._tokens += tokens
+        rate = self._tokens / max(self._clock() - self._start, 1e-9)
+        self.bar.set_postfix_str(f"{self._tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+        self.bar.update(read_bytes)
+
+    def complete(self) -> None:
+        if self.bar.total is not None and self.bar.n < self.bar.total:
+            self.bar.update(self.bar.total - self.bar.n)  # records without text were read too
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _sha256(text: str) -> str:

@@ -28,7 +28,7 @@ _SIGNATURES = [
     (b"\xff\xd8\xff", "a JPEG image, not text", "give text files"),
     (b"GIF8", "a GIF image, not text", "give text files"),
     (b"\x7fELF", "an executable, not text", "give text files"),
-    (b"PAR1", "a Parquet file, not text", "give text, JSON Lines or JSON files"),
+    (b"PAR1", "a Parquet file, not text", "name it .parquet to read its text column"),
     (b"SQLite format 3\x00", "an SQLite database, not text", "export its text first"),
     (b"\x93NUMPY", "a NumPy array, not text", "give text files (token shards are read from a shards directory)"),
     (b"\xff\xfe\x00\x00", "UTF-32 text, not UTF-8", "convert it to UTF-8 (iconv -f UTF-32 -t UTF-8)"),

@@ -20,8 +20,8 @@ from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.classify_data import make_batch
 from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, update
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.metrics import METRICS_FILE, MetricsLog
 from lmspec.runtime.train.steps import autocast, make_optimizer
+from lmspec.runtime.train.watch import RunLog
 
 CONFUSION_FILE = "confusion.json"
 CONFUSION_PLOT = "confusion.png"
@@ -38,14 +38,15 @@ class Encoded:
 
 
 def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: TrainConfig, epochs: int,
-                     pad_id: int, run_dir: Path, progress: bool = True) -> list[dict]:
+                     pad_id: int, run_dir: Path, progress: bool = True, log_to: str = "none") -> list[dict]:
     """Train in place for `epochs` epochs (cfg.steps must be epochs * steps_per_epoch); returns one
-    record per epoch (loss, train and validation accuracy), also appended to RUN/metrics.jsonl."""
+    record per epoch (loss, train and validation accuracy), also appended to RUN/metrics.jsonl (and,
+    with log_to="tensorboard", to TensorBoard's event files in RUN/tensorboard)."""
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
     scaler = loss_scaler(cfg, device)
-    log = MetricsLog.fresh(Path(run_dir) / METRICS_FILE)
+    log = RunLog.fresh(run_dir, log_to, panels=None)  # a record per epoch is no curve: confusion.png instead
     order_rng = random.Random(cfg.seed)
     records, step, start = [], 0, time.time()
     bar = tqdm(total=cfg.steps, disable=not progress, file=sys.stderr, desc="finetune", unit="step")
@@ -72,6 +73,7 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
         val_text = f", validation accuracy {record['val_accuracy']:.2%}" if record["val_accuracy"] is not None else ""
         bar.write(f"epoch {epoch}: loss {record['loss']:.4f}{val_text}", file=sys.stdout)
     bar.close()
+    log.close()
     return records
 
 

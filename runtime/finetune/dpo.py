@@ -37,8 +37,9 @@ from lmspec.runtime.finetune.instruct_train import masked_loss
 from lmspec.runtime.finetune.lora import trainable_weights
 from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.metrics import LOSS_PANEL, METRICS_FILE, PLOT_FILE, MetricsLog, Panel, plot_loss_curve
+from lmspec.runtime.train.metrics import LOSS_PANEL, METRICS_FILE, PLOT_FILE, Panel, plot_loss_curve
 from lmspec.runtime.train.steps import autocast, make_optimizer
+from lmspec.runtime.train.watch import RunLog
 
 ANSWERS = ("chosen", "rejected")
 
@@ -162,10 +163,11 @@ class DPOSetup:
 
 def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer, train_set: list[Pair],
                  val_set: list[Pair], cfg: TrainConfig, setup: DPOSetup, run_dir, spec: dict,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, log_to: str = "none") -> dict:
     """Train the policy against the frozen reference; evaluate at step 0, every `eval_every` steps
     and at the end (train sample and validation: loss, margin, accuracy); write metrics.jsonl,
-    loss.png (loss and reward margin) and the final checkpoint under `run_dir`. Returns the last evaluation and a summary."""
+    loss.png (loss and reward margin, redrawn at each evaluation), TensorBoard's event files with
+    log_to="tensorboard", and the final checkpoint under `run_dir`. Returns the last evaluation and a summary."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(policy.parameters()).device
@@ -174,7 +176,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
     optimizer = make_optimizer(policy, cfg)
     scaler = loss_scaler(cfg, device)
     torch.manual_seed(cfg.seed)  # dropout
-    log = MetricsLog.fresh(run_dir / METRICS_FILE)
+    log = RunLog.fresh(run_dir, log_to, DPO_PANELS)
     scored = {"train": train_set[:setup.eval_pairs], "val": val_set}  # the train split is shuffled already
     start = time.perf_counter()
     last: dict = {}
@@ -197,7 +199,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
     bar = tqdm(total=cfg.steps, unit="step", desc="dpo", disable=None if progress else True, dynamic_ncols=True)
     step = 0
     try:
-        log.append({"step": 0, "epoch": 0.0, **evaluate(0)})
+        log.append({"step": 0, "epoch": 0.0, **evaluate(0)}, redraw=True)
         for epoch in range(setup.epochs):
             for indices in length_buckets([len(p) for p in train_set], cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)
@@ -210,11 +212,13 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
                           "accuracy": (margins > 0).float().mean().item(), "lr": lr}
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 bar.update(1)
-                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+                if evaluated:
                     record |= evaluate(step)
-                log.append(record | {"elapsed": time.perf_counter() - start})
+                log.append(record | {"elapsed": time.perf_counter() - start}, redraw=evaluated)
     finally:
         bar.close()
+        log.close()
     policy.eval()
 
     train_config = {"finetune": "dpo", "template": setup.template, "beta": setup.beta, "epochs": setup.epochs,

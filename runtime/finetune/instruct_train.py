@@ -23,8 +23,9 @@ from lmspec.runtime.finetune.instruct_data import IGNORE, Example, collate, leng
 from lmspec.runtime.finetune.lora import trainable_weights
 from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_loss_curve
+from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, plot_loss_curve
 from lmspec.runtime.train.steps import autocast, make_optimizer
+from lmspec.runtime.train.watch import RunLog
 
 
 @dataclass
@@ -62,8 +63,10 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Example], batch: in
 
 
 def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example], val_set: list[Example],
-                      cfg: TrainConfig, setup: InstructSetup, run_dir, spec: dict, progress: bool = True) -> dict:
-    """Train, writing metrics.jsonl, loss.png and the final checkpoint under `run_dir`; returns a summary."""
+                      cfg: TrainConfig, setup: InstructSetup, run_dir, spec: dict, progress: bool = True,
+                      log_to: str = "none") -> dict:
+    """Train, writing metrics.jsonl, loss.png (redrawn at each evaluation), TensorBoard's event files with
+    log_to="tensorboard", and the final checkpoint under `run_dir`; returns a summary."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -71,7 +74,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
     optimizer = make_optimizer(model, cfg)
     scaler = loss_scaler(cfg, device)
     torch.manual_seed(cfg.seed)  # dropout
-    log = MetricsLog.fresh(run_dir / METRICS_FILE)
+    log = RunLog.fresh(run_dir, log_to)
     lengths = [len(e) for e in train_set]
     start = time.perf_counter()
     summary = {"loss": None, "val_loss": None, "best_val_loss": None}
@@ -93,7 +96,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
     bar = tqdm(total=cfg.steps, unit="step", desc="finetune", disable=None if progress else True, dynamic_ncols=True)
     step, recent = 0, []
     try:
-        log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)})
+        log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)}, redraw=True)
         for epoch in range(setup.epochs):
             for indices in length_buckets(lengths, cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)
@@ -107,11 +110,13 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
                 record = {"step": step, "epoch": step / per_epoch, "loss": value, "lr": lr}
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 bar.update(1)
-                if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+                if evaluated:
                     record |= validate(step, step / per_epoch, recent)
-                log.append(record | {"elapsed": time.perf_counter() - start})
+                log.append(record | {"elapsed": time.perf_counter() - start}, redraw=evaluated)
     finally:
         bar.close()
+        log.close()
     model.eval()
 
     trained = trainable_weights(model) if setup.trainable_only else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmspec.runtime.errors import CheckpointError, DataError
+from lmspec.runtime.checkpoint.layout import write_run_options
 
 
 def _counts(examples, labels) -> list[int]:
@@ -53,7 +54,8 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
     steps = settings.epochs * steps_per_epoch(len(encoded["train"]), settings.batch)
     cfg = TrainConfig(steps=steps, batch=settings.batch, lr=settings.lr, min_lr=settings.min_lr, warmup=min(settings.warmup, steps),
                       weight_decay=settings.weight_decay, grad_clip=settings.grad_clip, seed=settings.seed,
-                      precision=settings.precision, keep=1).resolved(context)
+                      precision=settings.precision, schedule=settings.schedule,
+                      decay_fraction=settings.decay_fraction, keep=1).resolved(context)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     say(f"{len(examples)} examples ({', '.join(f'{n} {name}' for name, n in zip(labels, _counts(examples, labels)))}"
@@ -63,8 +65,9 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
     say(f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%}"
           f"{', LoRA' if adapters_only else ''}); {settings.epochs} epochs, {steps} steps")
     run_dir = Path(settings.out)
+    write_run_options(run_dir, getattr(settings, "run_options", None))  # the input checked: the run starts
     history = train_classifier(model, encoded["train"], encoded["validation"], cfg, settings.epochs, encoder.pad_id,
-                               run_dir, progress=not settings.no_progress)
+                               run_dir, progress=not settings.no_progress, log_to=settings.log)
     splits = {name: score_split(model, part, len(labels), settings.batch, encoder.pad_id)
               for name, part in encoded.items()}
     confusion = write_confusion(run_dir, labels, splits)
@@ -126,8 +129,9 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
                           trainable_only=adapters_only,
                           extra={"data": str(Path(settings.data).resolve()), "split": list(fractions),
                                  "limit": settings.limit, "max_length": max_length, "base": str(base.path)})
+    write_run_options(settings.out, getattr(settings, "run_options", None))
     summary = finetune_instruct(model, tokenizer, train_set, val_set, cfg, setup, settings.out, spec,
-                                progress=not settings.no_progress)
+                                progress=not settings.no_progress, log_to=settings.log)
     answered = 0
     if settings.responses:
         test = [records[i] for i in test_ids]
@@ -168,6 +172,7 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
                      eval_pairs=settings.eval_pairs, trainable_only=adapters_only,
                      extra={"data": str(Path(settings.data).resolve()), "split": list(fractions), "limit": settings.limit,
                             "max_length": max_length, "base": str(base.path)})
+    write_run_options(settings.out, getattr(settings, "run_options", None))
     summary = finetune_dpo(policy, reference, tokenizer, train_set, val_set, cfg, setup, settings.out, spec,
-                           progress=not settings.no_progress)
+                           progress=not settings.no_progress, log_to=settings.log)
     return summary

@@ -8,7 +8,6 @@ import torch
 
 from lmspec.runtime.errors import TrainingError
 from lmspec.runtime.train.config import TrainConfig
-from lmspec.runtime.train.schedule import learning_rate
 
 
 def steps_per_epoch(n_examples: int, batch: int) -> int:
@@ -22,12 +21,12 @@ def finetune_config(args, n_train: int, max_length: int, context: int) -> TrainC
     return TrainConfig(steps=steps, batch=args.batch, seq=max_length, lr=args.lr, min_lr=args.min_lr,
                        warmup=min(args.warmup, steps), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        eval_every=args.eval_every, seed=args.seed, precision=args.precision,
-                       keep=1).resolved(context)
+                       schedule=args.schedule, decay_fraction=args.decay_fraction, keep=1).resolved(context)
 
 
 def scheduled_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
-    """Set the learning rate of `step` (warm-up, then cosine decay over cfg.steps) and return it."""
-    lr = learning_rate(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
+    """Set the learning rate of `step` (warm-up, then cfg.schedule over cfg.steps) and return it."""
+    lr = cfg.learning_rate(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr

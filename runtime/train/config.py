@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from lmspec.runtime.checkpoint.store import Checkpoint
 from lmspec.runtime.errors import CheckpointError, ConfigError
+from lmspec.runtime.train.schedule import SCHEDULES, learning_rate
 
 
 @dataclass
@@ -37,6 +38,8 @@ class TrainConfig:
     pipeline_parallel: int = 1  # pipeline stages, one rank each (torch.distributed.pipelining)
     micro_batches: int = 0  # a pipeline's micro-batches per batch (0: as many as stages)
     pipeline_schedule: str = "1f1b"  # 1f1b | gpipe
+    schedule: str = "cosine"  # the learning rate's: cosine | wsd | linear | constant (train/schedule.py)
+    decay_fraction: float = 0.2  # wsd: the share of the steps spent decaying
 
     PRECISIONS = ("fp32", "bf16", "fp16")
     STRATEGIES = ("ddp", "fsdp")
@@ -44,7 +47,7 @@ class TrainConfig:
     # different value would make the continued run a different run. The others (steps, eval,
     # checkpoint and log cadence) may change on resume, e.g. to extend a run.
     TRAJECTORY = ("batch", "seq", "lr", "min_lr", "warmup", "weight_decay", "betas", "grad_clip",
-                  "grad_accum", "seed", "precision")
+                  "grad_accum", "seed", "precision", "schedule", "decay_fraction")
 
     def resolved(self, context: int) -> TrainConfig:
         """A copy with the defaults that depend on the model filled in, checked."""
@@ -74,10 +77,17 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
         need(self.precision in self.PRECISIONS, "precision", f"must be one of {', '.join(self.PRECISIONS)}")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
+        need(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
         need(self.strategy in self.STRATEGIES, "strategy", f"must be one of {', '.join(self.STRATEGIES)}")
         need(not self.cpu_offload or self.strategy == "fsdp", "cpu_offload", "needs strategy fsdp")
         # GradScaler unscales on the accelerator; offloaded gradients are on the host
         need(not self.cpu_offload or self.precision != "fp16", "cpu_offload", "does not combine with fp16 (use bf16)")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of 0-based optimizer step `step`, as the schedule says."""
+        return learning_rate(step, max_lr=self.lr, min_lr=self.min_lr, warmup=self.warmup, decay_steps=self.steps,
+                             schedule=self.schedule, decay_fraction=self.decay_fraction)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""The training loop: next-token cross-entropy, AdamW, warm-up + cosine, checkpoints, exact resume.
+"""The training loop: next-token cross-entropy, AdamW, a learning-rate schedule, checkpoints, exact resume.
 
 Works for any module called as `model(tokens[B, T]) -> logits[B, T, V]` with an int `model.context`.
 
@@ -28,10 +28,9 @@ from lmspec.runtime.distributed.materialise import is_on_meta
 from lmspec.runtime.distributed.world import World
 from lmspec.runtime.errors import ConfigError, TrainingError
 from lmspec.runtime.train.config import TrainConfig, config_for_resume
-from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, plot_loss_curve
+from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, plot_loss_curve
 from lmspec.runtime.train.placement import Placement, place
 from lmspec.runtime.train.random_state import restore_rng, rng_devices, rng_states
-from lmspec.runtime.train.schedule import learning_rate
 from lmspec.runtime.train.steps import (
     device_of,
     make_optimizer,
@@ -49,6 +48,7 @@ from lmspec.runtime.train.throughput import (
     predicted_memory,
     training_flops_per_token,
 )
+from lmspec.runtime.train.watch import RunLog
 
 
 
@@ -67,11 +67,15 @@ def train(
     graph=None,
     device: torch.device | None = None,
     peak_tflops: float | None = None,
+    log_to: str = "none",
+    init_from: Checkpoint | None = None,
 ) -> dict:
     """Train `model` on `data`, writing checkpoints, metrics.jsonl and loss.png under `run_dir`.
 
     With resume=True, continue from the run's latest checkpoint exactly where it stopped. A fresh
-    run refuses a run directory that already holds checkpoints. Ctrl-C stops at once and leaves the
+    run refuses a run directory that already holds checkpoints; it starts from `init_from`'s weights
+    when given (a fresh optimizer and schedule: continued pretraining), their validation loss logged
+    as step 0. Ctrl-C stops at once and leaves the
     last complete checkpoint in place. Returns a summary of the run.
 
     In a world of several ranks (torchrun) the model is laid out as runtime/train/placement.py says:
@@ -86,7 +90,8 @@ def train(
     defaults to there). Each logged step records tokens/s, the gradient norm, the learning rate,
     peak device memory (the largest over ranks) and, where the device's peak FLOP/s is known (a
     table of GPUs, or `peak_tflops`), MFU; the summary sets the peak memory beside what `lmspec
-    plan` predicted."""
+    plan` predicted. loss.png is redrawn at each evaluation, and with log_to="tensorboard" every
+    logged record also goes to TensorBoard's event files in RUN/tensorboard (runtime/train/watch.py)."""
     run_dir = Path(run_dir)
     tp = tensor_parallel_plan.tp if tensor_parallel_plan is not None else 1
     pp = len(pipeline_stages) if pipeline_stages else 1
@@ -100,7 +105,9 @@ def train(
     device = torch.device(device) if device is not None else device_of(model)
     _check_vocab(model, tokenizer, device, graph)
 
-    placed = place(model, cfg, world, device, graph=graph, checkpoint=checkpoint,
+    if checkpoint is not None:
+        init_from = None  # a resumed run goes on from its own weights
+    placed = place(model, cfg, world, device, graph=graph, checkpoint=checkpoint or init_from,
                    tensor_parallel_plan=tensor_parallel_plan, pipeline_stages=pipeline_stages,
                    checkpointed=tuple(checkpointed))
     optimizer = make_optimizer(placed.module, cfg)  # after sharding: FSDP's parameters are its shards
@@ -109,13 +116,15 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     batch_generator = torch.Generator()  # batches are drawn on the CPU, then moved to the device
     start_step, totals, log = _restore_or_start(checkpoint, placed, optimizer, batch_generator, device, scaler, cfg,
-                                                run_dir, world)
+                                                run_dir, world, log_to)
     replicas = world.data_parallel(tp, pp)
     val_set = _validation_set(data, cfg, replicas)
     meter = _Meter.of(cfg, replicas, graph, device, peak_tflops, world)
     if world.main and meter.predicted is not None:
         print(f"memory: lmspec plan predicts {gigabytes(meter.predicted)} per {device.type.upper()} for this run"
               + (f" ({device_name(device)}: {gigabytes(device_capacity(device))})" if device.type == "cuda" else ""))
+    if init_from is not None and val_set:  # where continued pretraining starts from
+        _validate_start(placed, val_set, cfg, device, log, init_from)
     elapsed_before = float(totals.get("elapsed", 0.0))
     last_checkpoint = checkpoint.path if checkpoint is not None else None
     module = placed.module
@@ -133,10 +142,11 @@ def train(
             if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
                 _validate(record, totals, placed, val_set, cfg, device, bar)
             totals["elapsed"] = record["elapsed"] = elapsed_before + meter.session_seconds()
+            record["tokens"] = step * meter.tokens_per_step  # trained so far: `lmspec plot --x tokens`
             if last or step % cfg.log_every == 0 or "val_loss" in record:  # every rank: the maximum is collective
                 record["peak_memory_bytes"] = int(distributed.maximum(world, peak_memory(device), device))
                 if log is not None:
-                    log.append(record)
+                    log.append(record, redraw="val_loss" in record)  # a plot up to date if stopped
             if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                 last_checkpoint = placed.save(
                     run_dir, optimizer, step, rng=rng_states(batch_generator, device, scaler),
@@ -149,6 +159,8 @@ def train(
     finally:
         bar.close()
         module.train(was_training)
+        if log is not None:
+            log.close()
     distributed.barrier(world)  # the last checkpoint is written before any rank moves on
 
     if world.main and (run_dir / METRICS_FILE).exists():
@@ -200,20 +212,20 @@ def _checkpointed_blocks(model: torch.nn.Module, cfg: TrainConfig, pp: int) -> l
 
 
 def _restore_or_start(checkpoint, placed: Placement, optimizer, batch_generator, device, scaler, cfg: TrainConfig,
-                      run_dir: Path, world: World) -> tuple[int, dict, MetricsLog | None]:
+                      run_dir: Path, world: World, log_to: str = "none") -> tuple[int, dict, RunLog | None]:
     """(the step to continue from, the running totals, the metrics log): the checkpoint's optimizer
     state, RNG states and log up to its step, or a fresh start from cfg.seed."""
     if checkpoint is not None:
         placed.load_optimizer(checkpoint, optimizer)
         restore_rng(checkpoint.rng_states(), batch_generator, device, checkpoint.path, scaler)
         totals = {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None} | checkpoint.metrics
-        log = MetricsLog.resumed(run_dir / METRICS_FILE, checkpoint.step) if world.main else None
+        log = RunLog.resumed(run_dir, checkpoint.step, log_to) if world.main else None
         return checkpoint.step, totals, log
     torch.manual_seed(cfg.seed)  # dropout and anything else drawn from torch's default RNG
     # Its own seed so that batch positions and dropout masks are not the same random stream.
     batch_generator.manual_seed(cfg.seed + 1)
     totals = {"elapsed": 0.0, "loss": None, "val_loss": None, "best_val_loss": None}
-    return 0, totals, MetricsLog.fresh(run_dir / METRICS_FILE) if world.main else None
+    return 0, totals, RunLog.fresh(run_dir, log_to) if world.main else None
 
 
 def _validation_set(data, cfg: TrainConfig, replicas: World) -> list:
@@ -254,7 +266,7 @@ class _Meter:
 def _train_step(step: int, placed: Placement, optimizer, scaler, data, cfg: TrainConfig, batch_generator, device,
                 meter: _Meter, last_checkpoint) -> dict:
     """One optimizer step at the step's learning rate; its metrics record."""
-    lr = learning_rate(step - 1, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, decay_steps=cfg.steps)
+    lr = cfg.learning_rate(step - 1)
     for group in optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
@@ -288,6 +300,19 @@ def _validate(record: dict, totals: dict, placed: Placement, val_set: list, cfg:
     if placed.world.main:
         bar.write(f"step {record['step']}: train loss {record['loss']:.4f}, val loss {val_loss:.4f}")
     sys.stdout.flush()  # visible as it happens when stdout is a pipe or a log file
+
+
+def _validate_start(placed: Placement, val_set: list, cfg: TrainConfig, device, log, init_from: Checkpoint) -> None:
+    """Step 0's validation loss, of the weights a run starts from (--init-from), into the log."""
+    loss = (pipeline_validation_loss(placed.pipe, val_set) if placed.pipe is not None
+            else validation_loss(placed.module, val_set, cfg.precision, device))
+    val_loss = distributed.mean(placed.world, loss, device)
+    if placed.sharded:
+        placed.module.reshard()
+    if log is not None:
+        log.append({"step": 0, "val_loss": val_loss, "tokens": 0})
+        print(f"step 0: val loss {val_loss:.4f} (the weights of {init_from.path})")
+        sys.stdout.flush()
 
 
 def _summary(run_dir: Path, cfg: TrainConfig, start_step: int, totals: dict, elapsed_before: float, meter: _Meter,

@@ -1,4 +1,4 @@
-"""The training log: one JSON object per line (step, loss, lr, tokens_per_s, elapsed, val_loss),
+"""The training log: one JSON object per line (step, loss, lr, tokens_per_s, tokens, elapsed, val_loss, ...),
 and the loss-curve plot drawn from it."""
 from __future__ import annotations
 

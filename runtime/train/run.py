@@ -45,6 +45,7 @@ class Run:
     model: object  # built on `meta`: train() gives each rank the weights of its part
     tensor_parallel_plan: object = None
     pipeline_stages: list | None = None
+    init_from: object = None  # --init-from: the Checkpoint whose weights a fresh run starts with
 
     @property
     def tp(self) -> int:
@@ -87,12 +88,19 @@ def prepare(settings, world: World) -> Run:
     if existing is not None and not settings.resume:
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
     ckpt = load_checkpoint(run_dir) if settings.resume else None
+    # a resumed run goes on from its own checkpoint; a fresh one may start from another's weights
+    init = _init_checkpoint(settings.init_from) if getattr(settings, "init_from", None) and ckpt is None else None
+    if init is not None:
+        graph, overrides = graph_for_init(settings, graph_from_record(init.spec))  # checked before any data is read
     shards = shard_data(settings.data, replicas) if settings.data else None
-    text = None if shards else (read_text_data(settings.data) if settings.data else default_corpus_text())
-    tokenizer = run_tokenizer(settings, ckpt, shards, text)
+    text = None if shards else (read_text_data(settings.data, getattr(settings, "text_field", "text"))
+                                if settings.data else default_corpus_text())
+    tokenizer = run_tokenizer(settings, ckpt or init, shards, text)
     if ckpt is not None:
         graph = graph_from_record(ckpt.spec)
         overrides, padding = ckpt.spec["overrides"], padding_of(ckpt.spec)
+    elif init is not None:
+        padding = None
     else:
         graph, overrides = build_for_tokenizer(settings.spec, overrides_of(settings), settings.model, tokenizer)
         padding = None
@@ -119,7 +127,46 @@ def prepare(settings, world: World) -> Run:
         from lmspec.compiler.pipeline_stages import pipeline_stages
         stages = pipeline_stages(graph, pp, seq)
     return Run(run_dir, graph, spec_record(graph, overrides, vocab_padding=padding), padding, tokenizer, data, cfg,
-               build(graph), plan, stages)
+               build(graph), plan, stages, init)
+
+
+def _init_checkpoint(path: str):
+    from lmspec.runtime.checkpoint.store import load_checkpoint
+    from lmspec.runtime.errors import CheckpointError
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"--init-from: {err}") from None
+
+
+def graph_for_init(settings, init_graph: ModelGraph) -> tuple[ModelGraph, dict]:
+    """The spec's graph for a run starting from a checkpoint of `init_graph`, and its overrides: a
+    `vocab` not set by hand is the checkpoint's (an imported model's may exceed its tokenizer's).
+    Raises CheckpointError, with what `lmspec diff` says, when the checkpoint's weights do not load into it."""
+    from lmspec.compiler.spec_diff import spec_diff
+    from lmspec.compiler.spec_diff_text import render
+    from lmspec.runtime.checkpoint.header import read_checkpoint_tensors
+    from lmspec.runtime.errors import CheckpointError
+
+    if settings.pad_vocab:
+        raise UsageError("--pad-vocab with --init-from: the checkpoint's vocabulary is what the run trains")
+    overrides = overrides_of(settings)
+    graph = load_spec(settings.spec, overrides, settings.model)
+    vocab = vocab_size(init_graph)
+    if "vocab" in graph.hyper and "vocab" not in overrides and vocab is not None and graph.hyper["vocab"] != vocab:
+        overrides = {**overrides, "vocab": vocab}
+        graph = load_spec(settings.spec, overrides, settings.model)
+    held = read_checkpoint_tensors(settings.init_from)
+    if held.base is not None:
+        raise UsageError(f"--init-from {settings.init_from}: holds LoRA adapters only; merge them into their base "
+                         f"first (lmspec lora merge) and start from the merged checkpoint")
+    diff = spec_diff(held.graph, graph, old_stored=held.stored)
+    if diff.breaking:
+        raise CheckpointError(f"--init-from {settings.init_from}: its weights do not load into {settings.spec}, "
+                              f"as `lmspec diff {settings.init_from} {settings.spec}` says:\n"
+                              + render(f"model {held.graph.name}  (checkpoint {held.path})",
+                                       f"model {graph.name}  (spec {settings.spec})", diff))
+    return graph, overrides
 
 
 def config_of(settings, ckpt) -> TrainConfig:
@@ -142,6 +189,7 @@ def config_of(settings, ckpt) -> TrainConfig:
         precision=settings.precision, activation_checkpointing=settings.activation_checkpointing,
         compile=settings.compile, strategy=settings.strategy or "ddp", cpu_offload=settings.cpu_offload,
         micro_batches=settings.micro_batches or 0, pipeline_schedule=settings.pp_schedule or "1f1b",
+        schedule=settings.schedule, decay_fraction=settings.decay_fraction,
     )
 
 
@@ -213,7 +261,7 @@ def shard_data(path: str, replicas=None):
 
 
 def run_tokenizer(settings, ckpt, shards, text):
-    """The checkpoint's tokenizer on resume, else the shards' own, a --tokenizer file's, or the
+    """The checkpoint's tokenizer (the run resumed, or --init-from's), else the shards' own, a --tokenizer file's, or the
     corpus's characters; shards only train a model whose tokenizer wrote them."""
     from lmspec.runtime.data.tokenizer import CharTokenizer, FileTokenizer, load_tokenizer
     if ckpt is not None:
