@@ -56,6 +56,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     assert out.returncode == 1 and "model.safetensors" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # exact resume is checked in process (test_train); this adds a real SIGKILL
 def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path):
     common = ["train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--steps", "300", "--warmup", "20",
               "--eval-every", "50", "--ckpt-every", "25", "--batch", "4", "--threads", "1", "--no-progress",

@@ -157,7 +157,7 @@ def test_fsdp_equals_one_process_with_the_global_batch(fsdp_ranks, one_process):
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the staging directories were moved in
 
 
-@pytest.mark.parametrize("ranks, strategy", [(1, None), (2, "fsdp")])
+@pytest.mark.parametrize("ranks, strategy", [(1, None), pytest.param(2, "fsdp", marks=pytest.mark.slow)])
 def test_an_fsdp_checkpoint_resumes_on_one_rank_and_on_two(fsdp_ranks, tmp_path, ranks, strategy):
     """On two ranks it resumes with --cpu-offload: the shards and AdamW state in host memory."""
     run, _ = fsdp_ranks
@@ -242,6 +242,7 @@ def test_a_tensor_parallel_checkpoint_resumes_on_one_rank_and_on_two(tp_ranks, t
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+@pytest.mark.slow  # the message is checked in process (test_tensor_parallel, info --tp); this adds torchrun
 def test_heads_that_do_not_split_are_refused_before_any_process_group(tmp_path):
     out = torchrun("train", *COMMON, "--set", "heads=1", "--tp", "2", "--steps", "2", "--out", tmp_path / "run",
                    env={**os.environ, "LMSPEC_DIST_TIMEOUT": "20"})
@@ -293,7 +294,8 @@ def test_tp_and_pp_compose_with_bf16_and_activation_checkpointing(pp_ranks, tmp_
     assert fp16.returncode != 0 and "--pp does not combine with --precision fp16" in fp16.stderr
 
 
-@pytest.mark.parametrize("source, layout", [("pp", []), ("tp", ["--pp", "2", "--micro-batches", "2"])],
+@pytest.mark.parametrize("source, layout", [pytest.param("pp", [], marks=pytest.mark.slow),
+                                            ("tp", ["--pp", "2", "--micro-batches", "2"])],
                          ids=["pp-on-one-rank", "tp-on-two-pipeline-stages"])
 def test_a_model_parallel_checkpoint_resumes_under_another_layout(pp_ranks, tp_ranks, tmp_path, source, layout):
     run = (pp_ranks if source == "pp" else tp_ranks)[0]

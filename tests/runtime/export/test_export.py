@@ -201,6 +201,7 @@ def test_optimize_and_int8_quantize(tiny_run, tmp_path):
     assert len(c.tokens) == 10 and fp32 > 0
 
 
+@pytest.mark.slow  # optimize and int8 are checked on tiny in the default run
 def test_gpt2_style_optimize_keeps_tanh_gelu_and_int8_quantizes_the_tied_head(tmp_path):
     """GPT-2's tanh GELU survives onnxruntime's bias fusion (as FastGelu), and the tied output head,
     exported as MatMul(x, Transpose(wte)), is quantised like every other MatMul."""
@@ -216,6 +217,7 @@ def test_gpt2_style_optimize_keeps_tanh_gelu_and_int8_quantizes_the_tied_head(tm
     assert "FastGelu" in {n.op_type for n in graph.node} or meta["fused"].get("FastGelu", 0) > 0
 
 
+@pytest.mark.slow  # fp16 is for GPU providers; optimize and int8 stay in the default run
 def test_fp16_export_runs_and_reports_its_difference(tiny_run, tmp_path):
     out = lmspec_cli("export", tiny_run, "-o", tmp_path / "h.onnx", "--fp16")
     assert out.returncode == 0, out.stderr

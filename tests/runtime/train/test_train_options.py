@@ -18,6 +18,7 @@ def train(run: Path, *extra):
     return losses(run)
 
 
+@pytest.mark.slow  # the same property is checked per block in tests/compiler and under FSDP in test_distributed
 def test_activation_checkpointing_leaves_every_loss_the_same(tmp_path):
     assert train(tmp_path / "a", "--set", "dropout=0.1") == train(tmp_path / "b", "--set", "dropout=0.1",
                                                                   "--activation-checkpointing")
@@ -34,6 +35,7 @@ def test_bf16_trains_like_fp32(tmp_path):
     assert bf16[20] < bf16[10] and bf16[20] == pytest.approx(fp32[20], rel=0.02)
 
 
+@pytest.mark.slow  # fp16 is a GPU precision; exact resume is checked in fp32 (test_train) and on a GPU (tests/gpu)
 def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path):
     whole = train(tmp_path / "whole", "--precision", "fp16")
     part = tmp_path / "part"
