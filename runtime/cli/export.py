@@ -24,7 +24,9 @@ def export_options(p) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset, 18 to 23 (default: 20)")
     p.add_argument("--optimize", action="store_true",
                    help="apply onnxruntime's graph optimisations and transformer fusions")
-    p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantisation of the weights (CPU)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="int8: dynamic quantisation of the MatMul weights; int4: block-wise weight-only 4-bit "
+                        "weights (onnxruntime's MatMulNBits, blocks of 32), what laptops run (both CPU)")
     p.add_argument("--fp16", action="store_true", help="convert to float16 (for GPU execution providers)")
     p.add_argument("--fused-attention", action="store_true",
                    help="attention as onnxruntime's fused GroupQueryAttention kernel over a KV cache that is one "
@@ -75,6 +77,7 @@ EXPORT = Verb(
     examples="""examples:
   lmspec export runs/tiny -o exported/tiny.onnx
   lmspec export runs/gpt2 -o exported/gpt2-int8.onnx --optimize --quantize int8
+  lmspec export runs/gpt2 -o exported/gpt2-int4.onnx --quantize int4      # 4-bit weight blocks, for laptops
   lmspec export runs/gpt2 -o exported/gpt2-serve.onnx --fused-attention   # for lmspec serve
   lmspec export hf runs/qwen3 -o hf/qwen3       # a Hugging Face model directory (config.json, model.safetensors)""",
 )

@@ -20,8 +20,8 @@ from lmspec.runtime.export.bundle import (
     bundle_sidecar,
 )
 
-QUANTIZED_TOLERANCE_NOTE = "int8 weights: logits differ by design; the fp32 export was checked to 1e-4"
-CLASSIFIER_QUANTIZED_NOTE = ("int8 weights: logits differ by design, what counts is the predicted class; "
+QUANTIZED_TOLERANCE_NOTE = "quantized weights: logits differ by design; the fp32 export was checked to 1e-4"
+CLASSIFIER_QUANTIZED_NOTE = ("quantized weights: logits differ by design, what counts is the predicted class; "
                              "the fp32 export was checked to 1e-4")
 
 
@@ -48,10 +48,11 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
 
     from lmspec.runtime.export import optimize as onnx_optimize
 
-    if quantize not in (None, "int8"):
-        raise UsageError(f"--quantize {quantize}: only int8 is supported")
+    if quantize not in (None, "int8", "int4"):
+        raise UsageError(f"--quantize {quantize}: int8 or int4")
     if quantize and fp16:
-        raise UsageError("--quantize int8 and --fp16 exclude each other")
+        raise UsageError(f"--quantize {quantize} and --fp16 exclude each other: quantized weights run with fp32 "
+                         f"activations")
     opset = opset or DEFAULT_OPSET
     destination = output_path(out)
     target = export_target(checkpoint, log)
@@ -87,9 +88,12 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             parity["optimized"] = parity_of(optimized, "optimized", enforce=True)
             final = optimized
         if quantize:
-            quantized = work / "int8.onnx"
-            onnx_optimize.quantize_int8(final, quantized)
-            parity["int8"] = parity_of(quantized, "int8", enforce=False)
+            quantized = work / f"{quantize}.onnx"
+            if quantize == "int8":
+                onnx_optimize.quantize_int8(final, quantized)
+            else:
+                onnx_optimize.quantize_int4(final, quantized)
+            parity[quantize] = parity_of(quantized, quantize, enforce=False)
             log(f"  ({target.quantized_note})")
             final = quantized
         if fp16:

@@ -1,5 +1,5 @@
 """onnxruntime's own tools on an exported model: graph optimisation with the transformer fusions,
-dynamic int8 quantisation, fp16 conversion. Each reads one file and writes another."""
+dynamic int8 quantisation, block-wise int4 weights (MatMulNBits), fp16 conversion. Each reads one file and writes another."""
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +33,22 @@ def quantize_int8(src: Path, dst: Path) -> None:
     with _rewritten(src, dst, _fold_weight_transposes) as src, _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          use_external_data_format=_large(src))
+
+
+INT4_BLOCK = 32  # weights per scale: onnxruntime-genai's default for CPU, finer than its 128 for GPUs
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> None:
+    """Block-wise weight-only int4 (onnxruntime's MatMulNBits quantizer): each MatMul weight in blocks
+    of `block_size` along its input dim, a scale and a zero point per block; activations stay fp32."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    import onnx
+
+    # As for int8: a tied head's Transpose(embedding) is folded, so that the largest matrix is quantized too.
+    with _rewritten(src, dst, _fold_weight_transposes) as src, _quiet():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=False)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 
 
 def to_fp16(src: Path, dst: Path) -> None:

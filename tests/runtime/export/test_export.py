@@ -201,6 +201,33 @@ def test_optimize_and_int8_quantize(tiny_run, tmp_path):
     assert len(c.tokens) == 10 and fp32 > 0
 
 
+INT4_PARITY = 0.5  # largest |logit difference| an int4 export of tiny_run may show (a 1-layer tiny: 0.09)
+
+
+def test_int4_quantizes_every_weight_matrix_in_blocks_and_generates(tiny_run, tiny_bundle, tmp_path):
+    """--quantize int4: every MatMul weight (the tied head's too) becomes a MatMulNBits of 4-bit blocks,
+    the logits stay within INT4_PARITY of PyTorch's, and the bundle generates; with --fp16 it is refused."""
+    import onnx
+
+    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q4.onnx", "--quantize", "int4")
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(bundle_sidecar(tmp_path / "q4.onnx").read_text())
+    assert meta["quantized"] == "int4" and "parity int4:" in out.stdout
+    assert 0 < meta["parity"]["int4"]["empty_cache"] <= INT4_PARITY and meta["parity"]["int4"]["filled_cache"] <= INT4_PARITY
+    graph = onnx.load(str(tmp_path / "q4.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    blocks = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert blocks and not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in blocks)
+    assert (tmp_path / "q4.onnx").stat().st_size < tiny_bundle.stat().st_size
+    int4 = OnnxModel(tmp_path / "q4.onnx")
+    [c] = int4.generate([GenerationRequest(int4.tokenizer.encode("I had"), 10, temperature=0)])
+    assert len(c.tokens) == 10
+    refused = lmspec_cli("export", tiny_run, "-o", tmp_path / "h.onnx", "--quantize", "int4", "--fp16")
+    assert refused.returncode == 2 and "--quantize int4 and --fp16 exclude each other" in refused.stderr
+    assert not (tmp_path / "h.onnx").exists()
+
+
 @pytest.mark.slow  # optimize and int8 are checked on tiny in the default run
 def test_gpt2_style_optimize_keeps_tanh_gelu_and_int8_quantizes_the_tied_head(tmp_path):
     """GPT-2's tanh GELU survives onnxruntime's bias fusion (as FastGelu), and the tied output head,
