@@ -127,6 +127,9 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
         if chat is not None:  # what generate --chat and serve render (bundle.bundle_chat_template)
             meta["chat_template"] = chat
         _install(final, destination)
+        if target.kind == LANGUAGE_MODEL:
+            meta["genai"] = _write_genai_files(meta, target, destination, directory=Path(out).suffix != ".onnx",
+                                               log=log)
         # last: a bundle with a sidecar is complete
         write_text_atomically(bundle_sidecar(destination), json.dumps(meta, indent=1) + "\n")
     size = destination.stat().st_size + _data_size(destination)
@@ -234,6 +237,25 @@ def _install(src: Path, destination: Path) -> None:
         onnx.save(model, str(src), save_as_external_data=True, location=destination.name + ".data")
         install_file(src.parent / (destination.name + ".data"), Path(str(destination) + ".data"))
     install_file(src, destination)
+
+
+def _write_genai_files(meta: dict, target, destination: Path, directory: bool, log) -> str | None:
+    """onnxruntime-genai's config and tokenizer files beside an export to a directory; the config's
+    name, or None (and why, in one line) when genai cannot run the bundle as it is."""
+    from lmspec.compiler.torch_modules import Attention
+    from lmspec.runtime.export.genai_files import GENAI_CONFIG, genai_files, genai_refusal
+
+    heads = [m.heads for m in target.model.modules() if isinstance(m, Attention)]
+    why = genai_refusal(target.kind, target.tokenizer, meta["cache"], heads)
+    if why is None and not directory:
+        why = f"it reads a directory, and a file name was given: export with -o {destination.parent / 'DIR'}"
+    if why is not None:
+        log(f"no {GENAI_CONFIG} (onnxruntime-genai): {why}")
+        return None
+    for name, text in genai_files(meta, target.tokenizer, heads[0]).items():
+        write_text_atomically(destination.parent / name, text)
+    log(f"wrote {GENAI_CONFIG} and the tokenizer files: onnxruntime-genai runs {destination.parent} as it is")
+    return GENAI_CONFIG
 
 
 def _data_size(path: Path) -> int:

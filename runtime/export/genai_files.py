@@ -1,0 +1,80 @@
+"""What onnxruntime-genai needs beside an exported model to run it as it is: genai_config.json (the
+decoder's inputs and outputs, its shape, greedy search defaults) and the tokenizer files
+(tokenizer.json, tokenizer_config.json), or the reason this bundle cannot have them.
+
+genai reads a directory, so the files are written for an export to one (`-o DIR`). Its generic
+decoder type, "llama", runs any decoder-only graph in Optimum's layout, which a plain export has: a
+cache that grows by concatenation (`past_present_share_buffer` false). What it cannot run is said at
+export time instead of writing a config that fails later: a character-level tokenizer (genai's
+tokenizer reads Hugging Face tokenizer files), layers whose head counts or sizes differ, a
+sliding-window layer's bounded cache, the fused-attention layout (not yet), a classifier.
+"""
+from __future__ import annotations
+
+import json
+
+GENAI_CONFIG = "genai_config.json"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def genai_refusal(kind: str, tokenizer, cache: dict | None, heads: list[int]) -> str | None:
+    """Why onnxruntime-genai cannot run this bundle as it is, or None when it can."""
+    if kind != "language_model":
+        return "a classifier is not a text generator"
+    if getattr(tokenizer, "kind", None) != "hf":
+        return "its tokenizer is character-level; genai reads Hugging Face tokenizer files (train with --tokenizer)"
+    if not cache:
+        return "its attention is written by hand and has no KV cache"
+    if cache.get("buffer"):
+        return "--fused-attention's shared buffer is not written for genai yet; export without it"
+    if any(cache.get("kept") or []):
+        return "its sliding-window layers keep a bounded cache, which genai's decoder does not track"
+    if len(set(cache["kv_heads"])) > 1 or len(set(cache["head_dim"])) > 1 or len(set(heads)) > 1:
+        return "its layers differ in head counts or head size"
+    return None
+
+
+def genai_files(meta: dict, tokenizer, heads: int) -> dict[str, str]:
+    """{file name: text} of genai_config.json and the tokenizer files, for a bundle genai_refusal accepts."""
+    cache, context = meta["cache"], meta["context"]
+    eos = meta["eot_id"] if meta["eot_id"] is not None else 0
+    head_dim, kv_heads = cache["head_dim"][0], cache["kv_heads"][0]
+    config = {
+        "model": {
+            "type": "llama",  # genai's generic decoder: Optimum's inputs and outputs, any architecture behind them
+            "context_length": context,
+            "vocab_size": meta["vocab_size"],
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": meta["file"],
+                "head_size": head_dim,
+                "hidden_size": heads * head_dim,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv_heads,
+                "num_hidden_layers": cache["layers"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {  # greedy, as `lmspec generate --temperature 0`; callers set their own
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context,
+            "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
+            "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
+            "past_present_share_buffer": False,
+        },
+    }
+    special = tokenizer.tokenizer.id_to_token(eos) if meta["eot_id"] is not None else None
+    tokenizer_config = {"model_max_length": context, "tokenizer_class": "PreTrainedTokenizerFast",
+                        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    if special is not None:
+        tokenizer_config |= {"bos_token": special, "eos_token": special, "unk_token": special}
+    return {GENAI_CONFIG: json.dumps(config, indent=1) + "\n",
+            TOKENIZER_JSON: tokenizer.tokenizer.to_str(),
+            TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=1) + "\n"}

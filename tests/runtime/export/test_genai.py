@@ -1,0 +1,64 @@
+"""An export to a directory is a model onnxruntime-genai runs as it is: genai_config.json and the
+tokenizer files beside model.onnx, no hand edits, the same greedy tokens as `lmspec generate`; and
+where genai cannot run a bundle, export says why and writes none of them."""
+import json
+
+import pytest
+
+from lmspec.runtime.export.from_checkpoint import export_bundle
+from lmspec.runtime.serve.language_model import OnnxModel
+from lmspec.runtime.serve.requests import GenerationRequest
+
+from test_export import _char_tokenizer, random_checkpoint
+
+og = pytest.importorskip("onnxruntime_genai")
+
+
+def sharpen(model):  # weights far from init: greedy choices that are not near-ties
+    for p in model.parameters():
+        p.mul_(3.0)
+
+
+def genai_greedy(directory, prompt: str, new: int) -> tuple[list[int], list[int]]:
+    """(the prompt's ids by genai's tokenizer, the `new` tokens genai's greedy search appends)."""
+    model = og.Model(str(directory))
+    ids = [int(i) for i in og.Tokenizer(model).encode(prompt)]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return ids, out
+
+
+def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path):
+    random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 2, "dim": 64, "heads": 4, "context": 64},
+                      tweak=sharpen)
+    messages = []
+    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "bundle"), log=messages.append)
+    assert meta["genai"] == "genai_config.json"
+    config = json.loads((tmp_path / "bundle" / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["context_length"] == 64
+    bundle = OnnxModel(tmp_path / "bundle" / "model.onnx")
+    for prompt in ("I had always thought", "The picture"):
+        ids, tokens = genai_greedy(tmp_path / "bundle", prompt, 12)
+        assert ids == bundle.tokenizer.encode(prompt)
+        [ours] = bundle.generate([GenerationRequest(ids, 12, temperature=0, stop_at_eot=False)])
+        assert tokens == ours.tokens
+
+
+def test_what_genai_cannot_run_gets_no_config_and_a_reason(tmp_path):
+    random_checkpoint(tmp_path / "chars", "specs/tiny.arch", {"layers": 1, "vocab": 96}, tokenizer=_char_tokenizer())
+    messages = []
+    meta = export_bundle(str(tmp_path / "chars"), str(tmp_path / "c"), log=messages.append)
+    assert meta["genai"] is None and not (tmp_path / "c" / "genai_config.json").exists()
+    assert any("no genai_config.json (onnxruntime-genai): its tokenizer is character-level" in m for m in messages)
+    random_checkpoint(tmp_path / "bpe", "specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 2, "context": 32})
+    messages = []
+    meta = export_bundle(str(tmp_path / "bpe"), str(tmp_path / "f" / "named.onnx"), log=messages.append)
+    assert meta["genai"] is None and sorted(p.name for p in (tmp_path / "f").iterdir()) == \
+        ["named.lmspec.json", "named.onnx"]
+    assert any("it reads a directory, and a file name was given" in m for m in messages)
