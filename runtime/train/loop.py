@@ -287,13 +287,19 @@ def _train_step(step: int, placed: Placement, optimizer, scaler, data, cfg: Trai
     return record
 
 
-def _validate(record: dict, totals: dict, placed: Placement, val_set: list, cfg: TrainConfig, device, bar) -> None:
-    """The validation loss, into the step's record and the totals (the best so far too)."""
+def _validation_loss(placed: Placement, val_set: list, cfg: TrainConfig, device) -> float:
+    """The mean validation loss over every rank's slice of the validation set."""
     loss = (pipeline_validation_loss(placed.pipe, val_set) if placed.pipe is not None
             else validation_loss(placed.module, val_set, cfg.precision, device))
     val_loss = distributed.mean(placed.world, loss, device)
     if placed.sharded:  # FSDP keeps the root gathered after a forward that has no backward
         placed.module.reshard()
+    return val_loss
+
+
+def _validate(record: dict, totals: dict, placed: Placement, val_set: list, cfg: TrainConfig, device, bar) -> None:
+    """The validation loss, into the step's record and the totals (the best so far too)."""
+    val_loss = _validation_loss(placed, val_set, cfg, device)
     record["val_loss"] = totals["val_loss"] = val_loss
     if totals["best_val_loss"] is None or val_loss < totals["best_val_loss"]:
         totals["best_val_loss"] = val_loss
@@ -304,11 +310,7 @@ def _validate(record: dict, totals: dict, placed: Placement, val_set: list, cfg:
 
 def _validate_start(placed: Placement, val_set: list, cfg: TrainConfig, device, log, init_from: Checkpoint) -> None:
     """Step 0's validation loss, of the weights a run starts from (--init-from), into the log."""
-    loss = (pipeline_validation_loss(placed.pipe, val_set) if placed.pipe is not None
-            else validation_loss(placed.module, val_set, cfg.precision, device))
-    val_loss = distributed.mean(placed.world, loss, device)
-    if placed.sharded:
-        placed.module.reshard()
+    val_loss = _validation_loss(placed, val_set, cfg, device)
     if log is not None:
         log.append({"step": 0, "val_loss": val_loss, "tokens": 0})
         print(f"step 0: val loss {val_loss:.4f} (the weights of {init_from.path})")
