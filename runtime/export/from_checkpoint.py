@@ -33,13 +33,18 @@ def output_path(out: str) -> Path:
 
 def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize: bool = False,
                   quantize: str | None = None, fp16: bool = False, fused_attention: bool = False,
-                  log=print) -> dict:
+                  measure=None, log=print) -> dict:
     """Export a checkpoint, a language model or a classifier, to `out` with its sidecar; returns the
     sidecar's content.
 
     The fp32 export is checked against PyTorch (ExportError beyond 1e-4), then optimised, quantised
     or converted as asked, and each of those checked again. Files are written in a temporary
-    directory beside the destination and moved into place only when everything passed."""
+    directory beside the destination and moved into place only when everything passed.
+
+    With `measure` (runtime/serve/quantized_report.py's), a quantised language model is measured beside
+    fp32 and the other quantisation, built in the temporary directory and not installed: `measure`
+    gets {"fp32", "int8", "int4": ONNX file} and the sidecar, and what it returns is kept in the
+    sidecar as "quantization_report"."""
     import onnxruntime as ort
     import torch
 
@@ -60,6 +65,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     if fused_attention and target.kind != LANGUAGE_MODEL:
         raise UsageError("--fused-attention: a classifier has no KV cache; it exports without one")
     target.fused_attention = fused_attention
+    measured = measure is not None and quantize is not None and target.kind == LANGUAGE_MODEL
 
     with failures_as_write_errors(destination), scratch_directory(destination.parent, "export") as work:
         started = time.perf_counter()
@@ -88,6 +94,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             parity["optimized"] = parity_of(optimized, "optimized", enforce=True)
             final = optimized
         if quantize:
+            unquantized = final
             quantized = work / f"{quantize}.onnx"
             if quantize == "int8":
                 onnx_optimize.quantize_int8(final, quantized)
@@ -126,10 +133,11 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
         chat = checkpoint_chat_template(ckpt.train_config, target.tokenizer) if target.kind == LANGUAGE_MODEL else None
         if chat is not None:  # what generate --chat and serve render (bundle.bundle_chat_template)
             meta["chat_template"] = chat
+        if measured:
+            meta["quantization_report"] = measure(_all_quantizations(unquantized, work, quantize), meta)
         _install(final, destination)
         if target.kind == LANGUAGE_MODEL:
-            meta["genai"] = _write_genai_files(meta, target, destination, directory=Path(out).suffix != ".onnx",
-                                               log=log)
+            _write_runtime_files(meta, target, destination, directory=Path(out).suffix != ".onnx", log=log)
         # last: a bundle with a sidecar is complete
         write_text_atomically(bundle_sidecar(destination), json.dumps(meta, indent=1) + "\n")
     size = destination.stat().st_size + _data_size(destination)
@@ -239,23 +247,56 @@ def _install(src: Path, destination: Path) -> None:
     install_file(src, destination)
 
 
-def _write_genai_files(meta: dict, target, destination: Path, directory: bool, log) -> str | None:
-    """onnxruntime-genai's config and tokenizer files beside an export to a directory; the config's
-    name, or None (and why, in one line) when genai cannot run the bundle as it is."""
+def _write_runtime_files(meta: dict, target, destination: Path, directory: bool, log) -> None:
+    """onnxruntime-genai's config and Optimum's beside an export to a directory, and the tokenizer files
+    both read (the same files); meta["genai"] and meta["optimum"] name their configs, or are None (and
+    why, in one line each) when that runtime cannot run the bundle as it is."""
     from lmspec.compiler.torch_modules import Attention
-    from lmspec.runtime.export.genai_files import GENAI_CONFIG, genai_files, genai_refusal
+    from lmspec.runtime.export.genai_files import GENAI_CONFIG, genai_files, genai_refusal, tokenizer_files
+    from lmspec.runtime.export.optimum_files import GENERATION_CONFIG, OPTIMUM_CONFIG, optimum_files, optimum_refusal
 
     heads = [m.heads for m in target.model.modules() if isinstance(m, Attention)]
-    why = genai_refusal(target.kind, target.tokenizer, meta["cache"], heads)
-    if why is None and not directory:
-        why = f"it reads a directory, and a file name was given: export with -o {destination.parent / 'DIR'}"
-    if why is not None:
+    not_a_directory = None if directory else \
+        f"it reads a directory, and a file name was given: export with -o {destination.parent / 'DIR'}"
+    files: dict[str, str] = {}
+    meta["genai"] = meta["optimum"] = None
+    why = genai_refusal(target.kind, target.tokenizer, meta["cache"], heads) or not_a_directory
+    if why is None:
+        files |= genai_files(meta, heads[0])
+        meta["genai"] = GENAI_CONFIG
+    else:
         log(f"no {GENAI_CONFIG} (onnxruntime-genai): {why}")
-        return None
-    for name, text in genai_files(meta, target.tokenizer, heads[0]).items():
+    why = optimum_refusal(target.kind, target.tokenizer, meta["cache"], heads) or not_a_directory
+    if why is None:
+        optimum, why = optimum_files(meta, target.checkpoint, target.graph)
+        files |= optimum
+    if why is None:
+        meta["optimum"] = OPTIMUM_CONFIG
+    else:
+        log(f"no {OPTIMUM_CONFIG} (Optimum): {why}")
+    if not files:
+        return
+    files |= tokenizer_files(target.tokenizer, meta["context"], meta["eot_id"], meta.get("chat_template"))
+    for name, text in files.items():
         write_text_atomically(destination.parent / name, text)
-    log(f"wrote {GENAI_CONFIG} and the tokenizer files: onnxruntime-genai runs {destination.parent} as it is")
-    return GENAI_CONFIG
+    if meta["genai"]:
+        log(f"wrote {GENAI_CONFIG} and the tokenizer files: onnxruntime-genai runs {destination.parent} as it is")
+    if meta["optimum"]:
+        log(f"wrote {OPTIMUM_CONFIG} and {GENERATION_CONFIG}: Optimum's ORTModelForCausalLM loads "
+            f"{destination.parent} as it is")
+
+
+def _all_quantizations(unquantized: Path, work: Path, quantize: str) -> dict[str, Path]:
+    """{"fp32", "int8", "int4": ONNX file}: `unquantized` (optimised if asked), the quantisation asked
+    for (already in `work`) and the other one, built beside it to be measured, never installed."""
+    from lmspec.runtime.export import optimize as onnx_optimize
+
+    models = {"fp32": unquantized, quantize: work / f"{quantize}.onnx"}
+    for other, build in (("int8", onnx_optimize.quantize_int8), ("int4", onnx_optimize.quantize_int4)):
+        if other not in models:
+            models[other] = work / f"{other}.onnx"
+            build(unquantized, models[other])
+    return models
 
 
 def _data_size(path: Path) -> int:

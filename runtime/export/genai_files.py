@@ -8,6 +8,9 @@ cache that grows by concatenation (`past_present_share_buffer` false). What it c
 export time instead of writing a config that fails later: a character-level tokenizer (genai's
 tokenizer reads Hugging Face tokenizer files), layers whose head counts or sizes differ, a
 sliding-window layer's bounded cache, the fused-attention layout (not yet), a classifier.
+
+The tokenizer files are Hugging Face's, and Optimum reads the same ones (runtime/export/optimum_files.py):
+`tokenizer_files` writes them for both, with the checkpoint's chat template in tokenizer_config.json.
 """
 from __future__ import annotations
 
@@ -18,25 +21,32 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
-def genai_refusal(kind: str, tokenizer, cache: dict | None, heads: list[int]) -> str | None:
-    """Why onnxruntime-genai cannot run this bundle as it is, or None when it can."""
+def decoder_refusal(kind: str, tokenizer, cache: dict | None, heads: list[int], reader: str) -> str | None:
+    """Why a runtime that reads Optimum's decoder layout and Hugging Face tokenizer files (`reader`:
+    "genai", "Optimum") cannot run this bundle as it is, or None when nothing in the layout stops it."""
     if kind != "language_model":
         return "a classifier is not a text generator"
     if getattr(tokenizer, "kind", None) != "hf":
-        return "its tokenizer is character-level; genai reads Hugging Face tokenizer files (train with --tokenizer)"
+        return f"its tokenizer is character-level; {reader} reads Hugging Face tokenizer files (train with --tokenizer)"
     if not cache:
         return "its attention is written by hand and has no KV cache"
     if cache.get("buffer"):
-        return "--fused-attention's shared buffer is not written for genai yet; export without it"
+        return f"--fused-attention's shared buffer is not written for {reader} yet; export without it"
     if any(cache.get("kept") or []):
-        return "its sliding-window layers keep a bounded cache, which genai's decoder does not track"
+        return f"its sliding-window layers keep a bounded cache, which {reader}'s decoder does not track"
     if len(set(cache["kv_heads"])) > 1 or len(set(cache["head_dim"])) > 1 or len(set(heads)) > 1:
         return "its layers differ in head counts or head size"
     return None
 
 
-def genai_files(meta: dict, tokenizer, heads: int) -> dict[str, str]:
-    """{file name: text} of genai_config.json and the tokenizer files, for a bundle genai_refusal accepts."""
+def genai_refusal(kind: str, tokenizer, cache: dict | None, heads: list[int]) -> str | None:
+    """Why onnxruntime-genai cannot run this bundle as it is, or None when it can."""
+    return decoder_refusal(kind, tokenizer, cache, heads, "genai")
+
+
+def genai_files(meta: dict, heads: int) -> dict[str, str]:
+    """{genai_config.json: its text} for a bundle genai_refusal accepts; the tokenizer files beside it
+    are `tokenizer_files`'."""
     cache, context = meta["cache"], meta["context"]
     eos = meta["eot_id"] if meta["eot_id"] is not None else 0
     head_dim, kv_heads = cache["head_dim"][0], cache["kv_heads"][0]
@@ -70,11 +80,23 @@ def genai_files(meta: dict, tokenizer, heads: int) -> dict[str, str]:
             "past_present_share_buffer": False,
         },
     }
-    special = tokenizer.tokenizer.id_to_token(eos) if meta["eot_id"] is not None else None
-    tokenizer_config = {"model_max_length": context, "tokenizer_class": "PreTrainedTokenizerFast",
-                        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    return {GENAI_CONFIG: json.dumps(config, indent=1) + "\n"}
+
+
+def tokenizer_files(tokenizer, context: int | None, eot_id: int | None, chat_template: dict | None) -> dict[str, str]:
+    """{file name: text} of tokenizer.json and tokenizer_config.json for a Hugging Face tokenizer, the
+    same files for genai and Optimum: transformers' fast tokenizer over tokenizer.json as it is (no
+    tokens added, so it encodes as lmspec does), the end-of-text token as its special tokens, and the
+    checkpoint's chat template (`chat_template`, its record) for apply_chat_template and genai."""
+    from lmspec.runtime.hf.chat_files import files_with_chat_template
+
+    special = tokenizer.tokenizer.id_to_token(eot_id) if eot_id is not None else None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}  # no token_type_ids: generate(**encoded) takes it
+    if context is not None:
+        config["model_max_length"] = context
     if special is not None:
-        tokenizer_config |= {"bos_token": special, "eos_token": special, "unk_token": special}
-    return {GENAI_CONFIG: json.dumps(config, indent=1) + "\n",
-            TOKENIZER_JSON: tokenizer.tokenizer.to_str(),
-            TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=1) + "\n"}
+        config |= {"bos_token": special, "eos_token": special, "unk_token": special}
+    files = {TOKENIZER_JSON: tokenizer.tokenizer.to_str(), TOKENIZER_CONFIG: json.dumps(config, indent=1) + "\n"}
+    return files_with_chat_template(files, chat_template)

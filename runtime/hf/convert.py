@@ -304,24 +304,12 @@ def _hf_record(step_dir: Path) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
-              map_path: str | None = None, log=print) -> Path:
-    """Write the checkpoint as a Hugging Face model directory `out` (config.json, model.safetensors,
-    tokenizer.json, and its chat template in tokenizer_config.json): the inverse of import_hf, bit for bit."""
-    from safetensors import SafetensorError, safe_open
-
-    from lmspec.runtime.checkpoint.store import MODEL_FILE, CheckpointError, load_checkpoint
-    from lmspec.compiler.rewrites import graph_from_record
-    from lmspec.compiler.vocab_padding import unpad, unpadded_record, unpadded_shapes
-    from lmspec.runtime.data.chat_template import checkpoint_chat_template
-    from lmspec.runtime.data.tokenizer import FileTokenizer, load_tokenizer
+def export_family(ckpt, graph, model_type: str | None = None, map_path: str | None = None) -> tuple[Family, str]:
+    """(family, model_type) a checkpoint exports as: the map given (or the one it was imported by),
+    --model-type's family, the family it was imported from, else the shipped family whose table holds
+    the spec's parameters (HFError when none does)."""
     from lmspec.runtime.errors import UsageError
 
-    out = Path(out)
-    refuse_non_empty(out, "a model directory")
-    ckpt = load_checkpoint(checkpoint)
-    graph = graph_from_record(unpadded_record(ckpt.spec))  # a vocabulary padded for training: the real one
-    padded_shapes = unpadded_shapes(ckpt.spec)
     record = _hf_record(ckpt.path)
     recorded_map = (record or {}).get("map")
     if map_path is not None or recorded_map:  # the map given, or the one the checkpoint was imported by
@@ -342,6 +330,50 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
         family = family_for_model_type(model_type)
     else:
         family, model_type = infer_family(graph)
+    return family, model_type
+
+
+def export_config(ckpt, family: Family, model_type: str, graph, dtype: str, eot_id: int | None) -> dict:
+    """config.json for the checkpoint as `model_type`: the one it was imported with, else the family's
+    base with the spec's values; checked against the spec (HFError naming what disagrees)."""
+    record = _hf_record(ckpt.path)
+    if record is not None and record.get("model_type") == model_type:
+        config = record["config"]
+    else:
+        config = config_for_export(family, model_type, graph, dtype, eot_id)
+    problems = check_requires(family, config) + check_hyper(family, config, graph) + \
+        check_op_args(family, config, graph)
+    if problems:
+        raise HFError(_one_line(problems, f"cannot write a {model_type} config.json for {graph.file}: "))
+    return config
+
+
+def checkpoint_config(ckpt, graph, eot_id: int | None, dtype: str = "float32", model_type: str | None = None,
+                      map_path: str | None = None) -> tuple[Family, str, dict]:
+    """(family, model_type, config.json) of a checkpoint whose model is `graph`, as `export hf` would
+    write it, written nowhere (`export` puts it beside an ONNX model for Optimum)."""
+    family, model_type = export_family(ckpt, graph, model_type, map_path)
+    return family, model_type, export_config(ckpt, family, model_type, graph, dtype, eot_id)
+
+
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
+              map_path: str | None = None, log=print) -> Path:
+    """Write the checkpoint as a Hugging Face model directory `out` (config.json, model.safetensors,
+    tokenizer.json, and its chat template in tokenizer_config.json): the inverse of import_hf, bit for bit."""
+    from safetensors import SafetensorError, safe_open
+
+    from lmspec.runtime.checkpoint.store import MODEL_FILE, CheckpointError, load_checkpoint
+    from lmspec.compiler.rewrites import graph_from_record
+    from lmspec.compiler.vocab_padding import unpad, unpadded_record, unpadded_shapes
+    from lmspec.runtime.data.chat_template import checkpoint_chat_template
+    from lmspec.runtime.data.tokenizer import FileTokenizer, load_tokenizer
+
+    out = Path(out)
+    refuse_non_empty(out, "a model directory")
+    ckpt = load_checkpoint(checkpoint)
+    graph = graph_from_record(unpadded_record(ckpt.spec))  # a vocabulary padded for training: the real one
+    padded_shapes = unpadded_shapes(ckpt.spec)
+    family, model_type = export_family(ckpt, graph, model_type, map_path)
     owned, _ = tensor_map(family, graph)
 
     weights = ckpt.verified(MODEL_FILE)  # read tensor by tensor below, so its checksum is checked here
@@ -373,15 +405,9 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
         entries.extend((p.hf, dtype, p.shape) for p in planned.pieces)
 
     tokenizer = load_tokenizer(ckpt.tokenizer)
-    if record is not None and record.get("model_type") == model_type:
-        config = record["config"]
-    else:
-        config = config_for_export(family, model_type, graph, DTYPES[entries[0][1]][0] if entries else "float32",
-                                   tokenizer.eot_id)
-    problems = check_requires(family, config) + check_hyper(family, config, graph) + \
-        check_op_args(family, config, graph)
-    if problems:
-        raise HFError(_one_line(problems, f"cannot write a {model_type} config.json for {graph.file}: "))
+    config = export_config(ckpt, family, model_type, graph, DTYPES[entries[0][1]][0] if entries else "float32",
+                           tokenizer.eot_id)
+    record = _hf_record(ckpt.path)
 
     with atomic_directory(out) as tmp:
         writer = SafetensorsWriter(tmp / WEIGHTS_FILE, entries, {"format": "pt"})
