@@ -9,7 +9,7 @@ from __future__ import annotations
 from lmspec.dsl.errors import UserError
 
 __all__ = ["UserError", "UsageError", "DeviceError", "ProviderError", "DataError", "TokenizerError", "ChatError",
-           "TemplateError", "CheckpointError", "ConfigError", "TrainingError", "HFError", "BundleError",
+           "TemplateError", "CheckpointError", "ConfigError", "TrainingError", "HFError", "GGUFError", "BundleError",
            "DiffInputError", "WriteError", "RunLockedError"]
 
 
@@ -48,6 +48,10 @@ class TrainingError(UserError, RuntimeError):
 
 class HFError(UserError):
     """A Hugging Face directory that cannot be imported, or a checkpoint that cannot be exported."""
+
+
+class GGUFError(UserError):
+    """A checkpoint llama.cpp could not run as its spec computes it; the message names the option."""
 
 
 class BundleError(UserError):
