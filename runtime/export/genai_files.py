@@ -4,10 +4,11 @@ decoder's inputs and outputs, its shape, greedy search defaults) and the tokeniz
 
 genai reads a directory, so the files are written for an export to one (`-o DIR`). Its generic
 decoder type, "llama", runs any decoder-only graph in Optimum's layout, which a plain export has: a
-cache that grows by concatenation (`past_present_share_buffer` false). What it cannot run is said at
-export time instead of writing a config that fails later: a character-level tokenizer (genai's
-tokenizer reads Hugging Face tokenizer files), layers whose head counts or sizes differ, a
-sliding-window layer's bounded cache, the fused-attention layout (not yet), a classifier.
+cache that grows by concatenation (`past_present_share_buffer` false), and a --fused-attention one,
+whose cache is one buffer per layer written in place (`past_present_share_buffer` true, the layout
+genai's own models have). What it cannot run is said at export time instead of writing a config
+that fails later: a character-level tokenizer (genai's tokenizer reads Hugging Face tokenizer files),
+layers whose head counts or sizes differ, a sliding-window layer's bounded cache, a classifier.
 
 The tokenizer files are Hugging Face's, and Optimum reads the same ones (runtime/export/optimum_files.py):
 `tokenizer_files` writes them for both, with the checkpoint's chat template in tokenizer_config.json.
@@ -30,8 +31,6 @@ def decoder_refusal(kind: str, tokenizer, cache: dict | None, heads: list[int], 
         return f"its tokenizer is character-level; {reader} reads Hugging Face tokenizer files (train with --tokenizer)"
     if not cache:
         return "its attention is written by hand and has no KV cache"
-    if cache.get("buffer"):
-        return f"--fused-attention's shared buffer is not written for {reader} yet; export without it"
     if any(cache.get("kept") or []):
         return f"its sliding-window layers keep a bounded cache, which {reader}'s decoder does not track"
     if len(set(cache["kv_heads"])) > 1 or len(set(cache["head_dim"])) > 1 or len(set(heads)) > 1:
@@ -77,7 +76,8 @@ def genai_files(meta: dict, heads: int) -> dict[str, str]:
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": context,
             "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
             "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
-            "past_present_share_buffer": False,
+            # --fused-attention: one buffer per layer that the kernel updates in place, genai's own layout
+            "past_present_share_buffer": cache.get("buffer") == "shared",
         },
     }
     return {GENAI_CONFIG: json.dumps(config, indent=1) + "\n"}

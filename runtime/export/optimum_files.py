@@ -29,6 +29,8 @@ def optimum_refusal(kind: str, tokenizer, cache: dict | None, heads: list[int]) 
     """Why Optimum cannot load this bundle whatever its config.json, or None when nothing in its layout
     stops it."""
     from lmspec.runtime.export.genai_files import decoder_refusal
+    if cache and cache.get("buffer"):
+        return "--fused-attention's shared buffer is not Optimum's layout (a cache that grows); export without it"
     return decoder_refusal(kind, tokenizer, cache, heads, "Optimum")
 
 

@@ -34,19 +34,23 @@ def genai_greedy(directory, prompt: str, new: int) -> tuple[list[int], list[int]
     return ids, out
 
 
-def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-attention"])
+def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path, fused):
     random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 2, "dim": 64, "heads": 4, "context": 64},
                       tweak=sharpen)
     messages = []
-    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "bundle"), log=messages.append)
+    meta = export_bundle(str(tmp_path / "run"), str(tmp_path / "bundle"), fused_attention=fused,
+                         log=messages.append)
     assert meta["genai"] == "genai_config.json"
     config = json.loads((tmp_path / "bundle" / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["context_length"] == 64
+    # the fused kernel's cache is one buffer per layer, updated in place: genai's own layout
+    assert config["search"]["past_present_share_buffer"] is fused
     bundle = OnnxModel(tmp_path / "bundle" / "model.onnx")
     for prompt in ("I had always thought", "The picture"):
-        ids, tokens = genai_greedy(tmp_path / "bundle", prompt, 12)
+        ids, tokens = genai_greedy(tmp_path / "bundle", prompt, 40)  # most of the 64-token context
         assert ids == bundle.tokenizer.encode(prompt)
-        [ours] = bundle.generate([GenerationRequest(ids, 12, temperature=0, stop_at_eot=False)])
+        [ours] = bundle.generate([GenerationRequest(ids, 40, temperature=0, stop_at_eot=False)])
         assert tokens == ours.tokens
 
 
