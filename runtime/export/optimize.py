@@ -40,13 +40,17 @@ INT4_BLOCK = 32  # weights per scale: onnxruntime-genai's default for CPU, finer
 
 def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> None:
     """Block-wise weight-only int4 (onnxruntime's MatMulNBits quantizer): each MatMul weight in blocks
-    of `block_size` along its input dim, a scale and a zero point per block; activations stay fp32."""
+    of `block_size` along its input dim, a scale and a zero point per block. The products run at
+    accuracy level 4 (activations quantised to int8 per block, the int8 dot-product kernels): at the
+    default level onnxruntime unpacks the blocks to fp32, and int4 then decodes slower than int8
+    (bench/RESULTS.md, issue 25)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     import onnx
 
     # As for int8: a tied head's Transpose(embedding) is folded, so that the largest matrix is quantized too.
     with _rewritten(src, dst, _fold_weight_transposes) as src, _quiet():
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=False)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=False,
+                                         accuracy_level=4)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 

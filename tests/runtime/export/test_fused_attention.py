@@ -88,7 +88,7 @@ def test_the_ops_torch_implementation_is_the_models_attention(tmp_path):
 @pytest.mark.slow  # the plain export's optimize/int8/fp16 tests run by default; this is the fused variant
 def test_optimize_int8_and_fp16_keep_the_fused_kernel(tiny_run, tmp_path):
     out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q.onnx", "--fused-attention", "--optimize",
-                     "--quantize", "int8")
+                     "--quantize", "int8", "--no-report")
     assert out.returncode == 0, out.stderr
     meta = json.loads(bundle_sidecar(tmp_path / "q.onnx").read_text())
     assert meta["parity"]["optimized"]["filled_cache"] <= 1e-4 and meta["parity"]["int8"]["filled_cache"] < 0.1
