@@ -14,7 +14,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "train": ("torch", "safetensors", "numpy", "tokenizers", "tqdm", "matplotlib", "datasketch", "xxhash",
               "jinja2", "pyarrow", "zstandard"),
     "serve": ("onnxruntime", "numpy", "tokenizers", "fastapi", "uvicorn", "prometheus_client", "jinja2"),
-    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash", "jinja2"),
+    "export": ("torch", "safetensors", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "xxhash", "jinja2",
+               "gguf"),
     "graph": ("pydot", "matplotlib"),  # `lmspec info --graph`
     "watch": ("tensorboard",),  # `--log tensorboard` of train and the finetune verbs
 }

@@ -46,6 +46,9 @@ def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path,
     assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["context_length"] == 64
     # the fused kernel's cache is one buffer per layer, updated in place: genai's own layout
     assert config["search"]["past_present_share_buffer"] is fused
+    # ...which Optimum's cache that grows cannot take: no config.json for it, and the reason
+    assert (meta["optimum"] is None) is fused and any(
+        m.startswith("no config.json (Optimum): --fused-attention's shared buffer") for m in messages) is fused
     bundle = OnnxModel(tmp_path / "bundle" / "model.onnx")
     for prompt in ("I had always thought", "The picture"):
         ids, tokens = genai_greedy(tmp_path / "bundle", prompt, 40)  # most of the 64-token context
@@ -60,9 +63,14 @@ def test_what_genai_cannot_run_gets_no_config_and_a_reason(tmp_path):
     meta = export_bundle(str(tmp_path / "chars"), str(tmp_path / "c"), log=messages.append)
     assert meta["genai"] is None and not (tmp_path / "c" / "genai_config.json").exists()
     assert any("no genai_config.json (onnxruntime-genai): its tokenizer is character-level" in m for m in messages)
+    assert "no config.json (Optimum): its tokenizer is character-level; Optimum reads Hugging Face tokenizer " \
+           "files (train with --tokenizer)" in messages  # the same for Optimum (test_optimum.py)
+    assert meta["optimum"] is None and not (tmp_path / "c" / "config.json").exists()
     random_checkpoint(tmp_path / "bpe", "specs/gpt2.arch", {"layers": 1, "dim": 64, "heads": 2, "context": 32})
     messages = []
     meta = export_bundle(str(tmp_path / "bpe"), str(tmp_path / "f" / "named.onnx"), log=messages.append)
     assert meta["genai"] is None and sorted(p.name for p in (tmp_path / "f").iterdir()) == \
         ["named.lmspec.json", "named.onnx"]
     assert any("it reads a directory, and a file name was given" in m for m in messages)
+    assert meta["optimum"] is None and any(
+        m.startswith("no config.json (Optimum): it reads a directory, and a file name was given") for m in messages)

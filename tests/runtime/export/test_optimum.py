@@ -18,7 +18,7 @@ from lmspec.runtime.export.from_checkpoint import export_bundle
 from lmspec.runtime.serve.language_model import OnnxModel
 from lmspec.runtime.serve.requests import GenerationRequest
 
-from test_export import _char_tokenizer, random_checkpoint
+from test_export import random_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,14 +108,8 @@ def _optimum_files(directory) -> set[str]:
     return {p.name for p in directory.iterdir()} & {"config.json", "generation_config.json"}
 
 
-def test_what_optimum_cannot_load_gets_no_files_and_a_reason(tmp_path, chat_export):
-    # a character-level tokenizer: no Hugging Face tokenizer files, so neither runtime's files
-    random_checkpoint(tmp_path / "chars", "specs/tiny.arch", {"layers": 1, "vocab": 96}, tokenizer=_char_tokenizer())
-    messages = []
-    meta = export_bundle(str(tmp_path / "chars"), str(tmp_path / "c"), log=messages.append)
-    assert meta["optimum"] is None and not _optimum_files(tmp_path / "c")
-    assert "no config.json (Optimum): its tokenizer is character-level; Optimum reads Hugging Face tokenizer " \
-           "files (train with --tokenizer)" in messages
+def test_what_optimum_cannot_load_gets_no_files_and_a_reason(tmp_path):
+    # (a character-level tokenizer and a file name: test_genai.py, for both runtimes)
     # a spec no Hugging Face family's table fits: genai runs it, Optimum has no config.json for it
     spec = tmp_path / "nofamily.arch"
     spec.write_text(NO_FAMILY)
@@ -127,9 +121,4 @@ def test_what_optimum_cannot_load_gets_no_files_and_a_reason(tmp_path, chat_expo
     [line] = [m for m in messages if m.startswith("no config.json (Optimum): ")]
     assert "the parameters of model nofamily match no Hugging Face family's table" in line
     assert "--model-type" not in line  # `export hf`'s option, which `export` does not have
-    # a file name: Optimum reads a directory
-    messages = []
-    meta = export_bundle(str(chat_export[0] / "run"), str(tmp_path / "f" / "named.onnx"), log=messages.append)
-    assert meta["optimum"] is None and sorted(p.name for p in (tmp_path / "f").iterdir()) == \
-        ["named.lmspec.json", "named.onnx"]
-    assert any(m.startswith("no config.json (Optimum): it reads a directory, and a file name was given") for m in messages)
+
