@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from runtime_helpers import SHARED_DATA, lmspec_cli
+from lmspec.runtime.cli.main import main
 from lmspec.compiler.loader import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
@@ -185,15 +186,13 @@ def test_batched_cli_json(tiny_bundle):
 
 # ------------------------------------------------------------------------ options and specs
 
-def test_optimize_and_int8_quantize(tiny_run, tmp_path):
-    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q.onnx", "--optimize", "--quantize", "int8")
-    assert out.returncode == 0, out.stderr
-    assert "parity optimized:" in out.stdout and "parity int8:" in out.stdout
-    # the CLI's report on what quantizing costs: fp32 (here optimised), int8 installed, int4 beside it
-    assert "what quantizing costs (loss on 16 windows" in out.stdout and "(installed)" in out.stdout
+def test_optimize_and_int8_quantize(tiny_run, tmp_path, capsys):
+    assert main(["export", str(tiny_run), "-o", str(tmp_path / "q.onnx"), "--optimize", "--quantize", "int8",
+                 "--no-report"]) == 0  # the report: test_quantized_report.py
+    out = capsys.readouterr()
+    assert "parity optimized:" in out.out and "parity int8:" in out.out and "what quantizing costs" not in out.out
     meta = json.loads(bundle_sidecar(tmp_path / "q.onnx").read_text())
-    assert [r["model"] for r in meta["quantization_report"]["rows"]] == ["fp32", "int8", "int4"]
-    assert meta["quantized"] == "int8" and meta["optimized"] is True and meta["parity"]["optimized"]["filled_cache"] <= 1e-4
+    assert "quantization_report" not in meta and meta["quantized"] == "int8" and meta["optimized"] is True and meta["parity"]["optimized"]["filled_cache"] <= 1e-4
     assert meta["fused"].get("SkipLayerNormalization", 0) > 0
     import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
@@ -207,15 +206,14 @@ def test_optimize_and_int8_quantize(tiny_run, tmp_path):
 INT4_PARITY = 0.5  # largest |logit difference| an int4 export of tiny_run may show (a 1-layer tiny: 0.09)
 
 
-def test_int4_quantizes_every_weight_matrix_in_blocks_and_generates(tiny_run, tiny_bundle, tmp_path):
+def test_int4_quantizes_every_weight_matrix_in_blocks_and_generates(tiny_run, tiny_bundle, tmp_path, capsys):
     """--quantize int4: every MatMul weight (the tied head's too) becomes a MatMulNBits of 4-bit blocks,
     the logits stay within INT4_PARITY of PyTorch's, and the bundle generates; with --fp16 it is refused."""
     import onnx
 
-    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q4.onnx", "--quantize", "int4", "--no-report")
-    assert out.returncode == 0, out.stderr
+    assert main(["export", str(tiny_run), "-o", str(tmp_path / "q4.onnx"), "--quantize", "int4", "--no-report"]) == 0
     meta = json.loads(bundle_sidecar(tmp_path / "q4.onnx").read_text())
-    assert meta["quantized"] == "int4" and "parity int4:" in out.stdout
+    assert meta["quantized"] == "int4" and "parity int4:" in capsys.readouterr().out
     assert 0 < meta["parity"]["int4"]["empty_cache"] <= INT4_PARITY and meta["parity"]["int4"]["filled_cache"] <= INT4_PARITY
     graph = onnx.load(str(tmp_path / "q4.onnx")).graph
     weights = {i.name for i in graph.initializer}
@@ -228,8 +226,8 @@ def test_int4_quantizes_every_weight_matrix_in_blocks_and_generates(tiny_run, ti
     int4 = OnnxModel(tmp_path / "q4.onnx")
     [c] = int4.generate([GenerationRequest(int4.tokenizer.encode("I had"), 10, temperature=0)])
     assert len(c.tokens) == 10
-    refused = lmspec_cli("export", tiny_run, "-o", tmp_path / "h.onnx", "--quantize", "int4", "--fp16")
-    assert refused.returncode == 2 and "--quantize int4 and --fp16 exclude each other" in refused.stderr
+    assert main(["export", str(tiny_run), "-o", str(tmp_path / "h.onnx"), "--quantize", "int4", "--fp16"]) == 2
+    assert "--quantize int4 and --fp16 exclude each other" in capsys.readouterr().err
     assert not (tmp_path / "h.onnx").exists()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lmspec.runtime.checkpoint.models import load_model
+from lmspec.runtime.cli.main import main
 from lmspec.runtime.errors import GGUFError
 from lmspec.runtime.export.gguf_file import export_gguf
 
@@ -168,6 +169,7 @@ def test_the_file_has_llama_cpps_names_shapes_types_metadata_and_our_weights(exp
         assert meta["tokenizer.ggml.token_type"][50256] == gguf.TokenType.CONTROL
 
 
+@pytest.mark.slow  # 20 s; by default the reader's test checks every tensor against the checkpoint instead
 def test_transformers_loads_the_gguf_and_computes_our_logits(exported):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
@@ -229,13 +231,7 @@ def test_what_llama_cpp_would_compute_differently_is_refused_by_name(tmp_path, s
     assert list((tmp_path / "out").iterdir()) == []  # not the file, nor the scratch directory
 
 
-def test_cli_writes_the_file_refuses_in_one_line_and_refuses_onnx_flags(tmp_path):
-    random_checkpoint(tmp_path / "mistral", "specs/mistral-7b.arch",
-                      {**TINY, "kv_heads": 2, "head_dim": 16, "ffn": 128, "vocab": 50257, "window": 16})
-    done = _export_cli(tmp_path / "mistral", tmp_path / "refused" / "model.gguf")
-    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        "lmspec export gguf: error: attention window=16: llama.cpp's llama attends over the whole context"]
-    assert not (tmp_path / "refused").exists() or list((tmp_path / "refused").iterdir()) == []
+def test_cli_writes_the_file_refuses_in_one_line_and_refuses_onnx_flags(tmp_path, capsys):
     random_checkpoint(tmp_path / "run", *GPT2)
     done = _export_cli(tmp_path / "run", tmp_path / "out", "--type", "q8_0")
     assert done.returncode == 0, done.stderr
@@ -243,10 +239,19 @@ def test_cli_writes_the_file_refuses_in_one_line_and_refuses_onnx_flags(tmp_path
     reader = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
     assert fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf"]  # no scratch left behind
-    for extra, says in ((["--quantize", "int8"], "--quantize: only for ONNX export"),
-                        (["--type", "q4_0"], "invalid choice")):
-        done = _export_cli(tmp_path / "run", tmp_path / "x.gguf", *extra)
-        assert done.returncode == 2 and says in done.stderr and not (tmp_path / "x.gguf").exists()
-    onnx = subprocess.run([sys.executable, "-m", "lmspec", "export", str(tmp_path / "run"), "-o",
-                           str(tmp_path / "m.onnx"), "--type", "f16"], capture_output=True, text=True)
-    assert onnx.returncode == 2 and "--type is only for `lmspec export gguf`" in onnx.stderr
+    capsys.readouterr()
+    random_checkpoint(tmp_path / "mistral", "specs/mistral-7b.arch",
+                      {**TINY, "kv_heads": 2, "head_dim": 16, "ffn": 128, "vocab": 50257, "window": 16})
+    for argv, code, says in (
+            (["export", "gguf", str(tmp_path / "mistral"), "-o", str(tmp_path / "x.gguf")], 1,
+             "lmspec export gguf: error: attention window=16: llama.cpp's llama attends over the whole context"),
+            (["export", "gguf", str(tmp_path / "run"), "-o", str(tmp_path / "x.gguf"), "--quantize", "int8"], 2,
+             "lmspec export: error: --quantize: only for ONNX export, not `export gguf`"),
+            (["export", str(tmp_path / "run"), "-o", str(tmp_path / "m.onnx"), "--type", "f16"], 2,
+             "lmspec export: error: --type is only for `lmspec export gguf`")):
+        assert main(argv) == code
+        assert capsys.readouterr().err.strip().splitlines() == [says]
+        assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "m.onnx").exists()
+    with pytest.raises(SystemExit):  # argparse's own refusal of a type it does not know
+        main(["export", "gguf", str(tmp_path / "run"), "-o", str(tmp_path / "x.gguf"), "--type", "q4_0"])
+    assert "invalid choice: 'q4_0'" in capsys.readouterr().err

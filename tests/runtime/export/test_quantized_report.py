@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_helpers import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA
 from lmspec.runtime.checkpoint.models import load_model
+from lmspec.runtime.cli.main import main
 from lmspec.runtime.data.tokenizer import load_tokenizer
 from lmspec.runtime.export.bundle import bundle_sidecar
 from lmspec.runtime.export.from_checkpoint import export_bundle
@@ -31,14 +32,12 @@ def torch_loss(model, ids: np.ndarray, seq: int, count: int) -> tuple[float, lis
     return torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), y.flatten()).item(), starts
 
 
-def test_int8_export_reports_fp32_int8_int4_on_the_runs_validation_split(tiny_run, tmp_path):
+def test_int8_export_reports_fp32_int8_int4_on_the_runs_validation_split(tiny_run, tmp_path, capsys):
     """tiny_run: the character model `lmspec train` fitted to the-verdict.txt; held out: the last tenth
     of its tokens, as train cut them."""
-    messages = []
-    meta = export_bundle(str(tiny_run), str(tmp_path / "q8"), quantize="int8", log=messages.append,
-                         measure=report_on_quantizing(str(tiny_run), None, "int8", log=messages.append))
-    report = meta["quantization_report"]
-    assert report == json.loads(bundle_sidecar(tmp_path / "q8" / "model.onnx").read_text())["quantization_report"]
+    assert main(["export", str(tiny_run), "-o", str(tmp_path / "q8"), "--quantize", "int8"]) == 0  # the CLI's path
+    messages = capsys.readouterr().out.splitlines()
+    report = json.loads(bundle_sidecar(tmp_path / "q8" / "model.onnx").read_text())["quantization_report"]
     assert [row["model"] for row in report["rows"]] == ["fp32", "int8", "int4"] and report["installed"] == "int8"
     held = report["held_out"]
     assert "the-verdict.txt (the validation split of the run it was trained on)" in held["source"]
@@ -66,7 +65,7 @@ def test_int8_export_reports_fp32_int8_int4_on_the_runs_validation_split(tiny_ru
     assert sorted(p.name for p in (tmp_path / "q8").iterdir() if p.suffix in (".onnx", ".data")) == ["model.onnx"]
 
 
-def test_without_held_out_text_sizes_and_speeds_and_why_no_loss(tmp_path):
+def test_without_held_out_text_sizes_and_speeds_and_why_no_loss(tmp_path, capsys):
     random_checkpoint(tmp_path / "run", "specs/tiny.arch", {"layers": 1, "vocab": 96, "context": 32},
                       tokenizer=_char_tokenizer())
     messages = []
@@ -92,6 +91,7 @@ def test_without_held_out_text_sizes_and_speeds_and_why_no_loss(tmp_path):
     for flags, says in ((["--eval-data", str(text)], "--eval-data: .* and no --quantize was given"),
                         (["--quantize", "int4", "--no-report", "--eval-data", str(text)], "which --no-report skips"),
                         (["--quantize", "int4", "--eval-data", str(tmp_path / "missing.txt")], "missing.txt")):
-        done = lmspec_cli("export", tmp_path / "run", "-o", tmp_path / "x.onnx", *flags)
-        assert done.returncode in (1, 2) and len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert re.search(says, done.stderr) and not (tmp_path / "x.onnx").exists()
+        assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "x.onnx"), *flags]) in (1, 2)
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("lmspec export: error: ") and re.search(says, line), line
+        assert not (tmp_path / "x.onnx").exists()
