@@ -296,27 +296,18 @@ def _permute(tensor, heads: int):
 
 
 def _llama3_rope_factors(config: dict):
-    """Llama 3's frequency scaling as llama.cpp's rope_freqs tensor (one divisor per frequency), or None."""
-    import numpy as np
+    """Llama 3's frequency scaling as llama.cpp's rope_freqs tensor (what each base frequency is divided
+    by: the same scaling lmspec's attention applies), or None."""
+    from lmspec.compiler.torch_modules import rope_frequencies
 
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "llama3":
         return None
-    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    original = rope.get("original_max_position_embeddings", 8192)
-    factors = []
-    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
-        wavelen = 2 * math.pi / freq
-        if wavelen < original / high:
-            factors.append(1.0)
-        elif wavelen > original / low:
-            factors.append(factor)
-        else:
-            smooth = (original / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
+    scaled = rope_frequencies(dim, theta, "llama3", rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0),
+                              rope.get("high_freq_factor", 4.0), rope.get("original_max_position_embeddings", 8192))
+    return (rope_frequencies(dim, theta) / scaled).numpy()
 
 
 def _add_hyperparameters(writer, arch: Architecture, config: dict) -> None:
