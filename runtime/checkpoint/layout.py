@@ -17,6 +17,9 @@ MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.toml"  # in a run directory: the options it started with (`--config` reads it back)
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# config.toml's first two lines: the verb that wrote it, and the directory its relative paths are from
+_OPTIONS_VERB = "# the options of `lmspec {verb}` for this run; `lmspec {verb} --config THIS_FILE` repeats it"
+_OPTIONS_BASE = "# (paths are from {base})"
 
 
 def write_run_options(run_dir: str | os.PathLike, text: str | None) -> None:
@@ -27,6 +30,19 @@ def write_run_options(run_dir: str | os.PathLike, text: str | None) -> None:
     from lmspec.runtime.atomic import write_text_atomically
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_text_atomically(Path(run_dir) / CONFIG_FILE, text)
+
+
+def run_options_header(verb: str) -> list[str]:
+    """The comment lines config.toml opens with (run_options_origin reads them back)."""
+    return [_OPTIONS_VERB.format(verb=verb), _OPTIONS_BASE.format(base=os.getcwd())]
+
+
+def run_options_origin(text: str) -> tuple[str | None, Path | None]:
+    """(the verb, the directory relative paths are from) that a config.toml's header names; None for
+    what it does not name."""
+    verb = re.match(r"# the options of `lmspec (.+?)` for this run", text)
+    base = re.search(r"^# \(paths are from (.*)\)$", text, re.MULTILINE)
+    return (verb.group(1) if verb else None), (Path(base.group(1)) if base else None)
 
 
 def run_directory(out: str | None, spec: str) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -95,8 +94,9 @@ def check_required(args: argparse.Namespace, verb_parser: argparse.ArgumentParse
 def config_text(args: argparse.Namespace, verb_parser: argparse.ArgumentParser, verb: str) -> str:
     """The TOML of the options `args` holds for `verb_parser`'s verb (None values left out: they are
     the defaults), which --config reads back to the same values."""
-    lines = [f"# the options of `lmspec {verb}` for this run; `lmspec {verb} --config THIS_FILE` repeats it",
-             f"# (paths are from {os.getcwd()})"]
+    from lmspec.runtime.checkpoint.layout import run_options_header
+
+    lines = run_options_header(verb)
     overrides = []
     for action in verb_parser._actions:
         if action.dest in _NOT_RECORDED or isinstance(action, argparse._HelpAction):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +103,7 @@ def _run_data(checkpoint) -> tuple[str | None, str] | str:
     field), from RUN/config.toml; or why the run's data is not known."""
     import tomllib
 
-    from lmspec.runtime.checkpoint.layout import CHECKPOINTS_DIR, CONFIG_FILE
+    from lmspec.runtime.checkpoint.layout import CHECKPOINTS_DIR, CONFIG_FILE, run_options_origin
 
     step = Path(checkpoint.path)
     run = step.parent.parent if step.parent.name == CHECKPOINTS_DIR else None
@@ -113,7 +112,8 @@ def _run_data(checkpoint) -> tuple[str | None, str] | str:
         return (f"the checkpoint's run records no training data (no {CONFIG_FILE} of `lmspec train` beside "
                 f"{CHECKPOINTS_DIR}/); name held-out text with --eval-data FILE")
     text = config.read_text(encoding="utf-8")
-    if "`lmspec train`" not in text.partition("\n")[0]:
+    verb, base = run_options_origin(text)
+    if verb != "train":
         return f"{config} is not `lmspec train`'s (a finetuned run); name held-out text with --eval-data FILE"
     try:
         options = tomllib.loads(text)
@@ -123,9 +123,8 @@ def _run_data(checkpoint) -> tuple[str | None, str] | str:
     if data is None:
         return None, "text"
     path = Path(data)
-    base = re.search(r"^# \(paths are from (.*)\)$", text, re.MULTILINE)
     if not path.is_absolute() and base is not None:
-        path = Path(base.group(1)) / path
+        path = base / path
     if not path.exists():
         return f"the run's data {path} ({config}) is gone; name held-out text with --eval-data FILE"
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
