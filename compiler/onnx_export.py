@@ -6,7 +6,8 @@ The ONNX model follows Hugging Face Optimum's decoder layout, so it looks famili
              attention_mask       int64 [batch, past + seq]   1 = a real token, 0 = padding
              position_ids         int64 [batch, seq]
              past_key_values.{i}.key / .value   float [batch, kv_heads, past, head_dim]
-    outputs  logits               float [batch, seq, vocab]
+             logits_to_keep       int64 scalar, optional: the last positions to compute logits for (0: all)
+    outputs  logits               float [batch, seq (or logits_to_keep), vocab]
              present.{i}.key / .value           float [batch, kv_heads, past + seq, head_dim]
 
 A layer with a sliding window of W keys keeps only the last W - 1 positions (the keys the next
@@ -14,7 +15,8 @@ query can see): its past and present are [batch, kv_heads, <= W - 1, head_dim], 
 of attention_mask are its keys'. The sidecar's cache "kept" lists that bound per layer (null: all).
 
 The first call passes a past of length 0. A model whose attention is written by hand (matmul,
-softmax, causal_mask) cannot use a cache: it exports with `input_ids` and `logits` only.
+softmax, causal_mask) cannot use a cache: it exports with `input_ids` (and `logits_to_keep`) and
+`logits` only. compiler/onnx_last_logits.py adds `logits_to_keep` where the head allows it.
 
 A classifier (compiler/classify_head.py's rewrite) exports without a cache, since it reads each text
 once (`export_classifier_onnx`):
@@ -40,6 +42,7 @@ from lmspec.dsl.diagnostics import Diagnostic, SpecError
 
 from .classify_head import LENGTHS_INPUT
 from .graph import ModelGraph
+from .onnx_last_logits import add_logits_to_keep
 from .registry import get_op
 from .torch_modules import Attention, plain_attention, visible_keys
 from lmspec.dsl.errors import UserError
@@ -298,6 +301,7 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
     _write(wrapper, args, input_names, output_names, dims, graph, path, opset, translation)
     if layout is not None:
         _name_dims(Path(path), layout)
+    add_logits_to_keep(path)
     return layout
 
 

@@ -3,6 +3,7 @@
 The check every export ends with: a random prompt through onnxruntime with an empty cache, then a
 few more tokens with the cache that call returned, each compared with the PyTorch model run over the
 whole sequence without any cache. So the comparison covers the export and the cache layout at once.
+Where the export takes `logits_to_keep`, the prompt also runs asking for its last logits only.
 
 A classifier's check runs right-padded batches of texts of different lengths (the padding random
 ids) through both, and compares the class logits and the predicted classes.
@@ -16,11 +17,12 @@ import torch
 from torch import nn
 
 from .onnx_export import CacheLayout
+from .onnx_last_logits import LOGITS_TO_KEEP
 
 
 @dataclass
 class Parity:
-    empty_cache: float  # max |ONNX - PyTorch| over the prompt's logits
+    empty_cache: float  # max |ONNX - PyTorch| over the prompt's logits (and its last ones alone)
     filled_cache: float | None  # ... over the logits of tokens fed after it; None without a cache
 
     @property
@@ -68,8 +70,9 @@ def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_si
     with torch.no_grad():
         reference = _logits_of(model(ids)).float().numpy()
     if layout is None:
-        logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
-        return Parity(_max_diff(logits, reference), None)
+        feeds = {"input_ids": ids.numpy()}
+        logits = session.run(["logits"], feeds)[0]
+        return Parity(max(_max_diff(logits, reference), _last_logits_diff(session, feeds, 1, reference)), None)
 
     if layout.shared_buffer:
         return _shared_buffer_parity(model, session, layout, ids, prompt_len, extra)
@@ -78,7 +81,8 @@ def check_parity(model: nn.Module, session, layout: CacheLayout | None, vocab_si
     empty = {name: np.zeros((batch, layout.kv_heads[i // 2], 0, layout.head_dim[i // 2]), dtype=float_type)
              for i, name in enumerate(layout.input_names())}
     first = session.run(None, _feeds(prompt, 0, empty))
-    parity_empty = _max_diff(first[0], reference[:, :prompt_len])
+    parity_empty = max(_max_diff(first[0], reference[:, :prompt_len]),
+                       _last_logits_diff(session, _feeds(prompt, 0, empty), 1, reference[:, :prompt_len]))
     if extra == 0:
         return Parity(parity_empty, None)
     past = dict(zip(layout.input_names(), first[1:]))
@@ -105,8 +109,15 @@ def _shared_buffer_parity(model: nn.Module, session, layout: CacheLayout, ids: t
         prompt[i, :lengths[i]] = row[:lengths[i]].numpy()
     mask = (np.arange(prompt_len)[None] < np.array(lengths)[:, None]).astype(np.int64)
     positions = np.broadcast_to(np.arange(prompt_len), (batch, prompt_len)).copy()
-    out = session.run(None, {"input_ids": prompt, "attention_mask": mask, "position_ids": positions, **past})
-    parity_empty = max(_max_diff(out[0][i, :n], references[i][:n]) for i, n in enumerate(lengths))
+    feeds = {"input_ids": prompt, "attention_mask": mask, "position_ids": positions}
+    # the columns that hold every row's last token; run on buffers of its own, as the run below fills `past`
+    keep = prompt_len - min(lengths) + 1
+    kept = _kept_logits(session, {**feeds, **{k: v.copy() for k, v in past.items()}}, keep)
+    start = prompt_len - keep  # row i's kept columns are prompt positions start .. lengths[i] - 1
+    kept_diff = 0.0 if kept is None else float("inf") if kept.shape[1] != keep else max(
+        _max_diff(kept[i, :n - start], references[i][start:n]) for i, n in enumerate(lengths))
+    out = session.run(None, {**feeds, **past})
+    parity_empty = max(kept_diff, *(_max_diff(out[0][i, :n], references[i][:n]) for i, n in enumerate(lengths)))
     if extra == 0:
         return Parity(parity_empty, None)
     filled = 0.0
@@ -162,6 +173,23 @@ def _feeds(ids: np.ndarray, past_len: int, past: dict) -> dict:
 def _float_type(session):
     kind = next(i.type for i in session.get_inputs() if i.name.startswith("past_key_values."))
     return np.float16 if "float16" in kind else np.float32
+
+
+def _last_logits_diff(session, feeds: dict, keep: int, reference: np.ndarray) -> float:
+    """max |ONNX - PyTorch| over the logits of the last `keep` positions asked for with
+    logits_to_keep (0.0 where the export does not take it)."""
+    kept = _kept_logits(session, feeds, keep)
+    if kept is None:
+        return 0.0
+    return _max_diff(kept, reference[:, -keep:]) if kept.shape[1] == keep else float("inf")
+
+
+def _kept_logits(session, feeds: dict, keep: int) -> np.ndarray | None:
+    """The logits of the last `keep` positions, asked for with logits_to_keep; None where the export
+    does not take it."""
+    if LOGITS_TO_KEEP not in {i.name for i in session.get_overridable_initializers()}:
+        return None
+    return session.run(["logits"], {**feeds, LOGITS_TO_KEEP: np.array(keep, dtype=np.int64)})[0]
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:

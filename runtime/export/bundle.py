@@ -166,6 +166,19 @@ def check_session_providers(session, providers: list[str], onnx_path: Path) -> N
                             f"this onnxruntime-gpu needs, or use --provider cpu")
 
 
+def session_options(threads: int | None = None):
+    """onnxruntime's options for lmspec's sessions: `threads` (default: onnxruntime's), and errors
+    only in its log. Its one warning on an export is that `logits_to_keep` (an initializer the caller
+    may override, compiler/onnx_last_logits.py) is not a constant, which is meant."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 def open_session(onnx_path: Path, threads: int | None = None, providers: list[str] | None = None):
     """An onnxruntime session of the bundle's model on `providers` (default: the CPU's, see
     `session_providers`); a BundleError for a file onnxruntime cannot load, a ProviderError for a
@@ -173,9 +186,7 @@ def open_session(onnx_path: Path, threads: int | None = None, providers: list[st
     import onnxruntime as ort
 
     providers = providers or [CPU_PROVIDER]
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options = session_options(threads)
     # Without this, onnxruntime answers a GPU provider that fails to start by printing to stdout (into
     # `lmspec generate`'s text) and quietly retrying on the CPU.
     fallback = {} if providers == [CPU_PROVIDER] else {"enable_fallback": 0}

@@ -18,6 +18,7 @@ from lmspec.runtime.export.bundle import (
     CLASSIFIER,
     LANGUAGE_MODEL,
     bundle_sidecar,
+    session_options,
 )
 
 QUANTIZED_TOLERANCE_NOTE = "quantized weights: logits differ by design; the fp32 export was checked to 1e-4"
@@ -75,7 +76,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
             f"in {time.perf_counter() - started:.1f} s")
 
         def parity_of(path: Path, label: str, enforce: bool):
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
             with torch.no_grad():
                 result = target.check(session)
             log(f"parity {label}: {result.describe()}")

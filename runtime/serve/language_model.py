@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from lmspec.compiler.onnx_last_logits import LOGITS_TO_KEEP
 from lmspec.runtime.export.bundle import (
     CLASSIFIER,
     SHARED_BUFFER,
@@ -70,6 +71,8 @@ class OnnxModel:
         self._float = np.float16 if kinds == {"tensor(float16)"} else np.float32
         self.shared_buffer = bool(cache) and cache.get("buffer") == SHARED_BUFFER
         self._present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        # an export that computes the logits of the positions asked for only (older ones compute all)
+        self._keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
 
     @property
     def uses_cache(self) -> bool:
@@ -89,11 +92,12 @@ class OnnxModel:
     # ------------------------------------------------------------------------------ one forward
 
     def forward(self, ids: np.ndarray, mask: np.ndarray | None = None, positions: np.ndarray | None = None,
-                past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits [batch, seq, vocab] for `ids` [batch, seq], and the cache after them."""
+                past: list[np.ndarray] | None = None, last: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits [batch, seq, vocab] for `ids` [batch, seq], and the cache after them; with `last`,
+        the logits of the last `last` positions only, [batch, last, vocab]."""
         ids = np.asarray(ids, dtype=np.int64)
         if not self.uses_cache:
-            return self.session.run(["logits"], {"input_ids": ids})[0], []
+            return self._kept(self.session.run(["logits"], {"input_ids": ids, **self._keep_feed(last)})[0], last), []
         batch, seq = ids.shape
         if self.shared_buffer:
             # The mask counts each row's length after this call (a prompt's rows padded on the right);
@@ -113,8 +117,15 @@ class OnnxModel:
                 positions = positions_from_mask(mask)[:, past_len:]
         feeds = {"input_ids": ids, "attention_mask": mask.astype(np.int64), "position_ids": positions.astype(np.int64)}
         feeds.update(zip(self._past_names, past))
-        out = self.session.run(None, feeds)
-        return out[0], out[1:]
+        out = self.session.run(None, {**feeds, **self._keep_feed(last)})
+        return self._kept(out[0], last), out[1:]
+
+    def _keep_feed(self, last: int | None) -> dict[str, np.ndarray]:
+        return {LOGITS_TO_KEEP: np.array(last, dtype=np.int64)} if last and self._keeps_logits else {}
+
+    def _kept(self, logits: np.ndarray, last: int | None) -> np.ndarray:
+        """The last `last` positions' logits, whether the export computed only those or all of them."""
+        return logits[:, -last:] if last and logits.shape[1] > last else logits
 
     def _past_length(self, past: list[np.ndarray]) -> int:
         """The positions a cache holds, read from a tensor of a layer that keeps them all."""
@@ -144,10 +155,11 @@ class OnnxModel:
         return [np.zeros((rows, kv, length or self.context, hd), dtype=self._float) for kv, hd in self._past_shapes]
 
     def forward_in_place(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                         buffers: list[np.ndarray]) -> np.ndarray:
-        """Logits [batch, seq, vocab] of a shared-buffer model, which writes the new keys and values
-        into `buffers` (contiguous arrays, each bound as both past and present: nothing is copied).
-        `mask` has as many ones in each row as the row's length after this call."""
+                         buffers: list[np.ndarray], last: int | None = None) -> np.ndarray:
+        """Logits [batch, seq, vocab] of a shared-buffer model (with `last`, of the last `last`
+        columns only), which writes the new keys and values into `buffers` (contiguous arrays, each
+        bound as both past and present: nothing is copied). `mask` has as many ones in each row as
+        the row's length after this call."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
@@ -155,12 +167,15 @@ class OnnxModel:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        keep = self._keep_feed(last)  # kept alive until the run: the binding points into its arrays
+        for name, value in keep.items():  # bind_cpu_input looks up graph inputs only, not initializers
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
         for past, present, buffer in zip(self._past_names, self._present_names, buffers):
             value = ort.OrtValue.ortvalue_from_numpy(buffer)
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return self._kept(binding.get_outputs()[0].numpy(), last)
 
     # ------------------------------------------------------------------------------ generation
 
@@ -228,7 +243,7 @@ class OnnxModel:
     def _generate_cached(self, rows: list[Row]) -> Iterator[TokenEvent]:
         prompts = [list(row.request.prompt_ids)[-self.context:] for row in rows]
         ids, mask = left_pad(prompts, pad_id=0)
-        logits, past = self.forward(ids, mask)
+        logits, past = self.forward(ids, mask, last=1)
         while True:
             events = [self.advance(row, logits[i, -1]) for i, row in enumerate(rows)]
             yield from events
@@ -269,11 +284,11 @@ class OnnxModel:
             window = np.array([r[-self.context:] for r in ids], dtype=np.int64)
             window_mask = np.array([m[-self.context:] for m in masks], dtype=np.int64)
             if self.shared_buffer:  # its prompts are padded on the right, if at all: one row at a time
-                logits = np.concatenate([self.forward(np.array([r[-self.context:]]))[0][:, -1:] for r in ids])
+                logits = np.concatenate([self.forward(np.array([r[-self.context:]]), last=1)[0] for r in ids])
             elif self.uses_cache:
-                logits, _ = self.forward(window, window_mask)
+                logits, _ = self.forward(window, window_mask, last=1)
             else:
-                logits, _ = self.forward(window)
+                logits, _ = self.forward(window, last=1)
             events = [self.advance(row, logits[i, -1]) for i, row in enumerate(rows)]
             yield from events
             keep = [i for i, row in enumerate(rows) if row.finish_reason is None]

@@ -211,10 +211,17 @@ class Row:
     finish_reason: str | None = None
 
 
+def logits_wanted(rows: list[Row], columns: int = 1) -> int | None:
+    """How many of a prefill's last positions need logits: `columns` (those that hold each row's
+    last token), or all of them (None) where a row asks for its prompt's log-probabilities."""
+    return None if any(row.request.prompt_logprobs for row in rows) else columns
+
+
 def first_events(model, rows: list[Row], prompts: list[list[int]], every: list[np.ndarray]) -> list[TokenEvent]:
-    """Each prefilled row's first event, from its prompt's logits `every` [prompt, vocab]: its first
-    token picked by `model.advance` (or its end, for max_tokens 0), and its prompt's log-probabilities
-    where asked for."""
+    """Each prefilled row's first event, from its prompt's logits `every` [positions, vocab] (the
+    last position's its last token's; all of the prompt's where it asks for their log-probabilities):
+    its first token picked by `model.advance` (or its end, for max_tokens 0), and its prompt's
+    log-probabilities where asked for."""
     events = []
     for row, prompt, own in zip(rows, prompts, every):
         request = row.request

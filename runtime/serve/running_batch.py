@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from lmspec.runtime.serve.language_model import OnnxModel, left_pad, positions_from_mask
-from lmspec.runtime.serve.requests import Row, TokenEvent, end_at_context, first_events
+from lmspec.runtime.serve.requests import Row, TokenEvent, end_at_context, first_events, logits_wanted
 
 MAX_COHORTS = 6  # beyond this many, the two that waste the least padding together are merged
 
@@ -107,13 +107,14 @@ class RunningBatch:
     def join(self, rows: list[Row]) -> list[TokenEvent]:
         """Prefill `rows` together and add those that go on as a new cohort; return each one's first event."""
         prompts = [list(row.request.prompt_ids)[-self.model.context:] for row in rows]
+        last = logits_wanted(rows)
         if self.model.uses_cache:
             ids, mask = left_pad(prompts, pad_id=0)
-            logits, past = self.model.forward(ids, mask)
+            logits, past = self.model.forward(ids, mask, last=last)
             every = [logits[i, -len(p):] for i, p in enumerate(prompts)]
         else:
             mask, past = None, []
-            every = [self.model.forward(np.array([p], dtype=np.int64))[0][0] for p in prompts]
+            every = [self.model.forward(np.array([p], dtype=np.int64), last=last)[0][0] for p in prompts]
         events = first_events(self.model, rows, prompts, every)
         going_on = [i for i, row in enumerate(rows) if row.finish_reason is None]
         if going_on:
@@ -148,7 +149,7 @@ class RunningBatch:
         else:
             for ids, row in zip(cohort.ids, cohort.rows):
                 ids.append(row.new[-1])
-            last = [self.model.forward(np.array([ids[-self.model.context:]], dtype=np.int64))[0][0, -1]
+            last = [self.model.forward(np.array([ids[-self.model.context:]], dtype=np.int64), last=1)[0][0, -1]
                     for ids in cohort.ids]
         return [self.model.advance(row, last[i]) for i, row in enumerate(cohort.rows)]
 

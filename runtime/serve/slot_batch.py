@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmspec.runtime.serve.requests import Row, TokenEvent, end_at_context, first_events
+from lmspec.runtime.serve.requests import Row, TokenEvent, end_at_context, first_events, logits_wanted
 
 
 class SlotBatch:
@@ -42,10 +42,13 @@ class SlotBatch:
         mask = _ones_up_to(lengths)
         positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
         first = len(self.rows)
-        logits = self.model.forward_in_place(ids, mask, positions, self._slots(first, first + len(rows)))
+        # the columns from the shortest prompt's last token on hold every row's last token
+        last = logits_wanted(rows, int(lengths.max() - lengths.min()) + 1)
+        logits = self.model.forward_in_place(ids, mask, positions, self._slots(first, first + len(rows)), last)
         self.rows += rows
         self.lengths[first:first + len(rows)] = lengths
-        events = first_events(self.model, rows, prompts, [logits[i, :n] for i, n in enumerate(lengths)])
+        start = ids.shape[1] - logits.shape[1]  # the prompt position of the first column of logits
+        events = first_events(self.model, rows, prompts, [logits[i, :n - start] for i, n in enumerate(lengths)])
         self._drop_finished()
         return events
 

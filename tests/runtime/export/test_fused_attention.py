@@ -29,7 +29,8 @@ EVERY_OPTION = """model every_option {{
                       bias=false, causal={causal})
     x = x + mlp(rmsnorm(x), 128, act=silu, gated=true, bias=false)
   }}
-  logits = linear(rmsnorm(x) as norm, vocab, bias=false) as head
+  h = linear(rmsnorm(x) as norm, vocab, bias=false) as head
+  logits = softcap(h, 30.0)
   output logits
 }}
 """
@@ -54,6 +55,9 @@ def test_every_attention_option_matches_pytorch_and_generates_the_same_tokens(tm
     ops = [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
     assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
     bundle = OnnxModel(tmp_path / "m.onnx")
+    # the prefill computes the soft-capped logits of the columns holding each row's last token only
+    # (the parity check above compared those with PyTorch's)
+    assert [i.name for i in bundle.session.get_overridable_initializers()] == ["logits_to_keep"]
     prompts = [tokenizer.encode("the "), tokenizer.encode("a longer prompt, of more tokens")]
     got = bundle.generate([GenerationRequest(p, 40, temperature=0, stop_at_eot=False) for p in prompts])
     with torch.no_grad():
