@@ -178,13 +178,52 @@ def _opened(path: Path, compression: str | None):
         else:
             import zstandard
 
-            # read_across_frames: files written by pzstd or appended to hold several frames
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-            stream, errors = io.BufferedReader(reader, buffer_size=PIECE_BYTES), (zstandard.ZstdError,)
+            stream, errors = io.BufferedReader(_ZstdFrames(raw), buffer_size=PIECE_BYTES), (zstandard.ZstdError,)
         try:
             yield stream, raw.tell
         except errors as err:
             raise DataError(f"{path}: corrupt or truncated {compression} data ({err})") from None
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame in `raw`, one after another (files written by pzstd,
+    or appended to, hold several). zstandard's own stream_reader ends quietly where a file is cut off
+    in the middle of a frame; this raises ZstdError there."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._zstd, self._raw = zstandard, raw
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._started = False  # whether the current frame has been fed any bytes
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._started:
+                    raise self._zstd.ZstdError("the file ends inside a frame")
+                return 0
+            self._pending = memoryview(self._feed(chunk))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _feed(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            self._started = True
+            out.append(self._frame.decompress(chunk))
+            chunk = b""
+            if self._frame.eof:  # the next frame starts in what this one left over
+                chunk = self._frame.unused_data
+                self._frame, self._started = self._zstd.ZstdDecompressor().decompressobj(), False
+        return b"".join(out)
 
 
 def _text_pieces(path: Path, compression: str | None, problems: Problems) -> Iterator[Document]:

@@ -186,6 +186,14 @@ def test_corrupt_compressed_data_is_a_data_error_naming_the_file(tmp_path):
     files = list_input_files([str(path)])
     with pytest.raises(DataError, match=rf"^{path}: corrupt or truncated gzip data"):
         list(read_documents(files))
+    # zstd: two frames (as pzstd writes) read whole; cut inside the second, an error, not a quiet end
+    path = tmp_path / "cut.jsonl.zst"
+    frames = zstandard.ZstdCompressor().compress(_jsonl(DOCS * 1000)) * 2
+    path.write_bytes(frames)
+    assert len(list(read_documents(list_input_files([str(path)])))) == len(DOCS) * 2000
+    path.write_bytes(frames[:-100])
+    with pytest.raises(DataError, match=rf"^{path}: corrupt or truncated zstd data \(the file ends inside a frame\)"):
+        list(read_documents(list_input_files([str(path)])))
 
 
 def test_a_datasetdict_without_a_train_split_names_its_splits(tmp_path):
