@@ -61,7 +61,7 @@ from lmspec.runtime.checkpoint.store import save_checkpoint  # noqa: E402
 from lmspec.compiler.rewrites import spec_record  # noqa: E402
 from lmspec.runtime.export.from_checkpoint import export_bundle  # noqa: E402
 from lmspec.runtime.train.sampling import generate  # noqa: E402
-from lmspec.runtime.export.bundle import bundle_sidecar  # noqa: E402
+from lmspec.runtime.export.bundle import bundle_sidecar, session_options  # noqa: E402
 from lmspec.runtime.serve.language_model import OnnxModel  # noqa: E402
 from lmspec.runtime.serve.requests import GenerationRequest  # noqa: E402
 from lmspec.runtime.data.tokenizer import FileTokenizer  # noqa: E402
@@ -368,8 +368,8 @@ def wait_for_quiet(budget: list[float], limit: float, sample: float = 0.5) -> No
 
 
 def short(label: str) -> str:
-    return label.replace("onnx ", "").replace(" (baseline)", "").split(" (")[0].replace("transformers generate",
-                                                                                      "transformers")
+    label = label.replace("onnx ", "").replace(" (baseline)", "").replace(" (all logits)", " all-logits")
+    return label.split(" (")[0].replace("transformers generate", "transformers")
 
 
 def alternate(engines: list[Engine], rounds: int, limit: float, budget: list[float], phase: str = "run") -> None:
@@ -793,8 +793,7 @@ def profile_bundle(e: Engine, prompt: list[int], tokens: int, long_prompt: list[
     import onnxruntime as ort
 
     model = OnnxModel(e.path, threads=threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options = session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(work / f"profile-{bundle_path(work, e.label).stem}")
     model.session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
