@@ -34,6 +34,22 @@ def genai_greedy(directory, prompt: str, new: int) -> tuple[list[int], list[int]
     return ids, out
 
 
+def genai_greedy_batch(directory, prompts: list[str], length: int) -> list[list[int]]:
+    """The tokens genai's greedy search appends to each prompt, all of them in one batch of
+    `length` positions (the longest prompt's included)."""
+    model = og.Model(str(directory))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length, do_sample=False, batch_size=len(prompts))
+    generator = og.Generator(model, params)
+    generator.append_tokens(og.Tokenizer(model).encode_batch(prompts))
+    rows = [[] for _ in prompts]
+    while not generator.is_done():
+        generator.generate_next_token()
+        for row, token in zip(rows, generator.get_next_tokens()):
+            row.append(int(token))
+    return rows
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-attention"])
 def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path, fused):
     random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 2, "dim": 64, "heads": 4, "context": 64},
@@ -50,11 +66,16 @@ def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path,
     assert (meta["optimum"] is None) is fused and any(
         m.startswith("no config.json (Optimum): --fused-attention's shared buffer") for m in messages) is fused
     bundle = OnnxModel(tmp_path / "bundle" / "model.onnx")
-    for prompt in ("I had always thought", "The picture"):
+    prompts = ["I had always thought", "The picture"]
+    ours = bundle.generate([GenerationRequest(bundle.tokenizer.encode(p), 40, temperature=0, stop_at_eot=False)
+                            for p in prompts])
+    for prompt, own in zip(prompts, ours):
         ids, tokens = genai_greedy(tmp_path / "bundle", prompt, 40)  # most of the 64-token context
         assert ids == bundle.tokenizer.encode(prompt)
-        [ours] = bundle.generate([GenerationRequest(ids, 40, temperature=0, stop_at_eot=False)])
-        assert tokens == ours.tokens
+        assert tokens == own.tokens
+    # both prompts in one genai batch (it pads the shorter one): each row's tokens are still lmspec's
+    rows = genai_greedy_batch(tmp_path / "bundle", prompts, 40)
+    assert [row == own.tokens[:len(row)] and len(row) >= 30 for row, own in zip(rows, ours)] == [True, True]
 
 
 def test_what_genai_cannot_run_gets_no_config_and_a_reason(tmp_path):
