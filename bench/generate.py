@@ -298,7 +298,7 @@ def onnx_engine(label: str, path: Path, prompt: list[int], tokens: int, threads:
                 extra: bool = False, all_logits: bool = False) -> Engine:
     model = OnnxModel(path, threads=threads)
     if all_logits:  # never ask for the last positions' logits only: the session computes them all
-        model._keeps_logits = False
+        model.asks_for_kept_logits = False
 
     def runner(ids: list[int], n: int):
         request = GenerationRequest(ids, max_tokens=n, temperature=0, stop_at_eot=False)

@@ -71,8 +71,9 @@ class OnnxModel:
         self._float = np.float16 if kinds == {"tensor(float16)"} else np.float32
         self.shared_buffer = bool(cache) and cache.get("buffer") == SHARED_BUFFER
         self._present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-        # an export that computes the logits of the positions asked for only (older ones compute all)
-        self._keeps_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
+        # whether a prefill asks the export for the logits of its last positions only (logits_to_keep);
+        # an export from before it computes them all, and the last are sliced here
+        self.asks_for_kept_logits = LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
 
     @property
     def uses_cache(self) -> bool:
@@ -121,7 +122,7 @@ class OnnxModel:
         return self._kept(out[0], last), out[1:]
 
     def _keep_feed(self, last: int | None) -> dict[str, np.ndarray]:
-        return {LOGITS_TO_KEEP: np.array(last, dtype=np.int64)} if last and self._keeps_logits else {}
+        return {LOGITS_TO_KEEP: np.array(last, dtype=np.int64)} if last and self.asks_for_kept_logits else {}
 
     def _kept(self, logits: np.ndarray, last: int | None) -> np.ndarray:
         """The last `last` positions' logits, whether the export computed only those or all of them."""

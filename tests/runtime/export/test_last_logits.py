@@ -76,9 +76,10 @@ def test_onnx_model_asks_for_the_last_logits_and_slices_those_of_an_older_export
 
     model = OnnxModel(tiny_bundle)
     ids = np.random.default_rng(1).integers(0, model.vocab_size, (2, 9))
+    assert model.asks_for_kept_logits  # every export takes logits_to_keep where its head allows
     every, every_past = model.forward(ids)
     for keeps in (True, False):  # an export from before logits_to_keep computes them all
-        model._keeps_logits = keeps
+        model.asks_for_kept_logits = keeps
         last, past = model.forward(ids, last=2)
         assert last.shape == (2, 2, model.vocab_size)
         np.testing.assert_allclose(last, every[:, -2:], rtol=1e-5, atol=1e-5)
