@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from lmspec.runtime.errors import UsageError
+from lmspec.runtime.train.interrupt import interrupt_after
 from lmspec.runtime.train.metrics import LOSS_PANEL, METRICS_FILE, PLOT_FILE, MetricsLog, Panel, plot_loss_curve
 
 LOGS = ("none", "tensorboard")  # --log's choices
@@ -94,14 +95,16 @@ class RunLog:
 
     def append(self, record: dict, redraw: bool = False) -> None:
         """One record into each log; with `redraw` (an evaluation) the plot is drawn again and TensorBoard
-        flushed, so that a run stopped at any point has both up to its last evaluation."""
-        self.metrics.append(record)
-        if self.tensorboard is not None:
-            self.tensorboard.append(record)
-        if redraw:
-            self.draw()
+        flushed, so that a run stopped at any point has both up to its last evaluation. A Ctrl-C while
+        they are written is raised once they are whole (runtime/train/interrupt.py)."""
+        with interrupt_after():
+            self.metrics.append(record)
             if self.tensorboard is not None:
-                self.tensorboard.flush()
+                self.tensorboard.append(record)
+            if redraw:
+                self.draw()
+                if self.tensorboard is not None:
+                    self.tensorboard.flush()
 
     def draw(self) -> None:
         if self.panels is not None:
@@ -109,7 +112,8 @@ class RunLog:
 
     def close(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with interrupt_after():
+                self.tensorboard.close()
 
 
 def _tensorboard(run_dir: Path, log: str, purge_step: int) -> TensorBoardLog | None:

@@ -144,6 +144,33 @@ def test_a_run_stopped_with_ctrl_c_has_its_plot_and_events(tmp_path):
         assert [v for _, v in got[key][:len(series)]] == pytest.approx([v for _, v in series], rel=1e-6), key
 
 
+def test_ctrl_c_while_the_logs_are_written_is_raised_once_they_are_whole(tmp_path, monkeypatch):
+    """A Ctrl-C inside TensorBoard's writer could leave its lock taken, and closing it then hung
+    (runtime/train/interrupt.py): one that lands while a record is written now waits for the record."""
+    import os
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what a process starts with
+    try:
+        log = watch.RunLog.fresh(tmp_path, "tensorboard")
+        flush, flushed = watch.TensorBoardLog.flush, []
+
+        def flush_hit_by_ctrl_c(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the handler between two bytecodes: it would raise here
+            flush(self)
+            flushed.append(True)
+        monkeypatch.setattr(watch.TensorBoardLog, "flush", flush_hit_by_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            log.append({"step": 10, "loss": 2.5, "val_loss": 2.75}, redraw=True)
+        assert flushed == [True]  # raised after the writing, not inside it
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        log.close()
+        assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 10, "loss": 2.5, "val_loss": 2.75}]
+        assert scalars(tmp_path / "tensorboard") == {"loss": [(10, 2.5)], "val_loss": [(10, 2.75)]}
+        assert (tmp_path / "loss.png").is_file()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_finetune_instruct_logs_to_tensorboard_and_redraws(tmp_path, bpe):
     from lmspec.compiler import load_spec
     from lmspec.compiler.lower import lower
