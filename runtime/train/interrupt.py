@@ -1,12 +1,10 @@
 """Ctrl-C held back while a run's logs are written, and raised once they are whole.
 
-A KeyboardInterrupt can land anywhere in Python code, also just after a lock was taken and before
-the `with` that releases it begins. TensorBoard's event writer takes a lock, and its queue's mutex,
-on every write and flush; interrupted there, the lock stays taken, and closing the writer on the way
-out then waits for it forever. That is the likely cause of a run that Ctrl-C did not stop, seen in
-about one of 15 runs of the Ctrl-C test in tests/runtime/train/test_watching.py under load (not
-caught in the act). Inside `interrupt_after()` a Ctrl-C is only noted, and raised as
-KeyboardInterrupt when the block ends.
+A KeyboardInterrupt can land anywhere in Python code: halfway through a metrics record, inside the
+plot's atomic write, or just after a lock was taken and before the `with` that releases it begins.
+TensorBoard's event writer takes a lock, and its queue's mutex, on every write and flush; left taken,
+closing the writer on the way out would wait for it forever. Inside `interrupt_after()` a Ctrl-C is
+only noted, and raised as KeyboardInterrupt when the block ends.
 """
 from __future__ import annotations
 

@@ -119,9 +119,12 @@ def test_a_resumed_run_shows_no_step_twice(tmp_path):
 def test_a_run_stopped_with_ctrl_c_has_its_plot_and_events(tmp_path):
     run = tmp_path / "run"
     args = [arg if arg != "30" else "100000" for arg in TINY]  # long enough to be stopped, never to end
+    # Started as a background job of a non-interactive shell (`pytest … &`), pytest ignores SIGINT, and
+    # so would its children: this one gets the default back, as a run started from a terminal has.
     proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli", *args, "--threads", "1",
                              "--log", "tensorboard", "--out", str(run)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (run / "loss.png").exists() and proc.poll() is None:
@@ -145,8 +148,8 @@ def test_a_run_stopped_with_ctrl_c_has_its_plot_and_events(tmp_path):
 
 
 def test_ctrl_c_while_the_logs_are_written_is_raised_once_they_are_whole(tmp_path, monkeypatch):
-    """A Ctrl-C inside TensorBoard's writer could leave its lock taken, and closing it then hung
-    (runtime/train/interrupt.py): one that lands while a record is written now waits for the record."""
+    """A Ctrl-C that lands while a record is written (inside TensorBoard's writer, say, which could
+    leave its lock taken: runtime/train/interrupt.py) is raised once the record is whole."""
     import os
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what a process starts with
     try:
