@@ -135,7 +135,11 @@ def test_a_run_stopped_with_ctrl_c_has_its_plot_and_events(tmp_path):
             time.sleep(0.05)  # a record past the first evaluation, so that one is whole when stopped
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left training its 100,000 steps after the test
+            raise
     assert proc.returncode == 130 and err.decode().strip().endswith("interrupted")
     records = read_metrics(run / "metrics.jsonl")
     assert records[-1]["step"] < 100000 and any("val_loss" in r for r in records)
