@@ -74,8 +74,7 @@ def tiny_run(tmp_path_factory, verdict_text) -> Path:
 def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
     """`tiny_run` exported with `lmspec export`: the path of its .onnx file (tiny.lmspec.json beside it)."""
     path = tmp_path_factory.mktemp("tiny_bundle") / "tiny.onnx"
-    out = lmspec_cli("export", tiny_run, "-o", path)
-    assert out.returncode == 0, out.stderr
+    assert _in_process("export", tiny_run, "-o", path)[0] == 0  # the CLI's own process: test_export.py
     return path
 
 
@@ -84,7 +83,20 @@ def tiny_fused_bundle(tmp_path_factory, tiny_run) -> Path:
     """`tiny_run` exported with `lmspec export --fused-attention`: attention as onnxruntime's fused
     kernel over a shared KV buffer."""
     path = tmp_path_factory.mktemp("tiny_fused_bundle") / "tiny.onnx"
-    out = lmspec_cli("export", tiny_run, "-o", path, "--fused-attention")
-    assert out.returncode == 0, out.stderr
-    assert "parity fp32" in out.stdout, out.stdout
+    code, printed = _in_process("export", tiny_run, "-o", path, "--fused-attention")
+    assert code == 0 and "parity fp32" in printed, printed
     return path
+
+
+def _in_process(*args) -> tuple[int, str]:
+    """`lmspec ARGS` run through the CLI's main() in this process (no interpreter to start), and what
+    it printed."""
+    import contextlib
+    import io
+
+    from lmspec.runtime.cli.main import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main([str(a) for a in args])
+    return code, printed.getvalue()
