@@ -80,6 +80,17 @@ def mean(world: World, value: float, device=None) -> float:
     return float(t) / world.size
 
 
+def means(world: World, values: list[float], device=None) -> list[float]:
+    """mean() of each number, in one collective."""
+    if world.size == 1:
+        return list(values)
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [v / world.size for v in t.tolist()]
+
+
 def maximum(world: World, value: float, device=None) -> float:
     """The largest of a number over the ranks."""
     if world.size == 1:

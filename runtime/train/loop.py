@@ -134,20 +134,30 @@ def train(
     bar = tqdm(total=cfg.steps, initial=min(start_step, cfg.steps), unit="step", desc="train",
                disable=None if progress and world.main else True, dynamic_ncols=True)
     try:
+        window = _Window()
         for step in range(start_step + 1, cfg.steps + 1):
-            record = _train_step(step, placed, optimizer, scaler, data, cfg, batch_generator, device, meter,
-                                 last_checkpoint)
-            totals["loss"] = record["loss"]
+            window.add(step, *_train_step(step, placed, optimizer, data, cfg, batch_generator, device, scaler))
             last = step == cfg.steps
-            if val_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            validating = bool(val_set) and (last or bool(cfg.eval_every and step % cfg.eval_every == 0))
+            logging = last or step % cfg.log_every == 0 or validating
+            checkpointing = last or bool(cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            if not (logging or checkpointing):
+                bar.update(1)
+                continue
+            # The steps' numbers are read only here: reading one waits for the device, and a GPU kept
+            # waiting at every step would idle while the next step is prepared. A loss that went wrong
+            # in between is still caught before any checkpoint is written.
+            record = window.resolve(placed.world, device, meter, last_checkpoint)
+            totals["loss"] = record["loss"]
+            if validating:
                 _validate(record, totals, placed, val_set, cfg, device, bar)
             totals["elapsed"] = record["elapsed"] = elapsed_before + meter.session_seconds()
             record["tokens"] = step * meter.tokens_per_step  # trained so far: `lmspec plot --x tokens`
-            if last or step % cfg.log_every == 0 or "val_loss" in record:  # every rank: the maximum is collective
+            if logging:  # every rank: the maximum is collective
                 record["peak_memory_bytes"] = int(distributed.maximum(world, peak_memory(device), device))
                 if log is not None:
                     log.append(record, redraw="val_loss" in record)  # a plot up to date if stopped
-            if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            if checkpointing:
                 last_checkpoint = placed.save(
                     run_dir, optimizer, step, rng=rng_states(batch_generator, device, scaler),
                     train_config=cfg.to_dict(), metrics=dict(totals, tokens=step * meter.tokens_per_step),
@@ -156,6 +166,7 @@ def train(
                             **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
                             mem=gigabytes(peak_memory(device)), refresh=False)
             bar.update(1)
+            window = _Window()  # its clock starts when the next step does
     finally:
         bar.close()
         module.train(was_training)
@@ -263,28 +274,47 @@ class _Meter:
         return time.perf_counter() - self.started
 
 
-def _train_step(step: int, placed: Placement, optimizer, scaler, data, cfg: TrainConfig, batch_generator, device,
-                meter: _Meter, last_checkpoint) -> dict:
-    """One optimizer step at the step's learning rate; its metrics record."""
+def _train_step(step: int, placed: Placement, optimizer, data, cfg: TrainConfig, batch_generator, device, scaler):
+    """One optimizer step at the step's learning rate: (the learning rate, the mean loss, the
+    gradient norm), the last two possibly still being computed on the device."""
     lr = cfg.learning_rate(step - 1)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    t0 = time.perf_counter()
     if placed.pipe is not None:
         loss, grad_norm = pipeline_step(placed.pipe, optimizer, data, cfg, batch_generator, placed.replica_mesh)
     else:
         loss, grad_norm = optimizer_step(placed.forward, placed.deferred_sync(), placed.module, optimizer, scaler,
-                                         data, cfg, batch_generator, device, placed.sharded, placed.replica_mesh)
-    loss = distributed.mean(placed.world, loss, device)
-    tokens_per_s = meter.tokens_per_step / max(time.perf_counter() - t0, 1e-9)
-    if not math.isfinite(loss):
-        raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
-                            f"(the last good checkpoint is {last_checkpoint})")
-    record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
-              "grad_norm": grad_norm if math.isfinite(grad_norm) else None}  # fp16 overflow: skipped
-    if (utilisation := meter.mfu(tokens_per_s)) is not None:
-        record["mfu"] = utilisation
-    return record
+                                         data, cfg, batch_generator, device, placed.sharded, placed.replica_mesh,
+                                         placed.loss)
+    return lr, loss, grad_norm
+
+
+class _Window:
+    """The steps trained since their numbers were last read, and when the first of them started."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.steps: list[tuple[int, float, object, object]] = []  # (step, lr, loss, gradient norm)
+
+    def add(self, step: int, lr: float, loss, grad_norm) -> None:
+        self.steps.append((step, lr, loss, grad_norm))
+
+    def resolve(self, world: World, device, meter: _Meter, last_checkpoint) -> dict:
+        """The last step's metrics record, tokens/s and MFU over the whole window; raises TrainingError
+        naming the first step whose loss (the mean over ranks) is not finite."""
+        losses = distributed.means(world, [float(loss) for _, _, loss, _ in self.steps], device)
+        tokens_per_s = len(self.steps) * meter.tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
+        for (step, _, _, _), loss in zip(self.steps, losses):
+            if not math.isfinite(loss):
+                raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
+                                    f"(the last good checkpoint is {last_checkpoint})")
+        step, lr, _, grad_norm = self.steps[-1]
+        grad_norm = float(grad_norm)
+        record = {"step": step, "loss": losses[-1], "lr": lr, "tokens_per_s": tokens_per_s,
+                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None}  # fp16 overflow: skipped
+        if (utilisation := meter.mfu(tokens_per_s)) is not None:
+            record["mfu"] = utilisation
+        return record
 
 
 def _validation_loss(placed: Placement, val_set: list, cfg: TrainConfig, device) -> float:

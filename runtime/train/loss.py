@@ -7,6 +7,12 @@ instead: the forward keeps only the logits as the model made them (bf16 under au
 log-sum-exp per row; the backward recomputes each chunk's softmax in fp32 and writes the gradient
 in the logits' own dtype. At or below the threshold it is F.cross_entropy itself, so small models
 (every CPU run of the tests) compute exactly what they always did.
+
+A `--compile` run trains with `compiled_next_token_loss()` instead: the same cross-entropy compiled, so
+that Inductor fuses the cast to fp32, the log-sum-exp and the target's pick into one pass over the
+logits, and the backward into one more. It keeps what the chunked loss keeps (the logits and one fp32
+number per row) without the chunked loop's eight eager passes per chunk: on a GPU those are memory
+traffic that the step waits for (bench/cross_entropy.py).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 25  # 32 Mi logits: 128 MB of fp32 per chunk
+_compiled_loss = None
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
@@ -23,6 +30,19 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_elements:
         return F.cross_entropy(flat.float(), flat_targets)
     rows = max(1, chunk_elements // flat.size(-1))
     return _ChunkedCrossEntropy.apply(flat, flat_targets, rows)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+
+def compiled_next_token_loss():
+    """next_token_loss as one compiled function (made once per process; torch.compile caches its
+    graphs per shape)."""
+    global _compiled_loss
+    if _compiled_loss is None:
+        _compiled_loss = torch.compile(_cross_entropy)
+    return _compiled_loss
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

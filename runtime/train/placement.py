@@ -31,7 +31,7 @@ from lmspec.runtime.train.steps import autocast, check_pipeline, deferred_sync, 
 class Placement:
     """A model laid out over this rank: `module` is what this rank holds and the optimizer steps (the
     whole model, its shards, or its pipeline stage); `forward` computes a batch (DDP's wrapper, or
-    the module); `pipe` drives a pipeline's schedule instead."""
+    the module) and `loss` scores it; `pipe` drives a pipeline's schedule instead."""
     module: torch.nn.Module
     forward: torch.nn.Module
     world: World
@@ -40,6 +40,7 @@ class Placement:
     pipe: object = None
     mesh: object = None
     sharded: bool = False  # FSDP2 over the data-parallel replicas
+    loss: object = training_loss
 
     @property
     def tp(self) -> int:
@@ -147,5 +148,7 @@ def place(model: torch.nn.Module, cfg: TrainConfig, world: World, device: torch.
             placed.ddp = placed.forward = DistributedDataParallel(
                 model, gradient_as_bucket_view=True, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        from lmspec.runtime.train.loss import compiled_next_token_loss
         placed.forward = torch.compile(placed.forward)
+        placed.loss = compiled_next_token_loss()
     return placed

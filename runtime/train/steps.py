@@ -59,12 +59,17 @@ def deferred_sync(ddp, model, sharded: bool):
 
 
 def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, generator, device,
-                    sharded: bool = False, mesh=None) -> float:
-    """One optimizer step over cfg.grad_accum micro-batches; returns their mean loss. `forward` is
-    the model, wrapped in DistributedDataParallel under torchrun, compiled with --compile; `no_sync`
+                    sharded: bool = False, mesh=None, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over cfg.grad_accum micro-batches; returns (their mean loss, the gradient
+    norm), both as tensors still on the device: reading them waits for the device, which the loop
+    does only at the steps it logs (runtime/train/loop.py). `forward` is
+    the model, wrapped in DistributedDataParallel under torchrun, compiled with --compile, and
+    `loss_fn` the training loss (compiled too with --compile); `no_sync`
     (several ranks only) defers the gradient reduction; a tensor-parallel run's `mesh` says over
     which ranks the replicas average their gradients."""
-    total = 0.0
+    # float64, added in order: the same number the float() of each micro-batch's loss summed in
+    # Python gives, but without waiting for the device at every micro-batch
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
         # Ranks average gradients once per step, at the last micro-batch, not after each one.
@@ -72,10 +77,10 @@ def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, genera
         with contextlib.nullcontext() if syncing else no_sync():
             with autocast(device, cfg.precision):
                 logits = forward(to_device(x, device))
-            loss = training_loss(logits, to_device(y, device))
+            loss = (loss_fn or training_loss)(logits, to_device(y, device))
             # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
             scaler.scale(loss / cfg.grad_accum).backward()
-        total += loss.item()
+        total = total + loss.detach().double()
     from lmspec.runtime.distributed.mesh import average_gradients
     from lmspec.runtime.distributed.tensor_parallel import reduce_sequence_parallel_gradients
     reduce_sequence_parallel_gradients(model)
@@ -91,13 +96,14 @@ def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, genera
     scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then backs off
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return total / cfg.grad_accum, _as_float(norm)
+    return total / cfg.grad_accum, _whole(norm)
 
 
-def _as_float(norm: torch.Tensor) -> float:
-    """A gradient norm as a number (an FSDP or tensor-parallel norm is a DTensor: made whole first)."""
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (an FSDP or tensor-parallel norm is a DTensor: made whole
+    now, a collective every rank takes at every step, but no wait for the device)."""
     from torch.distributed.tensor import DTensor
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def pipeline_refusal(precision: str, compile: bool) -> str | None:
@@ -118,7 +124,7 @@ def check_pipeline(cfg: TrainConfig, pp: int) -> None:
                           + (f", at least {pp} (one per stage) for 1F1B" if cfg.pipeline_schedule == "1f1b" else ""))
 
 
-def pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> float:
+def pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> tuple[float, float]:
     """One optimizer step of a pipeline: every rank of a replica draws the same batches (the first
     stage feeds the tokens, the last scores the targets), replicas average their gradients, then
     clip by the whole model's norm."""

@@ -54,3 +54,21 @@ def test_bf16_logits_keep_no_fp32_copy_of_the_vocabulary():
     chunked = _saved_bytes(lambda x, y: next_token_loss(x, y, chunk_elements=4096 * 8), logits, targets)
     assert plain >= whole  # log-softmax's fp32 output
     assert chunked < whole / 100  # one fp32 log-sum-exp per row, and the targets
+
+
+def test_the_compiled_loss_equals_cross_entropy_and_keeps_no_fp32_copy():
+    from lmspec.runtime.train.loss import compiled_next_token_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 32, 4096, generator=gen) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, 4096, (2, 32), generator=gen)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    compiled, plain = compiled_next_token_loss()(a, targets), _reference(b, targets)
+    compiled.backward()
+    plain.backward()
+    assert compiled.dtype == torch.float32 and abs(compiled.item() - plain.item()) <= 1e-5 * plain.item()
+    assert a.grad.dtype == torch.bfloat16
+    assert (a.grad.float() - b.grad.float()).abs().max().item() <= 1e-2 * b.grad.float().abs().max().item()
+    whole = 64 * 4096 * 4  # one fp32 copy of the logits
+    # what it keeps: a max and a log-sum-exp per row (fp32), the targets and the logits themselves
+    assert 0 < _saved_bytes(compiled_next_token_loss(), logits.clone().requires_grad_(), targets) < whole / 100

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmspec.runtime.checkpoint.store import CheckpointError, load_checkpoint
+from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint
 from lmspec.runtime.data.token_data import TokenData
 from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lmspec.runtime.train.schedule import learning_rate
@@ -233,10 +233,24 @@ def test_sequence_longer_than_the_data(tmp_path, tiny_gpt):
         train(tiny_gpt(8), tokenizer, data, TrainConfig(steps=1, seq=32), tmp_path, SPEC, progress=False)
 
 
-def test_diverging_loss_stops_training(tmp_path, verdict, tiny_gpt):
+class _GoesBad(nn.Module):
+    """A model whose logits turn NaN from its `after`+1-th training forward on."""
+
+    def __init__(self, model: nn.Module, after: int):
+        super().__init__()
+        self.model, self.after, self.calls, self.context = model, after, 0, model.context
+
+    def forward(self, x):
+        self.calls += self.training
+        logits = self.model(x)
+        return logits * float("nan") if self.calls > self.after else logits
+
+
+def test_diverging_loss_stops_training_before_a_checkpoint_holds_it(tmp_path, verdict, tiny_gpt):
     tokenizer, data = verdict
-    model = tiny_gpt(tokenizer.vocab_size)
-    with torch.no_grad():
-        model.transformer.wpe.weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="the loss became nan at step 1"):
-        train(model, tokenizer, data, TrainConfig(steps=2, batch=1, seq=8), tmp_path, SPEC, progress=False)
+    # The loss is read only at the logged and checkpointed steps (4, 8, 10, ...): step 7 goes bad, and
+    # step 8's read names it, before step 8's checkpoint is written.
+    cfg = TrainConfig(steps=20, batch=1, seq=8, log_every=10, ckpt_every=4, eval_batches=0)
+    with pytest.raises(TrainingError, match=r"the loss became nan at step 7; .*step_000004\)"):
+        train(_GoesBad(tiny_gpt(tokenizer.vocab_size), after=6), tokenizer, data, cfg, tmp_path, SPEC, progress=False)
+    assert find_checkpoint(tmp_path).name == "step_000004"
