@@ -40,6 +40,30 @@ def lmspec(*args, **kw):
                           text=True, **kw)
 
 
+def lmspec_main(*args) -> subprocess.CompletedProcess:
+    """`lmspec ARGS` through the command line's main() in this process, from the repository: what
+    lmspec_cli() returns (exit code, stdout, stderr) without an interpreter to start (2 s with torch).
+    For tests of what a command says and writes; a test of the process itself (its exit at a signal,
+    what it imports, its environment) starts one with lmspec_cli()."""
+    import contextlib
+    import io
+
+    from lmspec.runtime.cli.main import main
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        finally:  # --threads N is the command's, not the rest of the tests'
+            if threads is not None:
+                torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["lmspec", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def losses(run: Path) -> dict[int, float]:
     """A run's training loss by step, from its metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

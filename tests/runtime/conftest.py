@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reference_gpt import GPT, GPTConfig  # tests/ is on pytest's pythonpath
-from runtime_helpers import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_main
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +63,9 @@ TINY_BUNDLE_SETTINGS = ("--set", "layers=2", "--set", "dim=64", "--set", "heads=
 def tiny_run(tmp_path_factory, verdict_text) -> Path:
     """A small character-level model trained briefly on the-verdict.txt (so its output is text-like)."""
     run = tmp_path_factory.mktemp("tiny_run") / "run"
-    out = lmspec_cli("train", "specs/tiny.arch", *TINY_BUNDLE_SETTINGS, "--data", SHARED_DATA / "the-verdict.txt",
-                     "--out", run, "--steps", "120", "--batch", "16", "--lr", "3e-3", "--warmup", "10",
-                     "--eval-every", "60", "--eval-batches", "2", "--no-progress", "--sample-tokens", "0")
+    out = lmspec_main("train", "specs/tiny.arch", *TINY_BUNDLE_SETTINGS, "--data", SHARED_DATA / "the-verdict.txt",
+                      "--out", run, "--steps", "120", "--batch", "16", "--lr", "3e-3", "--warmup", "10",
+                      "--eval-every", "60", "--eval-batches", "2", "--no-progress", "--sample-tokens", "0")
     assert out.returncode == 0, out.stderr
     return run
 
@@ -74,7 +74,7 @@ def tiny_run(tmp_path_factory, verdict_text) -> Path:
 def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
     """`tiny_run` exported with `lmspec export`: the path of its .onnx file (tiny.lmspec.json beside it)."""
     path = tmp_path_factory.mktemp("tiny_bundle") / "tiny.onnx"
-    assert _in_process("export", tiny_run, "-o", path)[0] == 0  # the CLI's own process: test_export.py
+    assert lmspec_main("export", tiny_run, "-o", path).returncode == 0  # the CLI's own process: test_export.py
     return path
 
 
@@ -83,20 +83,6 @@ def tiny_fused_bundle(tmp_path_factory, tiny_run) -> Path:
     """`tiny_run` exported with `lmspec export --fused-attention`: attention as onnxruntime's fused
     kernel over a shared KV buffer."""
     path = tmp_path_factory.mktemp("tiny_fused_bundle") / "tiny.onnx"
-    code, printed = _in_process("export", tiny_run, "-o", path, "--fused-attention")
-    assert code == 0 and "parity fp32" in printed, printed
+    out = lmspec_main("export", tiny_run, "-o", path, "--fused-attention")
+    assert out.returncode == 0 and "parity fp32" in out.stdout, out.stderr
     return path
-
-
-def _in_process(*args) -> tuple[int, str]:
-    """`lmspec ARGS` run through the CLI's main() in this process (no interpreter to start), and what
-    it printed."""
-    import contextlib
-    import io
-
-    from lmspec.runtime.cli.main import main
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = main([str(a) for a in args])
-    return code, printed.getvalue()

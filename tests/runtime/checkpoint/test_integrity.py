@@ -17,7 +17,7 @@ from lmspec.runtime.checksum import file_checksum
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.train.config import TrainConfig
 from lmspec.runtime.train.steps import make_optimizer
-from runtime_helpers import ROOT, SMALL, VERDICT, lmspec_cli, losses
+from runtime_helpers import ROOT, SMALL, VERDICT, lmspec_cli, lmspec_main, losses
 
 VOCAB = 20
 TRAIN = ["train", str(ROOT / "specs" / "tiny.arch"), *SMALL, "--data", str(VERDICT), "--steps", "40",
@@ -227,6 +227,6 @@ def test_an_fsdp_checkpoint_records_every_ranks_files(tmp_path):
     assert all(sums[f] == file_checksum(step_dir / f) for f in sums)
     shard = step_dir / "optimizer.dcp" / "__1_0.distcp"  # written by rank 1
     flip(shard)
-    resumed = lmspec_cli(*args, "--resume")  # on one process: the whole AdamW state read from both shards
+    resumed = lmspec_main(*args, "--resume")  # on one process: the whole AdamW state read from both shards
     assert resumed.returncode == 1
     assert resumed.stderr.startswith(f"lmspec train: error: {shard}: checksum mismatch (the file is corrupt)")

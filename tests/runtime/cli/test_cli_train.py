@@ -1,4 +1,5 @@
-"""`lmspec train` and `lmspec sample` as a user runs them: real processes, files read back."""
+"""`lmspec train` and `lmspec sample` as a user runs them: real processes (some mistakes, which need
+no process of their own, through main() in this one), files read back."""
 import json
 import os
 import signal
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from runtime_helpers import ROOT, SMALL, VERDICT, lmspec, losses
+from runtime_helpers import ROOT, SMALL, VERDICT, lmspec, lmspec_main, losses
 
 
 def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):
@@ -28,7 +29,7 @@ def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("I had") and len(a.stdout.rstrip("\n")) == 45
 
-    again = lmspec("train", "specs/tiny.arch", "--data", str(VERDICT), "--out", str(run))
+    again = lmspec_main("train", "specs/tiny.arch", "--data", str(VERDICT), "--out", str(run))
     assert again.returncode != 0 and "--resume" in again.stderr  # never overwrites a run
 
 
@@ -40,7 +41,8 @@ def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):
     (["train", "tests/broken_specs/shape_mismatch.arch"], "shape_mismatch.arch:7:7: error"),
 ])
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
-    out = lmspec(*args, "--out", str(tmp_path / "r")) if args[0] == "train" else lmspec(*args)
+    run = lmspec if "no/such.txt" in args else lmspec_main  # one case as a real process
+    out = run(*args, "--out", str(tmp_path / "r")) if args[0] == "train" else run(*args)
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
@@ -48,8 +50,8 @@ def test_bad_input_is_a_clear_error(args, message, tmp_path):
 
 def test_corrupt_checkpoint_is_reported(tmp_path):
     run = tmp_path / "run"
-    assert lmspec("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--out", str(run), "--steps", "2",
-                  "--no-progress", "--sample-tokens", "0").returncode == 0
+    assert lmspec_main("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--out", str(run), "--steps", "2",
+                       "--no-progress", "--sample-tokens", "0").returncode == 0
     weights = run / "checkpoints" / "step_000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     out = lmspec("sample", str(run))
@@ -97,8 +99,8 @@ def test_train_with_a_tokenizer_file(tmp_path):
                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(str(tmp_path / "tok.json"))
     run = tmp_path / "run"
-    out = lmspec("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--tokenizer", str(tmp_path / "tok.json"),
-                 "--out", str(run), "--steps", "3", "--no-progress", "--sample-tokens", "0")
+    out = lmspec_main("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--tokenizer",
+                      str(tmp_path / "tok.json"), "--out", str(run), "--steps", "3", "--no-progress", "--sample-tokens", "0")
     assert out.returncode == 0, out.stderr
     assert f"vocab = {tok.get_vocab_size()}" in out.stdout
     sample = lmspec("sample", str(run), "--prompt", "I had always", "--max-tokens", "5", "--seed", "1")

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from runtime_helpers import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_main
 
 from lmspec.runtime.data import formats
 from lmspec.runtime.data.corpus import read_text_data
@@ -220,7 +220,7 @@ def test_without_the_datasets_package_a_datasets_directory_is_one_line(tmp_path,
 def test_the_cli_refuses_a_binary_file_in_one_line_and_writes_nothing(tmp_path, name, verb):
     (tmp_path / name).write_bytes(random.Random(1).randbytes(4000))
     extra = ["--tokenizer", GPT2] if verb == "data tokenize" else []
-    done = lmspec_cli(*verb.split(), tmp_path / name, *extra, "--out", tmp_path / "out", "--no-progress")
+    done = lmspec_main(*verb.split(), tmp_path / name, *extra, "--out", tmp_path / "out", "--no-progress")
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
@@ -231,7 +231,7 @@ def test_the_cli_refuses_a_binary_file_in_one_line_and_writes_nothing(tmp_path, 
 
 def test_train_refuses_a_binary_parquet_in_one_line(tmp_path):
     (tmp_path / "noise.parquet").write_bytes(random.Random(2).randbytes(4000))
-    done = lmspec_cli("train", "specs/tiny.arch", "--data", tmp_path / "noise.parquet", "--steps", "1",
+    done = lmspec_main("train", "specs/tiny.arch", "--data", tmp_path / "noise.parquet", "--steps", "1",
                       "--out", tmp_path / "run", "--no-progress")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{tmp_path / 'noise.parquet'}: named .parquet but not Parquet data" in done.stderr
@@ -241,7 +241,7 @@ def test_train_refuses_a_binary_parquet_in_one_line(tmp_path):
 
 def test_data_tokenize_of_a_parquet_file_writes_the_tokens_of_its_texts(tmp_path, gpt2):
     path = _write(tmp_path, "parquet", field="body")
-    done = lmspec_cli("data", "tokenize", path, "--text-field", "body", "--tokenizer", GPT2, "--out",
+    done = lmspec_main("data", "tokenize", path, "--text-field", "body", "--tokenizer", GPT2, "--out",
                       tmp_path / "shards", "--val-fraction", "0", "--no-progress")
     assert done.returncode == 0, done.stderr
     data = ShardData(tmp_path / "shards")

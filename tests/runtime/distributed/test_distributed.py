@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_helpers import SMALL, VERDICT, lmspec, losses
+from runtime_helpers import SMALL, VERDICT, lmspec_main, losses
 
 ROOT = Path(__file__).resolve().parents[3]
 COMMON = ["specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--warmup", "2", "--eval-every", "4",
@@ -60,7 +60,7 @@ def weights(run: Path, step: int) -> dict:
 def one_process(tmp_path_factory):
     """The reference: one process with the global batch of the 2-rank runs (2 ranks x 2)."""
     run = tmp_path_factory.mktemp("one") / "run"
-    out = lmspec("train", *COMMON, "--steps", "8", "--batch", "4", "--grad-accum", "2", "--out", str(run))
+    out = lmspec_main("train", *COMMON, "--steps", "8", "--batch", "4", "--grad-accum", "2", "--out", str(run))
     assert out.returncode == 0, out.stderr
     return run
 
@@ -89,7 +89,7 @@ def test_ddp_equals_one_process_with_the_global_batch(two_ranks, one_process):
 def test_a_two_rank_checkpoint_resumes_on_one_rank(two_ranks, tmp_path):
     run, _ = two_ranks
     copy = resumable_copy(run, tmp_path)
-    out = lmspec("train", *COMMON, "--out", str(copy), "--resume")
+    out = lmspec_main("train", *COMMON, "--out", str(copy), "--resume")
     assert out.returncode == 0, out.stderr
     assert abs(losses(copy)[8] - losses(run)[8]) <= 1e-5
     wa, wb = weights(copy, 8), weights(run, 8)
@@ -163,7 +163,7 @@ def test_an_fsdp_checkpoint_resumes_on_one_rank_and_on_two(fsdp_ranks, tmp_path,
     run, _ = fsdp_ranks
     copy = resumable_copy(run, tmp_path)
     args = ["train", *COMMON, "--out", str(copy), "--resume"]
-    out = lmspec(*args) if ranks == 1 else torchrun(*args, "--cpu-offload")
+    out = lmspec_main(*args) if ranks == 1 else torchrun(*args, "--cpu-offload")
     assert out.returncode == 0, out.stderr
     assert ranks == 1 or "on 2 ranks (FSDP, CPU offload)" in out.stdout
     assert close(losses(copy), losses(run)) and close(val_losses(copy), val_losses(run))
@@ -201,7 +201,7 @@ def test_a_corrupt_optimizer_shard_is_a_located_error(fsdp_ranks, tmp_path):
     shutil.copytree(run, copy)
     shard = copy / "checkpoints" / "step_000008" / "optimizer.dcp" / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
-    out = lmspec("train", *COMMON, "--steps", "12", "--out", str(copy), "--resume")
+    out = lmspec_main("train", *COMMON, "--steps", "12", "--out", str(copy), "--resume")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     # the checksum meta.json records for rank 1's shard finds it before dcp reads it
     assert f"{shard}: checksum mismatch (the file is corrupt); step_000004 is intact" in out.stderr
@@ -235,7 +235,7 @@ def test_a_tensor_parallel_checkpoint_resumes_on_one_rank_and_on_two(tp_ranks, t
     run, _ = tp_ranks
     copy = resumable_copy(run, tmp_path)
     args = ["train", *COMMON, "--out", str(copy), "--resume"]
-    out = lmspec(*args) if ranks == 1 else torchrun(*args, "--tp", "2")
+    out = lmspec_main(*args) if ranks == 1 else torchrun(*args, "--tp", "2")
     assert out.returncode == 0, out.stderr
     assert close(losses(copy), losses(run)) and close(val_losses(copy), val_losses(run))
     wa, wb = weights(copy, 8), weights(run, 8)
@@ -250,7 +250,7 @@ def test_heads_that_do_not_split_are_refused_before_any_process_group(tmp_path):
     assert out.stderr.count("1 heads do not divide over tensor-parallel size 2") == 1  # said once, by rank 0
     assert "specs/tiny.arch:10:" in out.stderr and not (tmp_path / "run").exists()
     assert "runtime/cli/train.py" not in out.stderr  # torchrun reports the failed ranks; no lmspec traceback
-    wrong = lmspec("train", *COMMON, "--tp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
+    wrong = lmspec_main("train", *COMMON, "--tp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
     assert wrong.returncode == 2 and "--tp 2 splits each copy of the model over 2 ranks" in wrong.stderr
 
 
@@ -290,7 +290,7 @@ def test_tp_and_pp_compose_with_bf16_and_activation_checkpointing(pp_ranks, tmp_
     assert close(losses(mixed), losses(run), tol=0.05) and not close(losses(mixed), losses(run), tol=1e-6)
     wa, wb = weights(mixed, 8), weights(run, 8)
     assert all(wa[k].dtype == torch.float32 and torch.allclose(wa[k], wb[k], atol=5e-3) for k in wa)
-    fp16 = lmspec("train", *COMMON, "--pp", "2", "--precision", "fp16", "--steps", "2", "--out", str(tmp_path / "x"))
+    fp16 = lmspec_main("train", *COMMON, "--pp", "2", "--precision", "fp16", "--steps", "2", "--out", str(tmp_path / "x"))
     assert fp16.returncode != 0 and "--pp does not combine with --precision fp16" in fp16.stderr
 
 
@@ -301,7 +301,7 @@ def test_a_model_parallel_checkpoint_resumes_under_another_layout(pp_ranks, tp_r
     run = (pp_ranks if source == "pp" else tp_ranks)[0]
     copy = resumable_copy(run, tmp_path)
     args = ["train", *COMMON, "--out", str(copy), "--resume", *layout]
-    out = torchrun(*args) if layout else lmspec(*args)
+    out = torchrun(*args) if layout else lmspec_main(*args)
     assert out.returncode == 0, out.stderr
     assert close(losses(copy), losses(run)) and close(val_losses(copy), val_losses(run))
     wa, wb = weights(copy, 8), weights(run, 8)
@@ -364,12 +364,12 @@ def test_data_parallel_replicas_of_model_parallel_groups(one_process, tmp_path, 
     assert ("(FSDP 2 x " if "fsdp" in layout else "(DDP 2 x ") in out.stdout
     same_run(run, one_process, optimizer=True)
     copy = resumable_copy(run, tmp_path)
-    resumed = lmspec("train", *COMMON, "--out", str(copy), "--resume")
+    resumed = lmspec_main("train", *COMMON, "--out", str(copy), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     same_run(copy, one_process, optimizer=True)
 
 
 def test_a_world_that_does_not_hold_whole_model_parallel_groups_is_refused(tmp_path):
-    out = lmspec("train", *COMMON, "--tp", "2", "--pp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
+    out = lmspec_main("train", *COMMON, "--tp", "2", "--pp", "2", "--steps", "2", "--out", str(tmp_path / "run"))
     assert out.returncode == 2 and not (tmp_path / "run").exists()
     assert out.stderr.count("--tp 2 --pp 2 splits each copy of the model over 4 ranks: run a multiple of 4") == 1

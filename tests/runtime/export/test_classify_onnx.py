@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_helpers import finetune_spam, lmspec_cli, train_tiny_base
+from runtime_helpers import finetune_spam, lmspec_main, train_tiny_base
 from lmspec.runtime.finetune.classifier import classifier_inputs
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.export.from_checkpoint import export_bundle
@@ -180,7 +180,7 @@ def test_optimized_int8_and_fp16_variants(spam_run, spam_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_export_options_on_a_classifier(spam_run, tmp_path):
-    out = lmspec_cli("export", spam_run, "-o", tmp_path / "q.onnx", "--optimize", "--quantize", "int8")
+    out = lmspec_main("export", spam_run, "-o", tmp_path / "q.onnx", "--optimize", "--quantize", "int8")
     assert out.returncode == 0, out.stderr
     assert "parity optimized:" in out.stdout and "the same class for" in out.stdout
     meta = read_sidecar(tmp_path / "q.onnx")
@@ -202,7 +202,7 @@ def one_clear_line(proc, *words):
 
 def test_generate_refuses_a_classifier_bundle(spam_bundle):
     # `lmspec serve` serves one (POST /v1/classify): tests/runtime/serve/test_serve_classifier.py
-    one_clear_line(lmspec_cli("generate", spam_bundle, "--prompt", "hello"), "classifier", "lmspec classify")
+    one_clear_line(lmspec_main("generate", spam_bundle, "--prompt", "hello"), "classifier", "lmspec classify")
 
 
 def test_classify_refuses_a_language_model_bundle(lm_sidecar_bundle, capsys):
@@ -234,4 +234,4 @@ def test_missing_or_corrupt_classifier_bundles_are_located_errors(spam_bundle, t
         assert main(["classify", str(tmp_path / name), "hello"]) == 1, name
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    one_clear_line(lmspec_cli("classify", tmp_path / "corrupt.onnx", "hello"), "onnxruntime cannot load it")
+    one_clear_line(lmspec_main("classify", tmp_path / "corrupt.onnx", "hello"), "onnxruntime cannot load it")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_helpers import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_cli, lmspec_main
 from lmspec.runtime.cli.main import main
 from lmspec.compiler.loader import load_spec
 from lmspec.compiler.lower import lower
@@ -60,8 +60,8 @@ def test_bundle_has_optimum_layout_and_records_parity(tiny_bundle):
 
 
 def test_greedy_onnx_generation_equals_lmspec_sample_for_64_tokens(tiny_run, tiny_bundle):
-    torch_out = lmspec_cli("sample", tiny_run, "--prompt", "I had always", "--max-tokens", "64", "--temperature", "0")
-    onnx_out = lmspec_cli("generate", tiny_bundle, "--prompt", "I had always", "--max-tokens", "64",
+    torch_out = lmspec_main("sample", tiny_run, "--prompt", "I had always", "--max-tokens", "64", "--temperature", "0")
+    onnx_out = lmspec_main("generate", tiny_bundle, "--prompt", "I had always", "--max-tokens", "64",
                           "--temperature", "0")
     assert torch_out.returncode == 0 and onnx_out.returncode == 0, torch_out.stderr + onnx_out.stderr
     assert onnx_out.stdout == torch_out.stdout
@@ -71,8 +71,8 @@ def test_greedy_onnx_generation_equals_lmspec_sample_for_64_tokens(tiny_run, tin
 def test_generation_runs_past_the_context_like_pytorch(tiny_run, tiny_bundle):
     """64-token context, 150 new tokens: both samplers slide a window once the cache is full."""
     args = ["--prompt", "Gisburn", "--max-tokens", "150", "--temperature", "0"]
-    torch_out = lmspec_cli("sample", tiny_run, *args)
-    onnx_out = lmspec_cli("generate", tiny_bundle, *args)
+    torch_out = lmspec_main("sample", tiny_run, *args)
+    onnx_out = lmspec_main("generate", tiny_bundle, *args)
     assert onnx_out.returncode == 0, onnx_out.stderr
     assert onnx_out.stdout == torch_out.stdout
 
@@ -176,7 +176,7 @@ def test_generate_path_never_imports_torch(tiny_bundle):
 
 
 def test_batched_cli_json(tiny_bundle):
-    out = lmspec_cli("generate", tiny_bundle, "--prompt", "I", "--prompt", "The picture", "--max-tokens", "12",
+    out = lmspec_main("generate", tiny_bundle, "--prompt", "I", "--prompt", "The picture", "--max-tokens", "12",
                      "--temperature", "0", "--json")
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
@@ -249,7 +249,7 @@ def test_gpt2_style_optimize_keeps_tanh_gelu_and_int8_quantizes_the_tied_head(tm
 
 @pytest.mark.slow  # fp16 is for GPU providers; optimize and int8 stay in the default run
 def test_fp16_export_runs_and_reports_its_difference(tiny_run, tmp_path):
-    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "h.onnx", "--fp16")
+    out = lmspec_main("export", tiny_run, "-o", tmp_path / "h.onnx", "--fp16")
     assert out.returncode == 0, out.stderr
     meta = json.loads(bundle_sidecar(tmp_path / "h.onnx").read_text())
     assert meta["dtype"] == "float16" and 0 < meta["parity"]["fp16"]["filled_cache"] < 0.05
@@ -261,11 +261,11 @@ def test_fp16_export_runs_and_reports_its_difference(tiny_run, tmp_path):
 @pytest.mark.slow  # another opset of the same export the default run already checks
 def test_opset_option(tiny_run, tmp_path):
     import onnx
-    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "m.onnx", "--opset", "18")
+    out = lmspec_main("export", tiny_run, "-o", tmp_path / "m.onnx", "--opset", "18")
     assert out.returncode == 0, out.stderr
     opsets = {o.domain: o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import}
     assert opsets[""] == 18
-    bad = lmspec_cli("export", tiny_run, "-o", tmp_path / "b.onnx", "--opset", "9")
+    bad = lmspec_main("export", tiny_run, "-o", tmp_path / "b.onnx", "--opset", "9")
     assert bad.returncode == 1 and "opset" in bad.stderr and "Traceback" not in bad.stderr
 
 

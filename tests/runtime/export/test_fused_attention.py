@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from runtime_helpers import ALTERNATING, lmspec_cli
+from runtime_helpers import ALTERNATING, lmspec_main
 from lmspec.compiler.onnx_export import CachedDecoder, cache_layout
 from lmspec.runtime.export.bundle import bundle_sidecar
 from lmspec.runtime.export.from_checkpoint import export_bundle
@@ -91,7 +91,7 @@ def test_the_ops_torch_implementation_is_the_models_attention(tmp_path):
 
 @pytest.mark.slow  # the plain export's optimize/int8/fp16 tests run by default; this is the fused variant
 def test_optimize_int8_and_fp16_keep_the_fused_kernel(tiny_run, tmp_path):
-    out = lmspec_cli("export", tiny_run, "-o", tmp_path / "q.onnx", "--fused-attention", "--optimize",
+    out = lmspec_main("export", tiny_run, "-o", tmp_path / "q.onnx", "--fused-attention", "--optimize",
                      "--quantize", "int8", "--no-report")
     assert out.returncode == 0, out.stderr
     meta = json.loads(bundle_sidecar(tmp_path / "q.onnx").read_text())
@@ -99,7 +99,7 @@ def test_optimize_int8_and_fp16_keep_the_fused_kernel(tiny_run, tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert "GroupQueryAttention" in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
     half = tmp_path / "h.onnx"
-    assert lmspec_cli("export", tiny_run, "-o", half, "--fused-attention", "--fp16").returncode == 0
+    assert lmspec_main("export", tiny_run, "-o", half, "--fused-attention", "--fp16").returncode == 0
     model = OnnxModel(half)
     [c] = model.generate([GenerationRequest(model.tokenizer.encode("I had"), 8, temperature=0)])
     assert model.shared_buffer and len(c.tokens) == 8 and np.dtype(model.new_cache(1, 4)[0].dtype) == np.float16
@@ -107,15 +107,15 @@ def test_optimize_int8_and_fp16_keep_the_fused_kernel(tiny_run, tmp_path):
 
 def test_what_cannot_be_fused_is_one_clear_error_and_writes_nothing(tmp_path, tiny_run):
     every_option_checkpoint(tmp_path, causal="false")
-    out = lmspec_cli("export", tmp_path / "run", "-o", tmp_path / "m.onnx", "--fused-attention")
+    out = lmspec_main("export", tmp_path / "run", "-o", tmp_path / "m.onnx", "--fused-attention")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("lmspec export: error: every_option: fused attention needs causal attention over "
                                   "a KV cache, but attention layer 0 is not causal; the fused kernel always is")
     handwritten = tmp_path / "handwritten"
     random_checkpoint(handwritten, "specs/handwritten.arch", tokenizer=_char_tokenizer())
-    out = lmspec_cli("export", handwritten, "-o", tmp_path / "h.onnx", "--fused-attention")
+    out = lmspec_main("export", handwritten, "-o", tmp_path / "h.onnx", "--fused-attention")
     assert out.returncode == 1 and "its attention cannot use a KV cache" in out.stderr
-    hf = lmspec_cli("export", "hf", tiny_run, "-o", tmp_path / "hf", "--fused-attention")
+    hf = lmspec_main("export", "hf", tiny_run, "-o", tmp_path / "hf", "--fused-attention")
     assert hf.returncode == 2 and "--fused-attention: only for ONNX export" in hf.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["every_option.arch", "handwritten", "run"]
 

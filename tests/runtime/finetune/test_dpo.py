@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from runtime_helpers import SHARED_DATA, adapters_only_checkpoint, lmspec_cli
+from runtime_helpers import SHARED_DATA, adapters_only_checkpoint, lmspec_main
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.cli.main import main
@@ -216,8 +216,8 @@ def test_errors_are_one_clear_line(tmp_path, base_run, capsys, case, message, co
 def test_held_out_margin_rises_above_zero_on_the_whole_preference_set(tmp_path, base_run):
     """The whole preference file, the book's 85/5/10 split: 55 held-out pairs, one epoch."""
     out = tmp_path / "dpo"
-    result = lmspec_cli("finetune", "dpo", base_run, "--data", DATA, "--out", out, "--epochs", "1",
-                        "--lr", "1e-3", "--eval-every", "20", "--no-progress")
+    result = lmspec_main("finetune", "dpo", base_run, "--data", DATA, "--out", out, "--epochs", "1",
+                         "--lr", "1e-3", "--eval-every", "20", "--no-progress")
     assert result.returncode == 0, result.stderr
     print(result.stdout)
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "val_margin" in r]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from runtime_helpers import SHARED_DATA, TESTS_DIR, adapters_only_checkpoint, lmspec_cli
+from runtime_helpers import SHARED_DATA, TESTS_DIR, adapters_only_checkpoint, lmspec_main
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.runtime.checkpoint.store import save_checkpoint
@@ -209,7 +209,7 @@ def test_records_from_json_list_and_jsonl(tmp_path):
 
 def test_finetune_then_chat_over_a_pipe(tmp_path, base_run, bpe):
     out = tmp_path / "ft"
-    result = lmspec_cli("finetune", "instruct", base_run, "--data", DATA, "--out", out, "--limit", "48",
+    result = lmspec_main("finetune", "instruct", base_run, "--data", DATA, "--out", out, "--limit", "48",
                         "--epochs", "2", "--batch", "8", "--lr", "3e-3", "--eval-every", "3", "--no-progress",
                         "--responses", tmp_path / "answers.jsonl", "--response-tokens", "8")
     assert result.returncode == 0, result.stderr
@@ -324,7 +324,7 @@ def test_errors_are_one_clear_line(tmp_path, base_run, capsys, case, message):
 def test_validation_loss_falls_through_the_first_epoch(tmp_path, base_run):
     """The whole instruction set, the book's 85/5/10 split, one epoch evaluated every 20 steps."""
     out = tmp_path / "ft"
-    result = lmspec_cli("finetune", "instruct", base_run, "--data", DATA, "--out", out, "--epochs", "1",
+    result = lmspec_main("finetune", "instruct", base_run, "--data", DATA, "--out", out, "--epochs", "1",
                         "--batch", "8", "--lr", "2e-3", "--eval-every", "20", "--no-progress")
     assert result.returncode == 0, result.stderr
     print(result.stdout)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime_helpers import SHARED_DATA, lmspec_cli
+from runtime_helpers import SHARED_DATA, lmspec_main
 from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import apply_rewrites
 from lmspec.runtime.checkpoint.store import load_checkpoint, save_checkpoint
@@ -67,7 +67,7 @@ def adapter_run(base_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def merged_run(adapter_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("lora_merged") / "merged"
-    out = lmspec_cli("lora", "merge", adapter_run[0], "--out", run)
+    out = lmspec_main("lora", "merge", adapter_run[0], "--out", run)
     assert out.returncode == 0, out.stderr
     assert "merged the adapters of 8 matrices" in out.stdout
     return run
@@ -94,14 +94,14 @@ def test_merge_gives_a_plain_checkpoint_with_the_same_logits_that_samples(adapte
         base = load_model(base_run).model
         assert (plain(ids) - base(ids)).abs().max() > 1e-3  # the merge changed the base's behaviour
 
-    sample = lmspec_cli("sample", merged_run, "--prompt", "I had", "--max-tokens", "8", "--temperature", "0")
+    sample = lmspec_main("sample", merged_run, "--prompt", "I had", "--max-tokens", "8", "--temperature", "0")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("I had")
 
 
 @pytest.mark.slow
 def test_the_merged_checkpoint_exports_and_passes_its_parity_check(merged_run, tmp_path):
-    exported = lmspec_cli("export", merged_run, "-o", tmp_path / "bundle" / "merged.onnx")
+    exported = lmspec_main("export", merged_run, "-o", tmp_path / "bundle" / "merged.onnx")
     assert exported.returncode == 0, exported.stderr
     meta = json.loads((tmp_path / "bundle" / "merged.lmspec.json").read_text())
     assert meta["parity"]["fp32"]["empty_cache"] <= 1e-4 and meta["parity"]["fp32"]["filled_cache"] <= 1e-4

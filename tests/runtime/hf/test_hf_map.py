@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_helpers import ROOT, lmspec_cli
+from runtime_helpers import ROOT, lmspec_main
 from lmspec.runtime.hf.map_file import MapError, parse_map
 
 transformers = pytest.importorskip("transformers")
@@ -61,13 +61,13 @@ def test_the_readme_example_imports_matches_transformers_and_round_trips(olmo2, 
     spec.write_text(spec_text)
     map_file.write_text(map_text)
     out = tmp_path / "run"
-    run = lmspec_cli("import", "hf", directory, "--spec", spec, "--map", map_file, *sizes(directory), "-o", out)
+    run = lmspec_main("import", "hf", directory, "--spec", spec, "--map", map_file, *sizes(directory), "-o", out)
     assert run.returncode == 0, run.stderr
     from test_hf import _load, assert_matches_transformers
     tokens = assert_matches_transformers(_load(out), hf, 24)
 
     exported = tmp_path / "exported"
-    run = lmspec_cli("export", "hf", out, "-o", exported)  # the map recorded at import, backwards
+    run = lmspec_main("export", "hf", out, "-o", exported)  # the map recorded at import, backwards
     assert run.returncode == 0, run.stderr
     original, written = load_file(str(directory / "model.safetensors")), load_file(str(exported / "model.safetensors"))
     assert original.keys() == written.keys() and all(torch.equal(original[k], written[k]) for k in original)
@@ -84,7 +84,7 @@ def test_a_map_that_does_not_fit_the_checkpoint_lists_every_problem_and_writes_n
     wrong = wrong.replace('"block.{i}.mlp.proj.weight" = "model.layers.{i}.mlp.down_proj.weight"',
                           '"block.{i}.mlp.proj.weight" = "model.layers.{i}.mlp.up_proj.weight"')  # shape; down unused
     (tmp_path / "m.toml").write_text(wrong)
-    run = lmspec_cli("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map", tmp_path / "m.toml",
+    run = lmspec_main("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map", tmp_path / "m.toml",
                      *sizes(directory), "-o", tmp_path / "run")
     assert run.returncode == 1 and "Traceback" not in run.stderr
     [line] = run.stderr.strip().splitlines()
@@ -96,7 +96,7 @@ def test_a_map_that_does_not_fit_the_checkpoint_lists_every_problem_and_writes_n
             "block.0.mlp.proj.weight needs [64, 96]") in line
     assert "8 tensors with no place in the spec: model.layers.0.mlp.down_proj.weight" in line
     assert not (tmp_path / "run").exists()
-    other = lmspec_cli("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map",
+    other = lmspec_main("import", "hf", directory, "--spec", tmp_path / "s.arch", "--map",
                        ROOT / "runtime/hf/maps/llama.toml", *sizes(directory), "-o", tmp_path / "run")
     assert other.returncode == 1 and "model_type 'olmo2' is not one of the map's family.model_types" in other.stderr
 
@@ -172,7 +172,7 @@ def test_an_olmo_trained_here_exports_to_a_model_transformers_runs_the_same(tmp_
     save_checkpoint(tmp_path / "run", step=0, model=lower(graph, seed=0), optimizer=None, rng=None, train_config={},
                     metrics={}, tokenizer=FileTokenizer.from_path(tmp_path / "tokenizer.json").to_json(),
                     spec=spec_record(graph, sizes))
-    run = lmspec_cli("export", "hf", tmp_path / "run", "-o", tmp_path / "hf")
+    run = lmspec_main("export", "hf", tmp_path / "run", "-o", tmp_path / "hf")
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "olmo"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from runtime_helpers import ROOT, SHARED_DATA, lmspec_cli, running_server
+from runtime_helpers import ROOT, SHARED_DATA, lmspec_main, running_server
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
 from lmspec.compiler.rewrites import spec_record
@@ -80,16 +80,16 @@ def test_serve_renders_the_alpaca_prompt_training_used(alpaca_bundle, bpe, tmp_p
 
 
 def test_generate_chat_renders_it_too(alpaca_bundle, bpe):
-    out = lmspec_cli("generate", alpaca_bundle, "--chat", "--prompt", RECORD["instruction"], "--prompt", "Hi.",
+    out = lmspec_main("generate", alpaca_bundle, "--chat", "--prompt", RECORD["instruction"], "--prompt", "Hi.",
                      "--max-tokens", "3", "--temperature", "0", "--json")
     assert out.returncode == 0, out.stderr
     results = json.loads(out.stdout)
     hi = {"instruction": "Hi.", "input": "", "output": ""}
     assert [r["prompt_tokens"] for r in results] == [len(training_prompt(bpe, RECORD)), len(training_prompt(bpe, hi))]
-    system = lmspec_cli("generate", alpaca_bundle, "--chat", "--system", WITH_INPUT["input"], "--prompt",
+    system = lmspec_main("generate", alpaca_bundle, "--chat", "--system", WITH_INPUT["input"], "--prompt",
                         WITH_INPUT["instruction"], "--max-tokens", "2", "--json")
     assert json.loads(system.stdout)[0]["prompt_tokens"] == len(training_prompt(bpe, WITH_INPUT))
-    plain = lmspec_cli("generate", alpaca_bundle, "--system", "x", "--prompt", "Hi")
+    plain = lmspec_main("generate", alpaca_bundle, "--system", "x", "--prompt", "Hi")
     assert plain.returncode == 2 and "--system: only with --chat" in plain.stderr
 
 
@@ -141,5 +141,5 @@ def test_a_template_that_does_not_parse_is_one_line_for_generate(broken_bundle, 
                                   "parse: line 1: unexpected '}'")
     meta["chat_template"] = {"template": 3}
     sidecar.write_text(json.dumps(meta))
-    out = lmspec_cli("generate", folder, "--chat", "--prompt", "Hi")
+    out = lmspec_main("generate", folder, "--chat", "--prompt", "Hi")
     assert out.returncode == 1 and "corrupt: 'chat_template' 'template' missing or not a non-empty string" in out.stderr

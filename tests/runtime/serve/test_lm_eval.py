@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_helpers import lmspec_cli, running_server, train_bpe_lm
+from runtime_helpers import lmspec_main, running_server, train_bpe_lm
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'lm-eval[api]')")
 for _module in ("tenacity", "aiohttp", "requests", "transformers"):  # what its API models need
@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     tok, run = train_bpe_lm(root, CONTEXT, 20, 1, "--lr", "3e-3")
     bundle = root / "bundle" / "lm.onnx"
-    out = lmspec_cli("export", run, "-o", bundle)
+    out = lmspec_main("export", run, "-o", bundle)
     assert out.returncode == 0, out.stderr
     hf = root / "hf-tokenizer"
     hf.mkdir()
@@ -87,7 +87,7 @@ def test_lm_eval_through_the_server_gives_what_lmspec_eval_gives(exported, tmp_p
         assert proc.poll() is None, "the server died"
     assert "Traceback" not in err.read_text(), err.read_text()
 
-    out = lmspec_cli("eval", exported["run"], "--multiple-choice", ITEMS, "--format", "json")
+    out = lmspec_main("eval", exported["run"], "--multiple-choice", ITEMS, "--format", "json")
     assert out.returncode == 0, out.stderr
     ours = json.loads(out.stdout)
     assert ours["truncated"] == 0  # every item fits: lm-eval over HTTP keeps CONTEXT - 1 tokens, eval CONTEXT + 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime_helpers import lmspec_cli, running_server
+from runtime_helpers import lmspec_cli, lmspec_main, running_server
 from lmspec.runtime.data.chat_template import chat_template_for, check_messages
 from lmspec.runtime.serve.language_model import OnnxModel
 from lmspec.runtime.serve.requests import GenerationRequest
@@ -449,12 +449,13 @@ def test_a_taken_port_is_a_one_line_error(tiny_bundle, server):
 
 
 def test_bad_options_are_usage_errors(tiny_bundle):
-    out = lmspec_cli("serve", tiny_bundle, "--max-batch", "0")
+    # refused before a server starts: through main() in this process
+    out = lmspec_main("serve", tiny_bundle, "--max-batch", "0")
     assert out.returncode == 2 and "--max-batch 0: must be at least 1" in out.stderr
     for args, words in ((("--drain-seconds", "-1"), "--drain-seconds -1: must be 0 or more seconds"),
                         (("--request-timeout", "0"), "--request-timeout 0: must be a positive number of seconds"),
                         (("--max-choices", "0"), "--max-choices 0: must be at least 1")):
-        out = lmspec_cli("serve", tiny_bundle, *args)
+        out = lmspec_main("serve", tiny_bundle, *args)
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from runtime_helpers import SHARED_DATA, lmspec_cli, running_server
+from runtime_helpers import SHARED_DATA, lmspec_main, running_server
 
 # A model trained and exported for these tests alone (~20 s) and generations of seconds: run with -m slow.
 pytestmark = pytest.mark.slow
@@ -23,11 +23,11 @@ LONGEST = 2000  # at least ~7 s
 @pytest.fixture(scope="module")
 def slow_bundle(tmp_path_factory):
     work = tmp_path_factory.mktemp("slow_bundle")
-    out = lmspec_cli("train", "specs/tiny.arch", "--set", "context=2048", "--set", "layers=6", "--set", "dim=256",
-                     "--set", "heads=8", "--data", SHARED_DATA / "the-verdict.txt", "--out", work / "run",
-                     "--steps", 1, "--batch", 1, "--seq", 256, "--no-progress", "--sample-tokens", 0, "--eval-batches", 1)
+    out = lmspec_main("train", "specs/tiny.arch", "--set", "context=2048", "--set", "layers=6", "--set", "dim=256",
+                      "--set", "heads=8", "--data", SHARED_DATA / "the-verdict.txt", "--out", work / "run",
+                      "--steps", 1, "--batch", 1, "--seq", 256, "--no-progress", "--sample-tokens", 0, "--eval-batches", 1)
     assert out.returncode == 0, out.stderr
-    out = lmspec_cli("export", work / "run", "-o", work / "slow.onnx")
+    out = lmspec_main("export", work / "run", "-o", work / "slow.onnx")
     assert out.returncode == 0, out.stderr
     return work / "slow.onnx"
 

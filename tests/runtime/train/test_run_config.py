@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime_helpers import ROOT, SHARED_DATA, SMALL, lmspec_cli
+from runtime_helpers import ROOT, SHARED_DATA, SMALL, lmspec_main
 from lmspec.runtime.train.config import TrainConfig, config_for_resume
 from lmspec.runtime.train.schedule import learning_rate
 
@@ -54,16 +54,16 @@ def assert_same_run(a, b) -> None:
 
 
 def test_a_toml_run_equals_the_flag_run_and_its_config_toml_repeats_it(tmp_path):
-    out = lmspec_cli("train", *FLAGS, "--out", tmp_path / "flags")
+    out = lmspec_main("train", *FLAGS, "--out", tmp_path / "flags")
     assert out.returncode == 0, out.stderr
     (tmp_path / "run.toml").write_text(SAME_AS_TOML)
-    out = lmspec_cli("train", "--config", tmp_path / "run.toml", "--out", tmp_path / "toml")
+    out = lmspec_main("train", "--config", tmp_path / "run.toml", "--out", tmp_path / "toml")
     assert out.returncode == 0, out.stderr
     assert_same_run(tmp_path / "flags", tmp_path / "toml")
     # the run's own record of its options, read back: the same run again
     written = (tmp_path / "flags" / "config.toml").read_text()
     assert 'schedule = "wsd"' in written and "layers=1" in written
-    out = lmspec_cli("train", "--config", tmp_path / "flags" / "config.toml", "--out", tmp_path / "again")
+    out = lmspec_main("train", "--config", tmp_path / "flags" / "config.toml", "--out", tmp_path / "again")
     assert out.returncode == 0, out.stderr
     assert_same_run(tmp_path / "flags", tmp_path / "again")
     # the learning rates the loop used are the wsd schedule's: stable up to step 3, then decaying to lr / 10
@@ -114,7 +114,7 @@ def test_the_shipped_recipes_name_real_specs_and_only_options_train_takes(tmp_pa
         TrainConfig(steps=options["steps"], lr=options["lr"], schedule=options.get("schedule", "cosine")) \
             .resolved(1024)
     # the Shakespeare recipe runs as it is, cut short from the command line
-    out = lmspec_cli("train", "--config", ROOT / "specs" / "recipes" / "shakespeare-char.toml", "--steps", "2",
+    out = lmspec_main("train", "--config", ROOT / "specs" / "recipes" / "shakespeare-char.toml", "--steps", "2",
                      "--batch", "2", "--eval-batches", "1", "--no-progress", "--sample-tokens", "0",
                      "--out", tmp_path / "shakespeare")
     assert out.returncode == 0, out.stderr
@@ -159,7 +159,7 @@ def imported_gpt2(tmp_path_factory):
     transformers.GPT2LMHeadModel(config).save_pretrained(root / "hf", safe_serialization=True)
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copy(tokenizer / name, root / "hf" / name)
-    out = lmspec_cli("import", "hf", root / "hf", "-o", root / "imported", "--emit-spec", root / "gpt2-tiny.arch")
+    out = lmspec_main("import", "hf", root / "hf", "-o", root / "imported", "--emit-spec", root / "gpt2-tiny.arch")
     assert out.returncode == 0, out.stderr
     return root
 
@@ -171,7 +171,7 @@ def test_init_from_an_imported_model_starts_at_its_validation_loss(imported_gpt2
     from lmspec.runtime.train.steps import validation_loss
 
     root, data = imported_gpt2, SHARED_DATA / "the-verdict.txt"
-    out = lmspec_cli("train", root / "gpt2-tiny.arch", "--init-from", root / "imported", "--data", data,
+    out = lmspec_main("train", root / "gpt2-tiny.arch", "--init-from", root / "imported", "--data", data,
                      "--steps", "2", "--batch", "2", "--seq", "32", "--eval-every", "2", "--eval-batches", "2",
                      "--lr", "1e-4", "--no-progress", "--sample-tokens", "0", "--out", tmp_path / "continued")
     assert out.returncode == 0, out.stderr
@@ -187,12 +187,12 @@ def test_init_from_an_imported_model_starts_at_its_validation_loss(imported_gpt2
 
 def test_init_from_a_checkpoint_the_spec_does_not_fit_reports_the_diff_and_writes_nothing(imported_gpt2, tmp_path):
     root = imported_gpt2
-    out = lmspec_cli("train", root / "gpt2-tiny.arch", "--set", "layers=3", "--init-from", root / "imported",
+    out = lmspec_main("train", root / "gpt2-tiny.arch", "--set", "layers=3", "--init-from", root / "imported",
                      "--out", tmp_path / "run")
     assert out.returncode == 1
     assert out.stderr.startswith(f"lmspec train: error: --init-from {root / 'imported'}: its weights do not load")
     assert "breaking: checkpoints of OLD do not load into NEW" in out.stderr and "added    block.2." in out.stderr
-    out = lmspec_cli("train", root / "gpt2-tiny.arch", "--init-from", tmp_path / "nowhere", "--out", tmp_path / "run")
+    out = lmspec_main("train", root / "gpt2-tiny.arch", "--init-from", tmp_path / "nowhere", "--out", tmp_path / "run")
     assert out.returncode == 1 and out.stderr == f"lmspec train: error: --init-from: {tmp_path / 'nowhere'}: no such " \
                                                  f"file or directory\n"
     assert not (tmp_path / "run").exists()
