@@ -67,8 +67,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         scale = grad_output.float() / n
         for start in range(0, n, rows):
-            probs = torch.exp(logits[start:start + rows].float() - lse[start:start + rows, None])
+            # in place on the chunk's one fp32 copy (a copy also of fp32 logits, which autograd keeps): the
+            # same operations as exp(x - lse) * scale, without a new [rows, vocab] tensor for each
+            probs = logits[start:start + rows].to(torch.float32, copy=True).sub_(lse[start:start + rows, None]).exp_()
             probs.scatter_add_(1, targets[start:start + rows, None],
                                torch.full_like(probs[:, :1], -1.0))  # softmax - one-hot
-            grad[start:start + rows] = (probs * scale).to(grad.dtype)
+            grad[start:start + rows] = probs.mul_(scale)
         return grad, None, None

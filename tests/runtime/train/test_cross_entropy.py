@@ -23,6 +23,7 @@ def test_chunked_loss_and_gradient_equal_cross_entropy(dtype, tolerance):
     assert chunked.dtype == torch.float32
     assert abs(chunked.item() - plain.item()) <= 1e-5 * plain.item()
     assert a.grad.dtype == dtype  # the gradient comes back in the logits' own dtype
+    assert torch.equal(a.detach(), logits)  # the backward works on copies, also of fp32 logits
     assert (a.grad.float() - b.grad.float()).abs().max().item() <= tolerance * b.grad.float().abs().max().item()
 
 
