@@ -71,13 +71,7 @@ def exit_rank(world: World, code: int) -> None:
 
 def mean(world: World, value: float, device=None) -> float:
     """The mean of a number over the ranks (sent from `device`: NCCL moves only GPU tensors)."""
-    if world.size == 1:
-        return value
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / world.size
+    return means(world, [value], device)[0]
 
 
 def means(world: World, values: list[float], device=None) -> list[float]:

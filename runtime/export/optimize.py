@@ -114,7 +114,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> None:
     of `block_size` along its input dim, a scale and a zero point per block. The products run at
     accuracy level 4 (activations quantised to int8 per block, the int8 dot-product kernels): at the
     default level onnxruntime unpacks the blocks to fp32, and int4 then decodes slower than int8
-    (bench/RESULTS.md, issue 25)."""
+    (bench/RESULTS.md, issue 25). The token embedding's table becomes int8 rows, as in quantize_int8."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     import onnx
 
@@ -123,8 +123,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=False,
                                          accuracy_level=4)
         quantizer.process()
+        quantize_embedding_lookups(quantizer.model.model)
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
-    _rewrite_in_place(dst, quantize_embedding_lookups)
 
 
 def to_fp16(src: Path, dst: Path) -> None:
@@ -191,8 +191,7 @@ def _rewritten(src: Path, dst: Path, rewrite):
         yield src
         return
     tmp = dst.with_name(dst.stem + ".rewritten.onnx")
-    large = sum(len(i.raw_data) for i in model.graph.initializer) > 1.8e9
-    onnx.save(model, str(tmp), save_as_external_data=large, location=tmp.name + ".data")
+    _save(model, tmp)
     try:
         yield tmp
     finally:
@@ -207,11 +206,18 @@ def _rewrite_in_place(path: Path, rewrite) -> int:
     model = onnx.load(str(path))
     count = rewrite(model)
     if count:
-        large = sum(len(i.raw_data) for i in model.graph.initializer) > 1.8e9
-        data = Path(str(path) + ".data")
-        data.unlink(missing_ok=True)  # what the file pointed at is in memory now; a smaller file replaces it
-        onnx.save(model, str(path), save_as_external_data=large, location=data.name)
+        # what the file pointed at is in memory now; a smaller file replaces it
+        Path(str(path) + ".data").unlink(missing_ok=True)
+        _save(model, path)
     return count
+
+
+def _save(model, path: Path) -> None:
+    """`model` to `path`, its weights in `path`.data beside it when they pass protobuf's 2 GB limit."""
+    import onnx
+
+    large = sum(len(i.raw_data) for i in model.graph.initializer) > 1.8e9
+    onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data")
 
 
 def op_counts(path: Path) -> Counter:

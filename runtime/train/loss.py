@@ -27,7 +27,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, chunk_elements:
     """Mean cross-entropy of logits [..., vocab] against targets [...] (every target counts)."""
     flat, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     if flat.numel() <= chunk_elements:
-        return F.cross_entropy(flat.float(), flat_targets)
+        return _cross_entropy(flat, flat_targets)
     rows = max(1, chunk_elements // flat.size(-1))
     return _ChunkedCrossEntropy.apply(flat, flat_targets, rows)
 

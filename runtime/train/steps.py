@@ -59,7 +59,7 @@ def deferred_sync(ddp, model, sharded: bool):
 
 
 def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, generator, device,
-                    sharded: bool = False, mesh=None, loss_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    sharded: bool = False, mesh=None, loss_fn=next_token_loss) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over cfg.grad_accum micro-batches; returns (their mean loss, the gradient
     norm), both as tensors still on the device: reading them waits for the device, which the loop
     does only at the steps it logs (runtime/train/loop.py). `forward` is
@@ -77,7 +77,7 @@ def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, genera
         with contextlib.nullcontext() if syncing else no_sync():
             with autocast(device, cfg.precision):
                 logits = forward(to_device(x, device))
-            loss = (loss_fn or training_loss)(logits, to_device(y, device))
+            loss = loss_fn(logits, to_device(y, device))
             # Dividing by the micro-batch count makes the summed gradients those of the mean loss.
             scaler.scale(loss / cfg.grad_accum).backward()
         total = total + loss.detach().double()
