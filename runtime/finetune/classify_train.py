@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lmspec.runtime.atomic import atomic_file, write_text_atomically
 from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.classify_data import make_batch
-from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, update
+from lmspec.runtime.finetune.steps import loss_scaler, read_losses, scheduled_lr, update
 from lmspec.runtime.train.config import TrainConfig
 from lmspec.runtime.train.steps import autocast, make_optimizer
 from lmspec.runtime.train.watch import RunLog
@@ -54,7 +54,7 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
         model.train()
         order = list(range(len(train)))
         order_rng.shuffle(order)
-        losses = []
+        losses, first_step = [], step + 1  # the epoch's losses stay on the device until its end
         for first in range(0, len(order), cfg.batch):
             rows = order[first:first + cfg.batch]
             tokens, lengths = make_batch([train.ids[i] for i in rows], pad_id)
@@ -63,8 +63,9 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
             with autocast(device, cfg.precision):
                 logits = model(to_device(tokens, device), to_device(lengths, device))
             step += 1
-            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, step, scaler))
+            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler))
             bar.update(1)
+        losses = read_losses(losses, first_step)
         record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
                   "val_accuracy": accuracy(predict(model, val.ids, cfg.batch, pad_id), val.labels) if len(val) else None,
                   "elapsed": time.time() - start}

@@ -35,7 +35,7 @@ from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.instruct_data import Example, check_record, collate, length_buckets, tokenize_records
 from lmspec.runtime.finetune.instruct_train import masked_loss
 from lmspec.runtime.finetune.lora import trainable_weights
-from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
+from lmspec.runtime.finetune.steps import StepRecords, loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.train.config import TrainConfig
 from lmspec.runtime.train.metrics import LOSS_PANEL, METRICS_FILE, PLOT_FILE, Panel, plot_loss_curve
 from lmspec.runtime.train.steps import autocast, make_optimizer
@@ -197,7 +197,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
 
     policy.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="dpo", disable=None if progress else True, dynamic_ncols=True)
-    step = 0
+    step, pending = 0, StepRecords(log)
     try:
         log.append({"step": 0, "epoch": 0.0, **evaluate(0)}, redraw=True)
         for epoch in range(setup.epochs):
@@ -207,15 +207,18 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
                     loss, margins = batch_loss(policy, reference, [train_set[i] for i in indices], setup.pad_id,
                                                setup.beta)
                 step += 1
-                value = update(policy, optimizer, loss, cfg, step, scaler)
-                record = {"step": step, "epoch": step / per_epoch, "loss": value, "margin": margins.mean().item(),
-                          "accuracy": (margins > 0).float().mean().item(), "lr": lr}
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                loss = update(policy, optimizer, loss, cfg, scaler)
+                pending.add({"step": step, "epoch": step / per_epoch, "loss": loss,
+                             "margin": margins.detach().mean(), "accuracy": (margins > 0).float().mean(), "lr": lr,
+                             "elapsed": time.perf_counter() - start})
                 bar.update(1)
                 evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
-                if evaluated:
-                    record |= evaluate(step)
-                log.append(record | {"elapsed": time.perf_counter() - start}, redraw=evaluated)
+                if evaluated or step % cfg.log_every == 0:
+                    records = pending.take()
+                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", refresh=False)
+                    if evaluated:
+                        records[-1] |= evaluate(step)
+                    pending.write(records, redraw=evaluated)
     finally:
         bar.close()
         log.close()

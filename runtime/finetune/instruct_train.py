@@ -21,7 +21,7 @@ from lmspec.runtime.data.chat_template import builtin_chat_template
 from lmspec.runtime.distributed.device import to_device
 from lmspec.runtime.finetune.instruct_data import IGNORE, Example, collate, length_buckets
 from lmspec.runtime.finetune.lora import trainable_weights
-from lmspec.runtime.finetune.steps import loss_scaler, scheduled_lr, steps_per_epoch, update
+from lmspec.runtime.finetune.steps import StepRecords, loss_scaler, scheduled_lr, steps_per_epoch, update
 from lmspec.runtime.train.config import TrainConfig
 from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, plot_loss_curve
 from lmspec.runtime.train.steps import autocast, make_optimizer
@@ -94,7 +94,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
 
     model.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="finetune", disable=None if progress else True, dynamic_ncols=True)
-    step, recent = 0, []
+    step, recent, pending = 0, [], StepRecords(log)
     try:
         log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)}, redraw=True)
         for epoch in range(setup.epochs):
@@ -104,16 +104,19 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
                 with autocast(device, cfg.precision):
                     logits = model(to_device(x, device))
                 step += 1
-                value = update(model, optimizer, masked_loss(logits, to_device(y, device)), cfg, step, scaler)
-                summary["loss"] = value
-                recent.append(value)
-                record = {"step": step, "epoch": step / per_epoch, "loss": value, "lr": lr}
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                loss = update(model, optimizer, masked_loss(logits, to_device(y, device)), cfg, scaler)
+                pending.add({"step": step, "epoch": step / per_epoch, "loss": loss, "lr": lr,
+                             "elapsed": time.perf_counter() - start})
                 bar.update(1)
                 evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
-                if evaluated:
-                    record |= validate(step, step / per_epoch, recent)
-                log.append(record | {"elapsed": time.perf_counter() - start}, redraw=evaluated)
+                if evaluated or step % cfg.log_every == 0:
+                    records = pending.take()
+                    recent += [r["loss"] for r in records]
+                    summary["loss"] = records[-1]["loss"]
+                    bar.set_postfix(loss=f"{summary['loss']:.4f}", refresh=False)
+                    if evaluated:
+                        records[-1] |= validate(step, step / per_epoch, recent)
+                    pending.write(records, redraw=evaluated)
     finally:
         bar.close()
         log.close()

@@ -1,5 +1,6 @@
 """The steps every finetuning loop shares (classification, instructions, DPO): its TrainConfig from
-the command line, the learning rate of a step, and one optimizer update."""
+the command line, the learning rate of a step, one optimizer update, and the per-step records whose
+numbers stay on the device until they are read together (a step does not wait for the device)."""
 from __future__ import annotations
 
 import math
@@ -38,10 +39,10 @@ def loss_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
 
 
 def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig,
-           step: int, scaler: torch.amp.GradScaler | None = None) -> float:
+           scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One optimizer update from `loss` (backward, gradient clipping, step; through `scaler` under
-    fp16, which skips a step whose gradients overflowed); returns the loss's value, raising
-    TrainingError if it is not finite. `step` is the count after this update."""
+    fp16, which skips a step whose gradients overflowed); returns the loss, detached and still on the
+    device: reading it now would make every step wait for the device (see StepRecords)."""
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
@@ -55,7 +56,54 @@ def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise TrainingError(f"the loss became {value} at step {step}; try a lower --lr")
-    return value
+    return loss.detach()
+
+
+def read_losses(losses: list[torch.Tensor], first_step: int) -> list[float]:
+    """Step losses (of steps first_step, first_step + 1, ...) as floats, read in one wait for the
+    device; raises TrainingError naming the first step whose loss is not finite."""
+    values = _read(losses)
+    for step, value in enumerate(values, first_step):
+        _check_finite(value, step)
+    return values
+
+
+class StepRecords:
+    """The metrics records of the steps since they were last read, on their way to the run's log;
+    their tensor values (the loss, a DPO margin) stay on the device until `take`, which the loops
+    call every cfg.log_every steps, before a validation and at the last step."""
+
+    def __init__(self, log):
+        self.log, self.records = log, []
+
+    def add(self, record: dict) -> None:
+        """A step's record ("step" and "loss" at least); its tensor values are read by `take`."""
+        self.records.append(record)
+
+    def take(self) -> list[dict]:
+        """The records with every tensor read as a float (one wait for the device), emptied, for the
+        loop to complete and `write`. A loss that is not finite: the records before it are written
+        and TrainingError names its step."""
+        records, self.records = self.records, []
+        places = [(r, key) for r in records for key, value in r.items() if isinstance(value, torch.Tensor)]
+        for (record, key), value in zip(places, _read([record[key] for record, key in places])):
+            record[key] = value
+        for i, record in enumerate(records):
+            if not math.isfinite(record["loss"]):
+                self.write(records[:i])
+                _check_finite(record["loss"], record["step"])
+        return records
+
+    def write(self, records: list[dict], redraw: bool = False) -> None:
+        """Append `records` to the log; `redraw` the plot after the last."""
+        for record in records:
+            self.log.append(record, redraw=redraw and record is records[-1])
+
+
+def _read(values: list[torch.Tensor]) -> list[float]:
+    return torch.stack([v.double() for v in values]).tolist() if values else []
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(f"the loss became {loss} at step {step}; try a lower --lr")

@@ -233,6 +233,37 @@ def test_finetune_then_chat_over_a_pipe(tmp_path, base_run, bpe):
     assert len(chat.stdout.splitlines()) >= 2 and "Traceback" not in chat.stderr
 
 
+class _GoesBad(torch.nn.Module):
+    """A model whose logits turn NaN from its `after`+1-th training forward on."""
+
+    def __init__(self, model: torch.nn.Module, after: int):
+        super().__init__()
+        self.model, self.after, self.calls = model, after, 0
+
+    def forward(self, x):
+        self.calls += self.training
+        logits = self.model(x)
+        return logits * float("nan") if self.calls > self.after else logits
+
+
+def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path, bpe):
+    """The loss is read every log_every (10) steps, not at each: step 7 goes bad and step 10's read
+    names it; steps 1 to 6 are in the metrics, and nothing is saved."""
+    from lmspec.runtime.errors import TrainingError
+    from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
+    from lmspec.runtime.train.config import TrainConfig
+    graph = load_spec("specs/gpt2.arch", {"layers": 1, "dim": 16, "heads": 2, "context": 256, "vocab": 400})
+    examples = tokenize_records([RECORD] * 12, make_template("alpaca", bpe), 256).examples
+    cfg = TrainConfig(steps=12, batch=1, seq=256, eval_every=0, log_every=10, keep=1).resolved(256)
+    with pytest.raises(TrainingError, match="the loss became nan at step 7; try a lower --lr"):
+        finetune_instruct(_GoesBad(lower(graph, seed=0), after=6), bpe, examples, [], cfg,
+                          InstructSetup("alpaca", pad_id_for(bpe), epochs=1), tmp_path, {}, progress=False)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(7))
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records[1:])
+    assert not (tmp_path / "checkpoints").exists()
+
+
 class ScriptedModel(torch.nn.Module):
     """Predicts `script` token by token after any prompt, and records the prompts it was given."""
 
