@@ -299,9 +299,7 @@ def export_onnx(model: nn.Module, graph: ModelGraph, path: str | Path, opset: in
             from .onnx_fused_attention import onnx_translation
             translation = onnx_translation()
     _write(wrapper, args, input_names, output_names, dims, graph, path, opset, translation)
-    if layout is not None:
-        _name_dims(Path(path), layout)
-    add_logits_to_keep(path)
+    _finish(Path(path), layout)
     return layout
 
 
@@ -376,13 +374,22 @@ def _needs_external_data(model: nn.Module) -> bool:
     return sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
 
 
-def _name_dims(path: Path, layout: CacheLayout) -> None:
-    """Give the exporter's symbolic dims readable names: the mask's length (the exporter calls it
-    s53) everywhere it appears, and a bounded layer's present length its past's (the exporter writes
-    it as a Max formula)."""
+def _finish(path: Path, layout: CacheLayout | None) -> None:
+    """What the exported file still needs, in one load and save of it (weights kept beside a large
+    model's graph are neither read nor written): readable dim names and the logits_to_keep input."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    if layout is not None:
+        _name_dims(model, layout)
+    add_logits_to_keep(model)
+    onnx.save(model, str(path))
+
+
+def _name_dims(model, layout: CacheLayout) -> None:
+    """Give the exporter's symbolic dims readable names: the mask's length (the exporter calls it
+    s53) everywhere it appears, and a bounded layer's present length its past's (the exporter writes
+    it as a Max formula)."""
     old = next(v.type.tensor_type.shape.dim[1].dim_param for v in model.graph.input if v.name == "attention_mask")
     if old and old != TOTAL:
         for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
@@ -393,7 +400,6 @@ def _name_dims(path: Path, layout: CacheLayout) -> None:
         layer = int(value.name.split(".")[1]) if value.name.startswith("present.") else None
         if layer is not None and layout.keeps(layer) is not None:
             value.type.tensor_type.shape.dim[2].dim_param = bounded_past(layout.keeps(layer))
-    onnx.save(model, str(path))
 
 
 class _quiet_exporter:

@@ -10,8 +10,6 @@ as a constant.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 LOGITS_TO_KEEP = "logits_to_keep"
 KEPT_POSITIONS = "kept_positions"  # the logits' second dim once sliced
 
@@ -19,13 +17,11 @@ KEPT_POSITIONS = "kept_positions"  # the logits' second dim once sliced
 _POSITIONWISE = {"Add", "Sub", "Mul", "Div", "Tanh", "Cast", "Identity"}
 
 
-def add_logits_to_keep(path: str | Path) -> bool:
-    """Rewrite the model at `path` in place; False (and the file untouched) where the logits do not
-    come from one MatMul of a 3-d activation by a constant weight, followed only by positionwise ops."""
-    import onnx
+def add_logits_to_keep(model) -> bool:
+    """Rewrite `model` (an onnx ModelProto) in place; False (and the model untouched) where the logits
+    do not come from one MatMul of a 3-d activation by a constant weight, followed only by positionwise ops."""
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     head = _head_matmul(graph)
     if head is None or any(i.name == LOGITS_TO_KEEP for i in graph.input):
@@ -61,7 +57,6 @@ def add_logits_to_keep(path: str | Path) -> bool:
     logits = next(o for o in graph.output if o.name == "logits")
     logits.type.tensor_type.shape.dim[1].ClearField("dim_value")
     logits.type.tensor_type.shape.dim[1].dim_param = KEPT_POSITIONS
-    onnx.save(model, str(path))
     return True
 
 

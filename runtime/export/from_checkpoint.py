@@ -237,15 +237,35 @@ def _adapters_folded(loaded, log) -> tuple:
 
 
 def _install(src: Path, destination: Path) -> None:
-    """Move the model (and its external weights, for models over 2 GB) to their final names."""
+    """Move the model (and its external weights, for models over 2 GB) to their final names. The
+    graph names its weights' file, so only the graph is rewritten: the weights are moved, not copied."""
     data = Path(str(src) + ".data")
     if data.exists():
         import onnx
 
-        model = onnx.load(str(src))
-        onnx.save(model, str(src), save_as_external_data=True, location=destination.name + ".data")
-        install_file(src.parent / (destination.name + ".data"), Path(str(destination) + ".data"))
+        model = onnx.load(str(src), load_external_data=False)
+        for tensor in _external_tensors(model.graph):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = destination.name + ".data"
+        onnx.save(model, str(src))
+        install_file(data, Path(str(destination) + ".data"))
     install_file(src, destination)
+
+
+def _external_tensors(graph):
+    """The tensors of `graph` and its subgraphs whose data lies in a file beside the model."""
+    from onnx import AttributeProto, TensorProto
+
+    for tensor in graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            yield tensor
+    for node in graph.node:
+        for attribute in node.attribute:
+            tensors = [attribute.t] if attribute.type == AttributeProto.TENSOR else list(attribute.tensors)
+            yield from (t for t in tensors if t.data_location == TensorProto.EXTERNAL)
+            for subgraph in [attribute.g] if attribute.type == AttributeProto.GRAPH else list(attribute.graphs):
+                yield from _external_tensors(subgraph)
 
 
 def _write_runtime_files(meta: dict, target, destination: Path, directory: bool, log) -> None:

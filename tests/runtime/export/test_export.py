@@ -203,6 +203,38 @@ def test_optimize_and_int8_quantize(tiny_run, tmp_path, capsys):
     assert len(c.tokens) == 10 and fp32 > 0
 
 
+def test_a_model_past_protobufs_limit_keeps_its_weights_beside_it(tiny_run, tiny_bundle, tmp_path, monkeypatch):
+    """Over 1.8 GB the weights go to MODEL.onnx.data (checked here on a small model by lowering the
+    bar): each tensor names that file, the weights are moved into place rather than read and written
+    again, the pair works from another folder, and --optimize --quantize int8 handles it too."""
+    import onnx
+    from onnx import TensorProto
+    from lmspec.compiler import onnx_export
+    monkeypatch.setattr(onnx_export, "_needs_external_data", lambda model: True)
+    loads, load = [], onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **kw: loads.append(kw.get("load_external_data", True)) or load(*a, **kw))
+    for name, options in (("big.onnx", []), ("big-int8.onnx", ["--optimize", "--quantize", "int8", "--no-report"])):
+        out = lmspec_main("export", tiny_run, "-o", tmp_path / name, *options)
+        assert out.returncode == 0, out.stderr
+        if name == "big.onnx":  # a plain export reads the weights once, to check them against PyTorch
+            assert loads and not any(loads), loads
+        graph = onnx.load(str(tmp_path / name), load_external_data=False).graph
+        external = [t for t in graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        locations = {e.value for t in external for e in t.external_data if e.key == "location"}
+        assert external and locations == {name + ".data"}, locations
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name)) == [name, name + ".data"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for path in tmp_path.glob("big.*"):
+        shutil.move(path, moved / path.name)
+    prompt = ["--max-tokens", "24", "--temperature", "0", "--prompt", "I had always"]
+    big, small = lmspec_main("generate", moved / "big.onnx", *prompt), lmspec_main("generate", tiny_bundle, *prompt)
+    assert big.returncode == 0 and big.stdout == small.stdout, big.stderr
+    int8 = lmspec_main("generate", tmp_path / "big-int8.onnx", *prompt)
+    assert int8.returncode == 0 and int8.stdout.startswith("I had always"), int8.stderr
+
+
 INT4_PARITY = 0.5  # largest |logit difference| an int4 export of tiny_run may show (a 1-layer tiny: 0.09)
 
 
