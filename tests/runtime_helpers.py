@@ -29,15 +29,9 @@ SMALL = list(TINY_BASE_SETTINGS)  # the same, as the `lmspec train` tests spell 
 
 
 def lmspec_cli(*args, cwd=None, env=None, timeout=600):
-    """Run the real `lmspec` command line in a subprocess."""
+    """Run the real `lmspec` command line in a subprocess, from the repository unless `cwd` is given."""
     return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def lmspec(*args, **kw):
-    """`lmspec ARGS` from the repository (string arguments; keywords go to subprocess.run)."""
-    return subprocess.run([sys.executable, "-m", "lmspec.runtime.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, **kw)
 
 
 def lmspec_main(*args) -> subprocess.CompletedProcess:

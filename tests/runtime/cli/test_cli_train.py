@@ -9,14 +9,14 @@ import time
 
 import pytest
 
-from runtime_helpers import ROOT, SMALL, VERDICT, lmspec, lmspec_main, losses
+from runtime_helpers import ROOT, SMALL, VERDICT, lmspec_cli, lmspec_main, losses
 
 
 def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):
     run = tmp_path / "run"
-    out = lmspec("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--out", str(run), "--steps", "30",
-                 "--warmup", "5", "--eval-every", "10", "--ckpt-every", "10", "--batch", "8", "--no-progress",
-                 "--sample-tokens", "0")
+    out = lmspec_cli("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--out", str(run), "--steps",
+                     "30", "--warmup", "5", "--eval-every", "10", "--ckpt-every", "10", "--batch", "8", "--no-progress",
+                     "--sample-tokens", "0")
     assert out.returncode == 0, out.stderr
     assert (run / "loss.png").stat().st_size > 1000
     steps = losses(run)
@@ -24,8 +24,8 @@ def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):
     meta = json.loads((run / "checkpoints" / "step_000030" / "meta.json").read_text())
     assert meta["spec"]["overrides"]["layers"] == 2 and "specs/tiny.arch" in meta["spec"]["sources"]
 
-    a = lmspec("sample", str(run), "--prompt", "I had", "--max-tokens", "40", "--seed", "7")
-    b = lmspec("sample", str(run), "--prompt", "I had", "--max-tokens", "40", "--seed", "7")
+    a = lmspec_cli("sample", str(run), "--prompt", "I had", "--max-tokens", "40", "--seed", "7")
+    b = lmspec_main("sample", str(run), "--prompt", "I had", "--max-tokens", "40", "--seed", "7")  # in process
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("I had") and len(a.stdout.rstrip("\n")) == 45
 
@@ -41,7 +41,7 @@ def test_train_writes_checkpoint_log_and_plot_then_samples(tmp_path):
     (["train", "tests/broken_specs/shape_mismatch.arch"], "shape_mismatch.arch:7:7: error"),
 ])
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
-    run = lmspec if "no/such.txt" in args else lmspec_main  # one case as a real process
+    run = lmspec_cli if "no/such.txt" in args else lmspec_main  # one case as a real process
     out = run(*args, "--out", str(tmp_path / "r")) if args[0] == "train" else run(*args)
     assert out.returncode != 0
     assert message in out.stderr
@@ -54,7 +54,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
                        "--no-progress", "--sample-tokens", "0").returncode == 0
     weights = run / "checkpoints" / "step_000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    out = lmspec("sample", str(run))
+    out = lmspec_main("sample", str(run))
     assert out.returncode == 1 and "model.safetensors" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -64,7 +64,7 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path):
               "--eval-every", "50", "--ckpt-every", "25", "--batch", "4", "--threads", "1", "--no-progress",
               "--sample-tokens", "0", "--set", "dropout=0.1"]
     whole = tmp_path / "whole"
-    assert lmspec(*common, "--out", str(whole)).returncode == 0
+    assert lmspec_cli(*common, "--out", str(whole)).returncode == 0
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "lmspec.runtime.cli", *common, "--out", str(cut)], cwd=ROOT,
@@ -83,7 +83,7 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path):
     for step_dir in sorted((cut / "checkpoints").glob("step_*")):
         assert load_checkpoint(step_dir).step == int(step_dir.name.split("_")[1])
 
-    resumed = lmspec(*common, "--out", str(cut), "--resume")
+    resumed = lmspec_cli(*common, "--out", str(cut), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = losses(whole), losses(cut)
     assert sorted(a) == sorted(b)
@@ -103,6 +103,6 @@ def test_train_with_a_tokenizer_file(tmp_path):
                       str(tmp_path / "tok.json"), "--out", str(run), "--steps", "3", "--no-progress", "--sample-tokens", "0")
     assert out.returncode == 0, out.stderr
     assert f"vocab = {tok.get_vocab_size()}" in out.stdout
-    sample = lmspec("sample", str(run), "--prompt", "I had always", "--max-tokens", "5", "--seed", "1")
+    sample = lmspec_main("sample", str(run), "--prompt", "I had always", "--max-tokens", "5", "--seed", "1")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.startswith("I had always")

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from runtime_helpers import SMALL, VERDICT, lmspec, losses
+from runtime_helpers import SMALL, VERDICT, lmspec_cli, losses
 
 COMMON = ["specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--steps", "20", "--warmup", "2", "--batch", "4",
           "--eval-every", "10", "--ckpt-every", "10", "--no-progress", "--sample-tokens", "0"]
 
 
 def train(run: Path, *extra):
-    out = lmspec("train", *COMMON, "--out", str(run), *extra)
+    out = lmspec_cli("train", *COMMON, "--out", str(run), *extra)
     assert out.returncode == 0, out.stderr
     return losses(run)
 
@@ -39,18 +39,18 @@ def test_bf16_trains_like_fp32(tmp_path):
 def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path):
     whole = train(tmp_path / "whole", "--precision", "fp16")
     part = tmp_path / "part"
-    first = lmspec("train", *COMMON, "--out", str(part), "--precision", "fp16")
+    first = lmspec_cli("train", *COMMON, "--out", str(part), "--precision", "fp16")
     assert first.returncode == 0, first.stderr
     (part / "checkpoints" / "latest").write_text("step_000010\n")  # as if stopped at step 10
     rng = load_file(str(part / "checkpoints" / "step_000010" / "rng.safetensors"))
     assert float(rng["grad_scaler_scale"]) > 1  # the scaler's state is part of the checkpoint
-    resumed = lmspec("train", *COMMON, "--out", str(part), "--resume")
+    resumed = lmspec_cli("train", *COMMON, "--out", str(part), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(part) == whole
 
 
 def test_a_bad_policy_is_a_clear_error(tmp_path):
-    out = lmspec("train", *COMMON, "--out", str(tmp_path / "r"), "--activation-checkpointing", "block.7")
+    out = lmspec_cli("train", *COMMON, "--out", str(tmp_path / "r"), "--activation-checkpointing", "block.7")
     assert out.returncode == 1 and "block.7 names no block" in out.stderr and "Traceback" not in out.stderr
 
 
