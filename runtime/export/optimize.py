@@ -1,6 +1,7 @@
 """onnxruntime's own tools on an exported model: graph optimisation with the transformer fusions,
-dynamic int8 quantisation, block-wise int4 weights (MatMulNBits), fp16 conversion, and for both
-quantisations int8 rows for the token embedding's lookup. Each reads one file and writes another."""
+dynamic int8 quantisation, block-wise int4 weights (MatMulNBits) and fp16 conversion; both
+quantisations then quantize the token embedding's lookup too (quantized_lookups.py). Each reads one
+file and writes another."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +9,8 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
+
+from lmspec.runtime.export.quantized_lookups import quantize_lookups
 
 
 def optimize(src: Path, dst: Path, heads: int, hidden: int) -> dict[str, int]:
@@ -35,75 +38,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     with _rewritten(src, dst, _fold_weight_transposes) as src, _quiet():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                          use_external_data_format=_large(src))
-    _rewrite_in_place(dst, quantize_embedding_lookups)
-
-
-EMBEDDING_ELEMENTS = 1 << 20  # tables this large are a vocabulary's; a position table stays fp32
-
-
-def quantize_embedding_lookups(model, min_elements: int = EMBEDDING_ELEMENTS) -> int:
-    """Gather(fp32 table [rows, dim], ids) -> Cast(Gather(int8 table, ids)) * Gather(row scales, ids),
-    in place, for each table of at least `min_elements` that only Gathers read: symmetric int8 per
-    row (scale max|row| / 127). A tied head's MatMul has its own quantized copy of the weight by now
-    (the transposes are folded first), so without this the fp32 table is the largest thing left:
-    GPT-2's 50,257 x 768 is 147 MiB of a 269 MiB int8 bundle. Returns how many tables it rewrote."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    initializers = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    fed = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    fresh = _name_maker(model)
-    count = 0
-    for name, table in list(initializers.items()):
-        users = readers.get(name, [])
-        if (table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or np.prod(table.dims) < min_elements
-                or not users or name in fed
-                or any(u.op_type != "Gather" or u.input[0] != name or _axis(u) != 0 for u in users)):
-            continue
-        weights = numpy_helper.to_array(table)
-        scales = np.abs(weights).max(axis=1, keepdims=True) / 127.0
-        scales[scales == 0] = 1.0  # an all-zero row: any scale gives zeros back
-        rows = np.clip(np.rint(weights / scales), -127, 127).astype(np.int8)
-        rows_name, scales_name = fresh(f"{name}.int8_rows"), fresh(f"{name}.row_scales")
-        model.graph.initializer.remove(table)
-        model.graph.initializer.extend([numpy_helper.from_array(rows, rows_name),
-                                        numpy_helper.from_array(scales.astype(np.float32), scales_name)])
-        for node in users:
-            out, ids = node.output[0], node.input[1]
-            gathered, widened, row_scales = fresh(f"{out}.int8"), fresh(f"{out}.float"), fresh(f"{out}.scales")
-            node.input[0], node.output[0] = rows_name, gathered
-            position = list(model.graph.node).index(node) + 1
-            for offset, added in enumerate((
-                    helper.make_node("Cast", [gathered], [widened], to=TensorProto.FLOAT, name=fresh(f"{out}.cast")),
-                    helper.make_node("Gather", [scales_name, ids], [row_scales], axis=0, name=fresh(f"{out}.gather_scales")),
-                    helper.make_node("Mul", [widened, row_scales], [out], name=fresh(f"{out}.dequantize")))):
-                model.graph.node.insert(position + offset, added)
-        count += 1
-    return count
-
-
-def _name_maker(model):
-    """fresh(name): `name`, or `name_2`, `name_3`, ... if the graph has it already (as a value, an
-    initializer or a node); each name it gives is taken from then on."""
-    taken = {i.name for i in model.graph.initializer} | {v.name for v in model.graph.input} | \
-        {n.name for n in model.graph.node} | {x for n in model.graph.node for x in (*n.input, *n.output)}
-
-    def fresh(name: str) -> str:
-        candidate, n = name, 1
-        while candidate in taken:
-            n += 1
-            candidate = f"{name}_{n}"
-        taken.add(candidate)
-        return candidate
-    return fresh
-
-
-def _axis(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+    _rewrite_in_place(dst, quantize_lookups)
 
 
 INT4_BLOCK = 32  # weights per scale: onnxruntime-genai's default for CPU, finer than its 128 for GPUs
@@ -123,7 +58,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = INT4_BLOCK) -> None:
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=False,
                                          accuracy_level=4)
         quantizer.process()
-        quantize_embedding_lookups(quantizer.model.model)
+        quantize_lookups(quantizer.model.model)
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=_large(src))
 
 

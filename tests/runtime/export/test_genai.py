@@ -78,6 +78,20 @@ def test_genai_runs_an_export_as_it_is_and_greedy_tokens_equal_lmspecs(tmp_path,
     assert [row == own.tokens[:len(row)] and len(row) >= 30 for row, own in zip(rows, ours)] == [True, True]
 
 
+def test_genai_runs_an_int4_export_whose_lookup_reads_the_heads_blocks(tmp_path):
+    """--quantize int4 of a tied head: the embedding is onnxruntime's GatherBlockQuantized over the
+    head's MatMulNBits blocks (runtime/export/quantized_lookups.py), which genai runs as it is."""
+    import onnx
+    random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 2, "dim": 64, "heads": 4, "context": 64},
+                      tweak=sharpen)
+    export_bundle(str(tmp_path / "run"), str(tmp_path / "bundle"), quantize="int4", log=lambda *_: None)
+    assert "GatherBlockQuantized" in {n.op_type for n in onnx.load(str(tmp_path / "bundle" / "model.onnx")).graph.node}
+    bundle = OnnxModel(tmp_path / "bundle" / "model.onnx")
+    prompt = "I had always thought"
+    [own] = bundle.generate([GenerationRequest(bundle.tokenizer.encode(prompt), 30, temperature=0, stop_at_eot=False)])
+    assert genai_greedy(tmp_path / "bundle", prompt, 30)[1] == own.tokens
+
+
 def test_what_genai_cannot_run_gets_no_config_and_a_reason(tmp_path):
     random_checkpoint(tmp_path / "chars", "specs/tiny.arch", {"layers": 1, "vocab": 96}, tokenizer=_char_tokenizer())
     messages = []

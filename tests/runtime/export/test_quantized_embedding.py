@@ -1,12 +1,16 @@
-"""A quantized export stores the token embedding's table as int8 rows with a scale each: the lookup
-gives the rows back to within half a step, the table is no longer the largest thing in the file, and
-a table that anything but a lookup reads, or a small one, stays as it was."""
+"""A quantized export keeps no vocabulary-sized fp32 table: a tied head's lookup reads the head's own
+quantized weight (int8 columns, or int4 blocks through GatherBlockQuantized), another table becomes
+int8 rows with a scale each; lookups give the table back to within half a step, and a table that
+anything but a lookup reads, or a small one, stays as it was."""
 import numpy as np
 import onnx
+import pytest
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from lmspec.runtime.export.optimize import quantize_embedding_lookups
+from lmspec.runtime.export.optimize import quantize_int4, quantize_int8
+from lmspec.runtime.export import quantized_lookups
+from lmspec.runtime.export.quantized_lookups import quantize_embedding_lookups
 from runtime_helpers import lmspec_main
 
 from test_export import random_checkpoint
@@ -61,20 +65,68 @@ def test_a_looked_up_table_becomes_int8_rows_and_gives_them_back_within_half_a_s
         np.testing.assert_array_equal(got, want)
 
 
-def test_an_int8_export_of_a_large_vocabulary_is_about_half_the_fp32_bytes(tmp_path):
-    """GPT-2's tied 50,257-token table with one small layer: two int8 copies of it now (the lookup's
-    rows, the head's transposed matrix), where the int8 file kept the table in fp32 beside the head's
-    copy and was larger than the fp32 export."""
+def _tied_model(table: np.ndarray, head: np.ndarray) -> onnx.ModelProto:
+    """ids -> two lookups of `table` (one of ids whose rank is not stated), and x @ Transpose(head)
+    (the head tied when it is the table)."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0),
+             helper.make_node("Identity", ["ids"], ["same_ids"]),  # ids of a rank the graph does not state
+             helper.make_node("Gather", ["table", "same_ids"], ["again"], axis=0),
+             helper.make_node("Transpose", ["table" if head is table else "head"], ["head_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "head_t"], ["logits"])]
+    rows, dim = table.shape
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", dim])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", d]) for n, d in
+         (("rows", dim), ("again", dim), ("logits", rows))],
+        [numpy_helper.from_array(table, "table")] + ([numpy_helper.from_array(head, "head")] if head is not table else []))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4])
+@pytest.mark.parametrize("ranks", ["stated", "unknown"])
+def test_a_tied_heads_lookup_reads_the_heads_quantized_weight(tmp_path, quantize, ranks, monkeypatch):
+    """A 8,192 x 128 table (a million entries) that the head multiplies by: after quantizing, the
+    lookups read the head's quantized weight, no copy of the table is left, and each row comes back
+    within half a step of the head's own quantization, whether the graph states the rank of the ids
+    or not. A head that is not the table changes nothing of this: its lookup gets int8 rows of its own."""
+    if ranks == "unknown":
+        monkeypatch.setattr(quantized_lookups, "_rank", lambda model, name: None)
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 0.02, (8192, 128)).astype(np.float32)
+    feeds = {"ids": np.array([[0, 8191, 5], [5, 77, 4096]]), "x": rng.normal(size=(2, 3, 128)).astype(np.float32)}
+    for head, shared in ((table, True), (rng.normal(0, 0.02, (8192, 128)).astype(np.float32), False)):
+        onnx.save(_tied_model(table, head), str(tmp_path / "fp32.onnx"))
+        quantize(tmp_path / "fp32.onnx", tmp_path / "q.onnx")
+        model = onnx.load(str(tmp_path / "q.onnx"))
+        onnx.checker.check_model(model)
+        initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        assert not any(v.dtype == np.float32 and v.shape == table.shape for v in initializers.values())
+        assert (not shared) == any(name.endswith(".int8_rows") for name in initializers)
+        ops = {n.op_type for n in model.graph.node}
+        assert shared == ("GatherBlockQuantized" in ops if quantize is quantize_int4 else "Transpose" in ops)
+        rows, again, logits = _run(model, feeds)
+        assert np.array_equal(rows, again)
+        # half a step of the head's own quantization: int8's one scale, int4's blocks of 32 a scale each
+        step = (np.abs(table).max() / 127 if quantize is quantize_int8 else
+                (table.reshape(8192, 4, 32).max(-1) - table.reshape(8192, 4, 32).min(-1)).max() / 15)
+        assert np.abs(rows - table[feeds["ids"]]).max() <= 0.51 * step
+        np.testing.assert_allclose(logits, feeds["x"] @ head.T, atol=0.05 if quantize is quantize_int8 else 0.2)
+
+
+@pytest.mark.parametrize("kind, largest", [("int8", 0.3), ("int4", 0.25)])
+def test_a_quantized_export_of_a_large_vocabulary_holds_the_table_once(tmp_path, kind, largest):
+    """GPT-2's tied 50,257-token table with one small layer: the head's quantized copy is the only
+    one (the int8 file once kept the fp32 table beside it and was larger than the fp32 export; then
+    two int8 copies, 0.4x of the fp32 bytes)."""
     model, _ = random_checkpoint(tmp_path / "run", "specs/gpt2.arch", {"layers": 1, "dim": 32, "heads": 2,
                                                                        "context": 64})
-    out = lmspec_main("export", tmp_path / "run", "-o", tmp_path / "q8" / "m.onnx", "--quantize", "int8",
-                      "--no-report")
+    path = tmp_path / kind / "m.onnx"
+    out = lmspec_main("export", tmp_path / "run", "-o", path, "--quantize", kind, "--no-report")
     assert out.returncode == 0, out.stderr
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
-    assert (tmp_path / "q8" / "m.onnx").stat().st_size < 0.6 * fp32_bytes
-    graph = onnx.load(str(tmp_path / "q8" / "m.onnx")).graph
-    assert not any(i.data_type == TensorProto.FLOAT and list(i.dims) == [50257, 32] for i in graph.initializer)
-    assert any(i.data_type == TensorProto.INT8 and list(i.dims) == [50257, 32] for i in graph.initializer)
-    generated = lmspec_main("generate", tmp_path / "q8" / "m.onnx", "--prompt", "Hello", "--max-tokens", "4",
-                            "--temperature", "0")
+    assert path.stat().st_size < largest * fp32_bytes, path.stat().st_size / fp32_bytes
+    graph = onnx.load(str(path)).graph
+    assert not any(list(i.dims) == [50257, 32] for i in graph.initializer)  # neither fp32 nor int8 rows
+    generated = lmspec_main("generate", path, "--prompt", "Hello", "--max-tokens", "4", "--temperature", "0")
     assert generated.returncode == 0 and generated.stdout.startswith("Hello"), generated.stderr
