@@ -21,6 +21,7 @@ from lmspec.runtime.finetune.classify_data import make_batch
 from lmspec.runtime.finetune.steps import loss_scaler, read_losses, scheduled_lr, update
 from lmspec.runtime.train.config import TrainConfig
 from lmspec.runtime.train.steps import autocast, make_optimizer
+from lmspec.runtime.train.throughput import peak_memory
 from lmspec.runtime.train.watch import RunLog
 
 CONFUSION_FILE = "confusion.json"
@@ -55,6 +56,7 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
         order = list(range(len(train)))
         order_rng.shuffle(order)
         losses, first_step = [], step + 1  # the epoch's losses stay on the device until its end
+        epoch_started, epoch_tokens = time.perf_counter(), 0
         for first in range(0, len(order), cfg.batch):
             rows = order[first:first + cfg.batch]
             tokens, lengths = make_batch([train.ids[i] for i in rows], pad_id)
@@ -63,10 +65,13 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
             with autocast(device, cfg.precision):
                 logits = model(to_device(tokens, device), to_device(lengths, device))
             step += 1
-            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler))
+            epoch_tokens += int(lengths.sum())  # the texts, not their padding
+            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler)[0])
             bar.update(1)
         losses = read_losses(losses, first_step)
         record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
+                  "tokens_per_s": epoch_tokens / max(time.perf_counter() - epoch_started, 1e-9),
+                  "peak_memory_bytes": peak_memory(device),
                   "val_accuracy": accuracy(predict(model, val.ids, cfg.batch, pad_id), val.labels) if len(val) else None,
                   "elapsed": time.time() - start}
         log.append(record)

@@ -197,25 +197,26 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
 
     policy.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="dpo", disable=None if progress else True, dynamic_ncols=True)
-    step, pending = 0, StepRecords(log)
+    step, pending, tokens = 0, StepRecords(log, device), 0
     try:
         log.append({"step": 0, "epoch": 0.0, **evaluate(0)}, redraw=True)
         for epoch in range(setup.epochs):
             for indices in length_buckets([len(p) for p in train_set], cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)
+                pairs = [train_set[i] for i in indices]
                 with autocast(device, cfg.precision):
-                    loss, margins = batch_loss(policy, reference, [train_set[i] for i in indices], setup.pad_id,
-                                               setup.beta)
+                    loss, margins = batch_loss(policy, reference, pairs, setup.pad_id, setup.beta)
                 step += 1
-                loss = update(policy, optimizer, loss, cfg, scaler)
+                tokens += sum(len(p.chosen) + len(p.rejected) - 2 for p in pairs)  # the policy's inputs
+                loss, grad_norm = update(policy, optimizer, loss, cfg, scaler)
                 pending.add({"step": step, "epoch": step / per_epoch, "loss": loss,
                              "margin": margins.detach().mean(), "accuracy": (margins > 0).float().mean(), "lr": lr,
-                             "elapsed": time.perf_counter() - start})
+                             "grad_norm": grad_norm, "tokens": tokens, "elapsed": time.perf_counter() - start})
                 bar.update(1)
                 evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
                 if evaluated or step % cfg.log_every == 0:
                     records = pending.take()
-                    bar.set_postfix(loss=f"{records[-1]['loss']:.4f}", refresh=False)
+                    bar.set_postfix(**pending.progress(records), refresh=False)
                     if evaluated:
                         records[-1] |= evaluate(step)
                     pending.write(records, redraw=evaluated)

@@ -94,7 +94,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
 
     model.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="finetune", disable=None if progress else True, dynamic_ncols=True)
-    step, recent, pending = 0, [], StepRecords(log)
+    step, recent, pending, tokens = 0, [], StepRecords(log, device), 0
     try:
         log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)}, redraw=True)
         for epoch in range(setup.epochs):
@@ -104,16 +104,17 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
                 with autocast(device, cfg.precision):
                     logits = model(to_device(x, device))
                 step += 1
-                loss = update(model, optimizer, masked_loss(logits, to_device(y, device)), cfg, scaler)
-                pending.add({"step": step, "epoch": step / per_epoch, "loss": loss, "lr": lr,
-                             "elapsed": time.perf_counter() - start})
+                tokens += sum(lengths[i] - 1 for i in indices)  # the inputs, not their padding
+                loss, grad_norm = update(model, optimizer, masked_loss(logits, to_device(y, device)), cfg, scaler)
+                pending.add({"step": step, "epoch": step / per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens": tokens, "elapsed": time.perf_counter() - start})
                 bar.update(1)
                 evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
                 if evaluated or step % cfg.log_every == 0:
                     records = pending.take()
                     recent += [r["loss"] for r in records]
                     summary["loss"] = records[-1]["loss"]
-                    bar.set_postfix(loss=f"{summary['loss']:.4f}", refresh=False)
+                    bar.set_postfix(**pending.progress(records), refresh=False)
                     if evaluated:
                         records[-1] |= validate(step, step / per_epoch, recent)
                     pending.write(records, redraw=evaluated)

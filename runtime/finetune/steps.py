@@ -4,6 +4,7 @@ numbers stay on the device until they are read together (a step does not wait fo
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -39,24 +40,28 @@ def loss_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
 
 
 def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig,
-           scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+           scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer update from `loss` (backward, gradient clipping, step; through `scaler` under
-    fp16, which skips a step whose gradients overflowed); returns the loss, detached and still on the
-    device: reading it now would make every step wait for the device (see StepRecords)."""
+    fp16, which skips a step whose gradients overflowed); returns the loss and the gradient norm
+    before clipping, detached and still on the device: reading them now would make every step wait
+    for the device (see StepRecords)."""
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients
     else:
         loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+    else:  # measured all the same, for the metrics
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
     if scaler is not None and scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach(), norm.detach()
 
 
 def read_losses(losses: list[torch.Tensor], first_step: int) -> list[float]:
@@ -70,34 +75,55 @@ def read_losses(losses: list[torch.Tensor], first_step: int) -> list[float]:
 
 class StepRecords:
     """The metrics records of the steps since they were last read, on their way to the run's log;
-    their tensor values (the loss, a DPO margin) stay on the device until `take`, which the loops
-    call every cfg.log_every steps, before a validation and at the last step."""
+    their tensor values (the loss, the gradient norm, a DPO margin) stay on the device until `take`,
+    which the loops call every cfg.log_every steps, before a validation and at the last step. Each
+    record counts the tokens trained so far ("tokens"); the last one `take` returns also gets the
+    tokens per second since the previous `write` and the device's peak memory."""
 
-    def __init__(self, log):
-        self.log, self.records = log, []
+    def __init__(self, log, device: torch.device):
+        self.log, self.device, self.records = log, device, []
+        self.started, self.tokens_before = time.perf_counter(), 0
 
     def add(self, record: dict) -> None:
-        """A step's record ("step" and "loss" at least); its tensor values are read by `take`."""
+        """A step's record ("step", "loss" and "tokens" at least); its tensor values are read by `take`."""
         self.records.append(record)
 
     def take(self) -> list[dict]:
         """The records with every tensor read as a float (one wait for the device), emptied, for the
         loop to complete and `write`. A loss that is not finite: the records before it are written
         and TrainingError names its step."""
+        from lmspec.runtime.train.throughput import peak_memory
+
         records, self.records = self.records, []
         places = [(r, key) for r in records for key, value in r.items() if isinstance(value, torch.Tensor)]
         for (record, key), value in zip(places, _read([record[key] for record, key in places])):
-            record[key] = value
+            record[key] = value if key != "grad_norm" or math.isfinite(value) else None  # fp16 overflow: skipped
         for i, record in enumerate(records):
             if not math.isfinite(record["loss"]):
                 self.write(records[:i])
                 _check_finite(record["loss"], record["step"])
+        if records:
+            last = records[-1]
+            last["tokens_per_s"] = (last["tokens"] - self.tokens_before) / max(time.perf_counter() - self.started, 1e-9)
+            last["peak_memory_bytes"] = peak_memory(self.device)
         return records
 
     def write(self, records: list[dict], redraw: bool = False) -> None:
-        """Append `records` to the log; `redraw` the plot after the last."""
+        """Append `records` to the log; `redraw` the plot after the last. The next window's speed is
+        measured from here, so a validation does not count as training time."""
         for record in records:
             self.log.append(record, redraw=redraw and record is records[-1])
+        self.started = time.perf_counter()
+        if records:
+            self.tokens_before = records[-1]["tokens"]
+
+    def progress(self, records: list[dict]) -> dict:
+        """The progress bar's figures of the last of `records`."""
+        from lmspec.runtime.train.throughput import gigabytes
+
+        last = records[-1]
+        return {"loss": f"{last['loss']:.4f}", "tok_s": f"{last['tokens_per_s']:,.0f}",
+                "mem": gigabytes(last["peak_memory_bytes"])}
 
 
 def _read(values: list[torch.Tensor]) -> list[float]:

@@ -119,6 +119,8 @@ def test_finetune_and_classify_end_to_end(base_run, tmp_path, capsys):
     out = tmp_path / "spam"
     assert finetune(base_run, out, "--trainable-blocks", "1") == 0
     printed = capsys.readouterr().out
+    [epoch] = read_metrics(out / "metrics.jsonl")
+    assert epoch["tokens_per_s"] > 0 and epoch["peak_memory_bytes"] > 0
     confusion = json.loads((out / "confusion.json").read_text())
     assert confusion["labels"] == ["ham", "spam"] and (out / "confusion.png").is_file()
     for name, count in (("train", 33), ("validation", 4), ("test", 11)):

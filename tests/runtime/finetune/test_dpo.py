@@ -163,6 +163,12 @@ def test_finetune_dpo_raises_the_held_out_margin(tmp_path, base_run, capsys):
     assert [r["step"] for r in records] == list(range(34))  # 11 steps an epoch, three epochs, and step 0
     evals = [r for r in records if "val_margin" in r]
     assert [r["step"] for r in evals] == [0, 10, 20, 30, 33]
+    # every step: its gradient norm and the tokens so far; each read of the device (every 10 steps
+    # and at the last): tokens/s and peak memory since the one before
+    steps = records[1:]
+    assert all(r["grad_norm"] > 0 for r in steps) and all(a["tokens"] < b["tokens"] for a, b in zip(steps, steps[1:]))
+    assert [r["step"] for r in steps if "tokens_per_s" in r] == [10, 20, 30, 33]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in steps if "tokens_per_s" in r)
     assert evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and evals[0]["val_margin"] == 0
     assert evals[-1]["val_margin"] > 0 and evals[-1]["val_accuracy"] > 0.5 and evals[-1]["val_loss"] < math.log(2)
     assert evals[-1]["train_margin"] > evals[-1]["val_margin"] > 0  # trained pairs lead, held-out ones follow

@@ -218,6 +218,10 @@ def test_finetune_then_chat_over_a_pipe(tmp_path, base_run, bpe):
     assert [r["step"] for r in records] == list(range(0, 11))  # 5 steps an epoch, two epochs, and step 0
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 5 and val[-1] < val[0]  # steps 0, 3, 6, 9, 10
+    steps = records[1:]  # the loss is read at each validation: tokens/s and peak memory since the last read
+    assert [r["step"] for r in steps if "tokens_per_s" in r] == [3, 6, 9, 10]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 for r in steps if "tokens_per_s" in r)
+    assert all(r["grad_norm"] > 0 for r in steps) and all(a["tokens"] < b["tokens"] for a, b in zip(steps, steps[1:]))
     assert "step 10 (epoch 2.00)" in result.stdout
     meta = json.loads(next((out / "checkpoints").glob("step_*/meta.json")).read_text())
     assert meta["train_config"]["template"] == "alpaca" and meta["train_config"]["finetune"] == "instruct"
