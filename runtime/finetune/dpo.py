@@ -197,9 +197,10 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
 
     policy.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="dpo", disable=None if progress else True, dynamic_ncols=True)
-    step, pending, tokens = 0, StepRecords(log, device), 0
+    step, tokens = 0, 0
     try:
         log.append({"step": 0, "epoch": 0.0, **evaluate(0)}, redraw=True)
+        pending = StepRecords(log, device)  # its clock starts after step 0's validation
         for epoch in range(setup.epochs):
             for indices in length_buckets([len(p) for p in train_set], cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)

@@ -94,9 +94,10 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
 
     model.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="finetune", disable=None if progress else True, dynamic_ncols=True)
-    step, recent, pending, tokens = 0, [], StepRecords(log, device), 0
+    step, recent, tokens = 0, [], 0
     try:
         log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)}, redraw=True)
+        pending = StepRecords(log, device)  # its clock starts after step 0's validation
         for epoch in range(setup.epochs):
             for indices in length_buckets(lengths, cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)

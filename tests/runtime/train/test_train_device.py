@@ -115,7 +115,6 @@ def test_a_device_that_is_not_there_is_one_line(verb, device, message, tmp_path)
 
 
 def test_torchrun_with_one_rank_joins_a_process_group(tmp_path):
-    from runtime_helpers import lmspec_cli  # noqa: F401  (the same environment as the other CLI tests)
     import subprocess
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                           "-m", "lmspec.runtime", "train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT),
