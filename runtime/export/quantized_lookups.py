@@ -128,17 +128,22 @@ def _int4_rows(node, initializers: dict, table: np.ndarray):
         if not (np.abs(given - table[part]) <= _HALF_STEP * np.repeat(scales[part], block, axis=1) + 1e-7).all():
             return None
 
-    per_block: list[str] = []  # made at the first lookup, shared by the others
+    per_block: list[str] = []  # made at the first lookup (the first in the graph), shared by the others
 
     def lookup(model, ids: str, rank: int | None, out: str, fresh) -> list:
+        made = []
         if not per_block:
-            # GatherBlockQuantized wants scales and zero points of the data's rank: one per block,
-            # as [rows, blocks, 1], the zero points one to a byte (the head's pack two)
+            # GatherBlockQuantized wants scales and zero points of the data's rank, [rows, blocks, 1]:
+            # the head's scales reshaped, and its zero points one to a byte (it packs two)
             per_block.extend((fresh(f"{node.input[2]}.per_block"), fresh(f"{node.input[1]}.zero_points_per_block")))
-            model.graph.initializer.extend([numpy_helper.from_array(scales[..., None], per_block[0]),
+            shape = fresh(f"{node.input[2]}.block_shape")
+            model.graph.initializer.extend([numpy_helper.from_array(np.array([rows, blocks, 1], np.int64), shape),
                                             numpy_helper.from_array(zero_points[..., None], per_block[1])])
+            made.append(helper.make_node("Reshape", [node.input[2], shape], [per_block[0]],
+                                         name=fresh(f"{node.input[2]}.reshape")))
         gathered = fresh(f"{out}.blocks")
-        return [helper.make_node("GatherBlockQuantized", [node.input[1], ids, *per_block], [gathered],
+        return [*made,
+                helper.make_node("GatherBlockQuantized", [node.input[1], ids, *per_block], [gathered],
                                  domain="com.microsoft", bits=4, block_size=block, gather_axis=0, quantize_axis=2,
                                  name=fresh(f"{out}.gather_blocks")),
                 *_reshape_to_rows(model, gathered, ids, rank, dim, out, fresh)]
