@@ -9,7 +9,9 @@
 #   bench/gpu_check.sh --cpu-smoke   # the same plumbing on the CPU with tiny sizes (or GPU_CHECK_SMOKE=1)
 #
 # Settings (environment): GPU_CHECK_BATCH (default 32 sequences of 1024 tokens), GPU_CHECK_STEPS (300),
-# GPU_CHECK_TOKENS (256 new tokens to generate), GPU_CHECK_MFU_TARGET (40, percent), PYTHON (python3).
+# GPU_CHECK_TOKENS (256 new tokens to generate), GPU_CHECK_MFU_TARGET (40, percent), PYTHON (python3),
+# GPU_CHECK_WHEELS (a folder of wheels to install from with no package index, made by
+# bench/gpu_wheels.sh; default .whl when there is one).
 # Exits non-zero if any part failed; the summary line is printed either way. Logs go to a temporary
 # directory, removed when everything passed and kept (and named) otherwise.
 set -uo pipefail  # not -e: a failed part is recorded and the next one still runs
@@ -23,6 +25,8 @@ if [[ $# -gt 0 && "$1" != "--cpu-smoke" ]]; then
   exit 2
 fi
 MFU_TARGET="${GPU_CHECK_MFU_TARGET:-40}"
+WHEELS="${GPU_CHECK_WHEELS:-}"
+[[ -z "$WHEELS" && -d .whl ]] && WHEELS=.whl
 if [[ "$SMOKE" == 1 ]]; then
   # a 2-layer GPT-2 on the CPU: the same commands and parsing, in about a minute
   BATCH="${GPU_CHECK_BATCH:-2}" STEPS="${GPU_CHECK_STEPS:-10}" TOKENS="${GPU_CHECK_TOKENS:-16}"
@@ -50,14 +54,19 @@ failed() { FAILED+=("$1"); }
 has_failed() { [[ " ${FAILED[*]} " == *" $1 "* ]]; }
 
 ensure_installed() {
-  # the README's install, only where lmspec (or what the tests and the benchmark need) is missing
-  "$PY" -c "import lmspec.runtime.cli, pytest, transformers" 2>/dev/null && return 0
+  # lmspec with what its GPU tests and benchmarks need, only where that is missing
+  "$PY" -c "import lmspec.runtime.cli, pytest, transformers, httpx" 2>/dev/null && return 0
   section "installing lmspec"
-  if "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  local wanted=(-e '.[train,export,serve]' pytest transformers httpx)
+  if [[ -n "$WHEELS" ]]; then
+    # no package index from here: bench/gpu_wheels.sh downloaded, elsewhere, what this machine lacks
+    "$PY" -m pip install --no-index --find-links "$WHEELS" 'setuptools>=68' &&
+      "$PY" -m pip install --no-index --find-links "$WHEELS" --no-build-isolation "${wanted[@]}"
+  elif "$PY" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
     # a CUDA build of torch is here already: requirements.txt pins the CPU one, which would replace it
-    "$PY" -m pip install -e '.[test]'
+    "$PY" -m pip install "${wanted[@]}"
   else
-    "$PY" -m pip install -r requirements.txt -e '.[test]'
+    "$PY" -m pip install -r requirements.txt "${wanted[@]}"
   fi
 }
 
