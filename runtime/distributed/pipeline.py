@@ -228,6 +228,13 @@ class Pipeline:
         self._unscaled[id(scaled)] = loss.detach()
         return scaled
 
+    def _feeds(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[tuple, torch.Tensor | None]:
+        """The schedule's inputs on this stage: the tokens on the first, the targets on the last.
+        Contiguous, as torch's stages check each micro-batch's strides (torch 2.11 refuses the
+        [:, :-1] view of a batch that the sequences and their targets were cut from)."""
+        args = (tokens.to(self.device).contiguous(),) if self.is_first else ()
+        return args, targets.to(self.device).contiguous() if self.is_last else None
+
     def _check_batch(self, tokens: torch.Tensor) -> None:
         if tokens.size(0) % self.n_microbatches:
             raise ValueError(f"a batch of {tokens.size(0)} sequences does not split into "
@@ -242,8 +249,7 @@ class Pipeline:
             raise ValueError(f"the loss scale must be positive, not {scale}")
         self._check_batch(tokens)
         self._scale = scale
-        args = (tokens.to(self.device),) if self.is_first else ()
-        target = targets.to(self.device) if self.is_last else None
+        args, target = self._feeds(tokens, targets)
         losses: list = []
         # a tied weight's copies sum this step's gradients only, not what earlier steps accumulated
         earlier = [self._tied_param(tie).grad for tie in self._ties]
@@ -258,8 +264,7 @@ class Pipeline:
         """The mean loss over a batch, forward only; every rank calls it and gets the number."""
         self._check_batch(tokens)
         self._scale = 1.0
-        args = (tokens.to(self.device),) if self.is_first else ()
-        target = targets.to(self.device) if self.is_last else None
+        args, target = self._feeds(tokens, targets)
         losses: list = []
         self._schedule.eval(*args, target=target, losses=losses)
         return self._broadcast_loss(losses)

@@ -2,15 +2,16 @@
 
 compiler/tensor_parallel.py decides, from the ModelGraph, how each parameter splits; this module
 applies that plan to a lowered model in place with `parallelize_module` (ColwiseParallel,
-RowwiseParallel, SequenceParallel) and Replicate DTensor parameters (replicated modules). Every parameter
+RowwiseParallel) and Replicate DTensor parameters (replicated modules). Every parameter
 becomes a DTensor on the 1-D "tp" mesh, so the optimizer, `clip_grad_norm_` and the state dicts see
 one kind of tensor. No collective is written by hand: DTensor inserts them (the all-reduce after a
 row-parallel layer, the all-reduce of the input gradient before a column-parallel one).
 
 Per attention op: qkv column-parallel (ColwiseParallel: weight and bias Shard(0)), proj row-parallel
 (RowwiseParallel: weight Shard(1), bias Replicate, output all-reduced), q_norm/k_norm
-SequenceParallel over the heads dim (each rank normalises its own heads; the weight's gradient is
-summed over ranks). The module is told its local head counts (`heads`, `kv_heads` attributes, which
+replicated, each rank normalising its own heads, with the weight's gradient summed over the ranks
+in the backward pass (torch's SequenceParallel over the heads dim did that sum in torch 2.13 but
+not in 2.11, which then trained with each rank's part of it). The module is told its local head counts (`heads`, `kv_heads` attributes, which
 Attention.forward already reads), so it runs unchanged on its heads. Per MLP: fc column-, proj
 row-parallel. Embedding: vocab-parallel (RowwiseParallel on nn.Embedding: rows Shard(0), masked
 lookup, output all-reduced). Output head over the vocab: ColwiseParallel with its output gathered
@@ -36,6 +37,8 @@ rank's heads does not match one process's draw, only its distribution).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -44,7 +47,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     RowwiseParallel,
-    SequenceParallel,
     parallelize_module,
 )
 
@@ -91,11 +93,10 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
         if sp and rule.kind in (ATTENTION, MLP):
             module.register_forward_pre_hook(_gather_sequence(mesh))
         if rule.kind == ATTENTION:
-            styles = {"qkv": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)}
+            parallelize_module(module, mesh, {"qkv": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)})
             for norm in ("q_norm", "k_norm"):  # [batch, seq, heads, head_dim]: each rank its heads
                 if hasattr(module, norm):
-                    styles[norm] = SequenceParallel(sequence_dim=2, use_local_output=True)
-            parallelize_module(module, mesh, styles)
+                    _replicate(getattr(module, norm), mesh, gradient_summed=True)
             module.heads, module.kv_heads = rule.heads, rule.kv_heads
         elif rule.kind == MLP:
             parallelize_module(module, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)})
@@ -160,29 +161,50 @@ def _has_module(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
+def _replicate(module: nn.Module, mesh: DeviceMesh, gradient_summed: bool = False) -> None:
     """Replicate a module's parameters as DTensors, while its forward runs on plain tensors: just
     before it, each parameter is swapped for its local value (`to_local()`, differentiable: the
     gradient comes back to the DTensor as Replicate), and put back after. Any op code runs unchanged
     (MoE routing, hand-written blocks), where DTensor sharding rules might be missing. Correct
-    because a replicated module sees the same inputs and output gradients on every rank."""
+    because a replicated module sees the same inputs and output gradients on every rank; a module
+    that sees each rank's part of them (q_norm over a rank's heads) has its weights' gradient summed
+    over the ranks (`gradient_summed`)."""
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and not isinstance(p, DTensor):
                 sub.register_parameter(name, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]),
                                                           requires_grad=p.requires_grad))
-    module.register_forward_pre_hook(_to_local_parameters)
+    module.register_forward_pre_hook(_to_local_parameters if not gradient_summed else
+                                     functools.partial(_to_local_parameters, group=mesh.get_group()))
     module.register_forward_hook(_restore_parameters, always_call=True)
 
 
-def _to_local_parameters(module, args):
+def _to_local_parameters(module, args, group=None):
     stash = []
     for sub in module.modules():
         for name, p in sub._parameters.items():
             if isinstance(p, DTensor):
                 stash.append((sub, name, p))
-                sub._parameters[name] = p.to_local()
+                local = p.to_local()
+                sub._parameters[name] = local if group is None else _GradientSummed.apply(local, group)
     module._tp_stash = stash
+
+
+class _GradientSummed(torch.autograd.Function):
+    """The identity forward; backward, the gradient summed over `group` (Megatron's "copy to the
+    tensor-parallel region"): a weight each rank applies to its own part of the activations."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _restore_parameters(module, args, output):
