@@ -19,7 +19,7 @@ import pytest
 
 from lmspec.runtime.checkpoint.header import read_header
 from lmspec.runtime.errors import DiffInputError
-from lmspec.runtime.cli.extras import EXTRAS, VERB_EXTRAS, extra_for
+from lmspec.runtime.cli.extras import EXTRAS, MIN_TORCH, VERB_EXTRAS, extra_for, old_torch_report
 from lmspec.runtime.cli.main import VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,19 @@ def test_the_extras_table_is_pyprojects_extras():
     for extra in EXTRAS:  # a distribution in two extras has one version range
         for name, requirement in _pins(extras[extra]).items():
             assert pins.setdefault(name, requirement) == requirement, (extra, requirement)
-    assert "torch>=2.4,<2.14" in extras["train"]
+    assert f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]},<2.14" in extras["train"]
+
+
+def test_a_torch_older_than_the_pin_is_one_line_before_anything_runs(monkeypatch, capsys):
+    import importlib.metadata
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.6.0+cu124" if name == "torch" else real(name))
+    assert main(["train", str(ROOT / "specs/tiny.arch"), "--out", "nowhere"]) == 1
+    assert capsys.readouterr().err == (f"lmspec train: error: needs torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer, "
+                                       f"and torch 2.6.0+cu124 is installed: pip install 'torch>={MIN_TORCH[0]}."
+                                       f"{MIN_TORCH[1]}'\n")
+    assert main(["check", str(ROOT / "specs/tiny.arch")]) == 0  # a verb without torch does not ask
+    assert old_torch_report("export") and old_torch_report("generate") is None
 
 
 def test_every_verb_is_slim_or_names_its_extra():

@@ -31,6 +31,31 @@ VERB_EXTRAS: dict[str, str] = {
 }
 
 
+# the oldest torch the train and export extras accept (pyproject.toml's pin; the suite runs on it):
+# older ones lack APIs lmspec calls (fully_shard's public path, get_total_norm, the ONNX exporter's
+# dynamic shapes), and would fail inside a run
+MIN_TORCH = (2, 11)
+
+
+def old_torch_report(verb: str) -> str | None:
+    """The one line `lmspec VERB` prints when the verb runs torch and the installed torch is older
+    than MIN_TORCH (an environment pip did not resolve, e.g. with --no-deps); None otherwise."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if "torch" not in EXTRAS.get(VERB_EXTRAS.get(verb.partition(" ")[0], ""), ()):
+        return None
+    try:
+        installed = version("torch")
+    except PackageNotFoundError:  # not installed: missing_extra_report says so when it is imported
+        return None
+    numbers = tuple(int(part) for part in installed.split("+")[0].split(".")[:2] if part.isdigit())
+    if len(numbers) < 2 or numbers >= MIN_TORCH:
+        return None
+    wanted = ".".join(map(str, MIN_TORCH))
+    return f"lmspec {verb}: error: needs torch {wanted} or newer, and torch {installed} is installed: " \
+           f"pip install 'torch>={wanted}'"
+
+
 def extra_for(verb: str, module: str) -> str | None:
     """The extra that installs `module` (a ModuleNotFoundError's name) for `verb`: the verb's own
     extra when it holds the module, else the first that does; None for a module no extra installs."""

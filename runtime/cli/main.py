@@ -22,7 +22,7 @@ from lmspec.runtime.checkpoint.run_lock import run_lock
 from lmspec.runtime.cli.config_file import (
     add_config_option, apply_config_file, check_required, config_text, loosen_required
 )
-from lmspec.runtime.cli.extras import missing_extra_report
+from lmspec.runtime.cli.extras import missing_extra_report, old_torch_report
 from lmspec.runtime.cli.verb import Verb
 
 VERBS: list[Verb] = [
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     top = parser()
     args = top.parse_args(argv)
+    if too_old := old_torch_report(args.verb_name):
+        print(too_old, file=sys.stderr)
+        return 1
     try:
         if args.verb_parser is not None:
             args = options_of_run(args, argv, top)
