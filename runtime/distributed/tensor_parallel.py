@@ -4,16 +4,18 @@ compiler/tensor_parallel.py decides, from the ModelGraph, how each parameter spl
 applies that plan to a lowered model in place with `parallelize_module` (ColwiseParallel,
 RowwiseParallel) and Replicate DTensor parameters (replicated modules). Every parameter
 becomes a DTensor on the 1-D "tp" mesh, so the optimizer, `clip_grad_norm_` and the state dicts see
-one kind of tensor. No collective is written by hand: DTensor inserts them (the all-reduce after a
-row-parallel layer, the all-reduce of the input gradient before a column-parallel one).
+one kind of tensor. DTensor inserts the collectives of the split layers (the all-reduce after a
+row-parallel layer, the all-reduce of the input gradient before a column-parallel one); the two
+written here sum the gradient of a replicated weight that each rank applied to its own part of the
+activations (q_norm/k_norm below, and the sequence-parallel norms).
 
 Per attention op: qkv column-parallel (ColwiseParallel: weight and bias Shard(0)), proj row-parallel
 (RowwiseParallel: weight Shard(1), bias Replicate, output all-reduced), q_norm/k_norm
 replicated, each rank normalising its own heads, with the weight's gradient summed over the ranks
 in the backward pass (torch's SequenceParallel over the heads dim did that sum in torch 2.13 but
-not in 2.11, which then trained with each rank's part of it). The module is told its local head counts (`heads`, `kv_heads` attributes, which
-Attention.forward already reads), so it runs unchanged on its heads. Per MLP: fc column-, proj
-row-parallel. Embedding: vocab-parallel (RowwiseParallel on nn.Embedding: rows Shard(0), masked
+not in 2.11, which then trained with each rank's part of it). The module is told its local head
+counts (`heads`, `kv_heads` attributes, which Attention.forward already reads), so it runs
+unchanged on its heads. Per MLP: fc column-, proj row-parallel. Embedding: vocab-parallel (RowwiseParallel on nn.Embedding: rows Shard(0), masked
 lookup, output all-reduced). Output head over the vocab: ColwiseParallel with its output gathered
 (Replicate): the logits are whole on every rank, so the loss is the ordinary cross-entropy (simple;
 loss_parallel would save the vocab all-gather). A tied head keeps one DTensor parameter with the
