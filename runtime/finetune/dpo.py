@@ -126,12 +126,16 @@ def evaluate_pairs(policy, reference, pairs: list[Pair], batch: int, pad_id: int
         with torch.no_grad(), autocast(device, precision):
             for indices in length_buckets([len(p) for p in pairs], batch, seed=0, epoch=0):
                 loss, m = batch_loss(policy, reference, [pairs[i] for i in indices], pad_id, beta)
-                losses.append(loss.item() * len(indices))
+                losses.append(loss)
                 margins.append(m.float())
     finally:
         policy.train(was_training)
     m = torch.cat(margins)
-    return {"loss": sum(losses) / len(m), "margin": m.mean().item(), "accuracy": (m > 0).float().mean().item()}
+    # read off the device at the end, not once per batch
+    batch_losses = torch.stack(losses).tolist()
+    margin, accuracy = torch.stack([m.mean(), (m > 0).float().mean()]).tolist()
+    total = sum(loss * len(batch_margins) for loss, batch_margins in zip(batch_losses, margins))
+    return {"loss": total / len(m), "margin": margin, "accuracy": accuracy}
 
 
 def freeze(reference: torch.nn.Module) -> torch.nn.Module:

@@ -50,16 +50,17 @@ def evaluate_examples(model: torch.nn.Module, examples: list[Example], batch: in
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums, count = [], 0
     try:
         with torch.no_grad(), autocast(device, precision):
             for indices in length_buckets([len(e) for e in examples], batch, seed=0, epoch=0):
                 x, y = collate([examples[i] for i in indices], pad_id)
                 count += int((y != IGNORE).sum())  # counted on the host, before the copy
-                total += masked_loss(model(to_device(x, device)), to_device(y, device), reduction="sum").item()
+                sums.append(masked_loss(model(to_device(x, device)), to_device(y, device), reduction="sum"))
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    # read off the device once, then summed in order as one read per batch did
+    return sum(torch.stack(sums).tolist()) / max(count, 1) if sums else 0.0
 
 
 def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example], val_set: list[Example],

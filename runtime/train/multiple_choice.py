@@ -164,12 +164,17 @@ def _summed_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], int]], 
                     ids = rows[i][0]
                     x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
                 logits = model(to_device(x, device))
+                # every row's scored ids in one copy to the device, every row's sum in one read back
+                targets = to_device(torch.tensor([t for i in chosen for t in rows[i][0][-rows[i][1]:]]), device)
+                row_sums, at = [], 0
                 for r, i in enumerate(chosen):
                     ids, n = rows[i]
                     end = len(ids) - 1
                     logprobs = torch.log_softmax(logits[r, end - n:end].float(), dim=-1)
-                    targets = torch.tensor(ids[-n:], device=logprobs.device)
-                    sums[i] = logprobs.gather(1, targets[:, None]).double().sum().item()
+                    row_sums.append(logprobs.gather(1, targets[at:at + n, None]).double().sum())
+                    at += n
+                for i, value in zip(chosen, torch.stack(row_sums).tolist()):
+                    sums[i] = value
     finally:
         model.train(was_training)
     return sums

@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from lmspec.runtime.distributed.device import to_device
 
 
+_READ_EVERY = 64  # batches whose sums wait on the device before one read
+
+
 @dataclass
 class LossTotal:
     """Summed cross-entropy (nats) over `tokens` scored tokens in `windows` windows."""
@@ -94,15 +97,25 @@ def score_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     was_training = model.training
     model.eval()
     result = LossTotal()
+    pending = []  # batch sums still on the device: read every _READ_EVERY batches, not after each one
+
+    def read_pending():
+        for batch_sum in torch.stack(pending).tolist() if pending else []:
+            result.total += batch_sum  # in batch order, as one read per batch added them
+        pending.clear()
+
     try:
         with torch.no_grad():
             for x, y in batches:
                 logits = model(to_device(x, device))
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), to_device(y.reshape(-1), device),
                                        reduction="sum")
-                result.total += loss.double().item()
+                pending.append(loss.double())
                 result.tokens += y.numel()
                 result.windows += len(y)
+                if len(pending) == _READ_EVERY:
+                    read_pending()
+        read_pending()
     finally:
         model.train(was_training)
     return result
