@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1
 from lmspec.runtime.cli.options import (
     add_log_option, add_lora_options, add_optimizer_options, add_provider_option, check_log_option
 )
@@ -23,17 +24,17 @@ def finetune_classify_options(p) -> None:
     p.add_argument("--balance", action="store_true", help="undersample every class to the smallest one's size")
     p.add_argument("--split", default="0.7,0.1,0.2", help="train,validation,test fractions after a seeded "
                    "shuffle (default: 0.7,0.1,0.2)")
-    p.add_argument("--limit", type=int, help="use only N examples (after balancing and a shuffle): a quick run")
-    p.add_argument("--trainable-blocks", type=int, metavar="N", help="train only the last N blocks, the final "
+    p.add_argument("--limit", type=AT_LEAST_1, help="use only N examples (after balancing and a shuffle): a quick run")
+    p.add_argument("--trainable-blocks", type=AT_LEAST_1, metavar="N", help="train only the last N blocks, the final "
                    "norm and the head (default: every weight; with --lora: the adapters and the head)")
-    p.add_argument("--max-length", type=int, help="tokens per text, the first ones (default: the context)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the training split (default: 5)")
+    p.add_argument("--max-length", type=AT_LEAST_1, help="tokens per text, the first ones (default: the context)")
+    p.add_argument("--epochs", type=AT_LEAST_1, default=5, help="passes over the training split (default: 5)")
     add_optimizer_options(p, lr=3e-4, warmup=20)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--seed", type=int, default=123, help="balancing, split, head initialisation and batch order "
+    p.add_argument("--seed", type=AT_LEAST_0, default=123, help="balancing, split, head initialisation and batch order "
                    "(default: 123, the book's)")
     add_device_option(p)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=AT_LEAST_1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_option(p)
     add_lora_options(p)
@@ -50,10 +51,6 @@ def cmd_finetune_classify(args) -> int:
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     check_log_option(args)
     labels, fractions = parse_labels(args.labels), parse_split(args.split)
-    if args.epochs < 1 or args.batch < 1:
-        raise UsageError("--epochs and --batch must be at least 1")
-    if args.max_length is not None and args.max_length < 1:
-        raise UsageError(f"--max-length must be at least 1, got {args.max_length}")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = classify_run(args, labels, fractions, device, say=print)

@@ -15,6 +15,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from lmspec.runtime.cli.numbers import Number
 from lmspec.runtime.errors import UsageError
 
 CONFIG_FILE = "config.toml"  # in a run directory: the options it was started with
@@ -147,10 +148,11 @@ def _checked(action: argparse.Action, key: str, value, at: str):
         return value
     if action.nargs == "?" and action.option_strings and value is True:  # --activation-checkpointing alone
         return action.const
-    if action.type is int:
+    kind = action.type.kind if isinstance(action.type, Number) else action.type
+    if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong("an integer")
-    elif action.type is float:
+    elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong("a number")
         value = float(value)
@@ -161,6 +163,8 @@ def _checked(action: argparse.Action, key: str, value, at: str):
         raise wrong("a string")
     if action.choices is not None and value not in action.choices:
         raise wrong(f"one of {', '.join(map(str, action.choices))}")
+    if isinstance(action.type, Number) and action.type.problem(value) is not None:
+        raise wrong(action.type.expected())
     return value
 
 

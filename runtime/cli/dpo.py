@@ -3,12 +3,12 @@ of itself. Data, template, split and model choice (whole or LoRA) are instructio
 from __future__ import annotations
 
 from lmspec.runtime.cli.instruct import split_fractions
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, POSITIVE
 from lmspec.runtime.cli.options import (
     add_log_option, add_lora_options, add_optimizer_options, add_record_options, check_log_option
 )
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option
-from lmspec.runtime.errors import UsageError
 
 
 def finetune_dpo_options(p) -> None:
@@ -17,19 +17,19 @@ def finetune_dpo_options(p) -> None:
     p.add_argument("--data", required=True, help="a JSON list or JSONL of {instruction, input, chosen, rejected} "
                    "records (or {messages: [...], chosen, rejected}, the messages ending with the user's turn)")
     p.add_argument("-o", "--out", required=True, help="the run directory for the finetuned model")
-    p.add_argument("--beta", type=float, default=0.1, help="how strongly the policy is held to the reference: "
+    p.add_argument("--beta", type=POSITIVE, default=0.1, help="how strongly the policy is held to the reference: "
                    "the scale of the implicit reward (default: 0.1, the paper's and the book's)")
     p.add_argument("--template", choices=["alpaca", "chatml"], default="alpaca",
                    help="prompt format, as for finetune instruct (use the one the checkpoint was tuned with; "
                         "default: alpaca)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=AT_LEAST_1, default=1)
     add_optimizer_options(p, lr=5e-6, warmup=10, lr_note=", the book's")
-    p.add_argument("--max-length", type=int, help="the most tokens a prompt and answer may take (default: the "
+    p.add_argument("--max-length", type=AT_LEAST_1, help="the most tokens a prompt and answer may take (default: the "
                    "model's context); longer ones are cut at the end, a pair is left out if an answer has no "
                    "token left")
-    p.add_argument("--eval-every", type=int, default=50,
+    p.add_argument("--eval-every", type=AT_LEAST_0, default=50,
                    help="evaluate every N steps, besides at the start and the end (0: only those)")
-    p.add_argument("--eval-pairs", type=int, default=64, metavar="N",
+    p.add_argument("--eval-pairs", type=AT_LEAST_0, default=64, metavar="N",
                    help="training pairs scored at each evaluation (default: 64); validation is scored whole")
     add_record_options(p)
     add_device_option(p)
@@ -45,10 +45,6 @@ def cmd_finetune_dpo(args) -> int:
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     check_log_option(args)
     fractions = split_fractions(args.split)
-    if args.epochs < 1 or args.batch < 1 or args.eval_pairs < 0:
-        raise UsageError("--epochs and --batch must be at least 1, --eval-pairs at least 0")
-    if not args.beta > 0:
-        raise UsageError(f"--beta must be positive (it scales the implicit reward), got {args.beta}")
     summary = dpo_run(args, fractions, device, say=print)
     shown = next((s for s in ("val", "train") if f"{s}_loss" in summary), None)  # none: nothing scored
     print(f"done: {summary['steps']} steps, "

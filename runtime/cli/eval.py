@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmspec.runtime.cli.numbers import AT_LEAST_1
 from lmspec.runtime.cli.options import SPLITS
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
@@ -22,14 +23,14 @@ def eval_options(p) -> None:
     p.add_argument("--split", choices=SPLITS,
                    help="the part to score: train/validation as `train` or finetuning cut it, test as finetuning "
                         "cut it (default: test on a finetuned checkpoint's own data, else all)")
-    p.add_argument("--seq", type=int, help="tokens per window for a language model (default: the context)")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens (language model)")
-    p.add_argument("--batch", type=int, default=8, help="windows, texts or records per forward pass (default: 8)")
+    p.add_argument("--seq", type=AT_LEAST_1, help="tokens per window for a language model (default: the context)")
+    p.add_argument("--max-tokens", type=AT_LEAST_1, metavar="N", help="score only the first N tokens (language model)")
+    p.add_argument("--batch", type=AT_LEAST_1, default=8, help="windows, texts or records per forward pass (default: 8)")
     p.add_argument("--text-field", default="text", help="a classifier's text field or header column (default: text)")
     p.add_argument("--label-field", default="label", help="its label field or header column (default: label)")
     p.add_argument("--responses", metavar="FILE", help="instruction-tuned: write greedy answers to the scored "
                    "records as JSONL (each record plus \"model_response\")")
-    p.add_argument("--response-tokens", type=int, default=256, help="the longest answer (default: 256)")
+    p.add_argument("--response-tokens", type=AT_LEAST_1, default=256, help="the longest answer (default: 256)")
     p.add_argument("--multiple-choice", metavar="FILE",
                    help="a language model: multiple-choice accuracy on JSONL items {\"context\": str, \"choices\": "
                         "[str, ...], \"answer\": int}, each choice scored by its log-probability after the context "
@@ -38,7 +39,7 @@ def eval_options(p) -> None:
     p.add_argument("--format", choices=["human", "json"], default="human",
                    help="json: print one JSON object (for CI)")
     add_device_option(p)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=AT_LEAST_1, help="torch CPU threads")
 
 
 def cmd_eval(args) -> int:
@@ -50,9 +51,6 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)  # first: a device that is not there costs no load
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("batch", "seq", "max_tokens", "response_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     items = None
     if args.multiple_choice:
         from lmspec.runtime.train.multiple_choice import read_items

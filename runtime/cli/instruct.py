@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import sys
 
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1
 from lmspec.runtime.cli.options import (
-    add_log_option, add_lora_options, add_optimizer_options, add_record_options, check_log_option
+    add_log_option, add_lora_options, add_optimizer_options, add_record_options, add_sampling_options,
+    check_log_option
 )
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
@@ -33,16 +35,16 @@ def finetune_instruct_options(p) -> None:
     p.add_argument("--template", choices=["alpaca", "chatml"], default="alpaca",
                    help="prompt format: alpaca (the book's '### Instruction:' text, answers end with "
                         "<|endoftext|>) or chatml (<|im_start|>/<|im_end|> control tokens) (default: alpaca)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=AT_LEAST_1, default=2)
     add_optimizer_options(p, lr=5e-5, warmup=10, lr_note=", the book's")
-    p.add_argument("--max-length", type=int, help="the most tokens an example may take (default: the model's "
+    p.add_argument("--max-length", type=AT_LEAST_1, help="the most tokens an example may take (default: the model's "
                    "context); longer examples are cut at the end, and left out if no answer token remains")
-    p.add_argument("--eval-every", type=int, default=50,
+    p.add_argument("--eval-every", type=AT_LEAST_0, default=50,
                    help="validation loss every N steps, besides at the start and the end (0: only those)")
     add_record_options(p)
     p.add_argument("--responses", metavar="FILE", help="after training, write greedy answers to the test "
                    "records to this JSONL file (each record plus \"model_response\")")
-    p.add_argument("--response-tokens", type=int, default=256, help="the longest answer --responses writes")
+    p.add_argument("--response-tokens", type=AT_LEAST_1, default=256, help="the longest answer --responses writes")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_option(p)
@@ -56,8 +58,6 @@ def cmd_finetune_instruct(args) -> int:
     device = resolve_device(args.device)  # first: a device that is not there costs no data read, no load
     check_log_option(args)
     fractions = split_fractions(args.split)
-    if args.epochs < 1 or args.batch < 1:
-        raise UsageError("--epochs and --batch must be at least 1")
     result = instruct_run(args, fractions, device, say=print)
     summary = result["summary"]
     print(f"done: {summary['steps']} steps, train loss {summary['loss']:.4f}"
@@ -84,10 +84,7 @@ FINETUNE_INSTRUCT = Verb(
 def chat_options(p) -> None:
     """`lmspec chat`'s options."""
     p.add_argument("checkpoint", help="an instruction-tuned run or checkpoint")
-    p.add_argument("--max-tokens", type=int, default=256, help="the longest answer (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) picks the likeliest token")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, help="makes sampling repeatable")
+    add_sampling_options(p, max_tokens=256, temperature=0.0, top_p=False)
     p.add_argument("--system", help="a system message, first in every prompt (the Alpaca template shows it as "
                    "the instruction's ### Input:)")
     add_device_option(p)

@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
         for action in q._actions:  # an option declared without help still shows its default
             if action.help is None and action.option_strings and action.default not in (None, False, []):
                 action.help = "(default: %(default)s)"
-        q.set_defaults(handler=row.handler, verb_name=row.name, outputs=row.outputs,
+        q.set_defaults(handler=row.handler, verb_name=row.name, outputs=row.outputs, parser_of_verb=q,
                        verb_parser=q if row.config_file else None)
     return p
 
@@ -96,7 +96,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     top = parser()
-    args = top.parse_args(argv)
+    args, unknown = top.parse_known_args(argv)
+    if unknown:  # argparse would blame `lmspec` and show its usage; the verb's is the one that helps
+        args.parser_of_verb.error(unrecognized_report(unknown, args.parser_of_verb))
     if too_old := old_torch_report(args.verb_name):
         print(too_old, file=sys.stderr)
         return 1
@@ -129,6 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmspec {args.verb_name}: internal error: {type(err).__name__}: {err}\n"
               f"(this is a bug in lmspec; run with LMSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
+
+
+def unrecognized_report(unknown: list[str], verb_parser: argparse.ArgumentParser) -> str:
+    """argparse's message for arguments no option takes, with the nearest option of the verb for
+    the first that looks like a misspelt one."""
+    import difflib
+
+    report = f"unrecognized arguments: {' '.join(unknown)}"
+    options = [o for action in verb_parser._actions for o in action.option_strings if o.startswith("--")]
+    for argument in unknown:
+        if argument.startswith("--"):
+            near = difflib.get_close_matches(argument.split("=", 1)[0], options, n=1, cutoff=0.75)
+            if near:
+                return f"{report} (did you mean {near[0]}?)"
+    return report
 
 
 def options_of_run(args, argv: list[str], top: argparse.ArgumentParser):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from lmspec.dsl.errors import UserError
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE, PROBABILITY
 from lmspec.runtime.errors import UsageError
 
 # Which part of the data `eval` scores.
@@ -31,6 +32,18 @@ def add_provider_option(parser) -> None:
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help=PROVIDER_HELP)
 
 
+def add_sampling_options(p, max_tokens: int = 200, temperature: float = 1.0, top_p: bool = True) -> None:
+    """--max-tokens, --temperature, --top-k, --top-p and --seed, for every verb that generates text."""
+    p.add_argument("--max-tokens", type=AT_LEAST_0, default=max_tokens, help="the most tokens to generate")
+    p.add_argument("--temperature", type=NOT_NEGATIVE, default=temperature,
+                   help="0 picks the likeliest token (greedy); higher spreads the choice wider")
+    p.add_argument("--top-k", type=AT_LEAST_1, metavar="K", help="sample among the K likeliest tokens only")
+    if top_p:
+        p.add_argument("--top-p", type=PROBABILITY, metavar="P",
+                       help="sample among the likeliest tokens whose probabilities sum to P (nucleus)")
+    p.add_argument("--seed", type=AT_LEAST_0, help="makes sampling repeatable")
+
+
 def add_override_options(p) -> None:
     """--set NAME=VALUE and --model, for every verb that builds a spec."""
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -40,7 +53,7 @@ def add_override_options(p) -> None:
 
 def add_optimizer_options(q, *, lr: float, warmup: int, lr_note: str = "") -> None:
     """The optimiser's settings: --batch --lr --min-lr --warmup --weight-decay --grad-clip --schedule."""
-    q.add_argument("--batch", type=int, default=8, help="examples per step (default: 8)")
+    q.add_argument("--batch", type=AT_LEAST_1, default=8, help="examples per step (default: 8)")
     q.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g}{lr_note})")
     q.add_argument("--min-lr", type=float, help="final learning rate of the decay (default: lr/10)")
     q.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default: {warmup})")
@@ -60,8 +73,8 @@ def add_schedule_options(q) -> None:
 
 def add_lora_options(q) -> None:
     """--lora R --lora-alpha A --lora-targets PATTERNS, for a finetune verb."""
-    q.add_argument("--lora", type=int, metavar="R", help="train rank-R LoRA adapters instead of the weights")
-    q.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale numerator: updates scale by A/R "
+    q.add_argument("--lora", type=AT_LEAST_1, metavar="R", help="train rank-R LoRA adapters instead of the weights")
+    q.add_argument("--lora-alpha", type=POSITIVE, metavar="A", help="LoRA scale numerator: updates scale by A/R "
                    "(default: 2R)")
     q.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.*", metavar="PATTERNS",
                    help="comma-separated module patterns that get adapters, matched against the end of each "
@@ -73,8 +86,8 @@ def add_record_options(q) -> None:
     shuffles and computes."""
     q.add_argument("--split", default="0.85,0.05,0.1", metavar="TRAIN,VAL,TEST",
                    help="fractions of the records after a seeded shuffle (default: 0.85,0.05,0.1, the book's)")
-    q.add_argument("--limit", type=int, metavar="N", help="use only the first N records (a quick trial)")
-    q.add_argument("--seed", type=int, default=123, help="the split, the batch order, dropout (default: 123)")
+    q.add_argument("--limit", type=AT_LEAST_1, metavar="N", help="use only the first N records (a quick trial)")
+    q.add_argument("--seed", type=AT_LEAST_0, default=123, help="the split, the batch order, dropout (default: 123)")
     q.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast compute dtype; weights stay fp32")
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from lmspec.dsl.errors import UserError
-from lmspec.runtime.cli.options import add_provider_option
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE
+from lmspec.runtime.cli.options import add_provider_option, add_sampling_options
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import DataError, TokenizerError, UsageError
 
@@ -25,14 +26,10 @@ def generate_options(p) -> None:
     p.add_argument("model", help="an exported .onnx file, or a directory holding one")
     p.add_argument("--prompt", action="append", help="text to continue; repeat for a batch of prompts")
     p.add_argument("--prompts-file", help="a file with one prompt per line (batched)")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    add_sampling_options(p)
     p.add_argument("--stop", action="append", metavar="TEXT",
                      help="stop when this text appears (repeatable; \\n means a newline)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=AT_LEAST_1, help="onnxruntime intra-op threads")
     add_provider_option(p)
     p.add_argument("--json", action="store_true", help="print the completions as JSON")
     p.add_argument("--chat", action="store_true",
@@ -130,21 +127,9 @@ GENERATE = Verb(
 def _check_args(args) -> None:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
-    for option, value in (("--read-timeout", args.read_timeout), ("--idle-timeout", args.idle_timeout),
-                          ("--request-timeout", args.request_timeout)):
-        if value is not None and not value > 0:
-            raise UsageError(f"{option} {value:g}: must be a positive number of seconds")
-    if not args.drain_seconds >= 0:
-        raise UsageError(f"--drain-seconds {args.drain_seconds:g}: must be 0 or more seconds")
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UsageError(f"--cors-origin {origin}: an origin is a scheme and a host, such as https://app.example")
-    for option, value, least in (("--max-tokens", args.max_tokens, 0), ("--max-batch", args.max_batch, 1),
-                                 ("--max-choices", args.max_choices, 1),
-                                 ("--max-body-bytes", args.max_body_bytes, 1),
-                                 ("--max-prompt-tokens", args.max_prompt_tokens, 1), ("--threads", args.threads, 1)):
-        if value is not None and value < least:
-            raise UsageError(f"{option} {value}: must be at least {least}")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -191,26 +176,26 @@ def serve_options(p) -> None:
                     help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", help="the model name clients ask for (default: the spec's model name)")
-    p.add_argument("--max-tokens", type=int, default=1024,
+    p.add_argument("--max-tokens", type=AT_LEAST_0, default=1024,
                     help="the most tokens one request may generate (language models)")
-    p.add_argument("--max-prompt-tokens", type=int,
+    p.add_argument("--max-prompt-tokens", type=AT_LEAST_1,
                     help="the longest prompt accepted (language models; default: the context)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--max-body-bytes", type=AT_LEAST_1, default=1 << 20, help="the largest request body accepted")
+    p.add_argument("--max-batch", type=AT_LEAST_1, default=16,
                     help="the most requests generated together: they join and leave the running batch between "
                          "decode steps (language models)")
-    p.add_argument("--max-choices", type=int, default=16,
+    p.add_argument("--max-choices", type=AT_LEAST_1, default=16,
                    help="the most completions one request may ask for, prompts x n (language models)")
-    p.add_argument("--request-timeout", type=float, metavar="S",
+    p.add_argument("--request-timeout", type=POSITIVE, metavar="S",
                    help="seconds a request may take from arrival to its last token; it is stopped after, with a 408 "
                         "(default: no limit)")
-    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+    p.add_argument("--drain-seconds", type=NOT_NEGATIVE, default=30.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, seconds the requests in flight may take to finish; those still "
                         "running after are ended with a 503 error (default: 30)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous (the default), or static: whole batches, one after the other (the old "
                         "scheduler, kept to measure against)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=AT_LEAST_1, help="onnxruntime intra-op threads")
     add_provider_option(p)
     p.add_argument("--api-key", metavar="KEY", default=argparse.SUPPRESS,
                    help=f"require `Authorization: Bearer KEY` on every route but /health and the chat page at / "
@@ -218,10 +203,10 @@ def serve_options(p) -> None:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", default=[],
                    help="a web origin (https://app.example) whose pages may call the server; repeatable "
                         "(default: none)")
-    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--read-timeout", type=POSITIVE, default=30.0, metavar="S",
                    help="seconds a request's headers may take to arrive (the connection closes after), and each "
                         "part of its body (408 after)")
-    p.add_argument("--idle-timeout", type=float, default=5.0, metavar="S",
+    p.add_argument("--idle-timeout", type=POSITIVE, default=5.0, metavar="S",
                    help="seconds an idle keep-alive connection stays open")
 
 

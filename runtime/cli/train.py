@@ -4,8 +4,9 @@ from __future__ import annotations
 from lmspec.dsl.diagnostics import SpecError
 from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli.options import (
-    add_log_option, add_override_options, add_schedule_options, check_log_option, fail
+    add_log_option, add_override_options, add_sampling_options, add_schedule_options, check_log_option, fail
 )
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, POSITIVE
 from lmspec.runtime.cli.verb import Output, Verb
 from lmspec.runtime.distributed.device import add_device_option, device_name
 from lmspec.runtime.errors import CheckpointError, UsageError, WriteError
@@ -56,28 +57,28 @@ def train_options(p) -> None:
     p.add_argument("--cpu-offload", action="store_true",
                    help="with --strategy fsdp: keep the sharded weights, gradients and AdamW state in host memory "
                         "(FSDP2 CPUOffloadPolicy), for a model whose state does not fit the GPUs (`lmspec plan` says when)")
-    p.add_argument("--tp", type=int, metavar="N",
+    p.add_argument("--tp", type=AT_LEAST_1, metavar="N",
                    help="under torchrun: tensor parallel, each layer split over N ranks (Megatron-style, "
                         "DTensor; the split comes from the graph: `lmspec info --tp N` shows it). Combines with "
                         "--pp; ranks beyond tp x pp are data-parallel replicas (mesh pp x dp x tp, tp fastest)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="with --tp: Megatron's sequence parallelism, the residual stream and norms split along the "
                         "sequence between attention and MLP (less activation memory, the same bytes sent)")
-    p.add_argument("--pp", type=int, metavar="N",
+    p.add_argument("--pp", type=AT_LEAST_1, metavar="N",
                    help="under torchrun: pipeline parallel, the model cut into N stages at block boundaries "
                         "(`lmspec info --pp N` shows the cut), run with torch.distributed.pipelining")
-    p.add_argument("--micro-batches", type=int, metavar="M",
+    p.add_argument("--micro-batches", type=AT_LEAST_1, metavar="M",
                    help="with --pp: micro-batches each batch is split into (default: one per stage)")
     p.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], help="with --pp: the pipeline schedule (default: 1f1b)")
-    p.add_argument("--pad-vocab", type=int, metavar="N",
+    p.add_argument("--pad-vocab", type=AT_LEAST_1, metavar="N",
                    help="round the model's vocab up to a multiple of N (64 or 128 suit a GPU's matrix units); the "
                         "extra rows are never a token, and sample, eval, export and finetuning see the real vocab")
     add_device_option(p)
-    p.add_argument("--peak-tflops", type=float, metavar="T",
+    p.add_argument("--peak-tflops", type=POSITIVE, metavar="T",
                    help="peak dense bf16 TFLOP/s of one device, for MFU in the metrics (default: a table of common "
                         "GPUs; on a CPU MFU is reported only when this is given)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--sample-tokens", type=int, default=200, help="print a sample this long at the end (0: none)")
+    p.add_argument("--threads", type=AT_LEAST_1, help="torch CPU threads")
+    p.add_argument("--sample-tokens", type=AT_LEAST_0, default=200, help="print a sample this long at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_option(p)
 
@@ -216,11 +217,7 @@ def sample_options(p) -> None:
     """`lmspec sample`'s options."""
     p.add_argument("checkpoint", help="a run directory or a checkpoint directory")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    add_sampling_options(p)
     add_device_option(p)
 
 

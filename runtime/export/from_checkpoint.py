@@ -59,7 +59,7 @@ def export_bundle(checkpoint: str, out: str, opset: int | None = None, optimize:
     if quantize and fp16:
         raise UsageError(f"--quantize {quantize} and --fp16 exclude each other: quantized weights run with fp32 "
                          f"activations")
-    opset = opset or DEFAULT_OPSET
+    opset = DEFAULT_OPSET if opset is None else opset  # 0 is refused below, not taken for the default
     destination = output_path(out)
     target = export_target(checkpoint, log)
     graph, model = target.graph, target.model

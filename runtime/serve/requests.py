@@ -5,6 +5,7 @@ own, and the running batches of serve/running_batch.py and serve/slot_batch.py);
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,8 +75,8 @@ def check_request(request: GenerationRequest, vocab_size: int) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary of {vocab_size:,}")
     if not isinstance(request.max_tokens, int) or request.max_tokens < 0:
         raise ValueError(f"max_tokens must be an integer >= 0, got {request.max_tokens!r}")
-    if request.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {request.temperature}")
+    if not 0 <= request.temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {request.temperature}")
     if request.top_k is not None and request.top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {request.top_k}")
     if request.top_p is not None and not 0 < request.top_p <= 1:

@@ -3,6 +3,7 @@ checkpoint (the settings that shape what is trained) and may change (how long, h
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from lmspec.runtime.checkpoint.store import Checkpoint
@@ -71,11 +72,11 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
         need(isinstance(self.seq, int) and 1 <= self.seq <= context, "seq",
              f"must be between 1 and the model's context {context}")
-        need(self.lr > 0, "lr", "must be positive")
+        need(0 < self.lr < math.inf, "lr", "must be a finite number > 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr ({self.lr})")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.weight_decay < math.inf, "weight_decay", "must be a finite number >= 0")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
-        need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)")
+        need(0 <= self.grad_clip < math.inf, "grad_clip", "must be a finite number >= 0 (0 turns clipping off)")
         need(self.precision in self.PRECISIONS, "precision", f"must be one of {', '.join(self.PRECISIONS)}")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
         need(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")

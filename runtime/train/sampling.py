@@ -6,6 +6,8 @@ the last `model.context` tokens (a sliding window), so generation may run past t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmspec.compiler.kv_cache import make_cache
@@ -100,8 +102,8 @@ def check_arguments(prompt_ids, max_tokens, temperature, top_k, top_p) -> None:
         raise ValueError("the prompt is empty: give at least one token to condition on (see encode_prompt)")
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

@@ -229,7 +229,7 @@ def test_rewrites_without_lora_keeps_the_others():
 
 
 def test_lora_options_make_the_rewrite_record():
-    from argparse import ArgumentParser
+    from argparse import ArgumentParser, Namespace
     from lmspec.runtime.cli.options import add_lora_options
 
     parser = ArgumentParser()
@@ -239,7 +239,12 @@ def test_lora_options_make_the_rewrite_record():
         "kind": "lora", "rank": 8, "alpha": 16.0, "targets": ["attn.qkv", "attn.proj", "mlp.*"]}
     record = lora_rewrite(parser.parse_args(["--lora", "4", "--lora-alpha", "4", "--lora-targets", "qkv, lm_head"]))
     assert record == {"kind": "lora", "rank": 4, "alpha": 4.0, "targets": ["qkv", "lm_head"]}
-    for argv, message in [(["--lora", "0"], "at least 1"), (["--lora", "2", "--lora-alpha", "-1"], "positive"),
-                          (["--lora", "2", "--lora-targets", " , "], "at least one module pattern")]:
-        with pytest.raises(UsageError, match=message):
-            lora_rewrite(parser.parse_args(argv))
+    for argv in (["--lora", "0"], ["--lora", "2", "--lora-alpha", "-1"]):  # refused by the option's type
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    targets = "attn.qkv,attn.proj,mlp.*"
+    for args, message in [(dict(lora=0, lora_alpha=None, lora_targets=targets), "at least 1"),
+                          (dict(lora=2, lora_alpha=-1.0, lora_targets=targets), "positive"),
+                          (dict(lora=2, lora_alpha=None, lora_targets=" , "), "at least one module pattern")]:
+        with pytest.raises(UsageError, match=message):  # and by lora_rewrite, for a caller with no command line
+            lora_rewrite(Namespace(**args))

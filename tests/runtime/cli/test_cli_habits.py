@@ -19,11 +19,82 @@ def test_python_m_lmspec_is_the_command():
     assert version.returncode == 0 and version.stdout.strip() == f"lmspec {installed('lmspec')}"
 
 
-def test_an_abbreviated_long_option_is_refused(capsys):
+def test_an_abbreviated_long_option_is_refused_by_the_verb_with_the_option_meant(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["train", "specs/tiny.arch", "--step", "5", "--out", "nowhere"])
     assert stop.value.code == 2
-    assert "unrecognized arguments: --step" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the verb's usage and name, not `lmspec [-h] [--version] VERB ...`
+    assert err.startswith("usage: lmspec train ")
+    assert err.splitlines()[-1] == "lmspec train: error: unrecognized arguments: --step 5 (did you mean --steps?)"
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "in.txt", "-o", "out", "--bogus", "extra"])
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "lmspec data prepare: error: unrecognized arguments: --bogus extra"  # nothing near enough to suggest
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "specs/tiny.arch", "--tp", "-1"], "argument --tp: must be an integer >= 1, got -1"),
+    (["train", "specs/tiny.arch", "--threads", "-2"], "argument --threads: must be an integer >= 1, got -2"),
+    (["train", "specs/tiny.arch", "--peak-tflops", "0"], "argument --peak-tflops: must be a finite number > 0, got 0"),
+    (["train", "specs/tiny.arch", "--pad-vocab", "0"], "argument --pad-vocab: must be an integer >= 1, got 0"),
+    (["sample", "runs/x", "--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got nan"),
+    (["sample", "runs/x", "--top-p", "1.5"], "argument --top-p: must be a finite number > 0 and <= 1, got 1.5"),
+    (["generate", "m.onnx", "--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    (["eval", "runs/x", "--threads", "zero"], "argument --threads: must be an integer >= 1, got 'zero'"),
+    (["finetune", "dpo", "runs/x", "--data", "d.json", "-o", "o", "--beta", "0"],
+     "argument --beta: must be a finite number > 0, got 0"),
+    (["serve", "m.onnx", "--request-timeout", "inf"], "argument --request-timeout: must be a finite number > 0, got inf"),
+])
+def test_a_number_out_of_range_is_refused_by_its_verb_before_anything_runs(args, message, capsys):
+    # the paths do not exist: the number is refused first
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err
+    verb = " ".join(a for a in args[:2] if not ("/" in a or "." in a))
+    assert stop.value.code == 2 and err.splitlines()[-1] == f"lmspec {verb}: error: {message}", err
+
+
+def test_a_number_out_of_range_in_a_config_file_is_located(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('spec = "specs/tiny.arch"\nsteps = 3\nthreads = -2\n')
+    assert main(["train", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{config}:3: threads must be an integer >= 1, got -2")
+
+
+# Numeric options whose range is checked by the stage that uses them (TrainConfig, `lmspec plan`, the
+# data and tokenizer stages, the exporter), each with a test of its own; any other takes a type of
+# runtime/cli/numbers.py, which refuses a bad value before anything runs.
+CHECKED_BY_THEIR_STAGE = {
+    "diff": {"--seq"}, "info": {"--seq", "--tp", "--pp"},
+    "plan": {"--gpus", "--seq", "--micro-batch", "--global-batch", "--gpus-per-node", "--layouts", "--mfu"},
+    "train": {"--steps", "--batch", "--seq", "--lr", "--min-lr", "--warmup", "--decay-fraction", "--weight-decay",
+              "--beta2", "--grad-clip", "--grad-accum", "--eval-every", "--eval-batches", "--ckpt-every", "--keep",
+              "--seed"},
+    "export": {"--opset"}, "serve": {"--port"},
+    "data prepare": {"--min-chars", "--max-chars", "--near-dup-threshold", "--shingle"},
+    "data tokenize": {"--val-fraction", "--shard-tokens"}, "tokenizer train": {"--vocab-size", "--min-frequency"},
+    **{f"finetune {kind}": {"--lr", "--min-lr", "--warmup", "--weight-decay", "--grad-clip", "--decay-fraction"}
+       for kind in ("classify", "instruct", "dpo")},
+}
+
+
+def test_every_numeric_option_has_its_range_checked():
+    unchecked = {}
+    for verb, verb_parser in _verb_parsers(parser()):
+        plain = {a.option_strings[-1] for a in verb_parser._actions if a.type in (int, float) and a.option_strings}
+        if plain != CHECKED_BY_THEIR_STAGE.get(verb, set()):
+            unchecked[verb] = sorted(plain ^ CHECKED_BY_THEIR_STAGE.get(verb, set()))
+    assert not unchecked, f"give these a type of runtime/cli/numbers.py (or list them above): {unchecked}"
+
+
+def _verb_parsers(p, prefix=""):
+    below = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+    if not below and prefix:
+        yield prefix.strip(), p
+    for action in below:
+        for name, q in action.choices.items():
+            yield from _verb_parsers(q, f"{prefix}{name} ")
 
 
 def test_help_shows_each_default_once(capsys):

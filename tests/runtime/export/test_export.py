@@ -376,8 +376,6 @@ def test_bad_input_is_a_clear_error(tiny_bundle, tmp_path, capsys):
         (["generate", tmp_path / "missing.onnx", "--prompt", "I"], "no such ONNX model"),
         (["generate", tmp_path / "corrupt.onnx", "--prompt", "I"], "onnxruntime cannot load it"),
         (["generate", tmp_path / "alone.onnx", "--prompt", "I"], "alone.lmspec.json: missing"),
-        (["generate", tiny_bundle, "--prompt", "I", "--max-tokens", "-1"], "max_tokens"),
-        (["generate", tiny_bundle, "--prompt", "I", "--top-p", "2"], "top_p"),
         (["generate", tiny_bundle, "--prompt", "\u2603 snowman"], "prompt"),
     ]
     out = lmspec_cli(*cases[3][0])  # one in a process of its own, as a user runs it

@@ -450,11 +450,12 @@ def test_a_taken_port_is_a_one_line_error(tiny_bundle, server):
 
 def test_bad_options_are_usage_errors(tiny_bundle):
     # refused before a server starts: through main() in this process
-    out = lmspec_main("serve", tiny_bundle, "--max-batch", "0")
-    assert out.returncode == 2 and "--max-batch 0: must be at least 1" in out.stderr
-    for args, words in ((("--drain-seconds", "-1"), "--drain-seconds -1: must be 0 or more seconds"),
-                        (("--request-timeout", "0"), "--request-timeout 0: must be a positive number of seconds"),
-                        (("--max-choices", "0"), "--max-choices 0: must be at least 1")):
+    for args, words in ((("--max-batch", "0"), "argument --max-batch: must be an integer >= 1, got 0"),
+                        (("--drain-seconds", "-1"), "argument --drain-seconds: must be a finite number >= 0, got -1"),
+                        (("--request-timeout", "0"), "argument --request-timeout: must be a finite number > 0, got 0"),
+                        (("--read-timeout", "nan"), "argument --read-timeout: must be a finite number > 0, got nan"),
+                        (("--max-choices", "0"), "argument --max-choices: must be an integer >= 1, got 0"),
+                        (("--port", "70000"), "--port 70000: must be between 0 and 65535")):
         out = lmspec_main("serve", tiny_bundle, *args)
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
 

@@ -123,7 +123,7 @@ def test_a_body_that_stops_arriving_is_a_408_and_headers_that_do_not_arrive_clos
 
 def test_bad_guard_options_are_usage_errors(tiny_bundle):
     from runtime_helpers import lmspec_cli
-    for args, words in ((["--read-timeout", "0"], "--read-timeout 0: must be a positive number"),
+    for args, words in ((["--read-timeout", "0"], "argument --read-timeout: must be a finite number > 0, got 0"),
                         (["--cors-origin", "app.example"], "an origin is a scheme and a host")):
         out = lmspec_cli("serve", str(tiny_bundle), *args, env={**os.environ, "LMSPEC_API_KEY": ""})
         assert out.returncode == 2 and words in out.stderr, out.stderr

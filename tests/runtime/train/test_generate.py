@@ -145,7 +145,8 @@ def test_top_k_and_top_p_filter_the_distribution():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_ids=[]), "the prompt is empty"),
     (dict(max_tokens=-1), "max_tokens must be >= 0"),
-    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
     (dict(top_k=0), "top_k must be >= 1"),
     (dict(top_p=0.0), "top_p must be in"),
 ])

@@ -97,7 +97,9 @@ def test_config_defaults_follow_the_model():
     ("min_lr", 1.0, "min_lr must be between 0 and lr"),
     ("grad_accum", 0, "grad_accum must be an integer >= 1"),
     ("betas", (0.9, 1.0), "betas must be two numbers in"),
-    ("grad_clip", -1.0, "grad_clip must be >= 0"),
+    ("grad_clip", -1.0, "grad_clip must be a finite number >= 0"),
+    ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0, got nan"),
 ])
 def test_bad_config_names_the_setting(field, value, message):
     with pytest.raises(ConfigError, match=message):

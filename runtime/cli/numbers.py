@@ -1,0 +1,51 @@
+"""Numeric option types with their bounds (`type=AT_LEAST_1`): checked where an option is declared,
+in one phrasing, with the same check for a value that comes from a --config file."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+class Number:
+    """An argparse type: an int or a finite float within bounds. `least`/`most` are inclusive,
+    `above` exclusive; a float is never NaN or infinite."""
+
+    def __init__(self, kind: type, least: float | None = None, most: float | None = None,
+                 above: float | None = None):
+        self.kind, self.least, self.most, self.above = kind, least, most, above
+        self.__name__ = self.expected()  # argparse names a type by it
+
+    def expected(self) -> str:
+        """What a value must be, as in "must be an integer >= 1"."""
+        noun = "an integer" if self.kind is int else "a finite number"
+        bounds = [f">= {_shown(self.least)}" if self.least is not None else None,
+                  f"> {_shown(self.above)}" if self.above is not None else None,
+                  f"<= {_shown(self.most)}" if self.most is not None else None]
+        return " ".join([noun, " and ".join(b for b in bounds if b)]).strip()
+
+    def problem(self, value) -> str | None:
+        """Why `value` (already of `kind`) is refused, or None."""
+        within = ((self.kind is int or math.isfinite(value)) and (self.least is None or value >= self.least)
+                  and (self.above is None or value > self.above) and (self.most is None or value <= self.most))
+        return None if within else f"must be {self.expected()}, got {_shown(value)}"
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {self.expected()}, got {text!r}") from None
+        if (problem := self.problem(value)) is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+AT_LEAST_0 = Number(int, least=0)  # a count, where 0 means none (or "off", as the option says)
+AT_LEAST_1 = Number(int, least=1)
+POSITIVE = Number(float, above=0)
+NOT_NEGATIVE = Number(float, least=0)
+FRACTION = Number(float, least=0, most=1)
+PROBABILITY = Number(float, above=0, most=1)
