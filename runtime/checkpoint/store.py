@@ -37,7 +37,7 @@ from lmspec.runtime.checkpoint.layout import (  # noqa: F401  (the layout is par
 )
 from lmspec.runtime.checkpoint.layout import step_dirs as _step_dirs
 from lmspec.runtime.checkpoint.integrity import (
-    CHECKSUMS_FIELD, checksums_of, verified_while_read, verify_directory, verify_file,
+    CHECKSUMS_FIELD, advice, checksums_of, newest_intact_before, verified_while_read, verify_directory, verify_file,
 )
 
 # dcp.load(no_dist=True) says it reads in one process, which is what it is asked to do
@@ -279,28 +279,32 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"{path}: no such file or directory")
         raise CheckpointError(f"{path}: no checkpoint found (expected {CHECKPOINTS_DIR}/step_NNNNNN/)")
     meta_path = step_dir / META_FILE
+
+    def damaged(problem: str) -> CheckpointError:  # names the checkpoint to use instead, as a checksum mismatch does
+        return CheckpointError(f"{problem}; {advice(newest_intact_before(step_dir))}")
+
     if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path}: missing")
+        raise damaged(f"{meta_path}: missing")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{meta_path}: corrupt ({err})") from None
+        raise damaged(f"{meta_path}: corrupt ({err})") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{meta_path}: corrupt (not a JSON object)")
+        raise damaged(f"{meta_path}: corrupt (not a JSON object)")
     if meta.get("format", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: written by a newer lmspec (format {meta['format']})")
     expected = {"step": int, "train_config": dict, "metrics": dict, "tokenizer": str, "spec": dict}
     for field, kind in expected.items():
         if not isinstance(meta.get(field), kind):
-            raise CheckpointError(f"{meta_path}: field {field!r} is missing or not a {kind.__name__}")
+            raise damaged(f"{meta_path}: field {field!r} is missing or not a {kind.__name__}")
     model_path = step_dir / MODEL_FILE
     if not model_path.is_file():
-        raise CheckpointError(f"{model_path}: missing")
+        raise damaged(f"{model_path}: missing")
     try:  # reading the header checks that the file is complete, without loading the tensors
         with safe_open(str(model_path), "pt"):
             pass
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{model_path}: corrupt or unreadable ({err})") from None
+        raise damaged(f"{model_path}: corrupt or unreadable ({err})") from None
     return Checkpoint(
         path=step_dir,
         step=meta["step"],

@@ -1,6 +1,7 @@
 """`lmspec data prepare|tokenize|verify` and `lmspec tokenizer train|encode|decode`."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -170,7 +171,11 @@ def cmd_tokenizer_train(args) -> int:
     from lmspec.runtime.data.tokenizer_training import DEFAULT_SPECIAL_TOKENS, train_bpe
     specials = list(DEFAULT_SPECIAL_TOKENS) + [s for s in args.special if s not in DEFAULT_SPECIAL_TOKENS]
     documents, _ = _documents(args.corpus, args.text_field)
-    tok = train_bpe(_texts(documents), args.vocab_size, args.out, special_tokens=specials,
+    texts = _texts(documents)
+    first = next((text for text in texts if text.strip()), None)  # blank texts teach a tokenizer nothing
+    if first is None:  # else a tokenizer of bytes alone would be written, and trained on nothing
+        raise DataError(f"{' '.join(args.corpus)}: no text to train on")
+    tok = train_bpe(itertools.chain([first], texts), args.vocab_size, args.out, special_tokens=specials,
                     min_frequency=args.min_frequency, progress=not args.no_progress)
     ids = {s: tok.tokenizer.token_to_id(s) for s in specials}
     print(f"wrote {args.out}: {tok.vocab_size:,} tokens; special: "

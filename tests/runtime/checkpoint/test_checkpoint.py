@@ -187,11 +187,16 @@ def _corrupt(path):
     ("meta.json", lambda p: p.unlink(), r"meta.json: missing"),
     ("meta.json", lambda p: p.write_text('{"step": "x"}'), r"meta.json: field 'step' is missing"),
 ])
-def test_corrupt_files_fail_on_load_naming_the_file(tmp_path, tiny_gpt, file, action, message):
+def test_corrupt_files_fail_on_load_naming_the_file_and_the_checkpoint_to_use(tmp_path, tiny_gpt, file, action,
+                                                                                message):
     model, optimizer = _trained(tiny_gpt)
-    step_dir = _save(tmp_path, 1, model, optimizer)
+    earlier = _save(tmp_path, 1, model, optimizer)
+    step_dir = _save(tmp_path, 2, model, optimizer)
     action(step_dir / file)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=f"{message}.*; step_000001 is intact: load {earlier} instead"):
+        load_checkpoint(tmp_path)
+    _corrupt(earlier / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{message}.*; no earlier checkpoint of this run is intact"):
         load_checkpoint(tmp_path)
 
 

@@ -62,7 +62,10 @@ def test_prepare_tokenize_train_sample(tmp_path):
 
 
 def test_bad_data_inputs_are_clear_errors(tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
     cases = [
+        (["tokenizer", "train", tmp_path / "blank.txt", "--vocab-size", "300", "--out", tmp_path / "t.json"],
+         "blank.txt: no text to train on"),
         (["data", "prepare", tmp_path / "missing", "--out", tmp_path / "p"], "missing"),
         (["data", "tokenize", tmp_path / "missing", "--tokenizer", GPT2, "--out", tmp_path / "s"], "missing"),
         (["tokenizer", "train", DATA / "the-verdict.txt", "--vocab-size", "10", "--out", tmp_path / "t.json"],
@@ -73,3 +76,4 @@ def test_bad_data_inputs_are_clear_errors(tmp_path):
         out = lmspec_main(*args)
         assert out.returncode != 0, args
         assert words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "t.json").exists()  # a tokenizer of bytes alone, trained on nothing, is not written
