@@ -51,9 +51,11 @@ class CharTokenizer:
             return [ids[ch] for ch in text]
         except KeyError as err:
             ch = err.args[0]
+            at = text.index(ch)
+            line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
             raise TokenizerError(
-                f"character {ch!r} (U+{ord(ch):04X}) is not in the tokenizer's vocabulary "
-                f"of {self.vocab_size} characters"
+                f"character {ch!r} (U+{ord(ch):04X}) at line {line}, column {column} is not in the tokenizer's "
+                f"vocabulary of {self.vocab_size} characters"
             ) from None
 
     def decode(self, ids: list[int]) -> str:

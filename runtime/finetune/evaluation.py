@@ -45,7 +45,7 @@ def finetuning_data(loaded, settings) -> tuple[str, str]:
 def language_model_scores(loaded, settings) -> dict:
     from lmspec.runtime.data.corpus import read_text_data
     from lmspec.runtime.data.token_data import TokenData
-    from lmspec.runtime.data.tokenizer import load_tokenizer
+    from lmspec.runtime.data.tokenizer import TokenizerError, load_tokenizer
     from lmspec.runtime.train.perplexity import batched_windows, score_batches
     from lmspec.runtime.train.run import shard_data as _shard_data
 
@@ -70,7 +70,10 @@ def language_model_scores(loaded, settings) -> dict:
         parts = {"train": [shards.train.shards], "validation": [shards.val.shards]}
     else:
         # the same 90/10 cut as `lmspec train`, so --split validation is the text training validated on
-        ids = tokenizer.encode(read_text_data(settings.data))
+        try:
+            ids = tokenizer.encode(read_text_data(settings.data))
+        except TokenizerError as err:  # a character-level vocabulary that lacks one of the text's characters
+            raise TokenizerError(f"{settings.data}: {err}") from None
         data = TokenData(ids)
         parts = {"all": [[ids]], "train": [[data.train.numpy()]], "validation": [[data.val.numpy()]]}
     streams = parts.get(split) or parts["train"] + parts["validation"]  # shards: the two splits in turn

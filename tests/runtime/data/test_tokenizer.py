@@ -26,8 +26,11 @@ def test_char_round_trip(verdict_text):
 
 def test_char_unknown_character_is_a_clear_error():
     tok = CharTokenizer.from_text("abc")
-    with pytest.raises(TokenizerError, match=r"'z' \(U\+007A\) is not in the tokenizer's vocabulary of 3"):
+    with pytest.raises(TokenizerError, match=r"'z' \(U\+007A\) at line 1, column 3 is not in the tokenizer's "
+                                             r"vocabulary of 3"):
         tok.encode("abz")
+    with pytest.raises(TokenizerError, match=r"'z' \(U\+007A\) at line 3, column 2 is"):
+        CharTokenizer.from_text("abc\n").encode("ab\nc\naz")
     with pytest.raises(TokenizerError, match="token id 7 is outside the vocabulary of 3"):
         tok.decode([0, 7])
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime_helpers import SHARED_DATA, lmspec_cli, train_bpe_lm
+from runtime_helpers import SHARED_DATA, lmspec_cli, train_bpe_lm, train_tiny_base
 from lmspec.runtime.checkpoint.store import load_checkpoint
 from lmspec.runtime.cli.main import main
 from lmspec.runtime.data.token_data import TokenData
@@ -168,7 +168,12 @@ def test_errors_are_one_clear_line(runs, classifier, tmp_path, capsys):
     (corrupt / "model.safetensors").write_bytes(b"not safetensors")
     unlabelled = tmp_path / "plain.tsv"
     unlabelled.write_text("just some text without a label\n")
+    characters = train_tiny_base(tmp_path / "char")  # a character vocabulary, from the-verdict
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("the verdict\nwas na\u00efve\n")
     cases = [
+        ([str(characters), "--data", str(foreign)],
+         f"{foreign}: character '\u00ef' (U+00EF) at line 2, column 7 is not in the tokenizer's vocabulary"),
         ([str(tmp_path / "nothing"), "--data", str(VERDICT)], "no such file"),
         ([str(corrupt), "--data", str(VERDICT)], "model.safetensors"),
         ([str(runs["lm"]), "--data", str(VERDICT), "--seq", "256"], "longer than the model's context 128"),
