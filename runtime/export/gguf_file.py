@@ -1,10 +1,11 @@
 """A checkpoint as one GGUF file, what llama.cpp and Ollama run (`lmspec export gguf`).
 
-The checkpoint is first written as its Hugging Face family (runtime/hf, what `lmspec export hf`
-writes) in a scratch directory; that directory is then converted the way llama.cpp's own
-convert_hf_to_gguf.py converts one: the same architecture name, tensor names (the `gguf` package's
-table), metadata keys, the q/k row order its rotary kernel wants, the same choice of which tensors
-stay float32, and the byte-level BPE tokenizer with its merges, special tokens and chat template.
+The checkpoint is taken as its Hugging Face family (runtime/hf: what `lmspec export hf` would write,
+its tensors read from the checkpoint one at a time and converted on the way, so no copy of the
+weights is written but the GGUF file) and converted the way llama.cpp's own convert_hf_to_gguf.py
+converts such a model: the same architecture name, tensor names (the `gguf` package's table),
+metadata keys, the q/k row order its rotary kernel wants, the same choice of which tensors stay
+float32, and the byte-level BPE tokenizer with its merges, special tokens and chat template.
 
 llama.cpp's loader for an architecture reads a fixed set of tensors and ignores config options it
 does not know, so a spec that would load but compute something else is refused before the file
@@ -18,9 +19,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmspec.runtime.atomic import failures_as_write_errors, install_file, scratch_directory
 from lmspec.runtime.errors import GGUFError, UsageError
+
+if TYPE_CHECKING:
+    from lmspec.runtime.hf.convert import HFExport
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 _CHARACTER_LEVEL = "its tokenizer is character-level; a GGUF file holds a BPE tokenizer (train with --tokenizer)"
@@ -115,17 +120,17 @@ def gguf_output_path(out: str) -> Path:
 def export_gguf(checkpoint: str, out: str, gguf_type: str = "f16", log=print) -> Path:
     """Write `checkpoint` as a GGUF file at `out` (f32, f16 or q8_0); returns its path. Nothing is
     written at `out` unless llama.cpp can run the model as the spec computes it."""
-    from lmspec.runtime.hf.convert import export_hf
+    from lmspec.runtime.hf.convert import plan_hf_export
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--type {gguf_type}: one of {', '.join(GGUF_TYPES)}")
     destination = gguf_output_path(out)
     name = _refuse_early(checkpoint)
+    export = plan_hf_export(checkpoint, log=lambda *_: None)
     with failures_as_write_errors(destination), scratch_directory(destination.parent, "gguf") as work:
-        hf_dir = work / "hf"
-        export_hf(checkpoint, hf_dir, log=lambda *_: None)
+        export.write_files(work)  # config.json and the tokenizer's files, which gguf.SpecialVocab reads
         written = work / destination.name
-        summary = gguf_from_hf_directory(hf_dir, written, gguf_type, name=name)
+        summary = gguf_from_hf_export(export, work, written, gguf_type, name=name)
         install_file(written, destination)
     log(f"wrote {destination} ({destination.stat().st_size / 2**20:.1f} MiB): llama.cpp architecture "
         f"{summary['architecture']}, {summary['tensors']} tensors ({summary['types']}), "
@@ -152,32 +157,26 @@ def _refuse_early(checkpoint: str) -> str:
     return graph.name
 
 
-def gguf_from_hf_directory(hf_dir: Path, out: Path, gguf_type: str, name: str) -> dict:
-    """Convert a Hugging Face directory that `lmspec export hf` wrote into one GGUF file `out`, one
-    tensor at a time; returns a summary for the log."""
+def gguf_from_hf_export(export: HFExport, files: Path, out: Path, gguf_type: str, name: str) -> dict:
+    """Convert `export` (its files written in `files`) into one GGUF file `out`, one tensor at a time;
+    returns a summary for the log."""
     import gguf
     import numpy as np
-    from safetensors import safe_open
 
-    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    config = export.config
     model_type = config.get("model_type")
     arch = _architecture(model_type, config)
     _refuse_what_llama_cpp_ignores(arch, config)
-    tokenizer = _vocabulary(hf_dir, config)
+    tokenizer = _vocabulary(files, config)
 
-    weights = hf_dir / "model.safetensors"
     layers = config.get(arch.keys["block_count"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], layers)
-    plan = []  # (gguf name, hf name or None for rope_freqs, shape)
-    with safe_open(str(weights), "np") as f:
-        for hf_name in f.keys():
-            gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise GGUFError(f"{hf_name}: no llama.cpp {arch.name} tensor takes this Hugging Face tensor")
-            shape = tuple(f.get_slice(hf_name).get_shape())
-            if hf_name.endswith(arch.transposed):
-                shape = shape[::-1]
-            plan.append((gguf_name, hf_name, shape))
+    plan = []  # (gguf name, hf name or None for rope_freqs, shape), in the order export.tensors() gives them
+    for hf_name, _, shape in export.entries:
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise GGUFError(f"{hf_name}: no llama.cpp {arch.name} tensor takes this Hugging Face tensor")
+        plan.append((gguf_name, hf_name, tuple(shape)[::-1] if hf_name.endswith(arch.transposed) else tuple(shape)))
     rope_freqs = _llama3_rope_factors(config) if "llama3" in arch.rope_scalings else None
     if rope_freqs is not None:
         plan.append(("rope_freqs.weight", None, rope_freqs.shape))
@@ -193,7 +192,7 @@ def gguf_from_hf_directory(hf_dir: Path, out: Path, gguf_type: str, name: str) -
     writer.add_file_type(file_type)
     if quantized not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, hf_dir, tokenizer)
+    _add_tokenizer(writer, files, tokenizer)
 
     types = {}
     typed = []
@@ -211,10 +210,15 @@ def gguf_from_hf_directory(hf_dir: Path, out: Path, gguf_type: str, name: str) -
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with safe_open(str(weights), "pt") as f:
-            for gguf_name, hf_name, _, qtype in typed:
-                data = rope_freqs if hf_name is None else _llama_cpp_layout(arch, config, hf_name, f.get_tensor(hf_name))
-                writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
+        tensors = export.tensors()
+        for gguf_name, hf_name, _, qtype in typed:
+            if hf_name is None:
+                data = rope_freqs
+            else:
+                read, tensor = next(tensors)
+                assert read == hf_name, (read, hf_name)  # the header's order is the order they are read in
+                data = _llama_cpp_layout(arch, config, hf_name, tensor)
+            writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
     finally:
         writer.close()
     return {"architecture": arch.name, "tensors": len(typed), "pre": tokenizer["pre"], "vocab": len(tokenizer["tokens"]),

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmspec.runtime.atomic import atomic_directory, write_text_atomically
@@ -356,27 +357,66 @@ def checkpoint_config(ckpt, graph, eot_id: int | None, dtype: str = "float32", m
     return family, model_type, export_config(ckpt, family, model_type, graph, dtype, eot_id)
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
-              map_path: str | None = None, log=print) -> Path:
-    """Write the checkpoint as a Hugging Face model directory `out` (config.json, model.safetensors,
-    tokenizer.json, and its chat template in tokenizer_config.json): the inverse of import_hf, bit for bit."""
+@dataclass
+class HFExport:
+    """What `lmspec export hf` writes for a checkpoint, before a byte of it is written: config.json,
+    the tokenizer's and chat template's files, and the tensors, which `tensors` reads from the
+    checkpoint one at a time (`export gguf` converts them on the way, with no model directory between)."""
+
+    model_type: str
+    config: dict
+    entries: list[tuple[str, str, tuple[int, ...]]]  # (Hugging Face name, safetensors dtype, shape), in order
+    files: dict[str, str]  # name -> text: tokenizer.json, tokenizer_config.json, a chat template, ...
+    weights: Path  # the checkpoint's model.safetensors
+    reads: list[tuple[Planned, str]]  # each parameter's plan and the checkpoint tensor it is read from
+    padded_shapes: dict  # a vocabulary padded for training: the rows to keep
+
+    def tensors(self):
+        """(Hugging Face name, tensor) in the order of `entries`, each checkpoint tensor read once."""
+        from safetensors import SafetensorError, safe_open
+
+        from lmspec.compiler.vocab_padding import unpad
+        from lmspec.runtime.checkpoint.store import CheckpointError
+
+        for planned, key in self.reads:
+            try:
+                with safe_open(str(self.weights), "pt") as f:  # opened per tensor: its pages unmapped after
+                    tensor = f.get_tensor(key)
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{self.weights}: cannot read ({err})") from None
+            if key in self.padded_shapes:
+                tensor = unpad(tensor, self.padded_shapes[key][1])
+            for piece in planned.pieces:
+                part = tensor[piece.index]
+                yield piece.hf, part.t() if piece.transpose else part
+            del tensor
+
+    def write_files(self, directory: Path) -> None:
+        """config.json and the small files beside the weights."""
+        write_json(directory / CONFIG_FILE, self.config)
+        for name, text in self.files.items():
+            write_text(directory / name, text)
+
+
+def plan_hf_export(checkpoint: str | os.PathLike, model_type: str | None = None, map_path: str | None = None,
+                   log=print) -> HFExport:
+    """The checkpoint as its Hugging Face family, checked (every tensor there with the spec's shape, a
+    config.json the family's checks accept) and planned, reading no tensor."""
     from safetensors import SafetensorError, safe_open
 
     from lmspec.runtime.checkpoint.store import MODEL_FILE, CheckpointError, load_checkpoint
     from lmspec.compiler.rewrites import graph_from_record
-    from lmspec.compiler.vocab_padding import unpad, unpadded_record, unpadded_shapes
+    from lmspec.compiler.vocab_padding import unpadded_record, unpadded_shapes
     from lmspec.runtime.data.chat_template import checkpoint_chat_template
     from lmspec.runtime.data.tokenizer import FileTokenizer, load_tokenizer
 
-    out = Path(out)
-    refuse_non_empty(out, "a model directory")
     ckpt = load_checkpoint(checkpoint)
     graph = graph_from_record(unpadded_record(ckpt.spec))  # a vocabulary padded for training: the real one
     padded_shapes = unpadded_shapes(ckpt.spec)
     family, model_type = export_family(ckpt, graph, model_type, map_path)
     owned, _ = tensor_map(family, graph)
 
-    weights = ckpt.verified(MODEL_FILE)  # read tensor by tensor below, so its checksum is checked here
+    weights = ckpt.verified(MODEL_FILE)  # read tensor by tensor later, so its checksum is checked here
     stored: dict[str, tuple[str, tuple[int, ...]]] = {}
     try:
         with safe_open(str(weights), "pt") as f:
@@ -389,60 +429,59 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type:
     for name, param in graph.params.items():
         if param.tied_to is not None:
             aliases.setdefault(param.tied_to, []).append(name)
-    entries, sources = [], []
+    entries, reads = [], []
     for planned in owned:
         key = next((k for k in [planned.name, *aliases.get(planned.name, [])] if k in stored), None)
         if key is None:
             raise CheckpointError(f"{weights}: has no tensor {planned.name}")
         dtype, shape = stored[key]
         if key in padded_shapes and shape == padded_shapes[key][0]:
-            shape = padded_shapes[key][1]  # written unpadded, below
+            shape = padded_shapes[key][1]  # written unpadded
         if shape != planned.shape:
             raise CheckpointError(f"{weights}: {key} has shape {list(shape)} but the spec says {list(planned.shape)}")
         if dtype not in DTYPES:
             raise CheckpointError(f"{weights}: {key} has dtype {dtype}, which lmspec does not write")
-        sources.append(key)
+        reads.append((planned, key))
         entries.extend((p.hf, dtype, p.shape) for p in planned.pieces)
 
     tokenizer = load_tokenizer(ckpt.tokenizer)
     config = export_config(ckpt, family, model_type, graph, DTYPES[entries[0][1]][0] if entries else "float32",
                            tokenizer.eot_id)
     record = _hf_record(ckpt.path)
+    files = dict(record.get("files", {})) if record is not None else {}
+    if isinstance(tokenizer, FileTokenizer):
+        files[TOKENIZER_FILE] = tokenizer.tokenizer.to_str()
+        if "tokenizer_config.json" not in files:
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": graph.context}
+            if tokenizer.eot_id is not None:
+                tok_config["eos_token"] = tokenizer.tokenizer.id_to_token(tokenizer.eot_id)
+            files["tokenizer_config.json"] = json.dumps(tok_config, indent=2) + "\n"
+        # the checkpoint's chat template (finetuned with, or imported with), for apply_chat_template
+        files = files_with_chat_template(files, checkpoint_chat_template(ckpt.train_config, tokenizer))
+    else:
+        log(f"tokenizer: {tokenizer.kind} (characters) has no Hugging Face form; none written")
+    files = {name: text for name, text in files.items()
+             if isinstance(text, str) and "/" not in name and not name.startswith(".")}
+    return HFExport(model_type, config, entries, files, weights, reads, padded_shapes)
 
+
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
+              map_path: str | None = None, log=print) -> Path:
+    """Write the checkpoint as a Hugging Face model directory `out` (config.json, model.safetensors,
+    tokenizer.json, and its chat template in tokenizer_config.json): the inverse of import_hf, bit for bit."""
+    out = Path(out)
+    refuse_non_empty(out, "a model directory")
+    export = plan_hf_export(checkpoint, model_type, map_path, log)
     with atomic_directory(out) as tmp:
-        writer = SafetensorsWriter(tmp / WEIGHTS_FILE, entries, {"format": "pt"})
+        writer = SafetensorsWriter(tmp / WEIGHTS_FILE, export.entries, {"format": "pt"})
         try:
-            for planned, key in zip(owned, sources):
-                with safe_open(str(weights), "pt") as f:  # opened per tensor: its pages unmapped after
-                    tensor = f.get_tensor(key)
-                if key in padded_shapes:
-                    tensor = unpad(tensor, padded_shapes[key][1])
-                for piece in planned.pieces:
-                    part = tensor[piece.index]
-                    writer.write(piece.hf, part.t() if piece.transpose else part)
-                del tensor
+            for name, tensor in export.tensors():
+                writer.write(name, tensor)
             writer.close()
-        except (SafetensorError, OSError) as err:
-            writer.abort()
-            raise CheckpointError(f"{weights}: cannot read ({err})") from None
         except BaseException:
             writer.abort()
             raise
-        write_json(tmp / CONFIG_FILE, config)
-        files = dict(record.get("files", {})) if record is not None else {}
-        if isinstance(tokenizer, FileTokenizer):
-            write_text(tmp / TOKENIZER_FILE, tokenizer.tokenizer.to_str())
-            if "tokenizer_config.json" not in files:
-                tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": graph.context}
-                if tokenizer.eot_id is not None:
-                    tok_config["eos_token"] = tokenizer.tokenizer.id_to_token(tokenizer.eot_id)
-                files["tokenizer_config.json"] = json.dumps(tok_config, indent=2) + "\n"
-            # the checkpoint's chat template (finetuned with, or imported with), for apply_chat_template
-            files = files_with_chat_template(files, checkpoint_chat_template(ckpt.train_config, tokenizer))
-        else:
-            log(f"tokenizer: {tokenizer.kind} (characters) has no Hugging Face form; none written")
-        for name, text in files.items():
-            if isinstance(text, str) and "/" not in name and not name.startswith("."):
-                write_text(tmp / name, text)
-    log(f"wrote {out} ({model_type}: {len(entries)} tensors, {(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
+        export.write_files(tmp)
+    log(f"wrote {out} ({export.model_type}: {len(export.entries)} tensors, "
+        f"{(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MiB)")
     return out

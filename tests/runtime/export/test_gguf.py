@@ -231,6 +231,19 @@ def test_what_llama_cpp_would_compute_differently_is_refused_by_name(tmp_path, s
     assert list((tmp_path / "out").iterdir()) == []  # not the file, nor the scratch directory
 
 
+def test_no_copy_of_the_weights_is_written_on_the_way(tmp_path, monkeypatch):
+    """The tensors go from the checkpoint into the GGUF file: a 7B model needs no 14 GB of scratch."""
+    random_checkpoint(tmp_path / "run", *GPT2)
+
+    def no_weights_file(path, *args, **kwargs):
+        raise AssertionError(f"{path}: a copy of the weights was written")
+
+    monkeypatch.setattr("lmspec.runtime.hf.convert.SafetensorsWriter", no_weights_file)
+    export_gguf(str(tmp_path / "run"), str(tmp_path / "model.gguf"), log=lambda *_: None)
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    assert "token_embd.weight" in {t.name for t in reader.tensors}
+
+
 def test_cli_writes_the_file_refuses_in_one_line_and_refuses_onnx_flags(tmp_path, capsys):
     random_checkpoint(tmp_path / "run", *GPT2)
     done = _export_cli(tmp_path / "run", tmp_path / "out", "--type", "q8_0")
