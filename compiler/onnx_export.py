@@ -42,6 +42,7 @@ from lmspec.dsl.diagnostics import Diagnostic, SpecError
 
 from .classify_head import LENGTHS_INPUT
 from .graph import ModelGraph
+from .kv_cache import past_keys_seen
 from .onnx_last_logits import add_logits_to_keep
 from .registry import get_op
 from .torch_modules import Attention, plain_attention, visible_keys
@@ -119,9 +120,8 @@ def cache_layout(model: nn.Module) -> CacheLayout | None:
 def _kept_by_window(window: int | None, context: int | None) -> int | None:
     """How many past positions a layer with this window needs: window - 1 (at least two, so that the
     traced length stays symbolic), or None when that is the whole context anyway."""
-    if window is None or (context is not None and window - 1 >= context):
-        return None
-    return max(window - 1, 2)
+    seen = past_keys_seen(window, context)
+    return None if seen is None else max(seen, 2)
 
 
 class TensorCache:

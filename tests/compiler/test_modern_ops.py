@@ -9,8 +9,9 @@ import torch
 
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
-from lmspec.compiler.kv_cache import KVCache
+from lmspec.compiler.kv_cache import KVCache, make_cache
 from lmspec.compiler.torch_modules import rope_frequencies
+from lmspec.runtime.train.sampling import generate
 from lmspec.dsl.diagnostics import SpecError
 
 TINY = dict(vocab=97, context=64, dim=32, layers=2, heads=4, kv_heads=2, head_dim=16)
@@ -52,15 +53,36 @@ def test_kv_cache_decoding_equals_full_forwards(spec, extra):
         torch.testing.assert_close(decoded_with_cache(model, ids, 7), model(ids), atol=1e-5, rtol=1e-5)
 
 
-def decoded_with_cache(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+def decoded_with_cache(model, ids: torch.Tensor, prompt: int, cache: KVCache | None = None) -> torch.Tensor:
     """The logits of `ids` from the KV cache: the first `prompt` tokens at once, then one at a time."""
-    cache = KVCache(ids.shape[1])
+    cache = cache or KVCache(ids.shape[1])
     steps = [model(ids[:, :prompt], cache)]
     cache.advance(prompt)
     for t in range(prompt, ids.shape[1]):
         steps.append(model(ids[:, t:t + 1], cache))
         cache.advance(1)
     return torch.cat(steps, dim=1)
+
+
+def test_a_sliding_window_layers_cache_holds_a_bounded_number_of_positions():
+    """Mistral's window of 4 on every layer, 54 tokens decoded one by one after a prompt of 6: each
+    layer keeps at most 2 x (3 past keys + the 6 new ones) positions, the logits those of a full forward."""
+    model = tiny("mistral-7b", ffn=64, window=4)
+    ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(2))
+    cache = make_cache(model, ids.shape[1])
+    assert cache.kept == {layer: 3 for layer in range(2)}
+    with torch.no_grad():
+        torch.testing.assert_close(decoded_with_cache(model, ids, 6, cache), model(ids), atol=1e-5, rtol=1e-5)
+    assert cache.offset == 60 and all(keys.shape[2] <= 18 for keys in cache._keys.values())
+    assert all(start >= 60 - 18 for start in cache._start.values())  # the early keys are gone
+    unbounded = make_cache(tiny("llama3.2-1b", ffn=64, rope_original=16), 60)
+    assert unbounded.kept == {}
+    # `lmspec sample`'s loop (which makes such a cache) continues as full forwards would
+    prompt, seq = ids[0, :6].tolist(), ids[0, :6].tolist()
+    with torch.no_grad():
+        for _ in range(40):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert generate(model, prompt, 40, temperature=0) == seq[6:]
 
 
 def test_sliding_window_hides_keys_older_than_the_window():
