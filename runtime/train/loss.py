@@ -39,9 +39,11 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def compiled_next_token_loss():
     """next_token_loss as one compiled function (made once per process; torch.compile caches its
     graphs per shape)."""
+    from lmspec.runtime.train.compilation import compiled
+
     global _compiled_loss
     if _compiled_loss is None:
-        _compiled_loss = torch.compile(_cross_entropy)
+        _compiled_loss = compiled(_cross_entropy)
     return _compiled_loss
 
 

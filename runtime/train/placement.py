@@ -148,7 +148,8 @@ def place(model: torch.nn.Module, cfg: TrainConfig, world: World, device: torch.
             placed.ddp = placed.forward = DistributedDataParallel(
                 model, gradient_as_bucket_view=True, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        from lmspec.runtime.train.compilation import compiled
         from lmspec.runtime.train.loss import compiled_next_token_loss
-        placed.forward = torch.compile(placed.forward)
+        placed.forward = compiled(placed.forward)
         placed.loss = compiled_next_token_loss()
     return placed

@@ -1,6 +1,7 @@
 """`lmspec train`'s ways of running: activation checkpointing, mixed precision (bf16, fp16 with
 loss scaling), torch.compile; each through the real command line, with the run files read back."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,15 @@ def test_a_bad_policy_is_a_clear_error(tmp_path):
 def test_compile_trains_like_eager(tmp_path):
     eager, compiled = train(tmp_path / "a"), train(tmp_path / "b", "--compile")
     assert compiled[20] == pytest.approx(eager[20], rel=1e-3)
+
+
+def test_a_compiler_that_cannot_run_is_one_line_and_no_checkpoint(tmp_path):
+    # as on a machine with no C++ compiler (inductor's CPU code) or a broken Triton: the compiler's
+    # failure, not "internal error"; a fresh cache, so no graph compiled by another test is reused
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    out = lmspec_cli("train", *COMMON, "--out", str(tmp_path / "r"), "--compile", env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmspec train: error: --compile: torch.compile cannot compile the model here "
+                           "(InvalidCxxCompiler: No working C++ compiler found") and last.endswith("train without --compile")
+    assert not list((tmp_path / "r").glob("checkpoints/step_*"))
