@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, SHARE, STRICT_FRACTION
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.errors import TokenizerError, UsageError
@@ -36,11 +37,11 @@ def data_prepare_options(p) -> None:
     p.add_argument("-o", "--out", required=True, help="directory for documents.jsonl and report.json")
     p.add_argument("--text-field", default="text",
                    help="the field holding the text in JSON records, Parquet and datasets rows (default: text)")
-    p.add_argument("--min-chars", type=int, default=1, help="drop shorter documents")
-    p.add_argument("--max-chars", type=int, help="drop longer documents")
-    p.add_argument("--near-dup-threshold", type=float, default=0.8,
+    p.add_argument("--min-chars", type=AT_LEAST_0, default=1, help="drop shorter documents")
+    p.add_argument("--max-chars", type=AT_LEAST_1, help="drop longer documents")
+    p.add_argument("--near-dup-threshold", type=STRICT_FRACTION, default=0.8,
                     help="estimated Jaccard similarity of word shingles above which a document is a near-duplicate")
-    p.add_argument("--shingle", type=int, default=5, help="words per shingle")
+    p.add_argument("--shingle", type=AT_LEAST_1, default=5, help="words per shingle")
     p.add_argument("--no-near-dup", action="store_true", help="drop exact duplicates only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true")
@@ -77,8 +78,8 @@ def data_tokenize_options(p) -> None:
     p.add_argument("--tokenizer", required=True,
                     help="a tokenizers JSON file, or a directory with tokenizer.json or encoder.json + vocab.bpe")
     p.add_argument("-o", "--out", required=True, help="directory for the shards and meta.json")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation")
-    p.add_argument("--shard-tokens", type=int, default=64 * 2**20, help="tokens per shard file")
+    p.add_argument("--val-fraction", type=SHARE, default=0.1, help="share of documents for validation")
+    p.add_argument("--shard-tokens", type=AT_LEAST_1, default=64 * 2**20, help="tokens per shard file")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--no-progress", action="store_true")
 
@@ -163,7 +164,7 @@ def tokenizer_train_options(p) -> None:
     p.add_argument("-o", "--out", required=True, help="the tokenizer JSON file to write")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN",
                     help="another special token (beside <|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>)")
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--min-frequency", type=AT_LEAST_1, default=2)
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -11,8 +11,8 @@ class Number:
     `above` exclusive; a float is never NaN or infinite."""
 
     def __init__(self, kind: type, least: float | None = None, most: float | None = None,
-                 above: float | None = None):
-        self.kind, self.least, self.most, self.above = kind, least, most, above
+                 above: float | None = None, below: float | None = None):
+        self.kind, self.least, self.most, self.above, self.below = kind, least, most, above, below
         self.__name__ = self.expected()  # argparse names a type by it
 
     def expected(self) -> str:
@@ -20,13 +20,15 @@ class Number:
         noun = "an integer" if self.kind is int else "a finite number"
         bounds = [f">= {_shown(self.least)}" if self.least is not None else None,
                   f"> {_shown(self.above)}" if self.above is not None else None,
-                  f"<= {_shown(self.most)}" if self.most is not None else None]
+                  f"<= {_shown(self.most)}" if self.most is not None else None,
+                  f"< {_shown(self.below)}" if self.below is not None else None]
         return " ".join([noun, " and ".join(b for b in bounds if b)]).strip()
 
     def problem(self, value) -> str | None:
         """Why `value` (already of `kind`) is refused, or None."""
         within = ((self.kind is int or math.isfinite(value)) and (self.least is None or value >= self.least)
-                  and (self.above is None or value > self.above) and (self.most is None or value <= self.most))
+                  and (self.above is None or value > self.above) and (self.most is None or value <= self.most)
+                  and (self.below is None or value < self.below))
         return None if within else f"must be {self.expected()}, got {_shown(value)}"
 
     def __call__(self, text: str):
@@ -47,5 +49,6 @@ AT_LEAST_0 = Number(int, least=0)  # a count, where 0 means none (or "off", as t
 AT_LEAST_1 = Number(int, least=1)
 POSITIVE = Number(float, above=0)
 NOT_NEGATIVE = Number(float, least=0)
-FRACTION = Number(float, least=0, most=1)
 PROBABILITY = Number(float, above=0, most=1)
+SHARE = Number(float, least=0, below=1)  # a part of a whole that leaves some of it
+STRICT_FRACTION = Number(float, above=0, below=1)

@@ -45,6 +45,10 @@ def test_an_abbreviated_long_option_is_refused_by_the_verb_with_the_option_meant
     (["finetune", "dpo", "runs/x", "--data", "d.json", "-o", "o", "--beta", "0"],
      "argument --beta: must be a finite number > 0, got 0"),
     (["serve", "m.onnx", "--request-timeout", "inf"], "argument --request-timeout: must be a finite number > 0, got inf"),
+    (["data", "tokenize", "in.txt", "-o", "s", "--tokenizer", "t.json", "--val-fraction", "1"],
+     "argument --val-fraction: must be a finite number >= 0 and < 1, got 1"),
+    (["data", "prepare", "in.txt", "-o", "p", "--near-dup-threshold", "0"],
+     "argument --near-dup-threshold: must be a finite number > 0 and < 1, got 0"),
 ])
 def test_a_number_out_of_range_is_refused_by_its_verb_before_anything_runs(args, message, capsys):
     # the paths do not exist: the number is refused first
@@ -72,8 +76,7 @@ CHECKED_BY_THEIR_STAGE = {
               "--beta2", "--grad-clip", "--grad-accum", "--eval-every", "--eval-batches", "--ckpt-every", "--keep",
               "--seed"},
     "export": {"--opset"}, "serve": {"--port"},
-    "data prepare": {"--min-chars", "--max-chars", "--near-dup-threshold", "--shingle"},
-    "data tokenize": {"--val-fraction", "--shard-tokens"}, "tokenizer train": {"--vocab-size", "--min-frequency"},
+    "tokenizer train": {"--vocab-size"},
     **{f"finetune {kind}": {"--lr", "--min-lr", "--warmup", "--weight-decay", "--grad-clip", "--decay-fraction"}
        for kind in ("classify", "instruct", "dpo")},
 }
