@@ -8,7 +8,7 @@ import math
 
 class Number:
     """An argparse type: an int or a finite float within bounds. `least`/`most` are inclusive,
-    `above` exclusive; a float is never NaN or infinite."""
+    `above`/`below` exclusive; a float is never NaN or infinite."""
 
     def __init__(self, kind: type, least: float | None = None, most: float | None = None,
                  above: float | None = None, below: float | None = None):
