@@ -125,12 +125,12 @@ def export_gguf(checkpoint: str, out: str, gguf_type: str = "f16", log=print) ->
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"--type {gguf_type}: one of {', '.join(GGUF_TYPES)}")
     destination = gguf_output_path(out)
-    name = _refuse_early(checkpoint)
-    export = plan_hf_export(checkpoint, log=lambda *_: None)
+    export = plan_hf_export(checkpoint, log=lambda *_: None)  # reads no tensor
+    arch = _refuse_early(export)
     with failures_as_write_errors(destination), scratch_directory(destination.parent, "gguf") as work:
         export.write_files(work)  # config.json and the tokenizer's files, which gguf.SpecialVocab reads
         written = work / destination.name
-        summary = gguf_from_hf_export(export, work, written, gguf_type, name=name)
+        summary = gguf_from_hf_export(export, arch, work, written, gguf_type)
         install_file(written, destination)
     log(f"wrote {destination} ({destination.stat().st_size / 2**20:.1f} MiB): llama.cpp architecture "
         f"{summary['architecture']}, {summary['tensors']} tensors ({summary['types']}), "
@@ -138,35 +138,23 @@ def export_gguf(checkpoint: str, out: str, gguf_type: str = "f16", log=print) ->
     return destination
 
 
-def _refuse_early(checkpoint: str) -> str:
-    """The model's name, once its config.json (computed, not written) and its tokenizer show nothing
-    llama.cpp would refuse or misread: a refusal costs no copy of the weights."""
-    from lmspec.compiler.rewrites import graph_from_record
-    from lmspec.compiler.vocab_padding import unpadded_record
-    from lmspec.runtime.checkpoint.store import load_checkpoint
-    from lmspec.runtime.data.tokenizer import load_tokenizer
-    from lmspec.runtime.hf.convert import checkpoint_config
-
-    ckpt = load_checkpoint(checkpoint)
-    graph = graph_from_record(unpadded_record(ckpt.spec))
-    tokenizer = load_tokenizer(ckpt.tokenizer)
-    _, model_type, config = checkpoint_config(ckpt, graph, tokenizer.eot_id)
-    _refuse_what_llama_cpp_ignores(_architecture(model_type, config), config)
-    if tokenizer.kind != "hf":
+def _refuse_early(export: HFExport) -> Architecture:
+    """llama.cpp's architecture for the model, once its config.json (computed, not written) and its
+    tokenizer show nothing llama.cpp would refuse or misread: a refusal writes nothing."""
+    arch = _architecture(export.model_type, export.config)
+    _refuse_what_llama_cpp_ignores(arch, export.config)
+    if "tokenizer.json" not in export.files:  # no Hugging Face form: a character-level vocabulary
         raise GGUFError(_CHARACTER_LEVEL)
-    return graph.name
+    return arch
 
 
-def gguf_from_hf_export(export: HFExport, files: Path, out: Path, gguf_type: str, name: str) -> dict:
-    """Convert `export` (its files written in `files`) into one GGUF file `out`, one tensor at a time;
-    returns a summary for the log."""
+def gguf_from_hf_export(export: HFExport, arch: Architecture, files: Path, out: Path, gguf_type: str) -> dict:
+    """Convert `export`, refused by nothing in _refuse_early (its files written in `files`), into one
+    GGUF file `out`, one tensor at a time; returns a summary for the log."""
     import gguf
     import numpy as np
 
     config = export.config
-    model_type = config.get("model_type")
-    arch = _architecture(model_type, config)
-    _refuse_what_llama_cpp_ignores(arch, config)
     tokenizer = _vocabulary(files, config)
 
     layers = config.get(arch.keys["block_count"])
@@ -187,7 +175,7 @@ def gguf_from_hf_export(export: HFExport, files: Path, out: Path, gguf_type: str
                             "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0)}[gguf_type]
     writer = gguf.GGUFWriter(str(out), arch.name)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
+    writer.add_name(export.name)
     _add_hyperparameters(writer, arch, config)
     writer.add_file_type(file_type)
     if quantized not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

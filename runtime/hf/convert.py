@@ -363,6 +363,7 @@ class HFExport:
     the tokenizer's and chat template's files, and the tensors, which `tensors` reads from the
     checkpoint one at a time (`export gguf` converts them on the way, with no model directory between)."""
 
+    name: str  # the spec's model name
     model_type: str
     config: dict
     entries: list[tuple[str, str, tuple[int, ...]]]  # (Hugging Face name, safetensors dtype, shape), in order
@@ -462,7 +463,7 @@ def plan_hf_export(checkpoint: str | os.PathLike, model_type: str | None = None,
         log(f"tokenizer: {tokenizer.kind} (characters) has no Hugging Face form; none written")
     files = {name: text for name, text in files.items()
              if isinstance(text, str) and "/" not in name and not name.startswith(".")}
-    return HFExport(model_type, config, entries, files, weights, reads, padded_shapes)
+    return HFExport(graph.name, model_type, config, entries, files, weights, reads, padded_shapes)
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
