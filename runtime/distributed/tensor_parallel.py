@@ -6,13 +6,14 @@ RowwiseParallel) and Replicate DTensor parameters (replicated modules). Every pa
 becomes a DTensor on the 1-D "tp" mesh, so the optimizer, `clip_grad_norm_` and the state dicts see
 one kind of tensor. DTensor inserts the collectives of the split layers (the all-reduce after a
 row-parallel layer, the all-reduce of the input gradient before a column-parallel one); the two
-written here sum the gradient of a replicated weight that each rank applied to its own part of the
-activations (q_norm/k_norm below, and the sequence-parallel norms).
+one written here (`sum_partial_gradients`, after the backward passes of a step) sums the gradient
+of a replicated weight that each rank applied to its own part of the activations (q_norm/k_norm
+below, and the sequence-parallel norms and position tables).
 
 Per attention op: qkv column-parallel (ColwiseParallel: weight and bias Shard(0)), proj row-parallel
 (RowwiseParallel: weight Shard(1), bias Replicate, output all-reduced), q_norm/k_norm
 replicated, each rank normalising its own heads, with the weight's gradient summed over the ranks
-in the backward pass (torch's SequenceParallel over the heads dim did that sum in torch 2.13 but
+after the backward pass (torch's SequenceParallel over the heads dim did that sum in torch 2.13 but
 not in 2.11, which then trained with each rank's part of it). The module is told its local head
 counts (`heads`, `kv_heads` attributes, which Attention.forward already reads), so it runs
 unchanged on its heads. Per MLP: fc column-, proj row-parallel. Embedding: vocab-parallel (RowwiseParallel on nn.Embedding: rows Shard(0), masked
@@ -39,8 +40,6 @@ rank's heads does not match one process's draw, only its distribution).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx as fx
 from torch import nn
@@ -52,7 +51,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lmspec.compiler.tensor_parallel import ATTENTION, EMBEDDING, HEAD, MLP, REPLICATED, TensorParallelPlan
+from lmspec.compiler.tensor_parallel import ATTENTION, EMBEDDING, HEAD, MLP, TensorParallelPlan
 
 from lmspec.runtime.distributed.canonical_state import fused_order
 
@@ -79,6 +78,7 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
     if missing and not stage:
         raise ValueError(f"the plan names modules the model lacks: {', '.join(missing[:3])}")
     present = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    partial = []  # replicated weights each rank applies to its own part of the activations
     with torch.no_grad():  # fused tensors: each rank's contiguous chunk becomes [q_r|k_r|v_r] / [gate_r|up_r]
         for name, split in plan.params.items():
             if split.tied_to is None and len(split.sections) > 1 and name in present:
@@ -98,7 +98,8 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
             parallelize_module(module, mesh, {"qkv": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)})
             for norm in ("q_norm", "k_norm"):  # [batch, seq, heads, head_dim]: each rank its heads
                 if hasattr(module, norm):
-                    _replicate(getattr(module, norm), mesh, gradient_summed=True)
+                    _replicate(getattr(module, norm), mesh)
+                    partial.extend(getattr(module, norm).parameters())
             module.heads, module.kv_heads = rule.heads, rule.kv_heads
         elif rule.kind == MLP:
             parallelize_module(module, mesh, {"fc": ColwiseParallel(), "proj": RowwiseParallel(output_layouts=out)})
@@ -108,6 +109,8 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
             parallelize_module(module, mesh, ColwiseParallel(input_layouts=out, output_layouts=Replicate()))
         else:
             _replicate(module, mesh)
+            if sp:  # fed a slice of the sequence, it computes its slice's part of its weights' gradient
+                partial.extend(module.parameters())
             if sp and rule.op == "position":  # the table's rows for this rank's slice of the sequence
                 module.register_forward_hook(_slice_sequence(mesh))
     # parallelize_module gives each module a new Parameter: tie the aliases to their owner again
@@ -116,9 +119,7 @@ def apply_tensor_parallel(model: fx.GraphModule, plan: TensorParallelPlan, mesh:
             *parents, leaf = name.split(".")
             setattr(model.get_submodule(".".join(parents)), leaf, model.get_parameter(split.tied_to))
     model.tensor_parallel = plan
-    # a replicated module fed a slice of the sequence computes part of its weights' gradient
-    model.sequence_parallel_params = [p for path, rule in plan.modules.items() if sp and path not in missing
-                                      and rule.kind == REPLICATED for p in model.get_submodule(path).parameters()]
+    model.partial_gradient_params = partial
     return model
 
 
@@ -144,11 +145,13 @@ def _slice_sequence(mesh: DeviceMesh):
 
 
 @torch.no_grad()
-def reduce_sequence_parallel_gradients(model: nn.Module) -> None:
-    """Sum over the tp group the gradients of replicated modules that saw a slice of the sequence
-    each (norms, position tables): each rank holds its slice's part. Call after the backward
-    passes of a step, before clipping."""
-    params = getattr(model, "sequence_parallel_params", ())
+def sum_partial_gradients(model: nn.Module) -> None:
+    """Sum over the tp group the gradients of replicated weights that each rank applied to its own
+    part of the activations (q_norm/k_norm over a rank's heads; under sequence parallelism the
+    norms and position tables over a rank's slice of the sequence): each rank holds its part. Call
+    after the backward passes of a step, before clipping: one bucketed all-reduce a step, however
+    many micro-batches."""
+    params = getattr(model, "partial_gradient_params", ())
     if not params:
         return
     from lmspec.runtime.distributed.collectives import all_reduce_in_buckets
@@ -163,50 +166,31 @@ def _has_module(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _replicate(module: nn.Module, mesh: DeviceMesh, gradient_summed: bool = False) -> None:
+def _replicate(module: nn.Module, mesh: DeviceMesh) -> None:
     """Replicate a module's parameters as DTensors, while its forward runs on plain tensors: just
     before it, each parameter is swapped for its local value (`to_local()`, differentiable: the
     gradient comes back to the DTensor as Replicate), and put back after. Any op code runs unchanged
     (MoE routing, hand-written blocks), where DTensor sharding rules might be missing. Correct
     because a replicated module sees the same inputs and output gradients on every rank; a module
     that sees each rank's part of them (q_norm over a rank's heads) has its weights' gradient summed
-    over the ranks (`gradient_summed`)."""
+    over the ranks by `sum_partial_gradients`."""
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None and not isinstance(p, DTensor):
                 sub.register_parameter(name, nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()]),
                                                           requires_grad=p.requires_grad))
-    module.register_forward_pre_hook(_to_local_parameters if not gradient_summed else
-                                     functools.partial(_to_local_parameters, group=mesh.get_group()))
+    module.register_forward_pre_hook(_to_local_parameters)
     module.register_forward_hook(_restore_parameters, always_call=True)
 
 
-def _to_local_parameters(module, args, group=None):
+def _to_local_parameters(module, args):
     stash = []
     for sub in module.modules():
         for name, p in sub._parameters.items():
             if isinstance(p, DTensor):
                 stash.append((sub, name, p))
-                local = p.to_local()
-                sub._parameters[name] = local if group is None else _GradientSummed.apply(local, group)
+                sub._parameters[name] = p.to_local()
     module._tp_stash = stash
-
-
-class _GradientSummed(torch.autograd.Function):
-    """The identity forward; backward, the gradient summed over `group` (Megatron's "copy to the
-    tensor-parallel region"): a weight each rank applies to its own part of the activations."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
 
 
 def _restore_parameters(module, args, output):

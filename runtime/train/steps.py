@@ -84,8 +84,8 @@ def optimizer_step(forward, no_sync, model, optimizer, scaler, data, cfg, genera
             scaler.scale(loss / cfg.grad_accum).backward()
         total = total + loss.detach().double()
     from lmspec.runtime.distributed.mesh import average_gradients
-    from lmspec.runtime.distributed.tensor_parallel import reduce_sequence_parallel_gradients
-    reduce_sequence_parallel_gradients(model)
+    from lmspec.runtime.distributed.tensor_parallel import sum_partial_gradients
+    sum_partial_gradients(model)
     average_gradients(model.parameters(), mesh)
     scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
     if sharded:
@@ -135,8 +135,8 @@ def pipeline_step(pipe, optimizer, data, cfg, generator, mesh=None) -> tuple[flo
     for _ in range(cfg.grad_accum):
         x, y = data.train_batch(cfg.batch, cfg.seq, generator)
         total += pipe.step(x, y, scale=1 / cfg.grad_accum)
-    from lmspec.runtime.distributed.tensor_parallel import reduce_sequence_parallel_gradients
-    reduce_sequence_parallel_gradients(pipe.module)
+    from lmspec.runtime.distributed.tensor_parallel import sum_partial_gradients
+    sum_partial_gradients(pipe.module)
     average_gradients(pipe.parameters(), mesh)
     # an infinite bound measures the norm without clipping
     norm = pipe.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)

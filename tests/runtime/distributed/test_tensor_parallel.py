@@ -133,6 +133,7 @@ def _worker(out: str) -> None:
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
+        tpm.sum_partial_gradients(model)  # what train_step does: q_norm/k_norm's gradients, summed
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # clips: the norm is well above 0.5
         return loss
 
@@ -185,7 +186,7 @@ def _worker(out: str) -> None:
         r["sp_norm_seq"], r["seq"] = seen[0], x.size(1)
         loss_sp = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         loss_sp.backward()
-        tpm.reduce_sequence_parallel_gradients(sp)
+        tpm.sum_partial_gradients(sp)
         torch.nn.utils.clip_grad_norm_(sp.parameters(), 0.5)
         r["sp_loss"] = loss_sp.item()
         r["sp_grad_diff"] = diff(canon.full_gradients(sp, sp_plan), grads_one)
