@@ -218,13 +218,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
                              "margin": margins.detach().mean(), "accuracy": (margins > 0).float().mean(), "lr": lr,
                              "grad_norm": grad_norm, "tokens": tokens, "elapsed": time.perf_counter() - start})
                 bar.update(1)
-                evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
-                if evaluated or step % cfg.log_every == 0:
-                    records = pending.take()
-                    bar.set_postfix(**pending.progress(records), refresh=False)
-                    if evaluated:
-                        records[-1] |= evaluate(step)
-                    pending.write(records, redraw=evaluated)
+                pending.end_step(step, cfg, bar, evaluate)
     finally:
         bar.close()
         log.close()

@@ -80,24 +80,24 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
     start = time.perf_counter()
     summary = {"loss": None, "val_loss": None, "best_val_loss": None}
 
-    def validate(step: int, epoch: float, recent: list[float]) -> dict:
-        """The validation record of this step (empty without a validation set), printed."""
+    def validate(step: int, recent: list[float] = ()) -> dict:
+        """The validation record of this step (empty without a validation set), printed with the
+        mean of the `recent` steps' train losses."""
         if not val_set:
             return {}
         val_loss = evaluate_examples(model, val_set, cfg.batch, setup.pad_id, cfg.precision)
         summary["val_loss"] = val_loss
         summary["best_val_loss"] = min(val_loss, summary["best_val_loss"] or val_loss)
         shown = f"train loss {sum(recent) / len(recent):.4f}, " if recent else ""
-        bar.write(f"step {step} (epoch {epoch:.2f}): {shown}val loss {val_loss:.4f}")
+        bar.write(f"step {step} (epoch {step / per_epoch:.2f}): {shown}val loss {val_loss:.4f}")
         sys.stdout.flush()
-        recent.clear()
         return {"val_loss": val_loss}
 
     model.train()
     bar = tqdm(total=cfg.steps, unit="step", desc="finetune", disable=None if progress else True, dynamic_ncols=True)
-    step, recent, tokens = 0, [], 0
+    step, tokens = 0, 0
     try:
-        log.append({"step": 0, "epoch": 0.0, **validate(0, 0.0, recent)}, redraw=True)
+        log.append({"step": 0, "epoch": 0.0, **validate(0)}, redraw=True)
         pending = StepRecords(log, device)  # its clock starts after step 0's validation
         for epoch in range(setup.epochs):
             for indices in length_buckets(lengths, cfg.batch, cfg.seed, epoch):
@@ -111,15 +111,8 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
                 pending.add({"step": step, "epoch": step / per_epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                              "tokens": tokens, "elapsed": time.perf_counter() - start})
                 bar.update(1)
-                evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
-                if evaluated or step % cfg.log_every == 0:
-                    records = pending.take()
-                    recent += [r["loss"] for r in records]
-                    summary["loss"] = records[-1]["loss"]
-                    bar.set_postfix(**pending.progress(records), refresh=False)
-                    if evaluated:
-                        records[-1] |= validate(step, step / per_epoch, recent)
-                    pending.write(records, redraw=evaluated)
+                if written := pending.end_step(step, cfg, bar, lambda s: validate(s, pending.losses_since_evaluation)):
+                    summary["loss"] = written[-1]["loss"]
     finally:
         bar.close()
         log.close()

@@ -83,6 +83,7 @@ class StepRecords:
     def __init__(self, log, device: torch.device):
         self.log, self.device, self.records = log, device, []
         self.started, self.tokens_before = time.perf_counter(), 0
+        self.losses_since_evaluation: list[float] = []
 
     def add(self, record: dict) -> None:
         """A step's record ("step", "loss" and "tokens" at least); its tensor values are read by `take`."""
@@ -102,10 +103,28 @@ class StepRecords:
             if not math.isfinite(record["loss"]):
                 self.write(records[:i])
                 _check_finite(record["loss"], record["step"])
+        self.losses_since_evaluation += [r["loss"] for r in records]
         if records:
             last = records[-1]
             last["tokens_per_s"] = (last["tokens"] - self.tokens_before) / max(time.perf_counter() - self.started, 1e-9)
             last["peak_memory_bytes"] = peak_memory(self.device)
+        return records
+
+    def end_step(self, step: int, cfg: TrainConfig, bar, evaluate) -> list[dict]:
+        """What a loop does after its step `step`: at a logging step (cfg.log_every) or an evaluation
+        (cfg.eval_every, and the last step), read the records, show the last on the progress `bar`,
+        add `evaluate(step)`'s record to it and write them (the plot redrawn after an evaluation);
+        returns the records written, none between logging steps. `evaluate` may read
+        `losses_since_evaluation`, emptied after it."""
+        evaluated = step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        if not (evaluated or step % cfg.log_every == 0):
+            return []
+        records = self.take()
+        bar.set_postfix(**self.progress(records), refresh=False)
+        if evaluated:
+            records[-1] |= evaluate(step)
+            self.losses_since_evaluation = []
+        self.write(records, redraw=evaluated)
         return records
 
     def write(self, records: list[dict], redraw: bool = False) -> None:
