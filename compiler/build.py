@@ -21,16 +21,11 @@ from lmspec.dsl.parser import INT64_MAX
 from . import shapes
 from .graph import ModelGraph
 from .registry import REQUIRED, Arg, Op, OpError, all_ops, get_op
-from .shapes import Sym, dim_add, dim_div, dim_mul, fmt_shape, is_dim
+from .scalars import BEYOND_FLOAT64, SCALAR_FUNCS, ScalarError, representable, scalar_binop, too_large
+from .shapes import Sym, fmt_shape, is_dim
 from .values import POISON, FuncRef, TensorRef, describe
 
 DTYPES = {"f16", "bf16", "f32", "f64", "i32", "i64", "bool"}
-SCALAR_FUNCS = {
-    "sqrt": math.sqrt, "exp": math.exp, "log": math.log,
-    "min": min, "max": max, "int": int, "float": float,
-}
-
-
 MAX_REPEAT = 10_000  # far beyond any real model; stops a typo from building a graph for minutes
 MAX_CALL_DEPTH = 100  # blocks calling blocks: real models nest a handful deep
 # Python frames the evaluation may need: each block level costs a few, each level of an expression
@@ -194,8 +189,8 @@ class Builder:
             return default
         if isinstance(default, float) and isinstance(value, int):
             value = float(value)
-        if not _representable(value):
-            self.error(f"--set {name}={value}: {_too_large(value)}", span, "E204")
+        if not representable(value):
+            self.error(f"--set {name}={value}: {too_large(value)}", span, "E204")
             return default
         return value
 
@@ -340,8 +335,8 @@ class Builder:
             if isinstance(v, TensorRef):
                 return self.apply_op(get_op("mul"), [(v, e.span), (-1, e.span)], [], e.span, frame, label)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                if not _representable(-v):
-                    self.error(f"-{describe(v)}: {_too_large(-v)}", e.span, "E204")
+                if not representable(-v):
+                    self.error(f"-{describe(v)}: {too_large(-v)}", e.span, "E204")
                     return POISON
                 return -v
             self.error(f"cannot negate {describe(v)}", e.span, "E201")
@@ -408,8 +403,8 @@ class Builder:
             return self.apply_op(get_op(opname), [(left, e.left.span), (right, e.right.span)], [], e.span,
                                  frame, label)
         try:
-            return _scalar_binop(e.op, left, right)
-        except _ScalarError as err:
+            return scalar_binop(e.op, left, right)
+        except ScalarError as err:
             self.error(str(err), e.span, err.code)
             return POISON
 
@@ -443,8 +438,8 @@ class Builder:
             except (TypeError, ValueError) as err:
                 self.error(f"{e.func}(): {err}", e.span, "E104")
                 return POISON
-            if not _representable(value):
-                self.error(f"{e.func}(): {_too_large(value)}", e.span, "E204")
+            if not representable(value):
+                self.error(f"{e.func}(): {too_large(value)}", e.span, "E204")
                 return POISON
             return value
         hint = self.suggest(e.func, lambda: [n for n in all_ops() if n != "input"] + list(frame.namespace)
@@ -685,12 +680,6 @@ class Builder:
 
 # ---- helpers --------------------------------------------------------------------------------
 
-class _ScalarError(Exception):
-    def __init__(self, message: str, code: str = "E201"):
-        super().__init__(message)
-        self.code = code
-
-
 @contextlib.contextmanager
 def _recursion_limit(limit: int):
     """Evaluation recurses once per level of an expression and a few times per block call; both
@@ -701,99 +690,6 @@ def _recursion_limit(limit: int):
         yield
     finally:
         sys.setrecursionlimit(before)
-
-
-def _representable(v) -> bool:
-    """Whether torch and ONNX can hold `v`: an int64, a finite float64, a dim whose coefficient is an int64."""
-    if isinstance(v, bool):
-        return True
-    if isinstance(v, int):
-        return -INT64_MAX - 1 <= v <= INT64_MAX
-    if isinstance(v, float):
-        return math.isfinite(v)
-    if isinstance(v, Sym):
-        return abs(v.coef) <= INT64_MAX
-    return True
-
-
-BEYOND_INT64 = "the result is beyond an int64 (more than 2^63 - 1 in size)"
-BEYOND_FLOAT64 = "the result is too large for a float64"
-
-
-def _too_large(v) -> str:
-    return BEYOND_FLOAT64 if isinstance(v, float) else BEYOND_INT64
-
-
-_COMPARE = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-            "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
-
-
-def _scalar_binop(op: str, a, b):
-    value = _scalar_value(op, a, b)
-    if not _representable(value):
-        raise _ScalarError(f"{describe(a)} {op} {describe(b)}: {_too_large(value)}", "E204")
-    return value
-
-
-def _scalar_value(op: str, a, b):
-    if op in ("and", "or"):
-        if not isinstance(a, bool) or not isinstance(b, bool):
-            raise _ScalarError(f"'{op}' needs true or false on both sides, got {describe(a)} and {describe(b)}")
-        return (a and b) if op == "and" else (a or b)
-    if op in ("==", "!="):
-        return _COMPARE[op](a, b)
-    if op in _COMPARE:
-        if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) \
-                or not isinstance(b, (int, float)):
-            raise _ScalarError(f"cannot compare {describe(a)} and {describe(b)} with '{op}'")
-        return _COMPARE[op](a, b)
-    if isinstance(a, bool) or isinstance(b, bool) or not _numeric(a) or not _numeric(b):
-        raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
-    if isinstance(a, Sym) or isinstance(b, Sym):
-        if isinstance(a, float) or isinstance(b, float):
-            raise _ScalarError(f"cannot combine {describe(a)} with a float")
-        if op == "*":
-            return dim_mul(a, b)
-        if op in ("/", "//"):
-            out = dim_div(a, b)
-            if out is None:
-                raise _ScalarError(f"{describe(a)} is not divisible by {describe(b)}")
-            return out
-        if op in ("+", "-"):
-            out = dim_add(a, b, 1 if op == "+" else -1)
-            if out is None:
-                raise _ScalarError(f"cannot {'add' if op == '+' else 'subtract'} {describe(a)} and {describe(b)}")
-            return out
-        raise _ScalarError(f"operator '{op}' is not defined for symbolic dims")
-    try:
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        if op == "/":
-            if isinstance(a, int) and isinstance(b, int) and b != 0 and a % b == 0:
-                return a // b
-            return a / b
-        if op == "//":
-            return a // b
-        if op == "%":
-            return a % b
-        if op == "**":
-            # at least 2^63 without computing it: 9 ** 9223372036854775807 would take forever
-            if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and (abs(a).bit_length() - 1) * b >= 63:
-                raise _ScalarError(f"{describe(a)} ** {describe(b)}: {BEYOND_INT64}", "E204")
-            return a ** b
-    except ZeroDivisionError:
-        raise _ScalarError("division by zero") from None
-    except OverflowError:
-        raise _ScalarError(f"{describe(a)} {op} {describe(b)}: {BEYOND_FLOAT64}", "E204") from None
-    raise _ScalarError(f"operator '{op}' is not defined for {describe(a)} and {describe(b)}")
-
-
-def _numeric(v) -> bool:
-    return isinstance(v, (int, float, Sym))
 
 
 def _is_scalar(v) -> bool:

@@ -129,7 +129,7 @@ def op_names() -> tuple[list[str], list[str], list[str]]:
 
     The op registry is the list of built-ins; it imports
     no torch."""
-    from lmspec.compiler.build import SCALAR_FUNCS
+    from lmspec.compiler.scalars import SCALAR_FUNCS
     from lmspec.compiler.registry import all_ops
 
     ops = all_ops()
