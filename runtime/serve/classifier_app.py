@@ -20,24 +20,16 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 
 from lmspec.runtime.serve.classifier import OnnxClassifier
 from lmspec.runtime.export.bundle import CLASSIFIER, session_providers
-from lmspec.runtime.serve.app import (
-    COMPLETION_ROUTES,
-    ApiError,
-    Served,
-    add_model_routes,
-    check_model,
-    model_card,
-    new_app,
-    parse_body,
-    read_json,
-    refuse_routes,
-)
+from lmspec.runtime.serve.app import COMPLETION_ROUTES, Served, add_model_routes, model_card, new_app, refuse_routes
+from lmspec.runtime.serve.http_bodies import ApiError, check_model, parse_body, read_json
 
 MAX_TEXTS = 256  # per request: one request cannot hold the worker for long
 
 
 class ClassifyBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # as the completion bodies: unknown fields change nothing here
+    # as the completion bodies: a field that changes nothing (user, metadata) is dropped, any other
+    # unknown one is a 400 rather than silently ignored
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
     input: StrictStr | list[StrictStr]

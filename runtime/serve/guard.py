@@ -15,7 +15,7 @@ import hmac
 
 from fastapi.responses import JSONResponse
 
-from lmspec.runtime.serve.app import ApiError
+from lmspec.runtime.serve.http_bodies import ApiError
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 # /health for load balancers' and orchestrators' probes, which hold no key; / for the chat page

@@ -115,6 +115,7 @@ ERRORS = [
     ({"input": ["hi", 5]}, 400, "input must be a string or a list of strings"),
     ({"input": []}, 400, "non-empty list"),
     ({"input": ["hi"] * (MAX_TEXTS + 1)}, 400, f"at most {MAX_TEXTS} per request"),
+    ({"input": "hi", "labels": ["ham"]}, 400, "labels: not a field this server knows"),  # refused, not ignored
 ]
 
 
@@ -126,6 +127,9 @@ def test_each_bad_request_gets_a_4xx_and_the_server_keeps_serving(client):
             r = client.post("/v1/classify", json=body)
         assert_error(r, status, words)
     assert len(classify(client, ["hi"] * MAX_TEXTS)) == MAX_TEXTS
+    # a field that changes nothing about the answer is accepted, as /v1/completions accepts it
+    r = client.post("/v1/classify", json={"input": "hi", "user": "someone"})
+    assert r.status_code == 200 and r.json()["data"][0]["label"] in ("ham", "spam")
 
 
 def test_completions_on_a_classifier_point_to_classify(client):
