@@ -139,6 +139,40 @@ def check_op_args(family: Family, config: dict, graph) -> list[str]:
     return errors
 
 
+def op_args_from_config(family: Family, config: dict, where: object = CONFIG_FILE) -> dict[str, object]:
+    """The spec value of each op argument the family ties to config.json, named `{op}_{arg}`
+    (mlp_act, layernorm_eps): what `import hf --emit-spec` fills a template's placeholders with, so
+    that the spec it writes agrees with config.json (check_op_args). A config value the map gives
+    no spec value for is an HFError naming the values it knows."""
+    found = {}
+    for spec in family.op_args:
+        key, value = first_present(config, spec.key_list)
+        if value is MISSING:
+            key, value = spec.key_list[0], spec.default
+        if spec.values is None:
+            found[f"{spec.op}_{spec.arg}"] = value
+            continue
+        matches = [used for used, accepted in spec.values.items() if any(_same(value, a) for a in accepted)]
+        if not matches:
+            known = ", ".join(_show(a) for accepted in spec.values.values() for a in accepted)
+            raise HFError(f"{where}: {key} = {_show(value)}: the {family.name} map knows no spec "
+                          f"{spec.op}({spec.arg}=...) for it (it knows {known}); write a spec and pass --spec")
+        found[f"{spec.op}_{spec.arg}"] = matches[0]
+    return found
+
+
+def op_args_of_graph(family: Family, graph) -> dict[str, object]:
+    """The op arguments the family ties to config.json as the graph uses them, named as in
+    op_args_from_config: what a template is filled with to rebuild the graph. An argument whose op
+    is absent, or used with several values, has none."""
+    found = {}
+    for spec in family.op_args:
+        used = _op_arg_values(spec, graph)
+        if len(used) == 1:
+            found[f"{spec.op}_{spec.arg}"] = used[0]
+    return found
+
+
 def check_hyper(family: Family, config: dict, graph) -> list[str]:
     """Disagreements between config.json and the spec's hyper-parameters, one phrase each."""
     errors = []

@@ -144,12 +144,14 @@ def _template_model_type(graph, family: Family) -> str | None:
     builds the spec's graph op for op; None when none does."""
     from lmspec.compiler import load_spec
     from lmspec.dsl.diagnostics import SpecError
+    from lmspec.runtime.hf.config import op_args_of_graph
     from lmspec.runtime.hf.families import fill_template
 
     # a hyper-parameter the spec does not name takes the map's constant default (Mistral's spec has no `tied`)
     defaults = {h.name: h.default for h in family.hyper if h.default is not None and not isinstance(h.default, str)}
+    values = {**defaults, **graph.hyper, **op_args_of_graph(family, graph), "name": "template", "source": "template"}
     for key, template in family.templates.items():
-        text, missing = fill_template(template, {**defaults, **graph.hyper, "name": "template", "source": "template"})
+        text, missing = fill_template(template, values)
         if missing:
             continue
         try:

@@ -248,6 +248,28 @@ def test_emit_spec_writes_a_checked_spec_that_imports_identically(hf_gpt2, impor
     assert _run("import", "hf", directory, "--spec", GPT2_SPEC, "--emit-spec", spec, "-o", tmp_path / "r2") == 2
 
 
+def test_emit_spec_writes_the_activation_and_eps_config_json_names(hf_gpt2, tmp_path):
+    """A GPT-2 with the exact GELU and another eps (as `export hf` writes a spec with act=gelu): the
+    emitted spec says so, and computes what transformers computes with that config."""
+    directory, _ = hf_gpt2
+    variant = tmp_path / "gpt2-gelu"
+    shutil.copytree(directory, variant)
+    config = json.loads((variant / "config.json").read_text())
+    config.update(activation_function="gelu", layer_norm_epsilon=1e-3)
+    (variant / "config.json").write_text(json.dumps(config))
+    spec, out = tmp_path / "gpt2-gelu.arch", tmp_path / "run"
+    assert _run("import", "hf", variant, "--emit-spec", spec, "-o", out) == 0
+    text = spec.read_text()
+    assert "act=gelu)" in text and "eps = 0.001" in text
+    hf = transformers.GPT2LMHeadModel.from_pretrained(variant).eval()
+    assert_matches_transformers(_load(out), hf, 8)
+    # an activation the map has no spec value for is refused, naming the ones it knows
+    config.update(activation_function="gelu_fast")
+    (variant / "config.json").write_text(json.dumps(config))
+    assert _run("import", "hf", variant, "--emit-spec", tmp_path / "x.arch", "-o", tmp_path / "x") == 1
+    assert not (tmp_path / "x.arch").exists()
+
+
 # -------------------------------------------------------------- Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE
 
 QWEN2_SPEC = """\
