@@ -56,7 +56,7 @@ def test_the_extras_table_is_pyprojects_extras():
     for extra in EXTRAS:  # a distribution in two extras has one version range
         for name, requirement in _pins(extras[extra]).items():
             assert pins.setdefault(name, requirement) == requirement, (extra, requirement)
-    assert f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]},<2.14" in extras["train"]
+    assert f"torch>={MIN_TORCH[0]}.{MIN_TORCH[1]},<2.15" in extras["train"]
 
 
 def test_a_torch_older_than_the_pin_is_one_line_before_anything_runs(monkeypatch, capsys):
