@@ -5,8 +5,8 @@ applies that plan to a lowered model in place with `parallelize_module` (Colwise
 RowwiseParallel) and Replicate DTensor parameters (replicated modules). Every parameter
 becomes a DTensor on the 1-D "tp" mesh, so the optimizer, `clip_grad_norm_` and the state dicts see
 one kind of tensor. DTensor inserts the collectives of the split layers (the all-reduce after a
-row-parallel layer, the all-reduce of the input gradient before a column-parallel one); the two
-one written here (`sum_partial_gradients`, after the backward passes of a step) sums the gradient
+row-parallel layer, the all-reduce of the input gradient before a column-parallel one); the one
+written here (`sum_partial_gradients`, after the backward passes of a step) sums the gradient
 of a replicated weight that each rank applied to its own part of the activations (q_norm/k_norm
 below, and the sequence-parallel norms and position tables).
 

@@ -117,13 +117,17 @@ def _op_arg_values(spec, graph) -> list:
     return seen
 
 
+def _op_arg_config_value(spec, config: dict) -> tuple[str, object]:
+    """(the key, its value) of an op argument in config.json; the map's default where it has none."""
+    key, value = first_present(config, spec.key_list)
+    return key, spec.default if value is MISSING else value
+
+
 def check_op_args(family: Family, config: dict, graph) -> list[str]:
     """Disagreements between op arguments in the spec (an activation, an eps) and config.json."""
     errors = []
     for spec in family.op_args:
-        key, value = first_present(config, spec.key_list)
-        if value is MISSING:
-            value = spec.default
+        key, value = _op_arg_config_value(spec, config)
         for used in _op_arg_values(spec, graph):
             if spec.values is None:
                 accepted = (used,)
@@ -146,18 +150,16 @@ def op_args_from_config(family: Family, config: dict, where: object = CONFIG_FIL
     no spec value for is an HFError naming the values it knows."""
     found = {}
     for spec in family.op_args:
-        key, value = first_present(config, spec.key_list)
-        if value is MISSING:
-            key, value = spec.key_list[0], spec.default
+        key, value = _op_arg_config_value(spec, config)
         if spec.values is None:
-            found[f"{spec.op}_{spec.arg}"] = value
+            found[spec.placeholder] = value
             continue
         matches = [used for used, accepted in spec.values.items() if any(_same(value, a) for a in accepted)]
         if not matches:
             known = ", ".join(_show(a) for accepted in spec.values.values() for a in accepted)
             raise HFError(f"{where}: {key} = {_show(value)}: the {family.name} map knows no spec "
                           f"{spec.op}({spec.arg}=...) for it (it knows {known}); write a spec and pass --spec")
-        found[f"{spec.op}_{spec.arg}"] = matches[0]
+        found[spec.placeholder] = matches[0]
     return found
 
 
@@ -169,7 +171,7 @@ def op_args_of_graph(family: Family, graph) -> dict[str, object]:
     for spec in family.op_args:
         used = _op_arg_values(spec, graph)
         if len(used) == 1:
-            found[f"{spec.op}_{spec.arg}"] = used[0]
+            found[spec.placeholder] = used[0]
     return found
 
 

@@ -62,7 +62,7 @@ def spec_text_from_config(directory: Path, config: dict, model_type: str, family
     if template is None:
         raise HFError(f"no spec template for model_type {model_type} yet; write a spec and pass --spec")
     values = {name: value for name, (value, _) in hyper_from_config(family, config).items()}
-    values.update(op_args_from_config(family, config, directory / CONFIG_FILE))  # {mlp_act}: the activation config.json names
+    values.update(op_args_from_config(family, config, directory / CONFIG_FILE))  # {mlp_act}, {layernorm_eps}
     values.update(name=_model_name(directory), source=directory.resolve().name)
     text, missing = fill_template(template, values)
     if missing:

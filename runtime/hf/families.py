@@ -112,6 +112,11 @@ class OpArg:
     def key_list(self) -> tuple[str, ...]:
         return (self.keys,) if isinstance(self.keys, str) else self.keys
 
+    @property
+    def placeholder(self) -> str:
+        """Its name in an `--emit-spec` template: `{mlp_act}`, `{layernorm_eps}`."""
+        return f"{self.op}_{self.arg}"
+
 
 @dataclass(frozen=True)
 class Family:
