@@ -663,8 +663,9 @@ def layouts(graph: ModelGraph, acts: Activations, *, gpus: int, seq: int, micro_
     tp = 1
     while tp <= max_tp:
         ok = gpus % tp == 0 and all(v % tp == 0 for vs in limits.values() for v in vs)
-        for pp in range(1, gpus // tp + 1) if ok else ():
-            if (gpus // tp) % pp or (pp > 1 and pp > n_blocks):
+        # a stage holds at least one block: a pp above that is no layout, however many GPUs there are
+        for pp in range(1, min(gpus // tp, max(n_blocks, 1)) + 1) if ok else ():
+            if (gpus // tp) % pp:
                 continue
             dp = gpus // (tp * pp)
             if global_batch % (dp * micro_batch):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1
+from lmspec.runtime.cli.numbers import AT_LEAST_1, SEED, THREADS
 from lmspec.runtime.cli.options import (
     add_log_option, add_lora_options, add_optimizer_options, add_provider_option, check_log_option
 )
@@ -31,10 +31,10 @@ def finetune_classify_options(p) -> None:
     p.add_argument("--epochs", type=AT_LEAST_1, default=5, help="passes over the training split (default: 5)")
     add_optimizer_options(p, lr=3e-4, warmup=20)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--seed", type=AT_LEAST_0, default=123, help="balancing, split, head initialisation and batch order "
+    p.add_argument("--seed", type=SEED, default=123, help="balancing, split, head initialisation and batch order "
                    "(default: 123, the book's)")
     add_device_option(p)
-    p.add_argument("--threads", type=AT_LEAST_1, help="torch CPU threads")
+    p.add_argument("--threads", type=THREADS, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_option(p)
     add_lora_options(p)

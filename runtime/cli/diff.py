@@ -12,7 +12,8 @@ from pathlib import Path
 
 from lmspec.runtime.checkpoint.header import read_checkpoint_tensors
 from lmspec.runtime.checkpoint.layout import META_FILE
-from lmspec.runtime.cli.options import cli_overrides
+from lmspec.runtime.cli.numbers import AT_LEAST_1
+from lmspec.runtime.cli.options import check_seq_fits, cli_overrides
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import DiffInputError  # noqa: F401  (raised here, and imported from here)
 from lmspec.runtime.errors import UsageError
@@ -52,7 +53,7 @@ def diff_options(p) -> None:
     p.add_argument("--new-set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a hyper-parameter of NEW when it is a spec (repeatable)")
     p.add_argument("--model", help="the model to use when a spec file defines several")
-    p.add_argument("--seq", type=int, help="sequence length for both FLOP counts (default: each model's context)")
+    p.add_argument("--seq", type=AT_LEAST_1, help="sequence length for both FLOP counts (default: each model's context)")
     p.add_argument("--format", choices=["human", "json"], default="human",
                    help="json: one object with added/removed/reshaped/renamed/hyper/parameters/flops/breaking/reasons")
     p.add_argument("--fail-on-breaking", action="store_true",
@@ -62,10 +63,10 @@ def diff_options(p) -> None:
 def cmd_diff(args) -> int:
     from lmspec.compiler.spec_diff import spec_diff
 
-    if args.seq is not None and args.seq < 1:
-        raise UsageError("--seq must be positive")
     old = resolve(args.old, args.old_set, args.model, "--old-set")
     new = resolve(args.new, args.new_set, args.model, "--new-set")
+    check_seq_fits(args.seq, old.graph)
+    check_seq_fits(args.seq, new.graph)
     result = spec_diff(old.graph, new.graph, old_stored=old.stored, seq=args.seq)
     if args.format == "json":
         print(json.dumps({"old": _side_dict(old), "new": _side_dict(new), **result.to_dict()}, indent=2))

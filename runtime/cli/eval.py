@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmspec.runtime.cli.numbers import AT_LEAST_1
+from lmspec.runtime.cli.numbers import AT_LEAST_1, THREADS
 from lmspec.runtime.cli.options import SPLITS
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.distributed.device import add_device_option, resolve_device
@@ -39,7 +39,7 @@ def eval_options(p) -> None:
     p.add_argument("--format", choices=["human", "json"], default="human",
                    help="json: print one JSON object (for CI)")
     add_device_option(p)
-    p.add_argument("--threads", type=AT_LEAST_1, help="torch CPU threads")
+    p.add_argument("--threads", type=THREADS, help="torch CPU threads")
 
 
 def cmd_eval(args) -> int:

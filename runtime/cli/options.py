@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from lmspec.dsl.errors import UserError
-from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE, PROBABILITY
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE, PROBABILITY, SEED
 from lmspec.runtime.errors import UsageError
 
 # Which part of the data `eval` scores.
@@ -19,6 +19,13 @@ def cli_overrides(pairs: list[str]) -> dict:
         return parse_overrides(pairs)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def check_seq_fits(seq: int | None, graph) -> None:
+    """--seq against the model's context, in the words `train` and `eval` use (no context: any length)."""
+    if seq is not None and graph.context is not None and seq > graph.context:
+        raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}"
+                         + (f" ({graph.name})" if graph.name else ""))
 
 
 PROVIDER_HELP = ("where onnxruntime runs the exported model: cpu (default), or cuda (onnxruntime's CUDA provider: "
@@ -41,7 +48,7 @@ def add_sampling_options(p, max_tokens: int = 200, temperature: float = 1.0, top
     if top_p:
         p.add_argument("--top-p", type=PROBABILITY, metavar="P",
                        help="sample among the likeliest tokens whose probabilities sum to P (nucleus)")
-    p.add_argument("--seed", type=AT_LEAST_0, help="makes sampling repeatable")
+    p.add_argument("--seed", type=SEED, help="makes sampling repeatable")
 
 
 def add_override_options(p) -> None:
@@ -54,11 +61,11 @@ def add_override_options(p) -> None:
 def add_optimizer_options(q, *, lr: float, warmup: int, lr_note: str = "") -> None:
     """The optimiser's settings: --batch --lr --min-lr --warmup --weight-decay --grad-clip --schedule."""
     q.add_argument("--batch", type=AT_LEAST_1, default=8, help="examples per step (default: 8)")
-    q.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g}{lr_note})")
-    q.add_argument("--min-lr", type=float, help="final learning rate of the decay (default: lr/10)")
-    q.add_argument("--warmup", type=int, default=warmup, help=f"linear warm-up steps (default: {warmup})")
-    q.add_argument("--weight-decay", type=float, default=0.1)
-    q.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 turns clipping off")
+    q.add_argument("--lr", type=POSITIVE, default=lr, help=f"peak learning rate (default: {lr:g}{lr_note})")
+    q.add_argument("--min-lr", type=NOT_NEGATIVE, help="final learning rate of the decay (default: lr/10)")
+    q.add_argument("--warmup", type=AT_LEAST_0, default=warmup, help=f"linear warm-up steps (default: {warmup})")
+    q.add_argument("--weight-decay", type=NOT_NEGATIVE, default=0.1)
+    q.add_argument("--grad-clip", type=NOT_NEGATIVE, default=1.0, help="max gradient norm; 0 turns clipping off")
     add_schedule_options(q)
 
 
@@ -67,7 +74,7 @@ def add_schedule_options(q) -> None:
     q.add_argument("--schedule", choices=["cosine", "wsd", "linear", "constant"], default="cosine",
                    help="the learning rate after warm-up: cosine decay to --min-lr, wsd (stable, then a linear "
                         "decay over the last --decay-fraction of the steps), linear decay, or constant")
-    q.add_argument("--decay-fraction", type=float, default=0.2,
+    q.add_argument("--decay-fraction", type=PROBABILITY, default=0.2,
                    help="with --schedule wsd: the share of the steps spent decaying")
 
 
@@ -87,7 +94,7 @@ def add_record_options(q) -> None:
     q.add_argument("--split", default="0.85,0.05,0.1", metavar="TRAIN,VAL,TEST",
                    help="fractions of the records after a seeded shuffle (default: 0.85,0.05,0.1, the book's)")
     q.add_argument("--limit", type=AT_LEAST_1, metavar="N", help="use only the first N records (a quick trial)")
-    q.add_argument("--seed", type=AT_LEAST_0, default=123, help="the split, the batch order, dropout (default: 123)")
+    q.add_argument("--seed", type=SEED, default=123, help="the split, the batch order, dropout (default: 123)")
     q.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast compute dtype; weights stay fp32")
 

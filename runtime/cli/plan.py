@@ -8,59 +8,63 @@ import json
 import math
 import textwrap
 
-from lmspec.compiler.plan import HEADROOM, parse_bytes
-from lmspec.runtime.cli.options import add_override_options, cli_overrides
+from lmspec.compiler.plan import HEADROOM, parse_bytes, parse_count, parse_flops
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, PROBABILITY, Quantity
+from lmspec.runtime.cli.options import add_override_options, check_seq_fits, cli_overrides
 from lmspec.runtime.cli.verb import Verb
-from lmspec.runtime.errors import UsageError
 
 
-def _quantity(parse, text: str | None, option: str):
-    if text is None:
-        return None
+def _bandwidth(text: str) -> float:
+    """'450GB/s', '50GB/s', '50GB' (bytes per second, per GPU, one direction)."""
+    size = text.strip()
     try:
-        value = parse(text)
-    except ValueError as err:
-        raise UsageError(f"{option}: {err}") from None
-    if not value > 0:
-        raise UsageError(f"{option} must be positive, got {text}")
-    return value
+        return parse_bytes(size[:-2] if size.lower().endswith("/s") else size)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a bandwidth: e.g. 450GB/s (10^9 bytes a second) or 50GiB/s") from None
+
+
+BYTES = Quantity(parse_bytes, "memory size")
+COUNT = Quantity(parse_count, "count")
+FLOPS = Quantity(parse_flops, "FLOP count")
+BANDWIDTH = Quantity(_bandwidth, "bandwidth")
 
 
 def plan_options(p) -> None:
     """`lmspec plan`'s options."""
     p.add_argument("spec")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs to train on (default: 1)")
-    p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30 bytes)")
+    p.add_argument("--gpus", type=AT_LEAST_1, default=1, help="GPUs to train on (default: 1)")
+    p.add_argument("--gpu-memory", type=BYTES, default="80GB", help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30 bytes)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--tokens", help="tokens to train on: 15T, 300B, 2e12")
-    budget.add_argument("--compute", help="FLOPs to spend: 1e24, 6e23")
-    p.add_argument("--seq", type=int, help="training sequence length (default: the context, at most 4096)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward pass (default: 1)")
+    budget.add_argument("--tokens", type=COUNT, help="tokens to train on: 15T, 300B, 2e12")
+    budget.add_argument("--compute", type=FLOPS, help="FLOPs to spend: 1e24, 6e23")
+    p.add_argument("--seq", type=AT_LEAST_1, help="training sequence length (default: the context, at most 4096)")
+    p.add_argument("--micro-batch", type=AT_LEAST_1, default=1, help="sequences per GPU per forward pass (default: 1)")
     p.add_argument("--strategy", choices=["ddp", "fsdp", "both"], default="both",
                     help="data parallelism to show; fsdp includes FSDP with CPU offload in the layouts "
                          "(default: both)")
-    p.add_argument("--global-batch", type=int,
+    p.add_argument("--global-batch", type=AT_LEAST_1,
                     help="sequences per optimizer step for the 3-D layouts (default: 8 x --gpus x --micro-batch)")
     p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b", help="pipeline schedule (default: 1f1b)")
     p.add_argument("--sequence-parallel", action="store_true",
                     help="tensor-parallel layouts also split the activations at block boundaries")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; tp stays within one (default: 8)")
-    p.add_argument("--nvlink-bandwidth", default="450GB/s",
+    p.add_argument("--gpus-per-node", type=AT_LEAST_1, default=8, help="GPUs per node; tp stays within one (default: 8)")
+    p.add_argument("--nvlink-bandwidth", type=BANDWIDTH, default="450GB/s",
                     help="per GPU per direction within a node (default: 450GB/s, H100 SXM NVLink)")
-    p.add_argument("--network-bandwidth", default="50GB/s",
+    p.add_argument("--network-bandwidth", type=BANDWIDTH, default="50GB/s",
                     help="per GPU between nodes (default: 50GB/s, one 400 Gb/s InfiniBand NIC per GPU)")
-    p.add_argument("--host-memory", default="2TB",
+    p.add_argument("--host-memory", type=BYTES, default="2TB",
                     help="host memory per node, for the CPU-offload layouts (default: 2TB, a DGX H100's)")
-    p.add_argument("--pcie-bandwidth", default="50GB/s",
+    p.add_argument("--pcie-bandwidth", type=BANDWIDTH, default="50GB/s",
                     help="per GPU per direction to the host, for the CPU-offload layouts "
                          "(default: 50GB/s, PCIe Gen5 x16)")
-    p.add_argument("--layouts", type=int, default=8, help="fitting layouts to list (default: 8; 0: none)")
+    p.add_argument("--layouts", type=AT_LEAST_0, default=8, help="fitting layouts to list (default: 8; 0: none)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="fp32, or bf16/fp16 autocast (fp32 master weights and gradients)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                     help="show only the rows with (or --no-…: without) checkpointing per block (default: both)")
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default: 0.4)")
-    p.add_argument("--gpu-flops", default="989e12",
+    p.add_argument("--mfu", type=PROBABILITY, default=0.4,
+                   help="model FLOPs utilisation to assume, a fraction of the peak (default: 0.4)")
+    p.add_argument("--gpu-flops", type=FLOPS, default="989e12",
                     help="peak FLOP/s of one GPU (default: 989e12, H100 SXM dense bf16; 989T also works)")
     p.add_argument("--format", choices=["human", "json"], default="human")
     add_override_options(p)
@@ -68,59 +72,27 @@ def plan_options(p) -> None:
 
 def cmd_plan(args) -> int:
     from lmspec.compiler import load_spec
-    from lmspec.compiler.plan import (
-        GPUS_PER_NODE, HOST_MEMORY, LAYOUT_STRATEGIES, NETWORK_BANDWIDTH, NVLINK_BANDWIDTH, PCIE_BANDWIDTH, make_plan,
-        parse_count, parse_flops
-    )
-    if args.gpus < 1:
-        raise UsageError(f"--gpus must be at least 1, got {args.gpus}")
-    if args.micro_batch < 1:
-        raise UsageError(f"--micro-batch must be at least 1, got {args.micro_batch}")
-    if not 0 < args.mfu <= 1:
-        raise UsageError(f"--mfu is a fraction of the peak, in (0, 1], got {args.mfu}")
-    gpu_memory = _quantity(parse_bytes, args.gpu_memory, "--gpu-memory")
-    gpu_flops = _quantity(parse_flops, args.gpu_flops, "--gpu-flops")
-    tokens = _quantity(parse_count, args.tokens, "--tokens")
-    compute = _quantity(parse_flops, args.compute, "--compute")
+    from lmspec.compiler.plan import LAYOUT_STRATEGIES, make_plan
+
     graph = load_spec(args.spec, cli_overrides(args.set), args.model)
-    context = graph.context
-    if args.seq is not None and args.seq < 1:
-        raise UsageError(f"--seq must be positive, got {args.seq}")
-    if args.seq is not None and context is not None and args.seq > context:
-        raise UsageError(f"--seq {args.seq} is more than the context of {graph.name} ({context})")
-    seq = args.seq or min(context or 4096, 4096)
+    check_seq_fits(args.seq, graph)
+    seq = args.seq or min(graph.context or 4096, 4096)
     # FSDP with CPU offload is FSDP (`lmspec train --strategy fsdp --cpu-offload`): it comes with fsdp
     strategies = {"both": LAYOUT_STRATEGIES, "fsdp": ("fsdp", "offload")}.get(args.strategy, (args.strategy,))
     ckpt = (False, True) if args.activation_checkpointing is None else (args.activation_checkpointing,)
-    # the 3-D layouts' options (read with getattr: runtime/cli/main.py may not declare them)
-    global_batch = getattr(args, "global_batch", None)
-    if global_batch is not None and global_batch < 1:
-        raise UsageError(f"--global-batch must be at least 1, got {global_batch}")
-    per_node = getattr(args, "gpus_per_node", None)
-    per_node = GPUS_PER_NODE if per_node is None else per_node
-    if per_node < 1:
-        raise UsageError(f"--gpus-per-node must be at least 1, got {per_node}")
-    shown = getattr(args, "layouts", None)
-    shown = 8 if shown is None else shown
-    if shown < 0:
-        raise UsageError(f"--layouts must be 0 or more, got {shown}")
-    nvlink = _quantity(_bandwidth, getattr(args, "nvlink_bandwidth", None), "--nvlink-bandwidth")
-    network = _quantity(_bandwidth, getattr(args, "network_bandwidth", None), "--network-bandwidth")
-    host_memory = _quantity(parse_bytes, getattr(args, "host_memory", None), "--host-memory")
-    pcie = _quantity(_bandwidth, getattr(args, "pcie_bandwidth", None), "--pcie-bandwidth")
-    plan = make_plan(graph, gpus=args.gpus, gpu_memory=gpu_memory, seq=seq, micro_batch=args.micro_batch,
-                     precision=args.precision, tokens=tokens, compute=compute, mfu=args.mfu,
-                     gpu_flops=gpu_flops, strategies=strategies, checkpointing=ckpt, global_batch=global_batch,
-                     schedule=getattr(args, "schedule", None) or "1f1b",
-                     sequence_parallel=bool(getattr(args, "sequence_parallel", False)), gpus_per_node=per_node,
-                     nvlink_bandwidth=nvlink or NVLINK_BANDWIDTH, network_bandwidth=network or NETWORK_BANDWIDTH,
-                     host_memory=host_memory or HOST_MEMORY, pcie_bandwidth=pcie or PCIE_BANDWIDTH)
+    plan = make_plan(graph, gpus=args.gpus, gpu_memory=args.gpu_memory, seq=seq, micro_batch=args.micro_batch,
+                     precision=args.precision, tokens=args.tokens, compute=args.compute, mfu=args.mfu,
+                     gpu_flops=args.gpu_flops, strategies=strategies, checkpointing=ckpt,
+                     global_batch=args.global_batch, schedule=args.schedule,
+                     sequence_parallel=args.sequence_parallel, gpus_per_node=args.gpus_per_node,
+                     nvlink_bandwidth=args.nvlink_bandwidth, network_bandwidth=args.network_bandwidth,
+                     host_memory=args.host_memory, pcie_bandwidth=args.pcie_bandwidth)
     if args.format == "json":
         print(json.dumps(to_json(plan), indent=2))
     else:
         print(render(plan))
-        if plan.gpus > 1 and shown:
-            print("\n" + render_layouts(plan, shown))
+        if plan.gpus > 1 and args.layouts:
+            print("\n" + render_layouts(plan, args.layouts))
     return 0
 
 
@@ -134,12 +106,6 @@ PLAN = Verb(
   lmspec plan specs/llama3.1-70b.arch --gpus 64 --gpu-memory 80GB --tokens 15T --precision bf16 --strategy fsdp
   lmspec plan specs/gpt2.arch --gpus 1 --gpu-memory 24GiB --compute 1e19 --micro-batch 8 --format json""",
 )
-
-
-def _bandwidth(text: str) -> float:
-    """'450GB/s', '50GB/s', '50GB' (bytes per second, per GPU, one direction)."""
-    text = text.strip()
-    return parse_bytes(text[:-2] if text.lower().endswith("/s") else text)
 
 
 def to_json(plan) -> dict:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from lmspec.dsl.errors import UserError
-from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE, THREADS, Number
 from lmspec.runtime.cli.options import add_provider_option, add_sampling_options
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import DataError, TokenizerError, UsageError
@@ -29,7 +29,7 @@ def generate_options(p) -> None:
     add_sampling_options(p)
     p.add_argument("--stop", action="append", metavar="TEXT",
                      help="stop when this text appears (repeatable; \\n means a newline)")
-    p.add_argument("--threads", type=AT_LEAST_1, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads")
     add_provider_option(p)
     p.add_argument("--json", action="store_true", help="print the completions as JSON")
     p.add_argument("--chat", action="store_true",
@@ -124,9 +124,10 @@ GENERATE = Verb(
 )
 
 
+PORT = Number(int, least=0, most=65535)
+
+
 def _check_args(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: must be between 0 and 65535 (0 picks a free port)")
     for origin in args.cors_origin:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UsageError(f"--cors-origin {origin}: an origin is a scheme and a host, such as https://app.example")
@@ -174,7 +175,7 @@ def serve_options(p) -> None:
     p.add_argument("model", help="an exported .onnx file (language model or classifier), or a directory holding one")
     p.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default: loopback only; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=PORT, default=8000, help="TCP port to listen on (0: a free one, printed)")
     p.add_argument("--name", help="the model name clients ask for (default: the spec's model name)")
     p.add_argument("--max-tokens", type=AT_LEAST_0, default=1024,
                     help="the most tokens one request may generate (language models)")
@@ -195,7 +196,7 @@ def serve_options(p) -> None:
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous (the default), or static: whole batches, one after the other (the old "
                         "scheduler, kept to measure against)")
-    p.add_argument("--threads", type=AT_LEAST_1, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads")
     add_provider_option(p)
     p.add_argument("--api-key", metavar="KEY", default=argparse.SUPPRESS,
                    help=f"require `Authorization: Bearer KEY` on every route but /health and the chat page at / "

@@ -7,7 +7,8 @@ import os
 import sys
 
 from lmspec.runtime.atomic import write_bytes_atomically
-from lmspec.runtime.cli.options import add_override_options, cli_overrides
+from lmspec.runtime.cli.numbers import AT_LEAST_1
+from lmspec.runtime.cli.options import add_override_options, check_seq_fits, cli_overrides
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.errors import UsageError
 
@@ -97,14 +98,14 @@ CHECK = Verb(
 def info_options(p) -> None:
     """`lmspec info`'s options."""
     p.add_argument("spec")
-    p.add_argument("--seq", type=int, help="sequence length for FLOP counts (default: the context)")
+    p.add_argument("--seq", type=AT_LEAST_1, help="sequence length for FLOP counts (default: the context)")
     p.add_argument("--graph", metavar="FILE", help="also draw the graph to FILE (.dot, .svg, .png, .pdf)")
     p.add_argument("--format", choices=["human", "json"], default="human")
-    p.add_argument("--tp", type=int, metavar="N", help="also print how tensor parallelism over N ranks splits "
+    p.add_argument("--tp", type=AT_LEAST_1, metavar="N", help="also print how tensor parallelism over N ranks splits "
                    "every parameter (refused, located, when heads or sizes do not divide)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="with --tp: plan sequence parallelism too (refused, located, at an op that mixes positions)")
-    p.add_argument("--pp", type=int, metavar="N", help="also print the N pipeline stages the model is cut into, "
+    p.add_argument("--pp", type=AT_LEAST_1, metavar="N", help="also print the N pipeline stages the model is cut into, "
                    "balanced by FLOPs and memory (at --seq)")
     add_override_options(p)
 
@@ -115,20 +116,15 @@ def cmd_info(args) -> int:
                                           tokens_per_forward)
     from lmspec.compiler.shapes import fmt_shape
     graph = load_spec(args.spec, cli_overrides(args.set), args.model)
-    if args.seq is not None and args.seq < 1:
-        raise UsageError("--seq must be positive")
+    check_seq_fits(args.seq, graph)
     tensor_plan = None
     if args.tp is not None:
         from lmspec.compiler.tensor_parallel import format_tensor_parallel_plan, tensor_parallel_plan
-        if args.tp < 1:
-            raise UsageError("--tp must be positive")
         # before printing anything: a SpecError is located
         tensor_plan = tensor_parallel_plan(graph, args.tp, sequence_parallel=getattr(args, "sequence_parallel", False))
     stages = None
     if args.pp is not None:
         from lmspec.compiler.pipeline_stages import format_pipeline_stages, pipeline_stages
-        if args.pp < 1:
-            raise UsageError("--pp must be positive")
         stages = pipeline_stages(graph, args.pp, args.seq or graph.context)
     seq = args.seq or graph.context
     params = parameter_count(graph)

@@ -6,7 +6,7 @@ from lmspec.dsl.errors import UserError
 from lmspec.runtime.cli.options import (
     add_log_option, add_override_options, add_sampling_options, add_schedule_options, check_log_option, fail
 )
-from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, POSITIVE
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE, SEED, SHARE, THREADS
 from lmspec.runtime.cli.verb import Output, Verb
 from lmspec.runtime.distributed.device import add_device_option, device_name
 from lmspec.runtime.errors import CheckpointError, UsageError, WriteError
@@ -28,22 +28,23 @@ def train_options(p) -> None:
                    help="start from this checkpoint's weights (an imported model, another run, a merged finetune) "
                         "with a fresh optimizer and schedule: continued pretraining. Its tokenizer is the run's; a "
                         "spec its weights do not fit is refused, as `lmspec diff` would report it")
-    p.add_argument("--steps", type=int, help="optimizer steps in all (default: 500, or the resumed run's)")
-    p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--seq", type=int, help="training sequence length (default: the model's context)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, help="final learning rate of the decay (default: lr/10)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--steps", type=AT_LEAST_1, help="optimizer steps in all (default: 500, or the resumed run's)")
+    p.add_argument("--batch", type=AT_LEAST_1, default=12)
+    p.add_argument("--seq", type=AT_LEAST_1, help="training sequence length (default: the model's context)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3)
+    p.add_argument("--min-lr", type=NOT_NEGATIVE, help="final learning rate of the decay (default: lr/10)")
+    p.add_argument("--warmup", type=AT_LEAST_0, default=100, help="linear warm-up steps")
     add_schedule_options(p)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay (nanoGPT's char model: 0.99)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--weight-decay", type=NOT_NEGATIVE, default=0.1)
+    p.add_argument("--beta2", type=SHARE, default=0.95, help="AdamW's second-moment decay (nanoGPT's char model: 0.99)")
+    p.add_argument("--grad-clip", type=NOT_NEGATIVE, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--grad-accum", type=AT_LEAST_1, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--eval-every", type=AT_LEAST_0, default=100, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--eval-batches", type=AT_LEAST_0, default=20, help="validation batches per evaluation (0: none)")
+    p.add_argument("--ckpt-every", type=AT_LEAST_0, default=100,
+                   help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--keep", type=AT_LEAST_1, default=3, help="checkpoints to keep")
+    p.add_argument("--seed", type=SEED, default=1337)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="mixed precision: autocast to bf16 or fp16 (with loss scaling); weights stay fp32")
     p.add_argument("--activation-checkpointing", nargs="?", const="all", metavar="BLOCKS",
@@ -77,7 +78,7 @@ def train_options(p) -> None:
     p.add_argument("--peak-tflops", type=POSITIVE, metavar="T",
                    help="peak dense bf16 TFLOP/s of one device, for MFU in the metrics (default: a table of common "
                         "GPUs; on a CPU MFU is reported only when this is given)")
-    p.add_argument("--threads", type=AT_LEAST_1, help="torch CPU threads")
+    p.add_argument("--threads", type=THREADS, help="torch CPU threads")
     p.add_argument("--sample-tokens", type=AT_LEAST_0, default=200, help="print a sample this long at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_option(p)

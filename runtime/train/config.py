@@ -70,6 +70,7 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         for name in ("warmup", "eval_every", "eval_batches", "ckpt_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed", "must be an integer >= 0 and < 2^63")
         need(isinstance(self.seq, int) and 1 <= self.seq <= context, "seq",
              f"must be between 1 and the model's context {context}")
         need(0 < self.lr < math.inf, "lr", "must be a finite number > 0")

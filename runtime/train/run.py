@@ -174,7 +174,7 @@ def config_of(settings, ckpt) -> TrainConfig:
     it) and so may the ways of running it that leave the numbers alone (checkpointing, compile, layout)."""
     if ckpt is not None:
         saved = TrainConfig.from_dict(ckpt.train_config)
-        return dataclasses.replace(saved, steps=settings.steps or saved.steps,
+        return dataclasses.replace(saved, steps=saved.steps if settings.steps is None else settings.steps,
                                    activation_checkpointing=settings.activation_checkpointing
                                    or saved.activation_checkpointing,
                                    compile=settings.compile or saved.compile,
@@ -182,7 +182,7 @@ def config_of(settings, ckpt) -> TrainConfig:
                                    micro_batches=settings.micro_batches or saved.micro_batches,
                                    pipeline_schedule=settings.pp_schedule or saved.pipeline_schedule)
     return TrainConfig(
-        steps=settings.steps or 500, batch=settings.batch, seq=settings.seq, lr=settings.lr, min_lr=settings.min_lr,
+        steps=500 if settings.steps is None else settings.steps, batch=settings.batch, seq=settings.seq, lr=settings.lr, min_lr=settings.min_lr,
         warmup=settings.warmup, weight_decay=settings.weight_decay, betas=(0.9, settings.beta2),
         grad_clip=settings.grad_clip, grad_accum=settings.grad_accum, eval_every=settings.eval_every,
         eval_batches=settings.eval_batches, ckpt_every=settings.ckpt_every, keep=settings.keep, seed=settings.seed,

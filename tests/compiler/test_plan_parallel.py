@@ -1,7 +1,6 @@
 """`lmspec plan`'s 3-D layouts (data x tensor x pipeline parallel): memory per GPU, traffic per step,
 bubble and step time, against hand calculations from the published configs (compiler/plan.py's
 docstring gives the model). No torch."""
-import argparse
 import contextlib
 import io
 import json
@@ -326,13 +325,18 @@ def test_step_time_is_the_pipeline_plus_what_traffic_adds():
     assert find(fast, 4, 1, 1, "ddp", True).step_s > c.step_s
 
 
-# ---------------------------------------------------------------- the CLI's options (read with getattr)
+# ---------------------------------------------------------------- the CLI's options
 
 def _args(**extra):
-    base = dict(spec=str(ROOT / "specs" / "tiny.arch"), set=[], model=None, gpus=8, micro_batch=1, mfu=0.4,
-                gpu_memory="80GB", gpu_flops="989e12", tokens=None, compute=None, seq=None, strategy="both",
-                activation_checkpointing=None, precision="fp32", format="json")
-    return argparse.Namespace(**{**base, **extra})
+    """`lmspec plan specs/tiny.arch --gpus 8 --format json` parsed, with `name=value` as `--name value`
+    (True: the flag alone)."""
+    from lmspec.runtime.cli.main import parser
+
+    options = {"gpus": 8, "format": "json", **extra}
+    argv = [str(ROOT / "specs" / "tiny.arch")]
+    for name, value in options.items():
+        argv += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return parser().parse_args(["plan", *argv])
 
 
 def _run(**extra):
@@ -355,20 +359,26 @@ def test_layout_options_reach_the_plan():
     assert "... and " in text
 
 
-def test_layout_options_without_cli_declarations():
-    # runtime/cli/main.py without the new options: the defaults
+def test_layout_options_default_to_eight_sequences_per_gpu_and_1f1b():
     data = json.loads(_run())["layouts"]
     assert data["assumptions"]["global_batch"] == 64 and data["assumptions"]["schedule"] == "1f1b"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (dict(global_batch=0), "--global-batch must be at least 1"),
-    (dict(nvlink_bandwidth="fast"), "--nvlink-bandwidth: 'fast' is not a memory size"),
-    (dict(gpus_per_node=0), "--gpus-per-node must be at least 1"),
-    (dict(host_memory="lots"), "--host-memory: 'lots' is not a memory size"),
-    (dict(pcie_bandwidth="0GB/s"), "--pcie-bandwidth must be positive"),
+def test_a_huge_gpu_count_plans_at_once():
+    # a pipeline stage holds at least one block: the layouts are not searched up to the GPU count
+    data = json.loads(_run(gpus=2**40, layouts=0))["layouts"]
+    assert max(x["pp"] for x in data["all"]) == 4  # tiny.arch has four blocks
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--global-batch", "0", "argument --global-batch: must be an integer >= 1, got 0"),
+    ("--nvlink-bandwidth", "fast", "argument --nvlink-bandwidth: 'fast' is not a bandwidth: e.g. 450GB/s"),
+    ("--gpus-per-node", "0", "argument --gpus-per-node: must be an integer >= 1, got 0"),
+    ("--host-memory", "lots", "argument --host-memory: 'lots' is not a memory size"),
+    ("--pcie-bandwidth", "0GB/s", "argument --pcie-bandwidth: must be positive, got 0GB/s"),
+    ("--layouts", "-1", "argument --layouts: must be an integer >= 0, got -1"),
 ])
-def test_layout_option_errors(extra, message):
-    from lmspec.runtime.errors import UsageError
-    with pytest.raises(UsageError, match=message):
-        cmd_plan(_args(**extra))
+def test_layout_option_errors(option, value, message):
+    out = plan_cli("specs/tiny.arch", option, value)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(f"lmspec plan: error: {message}"), out.stderr
+    assert "Traceback" not in out.stderr

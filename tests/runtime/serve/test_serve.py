@@ -455,7 +455,7 @@ def test_bad_options_are_usage_errors(tiny_bundle):
                         (("--request-timeout", "0"), "argument --request-timeout: must be a finite number > 0, got 0"),
                         (("--read-timeout", "nan"), "argument --read-timeout: must be a finite number > 0, got nan"),
                         (("--max-choices", "0"), "argument --max-choices: must be an integer >= 1, got 0"),
-                        (("--port", "70000"), "--port 70000: must be between 0 and 65535")):
+                        (("--port", "70000"), "argument --port: must be an integer >= 0 and <= 65535, got 70000")):
         out = lmspec_main("serve", tiny_bundle, *args)
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
 
