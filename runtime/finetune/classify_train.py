@@ -55,7 +55,7 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
         model.train()
         order = list(range(len(train)))
         order_rng.shuffle(order)
-        losses, first_step = [], step + 1  # the epoch's losses stay on the device until its end
+        losses, norms, first_step = [], [], step + 1  # the epoch's losses and gradient norms stay on the device
         epoch_started, epoch_tokens = time.perf_counter(), 0
         for first in range(0, len(order), cfg.batch):
             rows = order[first:first + cfg.batch]
@@ -66,9 +66,11 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
                 logits = model(to_device(tokens, device), to_device(lengths, device))
             step += 1
             epoch_tokens += int(lengths.sum())  # the texts, not their padding
-            losses.append(update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler)[0])
+            loss, norm = update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler)
+            losses.append(loss)
+            norms.append(norm)
             bar.update(1)
-        losses = read_losses(losses, first_step)
+        losses = read_losses(losses, first_step, norms, scaler.is_enabled())
         record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
                   "tokens_per_s": epoch_tokens / max(time.perf_counter() - epoch_started, 1e-9),
                   "peak_memory_bytes": peak_memory(device),

@@ -204,7 +204,7 @@ def finetune_dpo(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer,
     step, tokens = 0, 0
     try:
         log.append({"step": 0, "epoch": 0.0, **evaluate(0)}, redraw=True)
-        pending = StepRecords(log, device)  # its clock starts after step 0's validation
+        pending = StepRecords(log, device, scaler.is_enabled())  # its clock starts after step 0's validation
         for epoch in range(setup.epochs):
             for indices in length_buckets([len(p) for p in train_set], cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)

@@ -98,7 +98,7 @@ def finetune_instruct(model: torch.nn.Module, tokenizer, train_set: list[Example
     step, tokens = 0, 0
     try:
         log.append({"step": 0, "epoch": 0.0, **validate(0)}, redraw=True)
-        pending = StepRecords(log, device)  # its clock starts after step 0's validation
+        pending = StepRecords(log, device, scaler.is_enabled())  # its clock starts after step 0's validation
         for epoch in range(setup.epochs):
             for indices in length_buckets(lengths, cfg.batch, cfg.seed, epoch):
                 lr = scheduled_lr(optimizer, cfg, step)

@@ -10,6 +10,7 @@ import torch
 
 from lmspec.runtime.errors import TrainingError
 from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.divergence import divergence
 
 
 def steps_per_epoch(n_examples: int, batch: int) -> int:
@@ -64,13 +65,17 @@ def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch
     return loss.detach(), norm.detach()
 
 
-def read_losses(losses: list[torch.Tensor], first_step: int) -> list[float]:
-    """Step losses (of steps first_step, first_step + 1, ...) as floats, read in one wait for the
-    device; raises TrainingError naming the first step whose loss is not finite."""
-    values = _read(losses)
-    for step, value in enumerate(values, first_step):
-        _check_finite(value, step)
-    return values
+def read_losses(losses: list[torch.Tensor], first_step: int, norms: list[torch.Tensor] = (),
+                scaled: bool = False) -> list[float]:
+    """Step losses (of steps first_step, first_step + 1, ...) as floats, read with the steps' gradient
+    `norms` in one wait for the device; raises TrainingError naming the first step whose loss, or
+    gradient norm where no GradScaler (`scaled`) skips its update, is not finite."""
+    values = _read([*losses, *norms])
+    losses_read, norms_read = values[:len(losses)], values[len(losses):] or [None] * len(losses)
+    for step, (loss, norm) in enumerate(zip(losses_read, norms_read), first_step):
+        if reason := divergence(step, loss=loss, grad_norm=norm, scaled=scaled):
+            raise TrainingError(f"{reason}; try a lower --lr")
+    return losses_read
 
 
 class StepRecords:
@@ -80,8 +85,8 @@ class StepRecords:
     record counts the tokens trained so far ("tokens"); the last one `take` returns also gets the
     tokens per second since the previous `write` and the device's peak memory."""
 
-    def __init__(self, log, device: torch.device):
-        self.log, self.device, self.records = log, device, []
+    def __init__(self, log, device: torch.device, scaled: bool = False):
+        self.log, self.device, self.records, self.scaled = log, device, [], scaled  # scaled: fp16's GradScaler
         self.started, self.tokens_before = time.perf_counter(), 0
         self.losses_since_evaluation: list[float] = []
 
@@ -98,11 +103,14 @@ class StepRecords:
         records, self.records = self.records, []
         places = [(r, key) for r in records for key, value in r.items() if isinstance(value, torch.Tensor)]
         for (record, key), value in zip(places, _read([record[key] for record, key in places])):
-            record[key] = value if key != "grad_norm" or math.isfinite(value) else None  # fp16 overflow: skipped
+            record[key] = value
         for i, record in enumerate(records):
-            if not math.isfinite(record["loss"]):
+            if reason := divergence(record["step"], loss=record["loss"], grad_norm=record.get("grad_norm"),
+                                    scaled=self.scaled):
                 self.write(records[:i])
-                _check_finite(record["loss"], record["step"])
+                raise TrainingError(f"{reason}; try a lower --lr")
+            if record.get("grad_norm") is not None and not math.isfinite(record["grad_norm"]):
+                record["grad_norm"] = None  # fp16 overflow: the scaler skipped the step
         self.losses_since_evaluation += [r["loss"] for r in records]
         if records:
             last = records[-1]
@@ -122,7 +130,12 @@ class StepRecords:
         records = self.take()
         bar.set_postfix(**self.progress(records), refresh=False)
         if evaluated:
-            records[-1] |= evaluate(step)
+            found = evaluate(step)
+            for key in (k for k in found if k.endswith("_loss")):  # val_loss; dpo: train_loss, val_loss
+                if reason := divergence(step, val_loss=found[key]):
+                    self.write(records)
+                    raise TrainingError(f"{reason}; try a lower --lr or --weight-decay")
+            records[-1] |= found
             self.losses_since_evaluation = []
         self.write(records, redraw=evaluated)
         return records
@@ -147,8 +160,3 @@ class StepRecords:
 
 def _read(values: list[torch.Tensor]) -> list[float]:
     return torch.stack([v.double() for v in values]).tolist() if values else []
-
-
-def _check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise TrainingError(f"the loss became {loss} at step {step}; try a lower --lr")

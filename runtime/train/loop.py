@@ -28,6 +28,7 @@ from lmspec.runtime.distributed.materialise import is_on_meta
 from lmspec.runtime.distributed.world import World
 from lmspec.runtime.errors import ConfigError, TrainingError
 from lmspec.runtime.train.config import TrainConfig, config_for_resume
+from lmspec.runtime.train.divergence import divergence
 from lmspec.runtime.train.metrics import METRICS_FILE, PLOT_FILE, plot_loss_curve
 from lmspec.runtime.train.placement import Placement, place
 from lmspec.runtime.train.random_state import restore_rng, rng_devices, rng_states
@@ -147,10 +148,10 @@ def train(
             # The steps' numbers are read only here: reading one waits for the device, and a GPU kept
             # waiting at every step would idle while the next step is prepared. A loss that went wrong
             # in between is still caught before any checkpoint is written.
-            record = window.resolve(placed.world, device, meter, last_checkpoint)
+            record = window.resolve(placed.world, device, meter, last_checkpoint, scaler.is_enabled())
             totals["loss"] = record["loss"]
             if validating:
-                _validate(record, totals, placed, val_set, cfg, device, bar)
+                _validate(record, totals, placed, val_set, cfg, device, bar, last_checkpoint)
             totals["elapsed"] = record["elapsed"] = elapsed_before + meter.session_seconds()
             record["tokens"] = step * meter.tokens_per_step  # trained so far: `lmspec plot --x tokens`
             if logging:  # every rank: the maximum is collective
@@ -299,15 +300,18 @@ class _Window:
     def add(self, step: int, lr: float, loss, grad_norm) -> None:
         self.steps.append((step, lr, loss, grad_norm))
 
-    def resolve(self, world: World, device, meter: _Meter, last_checkpoint) -> dict:
+    def resolve(self, world: World, device, meter: _Meter, last_checkpoint, scaled: bool) -> dict:
         """The last step's metrics record, tokens/s and MFU over the whole window; raises TrainingError
-        naming the first step whose loss (the mean over ranks) is not finite."""
-        losses = distributed.means(world, [float(loss) for _, _, loss, _ in self.steps], device)
-        tokens_per_s = len(self.steps) * meter.tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
-        for (step, _, _, _), loss in zip(self.steps, losses):
-            if not math.isfinite(loss):
-                raise TrainingError(f"the loss became {loss} at step {step}; try a lower learning rate "
-                                    f"(the last good checkpoint is {last_checkpoint})")
+        naming the first step whose loss or gradient norm (the means over ranks, so that every rank
+        stops) is not finite, a gradient norm only where no GradScaler (`scaled`) skips its update."""
+        n = len(self.steps)
+        means = distributed.means(world, [float(loss) for _, _, loss, _ in self.steps]
+                                  + [float(norm) for _, _, _, norm in self.steps], device)
+        losses = means[:n]
+        tokens_per_s = n * meter.tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
+        for (step, _, _, _), loss, norm in zip(self.steps, losses, means[n:]):
+            if reason := divergence(step, loss=loss, grad_norm=norm, scaled=scaled):
+                raise TrainingError(f"{reason}; try a lower learning rate ({_resume_from(last_checkpoint)})")
         step, lr, _, grad_norm = self.steps[-1]
         grad_norm = float(grad_norm)
         record = {"step": step, "loss": losses[-1], "lr": lr, "tokens_per_s": tokens_per_s,
@@ -327,9 +331,17 @@ def _validation_loss(placed: Placement, val_set: list, cfg: TrainConfig, device)
     return val_loss
 
 
-def _validate(record: dict, totals: dict, placed: Placement, val_set: list, cfg: TrainConfig, device, bar) -> None:
-    """The validation loss, into the step's record and the totals (the best so far too)."""
+def _resume_from(last_checkpoint) -> str:
+    return f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+
+
+def _validate(record: dict, totals: dict, placed: Placement, val_set: list, cfg: TrainConfig, device, bar,
+              last_checkpoint) -> None:
+    """The validation loss, into the step's record and the totals (the best so far too); one that is
+    not finite ends the run before its weights are checkpointed."""
     val_loss = _validation_loss(placed, val_set, cfg, device)
+    if reason := divergence(record["step"], val_loss=val_loss):
+        raise TrainingError(f"{reason}; try a lower learning rate or weight decay ({_resume_from(last_checkpoint)})")
     record["val_loss"] = totals["val_loss"] = val_loss
     if totals["best_val_loss"] is None or val_loss < totals["best_val_loss"]:
         totals["best_val_loss"] = val_loss

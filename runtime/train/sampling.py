@@ -11,6 +11,7 @@ import math
 import torch
 
 from lmspec.compiler.kv_cache import make_cache
+from lmspec.runtime.errors import CheckpointError
 
 
 def generate(
@@ -81,6 +82,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
           generator: torch.Generator | None) -> int:
     """One token id from a [vocab] row of logits."""
     logits = logits.float()
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):  # -inf is a token ruled out
+        raise CheckpointError("the model's next-token scores are not finite (NaN or inf): its weights are, as "
+                              "after a run that diverged; sample an earlier checkpoint")
     if temperature == 0:
         return int(torch.argmax(logits))
     logits = logits / temperature

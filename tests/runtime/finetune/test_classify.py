@@ -85,7 +85,12 @@ def test_frozen_weights_stay_bit_identical(tmp_path):
             assert torch.equal(p, before[name]), name
 
 
-def test_a_diverging_loss_is_named_by_its_step(tmp_path):
+@pytest.mark.parametrize("part, message", [
+    ("loss", "the loss became nan at step 3; try a lower --lr"),
+    # before: a NaN gradient norm went unread, and AdamW's update left NaN weights to be saved
+    ("gradient", "the gradient norm became nan at step 3, so its update left weights that are not finite"),
+])
+def test_a_diverging_loss_is_named_by_its_step(tmp_path, part, message):
     """An epoch's losses are read at its end: step 3 (the first of epoch 2) goes bad and is named."""
     class GoesBad(torch.nn.Module):
         def __init__(self, model):
@@ -95,13 +100,18 @@ def test_a_diverging_loss_is_named_by_its_step(tmp_path):
         def forward(self, tokens, lengths):
             self.calls += self.training
             logits = self.model(tokens, lengths)
-            return logits * float("nan") if self.calls >= 3 else logits
+            if self.calls < 3:
+                return logits
+            if part == "gradient":
+                logits.register_hook(lambda grad: grad * float("nan"))
+                return logits
+            return logits * float("nan")
 
     graph = classification_head(load_spec("specs/tiny.arch", {"layers": 1, "dim": 16, "heads": 2, "context": 32}),
                                 classes=2)
     data = Encoded([[1, 2, 3]] * 16, [i % 2 for i in range(16)])
     cfg = TrainConfig(steps=4, batch=8, lr=1e-2, warmup=0).resolved(32)
-    with pytest.raises(TrainingError, match="the loss became nan at step 3; try a lower --lr"):
+    with pytest.raises(TrainingError, match=message):
         train_classifier(GoesBad(lower(graph, seed=0)), data, Encoded([], []), cfg, epochs=2, pad_id=0,
                          run_dir=tmp_path, progress=False)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2]  # epoch 1's record

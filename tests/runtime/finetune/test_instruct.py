@@ -250,7 +250,23 @@ class _GoesBad(torch.nn.Module):
         return logits * float("nan") if self.calls > self.after else logits
 
 
-def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path, bpe):
+class _GradientGoesBad(_GoesBad):
+    """A model whose gradients turn NaN from its `after`+1-th training forward on, its loss still finite."""
+
+    def forward(self, x):
+        self.calls += self.training
+        logits = self.model(x)
+        if self.calls > self.after:
+            logits.register_hook(lambda grad: grad * float("nan"))
+        return logits
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_GoesBad, "the loss became nan at step 7; try a lower --lr"),
+    # before: a NaN gradient norm was logged as null, as fp16's skipped steps are, and its update kept
+    (_GradientGoesBad, "the gradient norm became nan at step 7, so its update left weights that are not finite"),
+])
+def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path, bpe, bad, message):
     """The loss is read every log_every (10) steps, not at each: step 7 goes bad and step 10's read
     names it; steps 1 to 6 are in the metrics, and nothing is saved."""
     from lmspec.runtime.errors import TrainingError
@@ -259,8 +275,8 @@ def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path
     graph = load_spec("specs/gpt2.arch", {"layers": 1, "dim": 16, "heads": 2, "context": 256, "vocab": 400})
     examples = tokenize_records([RECORD] * 12, make_template("alpaca", bpe), 256).examples
     cfg = TrainConfig(steps=12, batch=1, seq=256, eval_every=0, log_every=10, keep=1).resolved(256)
-    with pytest.raises(TrainingError, match="the loss became nan at step 7; try a lower --lr"):
-        finetune_instruct(_GoesBad(lower(graph, seed=0), after=6), bpe, examples, [], cfg,
+    with pytest.raises(TrainingError, match=message):
+        finetune_instruct(bad(lower(graph, seed=0), after=6), bpe, examples, [], cfg,
                           InstructSetup("alpaca", pad_id_for(bpe), epochs=1), tmp_path, {}, progress=False)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(7))

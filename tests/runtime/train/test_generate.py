@@ -156,6 +156,21 @@ def test_bad_arguments(kwargs, message):
         generate(FixedLogits(), **args)
 
 
+def test_logits_that_are_not_finite_are_a_located_error_not_a_sampler_crash():
+    from lmspec.runtime.errors import CheckpointError
+
+    model = FixedLogits()
+    with torch.no_grad():  # -inf rules a token out and is no error
+        model.logits[2:] = float("-inf")
+    assert set(generate(model, [0], 200, seed=0)) == {0, 1}
+    for bad in (float("nan"), float("inf")):  # torch.multinomial's own error named neither the cause nor a cure
+        with torch.no_grad():
+            model.logits[3] = bad
+        for temperature in (1.0, 0.0):
+            with pytest.raises(CheckpointError, match="next-token scores are not finite .* sample an earlier"):
+                generate(model, [0], 3, temperature=temperature, seed=0)
+
+
 def test_zero_tokens():
     assert generate(FixedLogits(), [0], 0) == []
 

@@ -248,6 +248,42 @@ class _GoesBad(nn.Module):
         return logits * float("nan") if self.calls > self.after else logits
 
 
+class _GradientGoesBad(_GoesBad):
+    """A model whose gradients turn NaN from its `after`+1-th training forward on, its loss still finite."""
+
+    def forward(self, x):
+        self.calls += self.training
+        logits = self.model(x)
+        if self.training and self.calls > self.after:
+            logits.register_hook(lambda grad: grad * float("nan"))
+        return logits
+
+
+class _ValidationGoesBad(_GoesBad):
+    """A model whose evaluation logits turn NaN after `after` training forwards; training stays finite."""
+
+    def forward(self, x):
+        self.calls += self.training
+        logits = self.model(x)
+        return logits * float("nan") if not self.training and self.calls > self.after else logits
+
+
+@pytest.mark.parametrize("bad, evaluating, message", [
+    # before: a NaN gradient norm (logged as null, as fp16's skipped steps are) let AdamW write NaN weights
+    # into the next checkpoint, and `sample` of it failed inside torch.multinomial
+    (_GradientGoesBad, False, r"the gradient norm became nan at step 7, so its update left weights that are not finite"),
+    (_ValidationGoesBad, True, r"the validation loss became nan at step 8: the weights are no longer finite"),
+])
+def test_a_gradient_or_validation_loss_that_is_not_finite_stops_training_before_a_checkpoint(
+        tmp_path, verdict, tiny_gpt, bad, evaluating, message):
+    tokenizer, data = verdict
+    cfg = TrainConfig(steps=20, batch=1, seq=8, log_every=10, ckpt_every=4, eval_every=4,
+                      eval_batches=1 if evaluating else 0)
+    with pytest.raises(TrainingError, match=message + r"; .*step_000004\)"):
+        train(bad(tiny_gpt(tokenizer.vocab_size), after=6), tokenizer, data, cfg, tmp_path, SPEC, progress=False)
+    assert find_checkpoint(tmp_path).name == "step_000004"
+
+
 def test_diverging_loss_stops_training_before_a_checkpoint_holds_it(tmp_path, verdict, tiny_gpt):
     tokenizer, data = verdict
     # The loss is read only at the logged and checkpointed steps (4, 8, 10, ...): step 7 goes bad, and
