@@ -97,6 +97,9 @@ def add_lora(graph: ModelGraph, rank: int, alpha: float, targets: list[str] | st
             raise RewriteError(_unmatched_message(graph, pattern, matrices))
     chosen = [m for m in matrices if any(matches(m.path, p) for p in patterns)]
     for m in chosen:
+        if rank > min(m.weight.shape):  # no longer low-rank: more parameters than the matrix, no more reach
+            raise RewriteError(f"lora: rank {rank} is more than {m.path}.weight's smaller side "
+                               f"{min(m.weight.shape)} {list(m.weight.shape)}; give a rank of at most that")
         if m.weight.tied_to is not None:
             # Folding an update into a shared matrix would change the other user (the embedding) too.
             raise RewriteError(f"lora: {m.path}.weight is tied to {m.weight.tied_to}; tied matrices cannot "

@@ -83,7 +83,7 @@ def add_lora_options(q) -> None:
     q.add_argument("--lora", type=AT_LEAST_1, metavar="R", help="train rank-R LoRA adapters instead of the weights")
     q.add_argument("--lora-alpha", type=POSITIVE, metavar="A", help="LoRA scale numerator: updates scale by A/R "
                    "(default: 2R)")
-    q.add_argument("--lora-targets", default="attn.qkv,attn.proj,mlp.*", metavar="PATTERNS",
+    q.add_argument("--lora-targets", metavar="PATTERNS",
                    help="comma-separated module patterns that get adapters, matched against the end of each "
                         "matrix's module path (default: attn.qkv,attn.proj,mlp.*)")
 

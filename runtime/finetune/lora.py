@@ -11,19 +11,26 @@ from lmspec.compiler.lora import lora_parameter_names, rewrites_without_lora, sp
 from lmspec.runtime.errors import UsageError
 
 
+DEFAULT_TARGETS = "attn.qkv,attn.proj,mlp.*"
+
+
 def lora_rewrite(args) -> dict | None:
     """The LoRA rewrite record (compiler/rewrites.py) from --lora R, --lora-alpha A (default 2R) and
     --lora-targets, or None without --lora. Whether the targets match the model is checked when the
     record is applied (compiler.rewrites.apply_rewrites raises RewriteError)."""
     rank = getattr(args, "lora", None)
     if rank is None:
+        given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
+                 if value is not None]
+        if given:  # without --lora they would be ignored, and the whole model trained instead
+            raise UsageError(f"{' and '.join(given)} shape LoRA adapters: add --lora R, their rank (such as 8)")
         return None
     if rank < 1:
         raise UsageError(f"--lora: the rank must be at least 1, got {rank}")
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * rank
     if not alpha > 0:
         raise UsageError(f"--lora-alpha must be positive, got {alpha}")
-    targets = split_targets(args.lora_targets or "")
+    targets = split_targets(DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets)
     if not targets:
         raise UsageError("--lora-targets: give at least one module pattern, like attn.qkv,mlp.*")
     return {"kind": "lora", "rank": rank, "alpha": float(alpha), "targets": targets}

@@ -89,7 +89,10 @@ def test_bad_targets_are_refused_naming_the_pattern(targets, message):
 @pytest.mark.parametrize("rank, alpha, message", [(0, 8.0, "rank must be a positive integer, got 0"),
                                                   (2.5, 8.0, "rank must be a positive integer, got 2.5"),
                                                   (True, 8.0, "rank must be a positive integer, got True"),
-                                                  (4, 0.0, "alpha must be a positive number, got 0.0")])
+                                                  (4, 0.0, "alpha must be a positive number, got 0.0"),
+                                                  # before: --lora 1e12 tried to allocate its adapters
+                                                  (10**12, 8.0, r"rank 1000000000000 is more than "
+                                                                r"block.0.mlp.fc.weight's smaller side 32")])
 def test_bad_rank_or_alpha_is_refused(rank, alpha, message):
     with pytest.raises(RewriteError, match=message):
         add_lora(load_spec(TINY, GPT_SMALL), rank=rank, alpha=alpha, targets="mlp.*")
@@ -245,6 +248,11 @@ def test_lora_options_make_the_rewrite_record():
     targets = "attn.qkv,attn.proj,mlp.*"
     for args, message in [(dict(lora=0, lora_alpha=None, lora_targets=targets), "at least 1"),
                           (dict(lora=2, lora_alpha=-1.0, lora_targets=targets), "positive"),
-                          (dict(lora=2, lora_alpha=None, lora_targets=" , "), "at least one module pattern")]:
+                          (dict(lora=2, lora_alpha=None, lora_targets=" , "), "at least one module pattern"),
+                          # before: ignored without --lora, and every weight trained instead
+                          (dict(lora=None, lora_alpha=None, lora_targets="mlp.*"),
+                           "--lora-targets shape LoRA adapters: add --lora R"),
+                          (dict(lora=None, lora_alpha=4.0, lora_targets=None),
+                           "--lora-alpha shape LoRA adapters: add --lora R")]:
         with pytest.raises(UsageError, match=message):  # and by lora_rewrite, for a caller with no command line
             lora_rewrite(Namespace(**args))
