@@ -101,20 +101,22 @@ def _prepare_into(out: Path, files: list, inputs: list, started: float, *, text_
     bar = _progress_bar(sum(f.size for f in files), progress)
 
     documents_path = out / DOCUMENTS_FILE
-    with atomic_file(documents_path, "w", newline="\n") as sink:
-        for doc in iter_input_documents(files, text_field, tally):
-            bar.update(doc.size)
-            text = sieve.keep(doc)
-            if text is not None:
-                sink.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        if tally.documents_out == 0:  # raised inside the block: nothing is written
-            raise DataError(_nothing_kept(tally, files))
-        sink.flush()
-        # The kept side of each near-duplicate example is read back from what was just written,
-        # so no document text is held in memory for the report's sake.
-        fill_kept_texts(tally.near_examples, Path(sink.name))
-    bar.update(bar.total - bar.n)  # records without text were read too
-    bar.close()
+    try:
+        with atomic_file(documents_path, "w", newline="\n") as sink:
+            for doc in iter_input_documents(files, text_field, tally):
+                bar.update(doc.size)
+                text = sieve.keep(doc)
+                if text is not None:
+                    sink.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            if tally.documents_out == 0:  # raised inside the block: nothing is written
+                raise DataError(_nothing_kept(tally, files))
+            sink.flush()
+            # The kept side of each near-duplicate example is read back from what was just written,
+            # so no document text is held in memory for the report's sake.
+            fill_kept_texts(tally.near_examples, Path(sink.name))
+        bar.update(bar.total - bar.n)  # records without text were read too
+    finally:  # closed before an error is printed, which is then the last line
+        bar.close()
 
     report = tally.report(
         inputs=[str(p) for p in inputs],

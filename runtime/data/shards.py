@@ -43,6 +43,7 @@ from lmspec.runtime.atomic import PendingFile, failures_as_write_errors, remove_
 from lmspec.runtime.checksum import Checksum, file_matches, is_checksum
 from lmspec.runtime.data.corpus import DataError
 from lmspec.runtime.data.formats import Document
+from lmspec.runtime.data.token_data import batches_to_cover
 from lmspec.runtime.data.tokenizer import EOT_TOKENS, TOKENIZER_FILE, FileTokenizer, TokenizerError
 
 FORMAT = "lmspec-shards"
@@ -665,6 +666,7 @@ class ShardData:
         """The same validation windows every call and on every rank, evenly spaced over the split;
         no random generator is touched."""
         total = self.val.check_fits(seq)
+        n_batches = batches_to_cover(n_batches, batch, total)
         count = batch * n_batches
         # float64: float32 steps are too coarse past 2**24 windows and could point past the end.
         indices = torch.linspace(0, total - 1, count, dtype=torch.float64).round().long()

@@ -43,9 +43,17 @@ class TokenData:
         """The same validation windows every call: evenly spaced over the split, so val losses compare
         across steps and runs, and no random generator is touched."""
         _check_fits(self.val, seq, "validation")
+        n_batches = batches_to_cover(n_batches, batch, len(self.val) - seq)
         count = batch * n_batches
         starts = torch.linspace(0, len(self.val) - seq - 1, count).round().long()
         return [_windows(self.val, starts[i * batch:(i + 1) * batch], seq) for i in range(n_batches)]
+
+
+def batches_to_cover(n_batches: int, batch: int, windows: int) -> int:
+    """At most `n_batches` validation batches, and no more than it takes to see each of the split's
+    distinct `windows` once: beyond that they would only repeat windows (and --eval-batches 1e12
+    would exhaust memory listing them)."""
+    return min(n_batches, -(-windows // batch))
 
 
 def _check_fits(ids: torch.Tensor, seq: int, part: str) -> None:

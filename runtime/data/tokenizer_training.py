@@ -19,6 +19,7 @@ from lmspec.runtime.data.tokenizer import FileTokenizer, TokenizerError
 
 DEFAULT_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 BYTE_ALPHABET_SIZE = 256
+LARGEST_VOCAB = 2**24  # far above any model's (Gemma 3: 262,144), and within what the trainer can allocate
 
 
 def train_bpe(
@@ -47,6 +48,8 @@ def train_bpe(
         raise TokenizerError(
             f"vocab_size must be at least {smallest} (256 bytes + {len(specials)} special tokens), got {vocab_size!r}"
         )
+    if vocab_size > LARGEST_VOCAB:  # the Rust trainer aborts the process on a size it cannot allocate
+        raise TokenizerError(f"vocab_size must be at most {LARGEST_VOCAB:,} (2^24), got {vocab_size:,}")
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise TokenizerError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
 

@@ -51,37 +51,42 @@ def train_classifier(model: torch.nn.Module, train: Encoded, val: Encoded, cfg: 
     order_rng = random.Random(cfg.seed)
     records, step, start = [], 0, time.time()
     bar = tqdm(total=cfg.steps, disable=not progress, file=sys.stderr, desc="finetune", unit="step")
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = list(range(len(train)))
-        order_rng.shuffle(order)
-        losses, norms, first_step = [], [], step + 1  # the epoch's losses and gradient norms stay on the device
-        epoch_started, epoch_tokens = time.perf_counter(), 0
-        for first in range(0, len(order), cfg.batch):
-            rows = order[first:first + cfg.batch]
-            tokens, lengths = make_batch([train.ids[i] for i in rows], pad_id)
-            targets = to_device(torch.tensor([train.labels[i] for i in rows]), device)
-            scheduled_lr(optimizer, cfg, step)
-            with autocast(device, cfg.precision):
-                logits = model(to_device(tokens, device), to_device(lengths, device))
-            step += 1
-            epoch_tokens += int(lengths.sum())  # the texts, not their padding
-            loss, norm = update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler)
-            losses.append(loss)
-            norms.append(norm)
-            bar.update(1)
-        losses = read_losses(losses, first_step, norms, scaler.is_enabled())
-        record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
-                  "tokens_per_s": epoch_tokens / max(time.perf_counter() - epoch_started, 1e-9),
-                  "peak_memory_bytes": peak_memory(device),
-                  "val_accuracy": accuracy(predict(model, val.ids, cfg.batch, pad_id), val.labels) if len(val) else None,
-                  "elapsed": time.time() - start}
-        log.append(record)
-        records.append(record)
-        val_text = f", validation accuracy {record['val_accuracy']:.2%}" if record["val_accuracy"] is not None else ""
-        bar.write(f"epoch {epoch}: loss {record['loss']:.4f}{val_text}", file=sys.stdout)
-    bar.close()
-    log.close()
+    try:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = list(range(len(train)))
+            order_rng.shuffle(order)
+            # the epoch's losses and gradient norms stay on the device until its end
+            losses, norms, first_step = [], [], step + 1
+            epoch_started, epoch_tokens = time.perf_counter(), 0
+            for first in range(0, len(order), cfg.batch):
+                rows = order[first:first + cfg.batch]
+                tokens, lengths = make_batch([train.ids[i] for i in rows], pad_id)
+                targets = to_device(torch.tensor([train.labels[i] for i in rows]), device)
+                scheduled_lr(optimizer, cfg, step)
+                with autocast(device, cfg.precision):
+                    logits = model(to_device(tokens, device), to_device(lengths, device))
+                step += 1
+                epoch_tokens += int(lengths.sum())  # the texts, not their padding
+                loss, norm = update(model, optimizer, F.cross_entropy(logits.float(), targets), cfg, scaler)
+                losses.append(loss)
+                norms.append(norm)
+                bar.update(1)
+            losses = read_losses(losses, first_step, norms, scaler.is_enabled())
+            record = {"step": step, "epoch": epoch, "loss": sum(losses) / len(losses),
+                      "tokens_per_s": epoch_tokens / max(time.perf_counter() - epoch_started, 1e-9),
+                      "peak_memory_bytes": peak_memory(device),
+                      "val_accuracy": (accuracy(predict(model, val.ids, cfg.batch, pad_id), val.labels)
+                                       if len(val) else None),
+                      "elapsed": time.time() - start}
+            log.append(record)
+            records.append(record)
+            accuracy_read = record["val_accuracy"]
+            val_text = f", validation accuracy {accuracy_read:.2%}" if accuracy_read is not None else ""
+            bar.write(f"epoch {epoch}: loss {record['loss']:.4f}{val_text}", file=sys.stdout)
+    finally:  # the bar ends before an error is printed, so that the error is the last line
+        bar.close()
+        log.close()
     return records
 
 

@@ -160,6 +160,9 @@ def test_training_errors_are_clear(tmp_path, verdict_text):
     with pytest.raises(TokenizerError, match=r"vocab_size must be at least 260 \(256 bytes \+ 4 special tokens\), "
                                              r"got 259"):
         train_bpe(iter([verdict_text]), 259, out)
+    # before: the Rust trainer aborted the process (SIGABRT, a Rust backtrace) on 2^31 - 1
+    with pytest.raises(TokenizerError, match=r"vocab_size must be at most 16,777,216 \(2\^24\), got 2,147,483,647"):
+        train_bpe(iter([verdict_text]), 2**31 - 1, out)
     with pytest.raises(TokenizerError, match="missing.txt: no such training file"):
         train_bpe([tmp_path / "missing.txt"], 500, out)
     with pytest.raises(TokenizerError, match=r"no such training file \(to train on texts, pass an iterator"):

@@ -234,6 +234,22 @@ def test_validation_set_is_fixed_and_the_same_on_every_rank(written):
     assert torch.equal(sets[0][0][0][0], torch.from_numpy(val[:32].astype(np.int64)))  # the first window
 
 
+def test_validation_batches_stop_once_every_window_is_seen(written):
+    # before: --eval-batches 1e12 listed 1e12 x batch window starts and ran out of memory, blamed on training
+    from lmspec.runtime.data.token_data import TokenData
+
+    out, _ = written
+    shards = ShardData(out)
+    windows = shards.val.check_fits(32)
+    text = TokenData(torch.randperm(1000), val_fraction=0.1)  # 100 validation tokens: 68 windows of 32
+    for data, distinct in ((shards, windows), (text, 68)):
+        few = data.val_batches(4, 32, 2)
+        assert len(few) == 2  # under the cap: as asked
+        every = data.val_batches(4, 32, 10**12)
+        assert len(every) == -(-distinct // 4) and sum(len(x) for x, _ in every) >= distinct
+        assert len({tuple(w.tolist()) for x, _ in every for w in x}) >= distinct * 0.99
+
+
 def test_train_py_trains_on_shards_unchanged(tmp_path, verdict_text, tiny_gpt):
     tok = train_bpe(iter([verdict_text]), 300, tmp_path / "tok.json")
     write_shards(verdict_text.split("\n\n"), tok, tmp_path / "shards", val_fraction=0.2)
