@@ -76,6 +76,11 @@ class TrainConfig:
         need(0 < self.lr < math.inf, "lr", "must be a finite number > 0")
         need(0 <= self.min_lr <= self.lr, "min_lr", f"must be between 0 and lr ({self.lr})")
         need(0 <= self.weight_decay < math.inf, "weight_decay", "must be a finite number >= 0")
+        # AdamW multiplies each decayed weight by 1 - lr x weight_decay at every step: at 1 or more that
+        # zeroes or flips the weights, which no run wants
+        if not self.lr * self.weight_decay < 1:
+            raise ConfigError(f"lr x weight_decay must be below 1, got {self.lr:g} x {self.weight_decay:g} = "
+                              f"{self.lr * self.weight_decay:g} (AdamW scales the weights by 1 minus it each step)")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
         need(0 <= self.grad_clip < math.inf, "grad_clip", "must be a finite number >= 0 (0 turns clipping off)")
         need(self.precision in self.PRECISIONS, "precision", f"must be one of {', '.join(self.PRECISIONS)}")

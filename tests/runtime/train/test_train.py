@@ -100,6 +100,9 @@ def test_config_defaults_follow_the_model():
     ("grad_clip", -1.0, "grad_clip must be a finite number >= 0"),
     ("lr", float("inf"), "lr must be a finite number > 0, got inf"),
     ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0, got nan"),
+    ("seed", -1, r"seed must be an integer >= 0 and < 2\^63, got -1"),
+    # lr 1e-3 x 1000: AdamW would scale the weights by 0 each step (the fuzz's 1e12 flipped them to 1e7)
+    ("weight_decay", 1000.0, r"lr x weight_decay must be below 1, got 0.001 x 1000 = 1 \(AdamW scales"),
 ])
 def test_bad_config_names_the_setting(field, value, message):
     with pytest.raises(ConfigError, match=message):
