@@ -84,10 +84,14 @@ class Attention(Op):
         if scaling is not None and scaling not in ROPE_SCALINGS:
             raise OpError(f"rope_scaling must be one of {', '.join(map(repr, ROPE_SCALINGS))}, got {scaling!r}",
                           "rope_scaling")
+        if scaling is not None and not c["rope_factor"] > 0:  # both scalings divide frequencies by it
+            raise OpError(f"rope_factor must be positive, got {c['rope_factor']}", "rope_factor")
         if scaling == "llama3":
             if c["rope_original"] is None:
                 raise OpError("rope_scaling=\"llama3\" needs rope_original (the pre-training context)",
                               "rope_original")
+            if not c["rope_original"] > 0:
+                raise OpError(f"rope_original must be positive, got {c['rope_original']}", "rope_original")
             if not 0 < c["rope_low"] < c["rope_high"]:
                 raise OpError(f"need 0 < rope_low < rope_high, got {c['rope_low']} and {c['rope_high']}",
                               "rope_low")

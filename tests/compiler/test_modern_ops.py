@@ -204,6 +204,11 @@ def test_kv_cache_grows_instead_of_reserving_the_context():
     ("attention(x, 4, rope=true, rotary_dim=3)", "rotary_dim must be even", "rotary_dim=3"),
     ('attention(x, 4, rope=true, rope_scaling="yarn")', "rope_scaling must be one of", 'rope_scaling="yarn"'),
     ('attention(x, 4, rope=true, rope_scaling="llama3")', "needs rope_original", "attention("),
+    # before: accepted, and the frequencies divided by it were infinite (--set rope_factor=0 on a Llama spec)
+    ('attention(x, 4, rope=true, rope_scaling="linear", rope_factor=0.0)', "rope_factor must be positive",
+     "rope_factor=0.0"),
+    ('attention(x, 4, rope=true, rope_scaling="llama3", rope_original=-8)', "rope_original must be positive",
+     "rope_original=-8"),
     ("attention(x, 4, window=0)", "window must be positive", "window=0"),
     ("attention(x, 3)", "not divisible by 3 heads (or give head_dim)", "3"),
     ("attention(x, 4, kv_heads=3)", "not divisible into 3 kv_heads", "kv_heads=3"),
