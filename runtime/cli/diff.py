@@ -53,7 +53,8 @@ def diff_options(p) -> None:
     p.add_argument("--new-set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a hyper-parameter of NEW when it is a spec (repeatable)")
     p.add_argument("--model", help="the model to use when a spec file defines several")
-    p.add_argument("--seq", type=AT_LEAST_1, help="sequence length for both FLOP counts (default: each model's context)")
+    p.add_argument("--seq", type=AT_LEAST_1,
+                   help="sequence length for both FLOP counts (default: each model's context)")
     p.add_argument("--format", choices=["human", "json"], default="human",
                    help="json: one object with added/removed/reshaped/renamed/hyper/parameters/flops/breaking/reasons")
     p.add_argument("--fail-on-breaking", action="store_true",

@@ -33,7 +33,8 @@ def plan_options(p) -> None:
     """`lmspec plan`'s options."""
     p.add_argument("spec")
     p.add_argument("--gpus", type=AT_LEAST_1, default=1, help="GPUs to train on (default: 1)")
-    p.add_argument("--gpu-memory", type=BYTES, default="80GB", help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30 bytes)")
+    p.add_argument("--gpu-memory", type=BYTES, default="80GB",
+                   help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30 bytes)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=COUNT, help="tokens to train on: 15T, 300B, 2e12")
     budget.add_argument("--compute", type=FLOPS, help="FLOPs to spend: 1e24, 6e23")
@@ -47,7 +48,8 @@ def plan_options(p) -> None:
     p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b", help="pipeline schedule (default: 1f1b)")
     p.add_argument("--sequence-parallel", action="store_true",
                     help="tensor-parallel layouts also split the activations at block boundaries")
-    p.add_argument("--gpus-per-node", type=AT_LEAST_1, default=8, help="GPUs per node; tp stays within one (default: 8)")
+    p.add_argument("--gpus-per-node", type=AT_LEAST_1, default=8,
+                   help="GPUs per node; tp stays within one (default: 8)")
     p.add_argument("--nvlink-bandwidth", type=BANDWIDTH, default="450GB/s",
                     help="per GPU per direction within a node (default: 450GB/s, H100 SXM NVLink)")
     p.add_argument("--network-bandwidth", type=BANDWIDTH, default="50GB/s",

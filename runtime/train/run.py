@@ -182,8 +182,9 @@ def config_of(settings, ckpt) -> TrainConfig:
                                    micro_batches=settings.micro_batches or saved.micro_batches,
                                    pipeline_schedule=settings.pp_schedule or saved.pipeline_schedule)
     return TrainConfig(
-        steps=500 if settings.steps is None else settings.steps, batch=settings.batch, seq=settings.seq, lr=settings.lr, min_lr=settings.min_lr,
-        warmup=settings.warmup, weight_decay=settings.weight_decay, betas=(0.9, settings.beta2),
+        steps=500 if settings.steps is None else settings.steps, batch=settings.batch, seq=settings.seq,
+        lr=settings.lr, min_lr=settings.min_lr, warmup=settings.warmup, weight_decay=settings.weight_decay,
+        betas=(0.9, settings.beta2),
         grad_clip=settings.grad_clip, grad_accum=settings.grad_accum, eval_every=settings.eval_every,
         eval_batches=settings.eval_batches, ckpt_every=settings.ckpt_every, keep=settings.keep, seed=settings.seed,
         precision=settings.precision, activation_checkpointing=settings.activation_checkpointing,

@@ -380,5 +380,6 @@ def test_a_huge_gpu_count_plans_at_once():
 ])
 def test_layout_option_errors(option, value, message):
     out = plan_cli("specs/tiny.arch", option, value)
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(f"lmspec plan: error: {message}"), out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and last.startswith(f"lmspec plan: error: {message}"), out.stderr
     assert "Traceback" not in out.stderr

@@ -274,7 +274,8 @@ class _ValidationGoesBad(_GoesBad):
 @pytest.mark.parametrize("bad, evaluating, message", [
     # before: a NaN gradient norm (logged as null, as fp16's skipped steps are) let AdamW write NaN weights
     # into the next checkpoint, and `sample` of it failed inside torch.multinomial
-    (_GradientGoesBad, False, r"the gradient norm became nan at step 7, so its update left weights that are not finite"),
+    (_GradientGoesBad, False,
+     r"the gradient norm became nan at step 7, so its update left weights that are not finite"),
     (_ValidationGoesBad, True, r"the validation loss became nan at step 8: the weights are no longer finite"),
 ])
 def test_a_gradient_or_validation_loss_that_is_not_finite_stops_training_before_a_checkpoint(
