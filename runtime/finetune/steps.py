@@ -132,7 +132,8 @@ class StepRecords:
         if evaluated:
             found = evaluate(step)
             for key in (k for k in found if k.endswith("_loss")):  # val_loss; dpo: train_loss, val_loss
-                if reason := divergence(step, val_loss=found[key]):
+                evaluated = "validation loss" if key == "val_loss" else f"evaluated {key.replace('_', ' ')}"
+                if reason := divergence(step, val_loss=found[key], evaluated=evaluated):
                     self.write(records)
                     raise TrainingError(f"{reason}; try a lower --lr or --weight-decay")
             records[-1] |= found

@@ -261,6 +261,33 @@ class _GradientGoesBad(_GoesBad):
         return logits
 
 
+class _ValidationGoesBad(_GoesBad):
+    """A model whose evaluation logits turn NaN after `after` training forwards; training stays finite."""
+
+    def forward(self, x):
+        self.calls += self.training
+        logits = self.model(x)
+        return logits * float("nan") if not self.training and self.calls > self.after else logits
+
+
+def test_a_validation_loss_that_is_not_finite_stops_the_run_with_the_steps_before_it_logged(tmp_path, bpe):
+    # before: logged as NaN (not JSON), and the run went on to save the weights
+    from lmspec.runtime.errors import TrainingError
+    from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
+    from lmspec.runtime.train.config import TrainConfig
+    graph = load_spec("specs/gpt2.arch", {"layers": 1, "dim": 16, "heads": 2, "context": 256, "vocab": 400})
+    examples = tokenize_records([RECORD] * 12, make_template("alpaca", bpe), 256).examples
+    cfg = TrainConfig(steps=12, batch=1, seq=256, eval_every=4, log_every=10, keep=1).resolved(256)
+    with pytest.raises(TrainingError, match="the validation loss became nan at step 8: the weights are no longer "
+                                            "finite; try a lower --lr or --weight-decay"):
+        finetune_instruct(_ValidationGoesBad(lower(graph, seed=0), after=6), bpe, examples, examples[:2], cfg,
+                          InstructSetup("alpaca", pad_id_for(bpe), epochs=1), tmp_path, {}, progress=False)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(9))  # step 8's training record, without its NaN
+    assert "val_loss" in records[4] and "val_loss" not in records[8]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("bad, message", [
     (_GoesBad, "the loss became nan at step 7; try a lower --lr"),
     # before: a NaN gradient norm was logged as null, as fp16's skipped steps are, and its update kept

@@ -271,6 +271,19 @@ class _ValidationGoesBad(_GoesBad):
         return logits * float("nan") if not self.training and self.calls > self.after else logits
 
 
+def test_what_counts_as_diverging():
+    from lmspec.runtime.train.divergence import divergence
+
+    nan, inf = float("nan"), float("inf")
+    assert divergence(3, loss=2.5, grad_norm=1e6, val_loss=3.0) is None  # large is not diverged
+    assert divergence(3, loss=nan) == "the loss became nan at step 3"
+    assert divergence(3, loss=2.5, grad_norm=inf).startswith("the gradient norm became inf at step 3")
+    assert divergence(3, loss=2.5, grad_norm=inf, scaled=True) is None  # fp16: the scaler skips the step
+    assert divergence(3, loss=2.5, grad_norm=None) is None  # a loop that reads no norm
+    assert divergence(3, val_loss=nan, evaluated="evaluated train loss") == (
+        "the evaluated train loss became nan at step 3: the weights are no longer finite")
+
+
 @pytest.mark.parametrize("bad, evaluating, message", [
     # before: a NaN gradient norm (logged as null, as fp16's skipped steps are) let AdamW write NaN weights
     # into the next checkpoint, and `sample` of it failed inside torch.multinomial
