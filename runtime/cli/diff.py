@@ -13,10 +13,11 @@ from pathlib import Path
 from lmspec.runtime.checkpoint.header import read_checkpoint_tensors
 from lmspec.runtime.checkpoint.layout import META_FILE
 from lmspec.runtime.cli.numbers import AT_LEAST_1
-from lmspec.runtime.cli.options import check_seq_fits, cli_overrides
+from lmspec.runtime.cli.options import cli_overrides
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import DiffInputError  # noqa: F401  (raised here, and imported from here)
 from lmspec.runtime.errors import UsageError
+from lmspec.runtime.train.context import check_seq_fits
 
 
 @dataclass

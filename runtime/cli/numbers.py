@@ -50,6 +50,7 @@ def _shown(value) -> str:
 
 AT_LEAST_0 = Number(int, least=0)  # a count, where 0 means none (or "off", as the option says)
 AT_LEAST_1 = Number(int, least=1)
+PORT = Number(int, least=0, most=65535)  # a TCP port; 0 asks the system for a free one
 THREADS = Number(int, least=1, most=65536)  # torch and onnxruntime take a C int; no CPU has more
 SEED = Number(int, least=0, below=2**63)  # torch.manual_seed's range, with room for the seed + 1 training draws
 POSITIVE = Number(float, above=0)

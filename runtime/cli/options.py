@@ -21,13 +21,6 @@ def cli_overrides(pairs: list[str]) -> dict:
         raise UsageError(str(err)) from None
 
 
-def check_seq_fits(seq: int | None, graph) -> None:
-    """--seq against the model's context, in the words `train` and `eval` use (no context: any length)."""
-    if seq is not None and graph.context is not None and seq > graph.context:
-        raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}"
-                         + (f" ({graph.name})" if graph.name else ""))
-
-
 PROVIDER_HELP = ("where onnxruntime runs the exported model: cpu (default), or cuda (onnxruntime's CUDA provider: "
                  "needs onnxruntime-gpu installed in place of onnxruntime)")
 

@@ -10,8 +10,9 @@ import textwrap
 
 from lmspec.compiler.plan import HEADROOM, parse_bytes, parse_count, parse_flops
 from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, PROBABILITY, Quantity
-from lmspec.runtime.cli.options import add_override_options, check_seq_fits, cli_overrides
+from lmspec.runtime.cli.options import add_override_options, cli_overrides
 from lmspec.runtime.cli.verb import Verb
+from lmspec.runtime.train.context import check_seq_fits
 
 
 def _bandwidth(text: str) -> float:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from lmspec.dsl.errors import UserError
-from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, POSITIVE, THREADS, Number
+from lmspec.runtime.cli.numbers import AT_LEAST_0, AT_LEAST_1, NOT_NEGATIVE, PORT, POSITIVE, THREADS
 from lmspec.runtime.cli.options import add_provider_option, add_sampling_options
 from lmspec.runtime.cli.verb import Verb
 from lmspec.runtime.errors import DataError, TokenizerError, UsageError
@@ -122,9 +122,6 @@ GENERATE = Verb(
   lmspec generate exported/ --prompt "Q:" --stop "\\n" --top-p 0.9 --seed 1
   lmspec generate exported/assistant.onnx --chat --prompt "Name three primary colours." --temperature 0""",
 )
-
-
-PORT = Number(int, least=0, most=65535)
 
 
 def _check_args(args) -> None:

@@ -8,9 +8,10 @@ import sys
 
 from lmspec.runtime.atomic import write_bytes_atomically
 from lmspec.runtime.cli.numbers import AT_LEAST_1
-from lmspec.runtime.cli.options import add_override_options, check_seq_fits, cli_overrides
+from lmspec.runtime.cli.options import add_override_options, cli_overrides
 from lmspec.runtime.cli.verb import Verb, option_output
 from lmspec.runtime.errors import UsageError
+from lmspec.runtime.train.context import check_seq_fits
 
 
 def expand_spec_paths(paths: list[str]) -> list[str]:

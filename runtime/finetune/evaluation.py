@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmspec.runtime.errors import CheckpointError, DataError, UsageError
+from lmspec.runtime.train.context import check_seq_fits
 
 
 def checkpoint_kind(loaded) -> str:
@@ -60,8 +61,7 @@ def language_model_scores(loaded, settings) -> dict:
     seq = settings.seq or context
     if seq is None:
         raise UsageError("--seq is required: the model has no context length")
-    if context is not None and seq > context:
-        raise UsageError(f"--seq {seq} is longer than the model's context {context}")
+    check_seq_fits(seq, loaded.graph)
     tokenizer = load_tokenizer(loaded.checkpoint.tokenizer)
     shards = _shard_data(settings.data)
     if shards is not None:

@@ -22,6 +22,7 @@ from lmspec.runtime.distributed.device import device_name
 from lmspec.runtime.distributed.world import World
 from lmspec.runtime.errors import UsageError
 from lmspec.runtime.train.config import TrainConfig
+from lmspec.runtime.train.context import check_seq_fits
 
 
 def overrides_of(settings) -> dict:
@@ -112,8 +113,7 @@ def prepare(settings, world: World) -> Run:
                          f"set --set vocab={tokenizer.vocab_size}")
     cfg = config_of(settings, ckpt)
     seq = cfg.seq or graph.context
-    if graph.context is not None and seq > graph.context:
-        raise UsageError(f"--seq {seq} is longer than the model's context {graph.context}")
+    check_seq_fits(seq, graph)
     data = shards or TokenData(torch.tensor(tokenizer.encode(text), dtype=torch.long), rank=replicas.rank,
                                world_size=replicas.size)
     data.check_seq(seq)

@@ -82,7 +82,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
           generator: torch.Generator | None) -> int:
     """One token id from a [vocab] row of logits."""
     logits = logits.float()
-    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):  # -inf is a token ruled out
+    if not math.isfinite(float(logits.max())):  # max propagates NaN; a -inf below it is a token ruled out
         raise CheckpointError("the model's next-token scores are not finite (NaN or inf): its weights are, as "
                               "after a run that diverged; sample an earlier checkpoint")
     if temperature == 0:

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from diverging import GoesBad
 from runtime_helpers import SMS, finetune_spam, lmspec_cli, train_tiny_base
 from lmspec.compiler import load_spec
 from lmspec.compiler.classify_head import classification_head
@@ -92,27 +93,12 @@ def test_frozen_weights_stay_bit_identical(tmp_path):
 ])
 def test_a_diverging_loss_is_named_by_its_step(tmp_path, part, message):
     """An epoch's losses are read at its end: step 3 (the first of epoch 2) goes bad and is named."""
-    class GoesBad(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model, self.calls = model, 0
-
-        def forward(self, tokens, lengths):
-            self.calls += self.training
-            logits = self.model(tokens, lengths)
-            if self.calls < 3:
-                return logits
-            if part == "gradient":
-                logits.register_hook(lambda grad: grad * float("nan"))
-                return logits
-            return logits * float("nan")
-
     graph = classification_head(load_spec("specs/tiny.arch", {"layers": 1, "dim": 16, "heads": 2, "context": 32}),
                                 classes=2)
     data = Encoded([[1, 2, 3]] * 16, [i % 2 for i in range(16)])
     cfg = TrainConfig(steps=4, batch=8, lr=1e-2, warmup=0).resolved(32)
     with pytest.raises(TrainingError, match=message):
-        train_classifier(GoesBad(lower(graph, seed=0)), data, Encoded([], []), cfg, epochs=2, pad_id=0,
+        train_classifier(GoesBad(lower(graph, seed=0), after=2, part=part), data, Encoded([], []), cfg, epochs=2, pad_id=0,
                          run_dir=tmp_path, progress=False)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2]  # epoch 1's record
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from diverging import GoesBad
 from runtime_helpers import SHARED_DATA, TESTS_DIR, adapters_only_checkpoint, lmspec_main
 from lmspec.compiler import load_spec
 from lmspec.compiler.lower import lower
@@ -237,39 +238,6 @@ def test_finetune_then_chat_over_a_pipe(tmp_path, base_run, bpe):
     assert len(chat.stdout.splitlines()) >= 2 and "Traceback" not in chat.stderr
 
 
-class _GoesBad(torch.nn.Module):
-    """A model whose logits turn NaN from its `after`+1-th training forward on."""
-
-    def __init__(self, model: torch.nn.Module, after: int):
-        super().__init__()
-        self.model, self.after, self.calls = model, after, 0
-
-    def forward(self, x):
-        self.calls += self.training
-        logits = self.model(x)
-        return logits * float("nan") if self.calls > self.after else logits
-
-
-class _GradientGoesBad(_GoesBad):
-    """A model whose gradients turn NaN from its `after`+1-th training forward on, its loss still finite."""
-
-    def forward(self, x):
-        self.calls += self.training
-        logits = self.model(x)
-        if self.calls > self.after:
-            logits.register_hook(lambda grad: grad * float("nan"))
-        return logits
-
-
-class _ValidationGoesBad(_GoesBad):
-    """A model whose evaluation logits turn NaN after `after` training forwards; training stays finite."""
-
-    def forward(self, x):
-        self.calls += self.training
-        logits = self.model(x)
-        return logits * float("nan") if not self.training and self.calls > self.after else logits
-
-
 def test_a_validation_loss_that_is_not_finite_stops_the_run_with_the_steps_before_it_logged(tmp_path, bpe):
     # before: logged as NaN (not JSON), and the run went on to save the weights
     from lmspec.runtime.errors import TrainingError
@@ -280,7 +248,7 @@ def test_a_validation_loss_that_is_not_finite_stops_the_run_with_the_steps_befor
     cfg = TrainConfig(steps=12, batch=1, seq=256, eval_every=4, log_every=10, keep=1).resolved(256)
     with pytest.raises(TrainingError, match="the validation loss became nan at step 8: the weights are no longer "
                                             "finite; try a lower --lr or --weight-decay"):
-        finetune_instruct(_ValidationGoesBad(lower(graph, seed=0), after=6), bpe, examples, examples[:2], cfg,
+        finetune_instruct(GoesBad(lower(graph, seed=0), after=6, part="validation"), bpe, examples, examples[:2], cfg,
                           InstructSetup("alpaca", pad_id_for(bpe), epochs=1), tmp_path, {}, progress=False)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(9))  # step 8's training record, without its NaN
@@ -288,12 +256,12 @@ def test_a_validation_loss_that_is_not_finite_stops_the_run_with_the_steps_befor
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (_GoesBad, "the loss became nan at step 7; try a lower --lr"),
+@pytest.mark.parametrize("part, message", [
+    ("loss", "the loss became nan at step 7; try a lower --lr"),
     # before: a NaN gradient norm was logged as null, as fp16's skipped steps are, and its update kept
-    (_GradientGoesBad, "the gradient norm became nan at step 7, so its update left weights that are not finite"),
+    ("gradient", "the gradient norm became nan at step 7, so its update left weights that are not finite"),
 ])
-def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path, bpe, bad, message):
+def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path, bpe, part, message):
     """The loss is read every log_every (10) steps, not at each: step 7 goes bad and step 10's read
     names it; steps 1 to 6 are in the metrics, and nothing is saved."""
     from lmspec.runtime.errors import TrainingError
@@ -303,7 +271,7 @@ def test_a_diverging_loss_is_named_by_its_step_and_leaves_no_checkpoint(tmp_path
     examples = tokenize_records([RECORD] * 12, make_template("alpaca", bpe), 256).examples
     cfg = TrainConfig(steps=12, batch=1, seq=256, eval_every=0, log_every=10, keep=1).resolved(256)
     with pytest.raises(TrainingError, match=message):
-        finetune_instruct(bad(lower(graph, seed=0), after=6), bpe, examples, [], cfg,
+        finetune_instruct(GoesBad(lower(graph, seed=0), after=6, part=part), bpe, examples, [], cfg,
                           InstructSetup("alpaca", pad_id_for(bpe), epochs=1), tmp_path, {}, progress=False)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(7))

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from diverging import GoesBad
 from lmspec.runtime.checkpoint.store import CheckpointError, find_checkpoint, load_checkpoint
 from lmspec.runtime.data.token_data import TokenData
 from lmspec.runtime.train.metrics import MetricsLog, plot_loss_curve, read_metrics
@@ -238,39 +239,6 @@ def test_sequence_longer_than_the_data(tmp_path, tiny_gpt):
         train(tiny_gpt(8), tokenizer, data, TrainConfig(steps=1, seq=32), tmp_path, SPEC, progress=False)
 
 
-class _GoesBad(nn.Module):
-    """A model whose logits turn NaN from its `after`+1-th training forward on."""
-
-    def __init__(self, model: nn.Module, after: int):
-        super().__init__()
-        self.model, self.after, self.calls, self.context = model, after, 0, model.context
-
-    def forward(self, x):
-        self.calls += self.training
-        logits = self.model(x)
-        return logits * float("nan") if self.calls > self.after else logits
-
-
-class _GradientGoesBad(_GoesBad):
-    """A model whose gradients turn NaN from its `after`+1-th training forward on, its loss still finite."""
-
-    def forward(self, x):
-        self.calls += self.training
-        logits = self.model(x)
-        if self.training and self.calls > self.after:
-            logits.register_hook(lambda grad: grad * float("nan"))
-        return logits
-
-
-class _ValidationGoesBad(_GoesBad):
-    """A model whose evaluation logits turn NaN after `after` training forwards; training stays finite."""
-
-    def forward(self, x):
-        self.calls += self.training
-        logits = self.model(x)
-        return logits * float("nan") if not self.training and self.calls > self.after else logits
-
-
 def test_what_counts_as_diverging():
     from lmspec.runtime.train.divergence import divergence
 
@@ -284,20 +252,20 @@ def test_what_counts_as_diverging():
         "the evaluated train loss became nan at step 3: the weights are no longer finite")
 
 
-@pytest.mark.parametrize("bad, evaluating, message", [
+@pytest.mark.parametrize("part, evaluating, message", [
     # before: a NaN gradient norm (logged as null, as fp16's skipped steps are) let AdamW write NaN weights
     # into the next checkpoint, and `sample` of it failed inside torch.multinomial
-    (_GradientGoesBad, False,
+    ("gradient", False,
      r"the gradient norm became nan at step 7, so its update left weights that are not finite"),
-    (_ValidationGoesBad, True, r"the validation loss became nan at step 8: the weights are no longer finite"),
+    ("validation", True, r"the validation loss became nan at step 8: the weights are no longer finite"),
 ])
 def test_a_gradient_or_validation_loss_that_is_not_finite_stops_training_before_a_checkpoint(
-        tmp_path, verdict, tiny_gpt, bad, evaluating, message):
+        tmp_path, verdict, tiny_gpt, part, evaluating, message):
     tokenizer, data = verdict
     cfg = TrainConfig(steps=20, batch=1, seq=8, log_every=10, ckpt_every=4, eval_every=4,
                       eval_batches=1 if evaluating else 0)
     with pytest.raises(TrainingError, match=message + r"; .*step_000004\)"):
-        train(bad(tiny_gpt(tokenizer.vocab_size), after=6), tokenizer, data, cfg, tmp_path, SPEC, progress=False)
+        train(GoesBad(tiny_gpt(tokenizer.vocab_size), after=6, part=part), tokenizer, data, cfg, tmp_path, SPEC, progress=False)
     assert find_checkpoint(tmp_path).name == "step_000004"
 
 
@@ -307,5 +275,5 @@ def test_diverging_loss_stops_training_before_a_checkpoint_holds_it(tmp_path, ve
     # step 8's read names it, before step 8's checkpoint is written.
     cfg = TrainConfig(steps=20, batch=1, seq=8, log_every=10, ckpt_every=4, eval_batches=0)
     with pytest.raises(TrainingError, match=r"the loss became nan at step 7; .*step_000004\)"):
-        train(_GoesBad(tiny_gpt(tokenizer.vocab_size), after=6), tokenizer, data, cfg, tmp_path, SPEC, progress=False)
+        train(GoesBad(tiny_gpt(tokenizer.vocab_size), after=6), tokenizer, data, cfg, tmp_path, SPEC, progress=False)
     assert find_checkpoint(tmp_path).name == "step_000004"
