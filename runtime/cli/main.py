@@ -9,7 +9,9 @@ extra not installed (runtime/cli/extras.py) says which extra to install.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 from contextlib import ExitStack
 
@@ -44,6 +46,30 @@ GROUPS = {  # verbs of two words: the first names a group
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error in two lines: a one-line usage that points to `--help`
+    (argparse's own lists every option: 22 lines for `train`), then the error, with the nearest
+    choice where a choice was misspelt."""
+
+    def error(self, message):
+        formatter = self._get_formatter()
+        positionals = " ".join(formatter._format_args(action, formatter._get_default_metavar_for_positional(action))
+                               for action in self._get_positional_actions())
+        usage = f"usage: {self.prog} [options] {positionals}".rstrip()
+        self.exit(2, f"{usage}   (see {self.prog} --help)\n{self.prog}: error: {nearest_choice(message)}\n")
+
+
+def nearest_choice(message: str) -> str:
+    """argparse's "invalid choice: 'trian' (choose from …)" as "… (did you mean 'train'?)" where one
+    choice is near; any other message as it is."""
+    refused = re.fullmatch(r"(?P<head>.*invalid choice: '?(?P<value>.*?)'?) \(choose from (?P<choices>.*)\)", message)
+    if not refused:
+        return message
+    choices = [choice.strip().strip("'") for choice in refused["choices"].split(",")]
+    near = difflib.get_close_matches(refused["value"], choices, n=1, cutoff=0.6)
+    return f"{refused['head']} (did you mean '{near[0]}'?)" if near else message
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Examples as written, and each option's default shown where its help does not say it already."""
 
@@ -63,7 +89,7 @@ def _version() -> str:
 
 def parser() -> argparse.ArgumentParser:
     """The parser of every verb in VERBS; a verb's handler is `args.handler`, its name `args.verb_name`."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lmspec", allow_abbrev=False, formatter_class=_Formatter,
         description="Build a language model from a spec: check, format and diff it, plan it, train it, finetune and "
                     "evaluate it, sample from it, export and serve it.")
@@ -136,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 def unrecognized_report(unknown: list[str], verb_parser: argparse.ArgumentParser) -> str:
     """argparse's message for arguments no option takes, with the nearest option of the verb for
     the first that looks like a misspelt one."""
-    import difflib
-
     report = f"unrecognized arguments: {' '.join(unknown)}"
     options = [o for action in verb_parser._actions for o in action.option_strings if o.startswith("--")]
     for argument in unknown:

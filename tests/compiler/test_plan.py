@@ -250,9 +250,10 @@ def test_plan_shows_the_rows_asked_for():
     (["--compute", "0"], "argument --compute: must be positive, got 0"),
 ])
 def test_usage_errors_are_one_line(args, message):
-    # the verb's usage above it, as argparse writes it, and the error the last line
+    # the error, under a one-line usage where argparse refused the value
     out = plan_cli("specs/gpt2.arch", *args)
     assert out.returncode == 2
+    assert out.stderr.splitlines()[:-1] in ([], ["usage: lmspec plan [options] spec   (see lmspec plan --help)"])
     assert out.stderr.strip().splitlines()[-1].startswith(f"lmspec plan: error: {message}"), out.stderr
     assert "Traceback" not in out.stderr
 

@@ -24,13 +24,34 @@ def test_an_abbreviated_long_option_is_refused_by_the_verb_with_the_option_meant
         main(["train", "specs/tiny.arch", "--step", "5", "--out", "nowhere"])
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    # the verb's usage and name, not `lmspec [-h] [--version] VERB ...`
-    assert err.startswith("usage: lmspec train ")
-    assert err.splitlines()[-1] == "lmspec train: error: unrecognized arguments: --step 5 (did you mean --steps?)"
+    # the verb's usage and name, not `lmspec [-h] [--version] VERB ...`, in one line, not argparse's 22
+    assert err.splitlines() == ["usage: lmspec train [options] [spec]   (see lmspec train --help)",
+                                "lmspec train: error: unrecognized arguments: --step 5 (did you mean --steps?)"]
     with pytest.raises(SystemExit):
         main(["data", "prepare", "in.txt", "-o", "out", "--bogus", "extra"])
     assert capsys.readouterr().err.splitlines()[-1] == \
         "lmspec data prepare: error: unrecognized arguments: --bogus extra"  # nothing near enough to suggest
+
+
+@pytest.mark.parametrize("args, usage, message", [
+    (["trian", "specs/tiny.arch"], "lmspec [options] VERB ...",
+     "argument VERB: invalid choice: 'trian' (did you mean 'train'?)"),
+    (["data", "prepair", "x.txt"], "lmspec data [options] ACTION ...",
+     "argument ACTION: invalid choice: 'prepair' (did you mean 'prepare'?)"),
+    (["train", "specs/tiny.arch", "--precision", "bf61"], "lmspec train [options] [spec]",
+     "argument --precision: invalid choice: 'bf61' (did you mean 'bf16'?)"),
+    (["train", "specs/tiny.arch", "--precision", "q"], "lmspec train [options] [spec]",  # nothing near: every choice
+     "argument --precision: invalid choice: 'q' (choose from 'fp32', 'bf16', 'fp16')"),
+    (["finetune", "instrukt"], "lmspec finetune [options] ACTION ...",
+     "argument ACTION: invalid choice: 'instrukt' (did you mean 'instruct'?)"),
+])
+def test_a_misspelt_choice_is_named_with_the_choice_meant_under_a_one_line_usage(args, usage, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 2
+    prog = usage.split(" [options]")[0]
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"usage: {usage}   (see {prog} --help)", f"{prog}: error: {message}"]
 
 
 @pytest.mark.parametrize("args, message", [
