@@ -153,6 +153,7 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
     from lmspec.runtime.train import run as runs
     from lmspec.runtime.train.loop import train
     from lmspec.runtime.train.sampling import encode_prompt, generate
+    from lmspec.runtime.train.steps import slow_autocast_note
 
     run = None
     try:
@@ -160,6 +161,8 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
         if world.main:
             write_run_options(run.run_dir, args.run_options)
             print(run.describe(world, device, backend))
+            if note := slow_autocast_note(device, run.cfg.precision):
+                print(note)
         summary = train(run.model, run.tokenizer, run.data, run.cfg, str(run.run_dir), spec=run.spec,
                         resume=args.resume, progress=not args.no_progress, world=world,
                         tensor_parallel_plan=run.tensor_parallel_plan, pipeline_stages=run.pipeline_stages,

@@ -35,6 +35,7 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
     from lmspec.runtime.finetune.lora import trainable_weights
     from lmspec.runtime.finetune.steps import steps_per_epoch
     from lmspec.runtime.train.config import TrainConfig
+    from lmspec.runtime.train.steps import slow_autocast_note
 
     if find_checkpoint(settings.out) is not None:
         raise CheckpointError(f"{settings.out} already holds a run; choose another --out")
@@ -61,9 +62,12 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
     say(f"{len(examples)} examples ({', '.join(f'{n} {name}' for name, n in zip(labels, _counts(examples, labels)))}"
           f"{', balanced' if settings.balance else ''}): {len(parts['train'])} train, {len(parts['validation'])} "
           f"validation, {len(parts['test'])} test; at most {encoder.max_length} tokens"
-          + (f", {encoder.replaced} characters the vocabulary lacks replaced" if encoder.replaced else ""))
+          + (f", {encoder.replaced} character{'s' * (encoder.replaced > 1)} the vocabulary lacks replaced"
+             if encoder.replaced else ""))
     say(f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%}"
           f"{', LoRA' if adapters_only else ''}); {settings.epochs} epochs, {steps} steps")
+    if note := slow_autocast_note(device, settings.precision):
+        say(note)
     run_dir = Path(settings.out)
     write_run_options(run_dir, getattr(settings, "run_options", None))  # the input checked: the run starts
     history = train_classifier(model, encoded["train"], encoded["validation"], cfg, settings.epochs, encoder.pad_id,
@@ -108,6 +112,7 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
     from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
+    from lmspec.runtime.train.steps import slow_autocast_note
 
     records, tokenizer, template = _records_and_template(settings)
     model, graph, base, spec, adapters_only = model_to_finetune(settings, settings.seed, device)
@@ -125,6 +130,8 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
     say(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
           f"({settings.template} template, at most {max_length} tokens; {left_out(tokenized)}); "
           f"{trainable:,} trainable parameters; {cfg.steps} steps")
+    if note := slow_autocast_note(device, settings.precision):
+        say(note)
     setup = InstructSetup(template=settings.template, pad_id=pad_id_for(tokenizer), epochs=settings.epochs,
                           trainable_only=adapters_only,
                           extra={"data": str(Path(settings.data).resolve()), "split": list(fractions),
@@ -149,6 +156,7 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
     from lmspec.runtime.finetune.instruct_data import pad_id_for, split_records
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
+    from lmspec.runtime.train.steps import slow_autocast_note
 
     records, tokenizer, template = _records_and_template(settings, check=check_preference_record)
     policy, _, base, spec, adapters_only = model_to_finetune(settings, settings.seed, device)
@@ -168,6 +176,8 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
           f"({settings.template} template, at most {max_length} tokens; {truncated} answers cut to fit, "
           f"{sum(p is None for p in pairs)} pairs left out); beta {settings.beta:g}; {trainable:,} trainable "
           f"parameters; {cfg.steps} steps")
+    if note := slow_autocast_note(device, settings.precision):
+        say(note)
     setup = DPOSetup(template=settings.template, pad_id=pad_id_for(tokenizer), beta=settings.beta, epochs=settings.epochs,
                      eval_pairs=settings.eval_pairs, trainable_only=adapters_only,
                      extra={"data": str(Path(settings.data).resolve()), "split": list(fractions), "limit": settings.limit,

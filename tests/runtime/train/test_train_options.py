@@ -50,6 +50,29 @@ def test_fp16_resumes_exactly_with_its_loss_scale(tmp_path):
     assert losses(part) == whole
 
 
+def test_sixteen_bit_precision_on_a_cpu_without_its_instructions_is_noted(tmp_path, monkeypatch):
+    import torch
+
+    from lmspec.runtime.train.steps import slow_autocast_note
+
+    # the CLI says it where this machine's CPU lacks bf16 instructions (an AVX2 CPU: 12x slower than fp32)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    out = lmspec_cli("train", "specs/tiny.arch", *SMALL, "--data", str(VERDICT), "--steps", "1", "--batch", "2",
+                     "--eval-batches", "1", "--no-progress", "--sample-tokens", "0", "--precision", "bf16",
+                     "--out", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    noted = "note: this CPU has no bf16 matrix instructions, so --precision bf16 runs many times slower here"
+    assert (noted in out.stdout) != native, out.stdout
+    # and the rule, whatever this CPU has
+    for precision in ("bf16", "fp16"):
+        monkeypatch.setattr(torch.ops.mkldnn, f"_is_mkldnn_{precision}_supported", lambda: False)
+        assert f"--precision {precision} runs many times slower" in slow_autocast_note(torch.device("cpu"), precision)
+        assert slow_autocast_note(torch.device("cuda"), precision) is None  # a GPU has them
+        monkeypatch.setattr(torch.ops.mkldnn, f"_is_mkldnn_{precision}_supported", lambda: True)
+        assert slow_autocast_note(torch.device("cpu"), precision) is None
+    assert slow_autocast_note(torch.device("cpu"), "fp32") is None
+
+
 def test_a_bad_policy_is_a_clear_error(tmp_path):
     out = lmspec_cli("train", *COMMON, "--out", str(tmp_path / "r"), "--activation-checkpointing", "block.7")
     assert out.returncode == 1 and "block.7 names no block" in out.stderr and "Traceback" not in out.stderr
