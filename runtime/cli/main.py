@@ -46,6 +46,15 @@ GROUPS = {  # verbs of two words: the first names a group
 }
 
 
+TOUR = """examples, from a spec to a server (each verb's --help has more):
+  lmspec check specs/*.arch                                  # every shape checked, no tensor made
+  lmspec plan specs/llama3.2-1b.arch --gpus 8 --gpu-memory 80GB  # what training it needs
+  lmspec train specs/tiny.arch --steps 1500 --out runs/tiny  # on the GPU where there is one
+  lmspec sample runs/tiny --prompt "The "
+  lmspec export runs/tiny -o exported/tiny.onnx
+  lmspec serve exported/tiny.onnx                            # an OpenAI-compatible API on :8000"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, with a usage error in two lines: a one-line usage that points to `--help`
     (argparse's own lists every option: 22 lines for `train`), then the error, with the nearest
@@ -93,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
         prog="lmspec", allow_abbrev=False, formatter_class=_Formatter,
         description="Build a language model from a spec: check, format and diff it, plan it, train it, finetune and "
                     "evaluate it, sample from it, export and serve it.")
+    p.epilog = TOUR
     p.add_argument("--version", action="version", version=f"lmspec {_version()}")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}

@@ -1,5 +1,6 @@
 """What people expect of a command line: `python -m lmspec`, `--version`, defaults in `--help`, no
 silent abbreviation of long options, and `-o/--out` on every verb that writes."""
+import re
 import subprocess
 import sys
 
@@ -149,3 +150,47 @@ def test_every_verb_that_writes_takes_o_and_out():
             writers.append(row.name)
             assert {"-o", "--out"} <= options, row.name
     assert {"train", "export", "import hf", "data prepare", "finetune classify", "lora merge"} <= set(writers)
+
+
+def _example_commands():
+    """(where, argv) of every `lmspec …` command in the verbs' --help examples, the top-level one and
+    the README's shell blocks:
+    after `-m lmspec` under torchrun, a pipe or a variable, up to a redirection or the next command,
+    with `\\` continuations joined and comments cut."""
+    import shlex
+
+    from lmspec.runtime.cli.main import TOUR
+
+    def is_operator(word):
+        return set(word) <= set("();<>|&")
+
+    texts = [("lmspec --help", TOUR)] + [(f"lmspec {row.name} --help", row.examples or "") for row in VERBS]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    texts += [("README.md", block) for block in re.findall(r"^```sh\n(.*?)^```", readme, re.S | re.M)]
+    for where, text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            if "lmspec " not in line:  # a heading, or a curl
+                continue
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            words = list(lexer)
+            for start, word in enumerate(words):
+                before = words[start - 1] if start else ""
+                if word == "lmspec" and (not before or before == "-m" or is_operator(before) or "=" in before):
+                    argv = words[start + 1:]
+                    yield where, argv[:next((i for i, w in enumerate(argv) if is_operator(w)), len(argv))]
+
+
+def test_every_example_in_the_help_and_the_readme_parses_and_names_specs_that_exist():
+    commands = list(_example_commands())
+    assert {where for where, _ in commands} >= {f"lmspec {row.name} --help" for row in VERBS} | {"README.md"}
+    top = parser()
+    for where, argv in commands:
+        try:
+            args, unknown = top.parse_known_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: `lmspec {' '.join(argv)}` does not parse")
+        assert not unknown, f"{where}: `lmspec {' '.join(argv)}`: {unknown} taken by no option"
+        for word in argv:
+            if word.startswith("specs/") and word.endswith(".arch") and "*" not in word:
+                assert (ROOT / word).is_file(), f"{where}: {word} is no spec"
