@@ -154,7 +154,11 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
     from lmspec.runtime.train.loop import train
     from lmspec.runtime.train.sampling import encode_prompt, generate
     from lmspec.runtime.train.steps import slow_autocast_note
+    from lmspec.runtime.train.throughput import start_peak_memory
 
+    # on the CPU the peak is the process's resident set, which Python and torch fill before any tensor
+    # of the run exists: what the plan predicts is compared with the peak above it
+    held_before = start_peak_memory(device)
     run = None
     try:
         run = runs.prepare(args, world)
@@ -185,7 +189,7 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
                                                         run.run_dir))
     if not world.main:
         return 0
-    print(_summary_line(summary))
+    print(_summary_line(summary, held_before))
     if args.sample_tokens > 0:
         model, tokenizer = run.model, run.tokenizer
         if run.padding is not None or (world.size > 1 and (run.cfg.strategy == "fsdp" or run.tp * run.pp > 1)):
@@ -201,7 +205,7 @@ def _train_in_world(args, world, device, backend: str | None = None) -> int:
     return 0
 
 
-def _summary_line(s: dict) -> str:
+def _summary_line(s: dict, held_before: int | None = None) -> str:
     line = f"done: step {s['steps']}, train loss {s['loss']:.4f}"
     if s.get("val_loss") is not None:
         line += f", val loss {s['val_loss']:.4f} (best {s['best_val_loss']:.4f})"
@@ -212,7 +216,9 @@ def _summary_line(s: dict) -> str:
     if s.get("peak_memory_bytes"):
         line += f"\npeak memory {s['peak_memory_bytes'] / 1e9:.2f} GB on {s['device']}"
         if s.get("predicted_memory_bytes"):
-            line += f" (lmspec plan predicted {s['predicted_memory_bytes'] / 1e9:.2f} GB)"
+            above = (f", {(s['peak_memory_bytes'] - held_before) / 1e9:.2f} GB above the {held_before / 1e9:.2f} GB "
+                     f"held before the model and data" if held_before and s['peak_memory_bytes'] > held_before else "")
+            line += f"{above} (lmspec plan predicted {s['predicted_memory_bytes'] / 1e9:.2f} GB)"
     line += f", {s['elapsed']:.0f} s\ncheckpoint {s['checkpoint']}\nloss curve {s['plot']}"
     return line
 

@@ -66,6 +66,24 @@ def peak_memory(device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux counts KiB, macOS bytes
 
 
+def start_peak_memory(device) -> int | None:
+    """Start measuring a run's peak memory: on a GPU, the allocator's high-water mark reset (None
+    returned); on the CPU, the resident set size now (what Python, torch and earlier work hold before
+    any tensor of the run exists, returned), with the high-water mark reset to it where Linux allows,
+    so that peak_memory is this run's even in a process that held more before."""
+    if device.type == "cuda":
+        import torch
+        torch.cuda.reset_peak_memory_stats(device)
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as control:
+            control.write("5")  # 5: reset the peak resident set size (VmHWM, getrusage's ru_maxrss)
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux, or a kernel that refuses: the peak so far, which this run can only raise
+        return peak_memory(device)
+
+
 def device_capacity(device) -> int | None:
     """Bytes of memory the device has (a GPU's), None for the CPU."""
     if device.type != "cuda":
