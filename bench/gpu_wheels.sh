@@ -41,9 +41,21 @@ TARGET=(--only-binary=:all: --python-version "$PYVER" --implementation cp "${PLA
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
+# The requirements of lmspec and its train, export and serve extras, torch left out: resolving torch
+# would fetch its CUDA build (over 500 MB) and NVIDIA's libraries just to read their metadata, and fails
+# where an index lacks one of those; the GPU machine has its own.
+python3 - >"$WORK/requirements" <<'EOF'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = project["dependencies"] + [r for extra in ("train", "export", "serve")
+                                    for r in project["optional-dependencies"][extra]]
+for requirement in dict.fromkeys(wanted):
+    if re.split(r"[=<>!~ \[;]", requirement, maxsplit=1)[0].lower() != "torch":
+        print(requirement)
+EOF
 # What pip would install on such a machine with nothing on it: a report, no downloads but metadata.
 python3 -m pip install -q --dry-run --ignore-installed --report "$WORK/report.json" --target "$WORK/target" \
-  "${TARGET[@]}" '.[train,export,serve]' pytest transformers httpx 'setuptools>=68'
+  "${TARGET[@]}" -r "$WORK/requirements" pytest transformers httpx 'setuptools>=68'
 python3 - "$WORK/report.json" "$HAVE" >"$WORK/wanted" <<'EOF'
 import json, re, sys
 
