@@ -38,11 +38,11 @@ def slow_autocast_note(device: torch.device, precision: str) -> str | None:
     for that dtype, torch's 16-bit matrix products fall back to a generic kernel. On an AVX2 CPU,
     specs/tiny.arch trains 12 times slower in bf16 than in fp32, and a 2-layer GPT-2 60 times (its
     output layer's backward: 47 s against 0.3 s)."""
-    if device.type != "cpu" or precision not in ("bf16", "fp16"):
-        return None
+    if device.type != "cpu" or precision not in ("bf16", "fp16") or not torch.backends.mkldnn.is_available():
+        return None  # without oneDNN there is no way to tell, so no note
     try:
         native = getattr(torch.ops.mkldnn, f"_is_mkldnn_{precision}_supported")()
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN: no way to tell, so no note
+    except (AttributeError, RuntimeError):  # a torch without the probe
         return None
     return None if native else (f"note: this CPU has no {precision} matrix instructions, so --precision {precision} "
                                 f"runs many times slower here than fp32 (the default)")
