@@ -101,6 +101,17 @@ def adapters_only_checkpoint(out: Path, base_run: Path) -> dict:
     return meta
 
 
+def a_past_peak() -> int:
+    """This process's peak resident memory in bytes after it has held, and freed, 512 MiB more than
+    now: a peak from before a run, which the run's own peak must not include."""
+    import resource
+
+    spent = bytearray(512 * 2 ** 20)
+    spent[::4096] = b"x" * len(spent[::4096])  # touched, so resident
+    del spent
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def finetune_spam(base: Path, out: Path, *extra: str, max_length: int = 24) -> int:
     """`lmspec finetune classify` on 48 balanced SMS texts, one epoch: its exit code."""
     from lmspec.runtime.cli.main import main

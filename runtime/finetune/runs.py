@@ -36,6 +36,7 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
     from lmspec.runtime.finetune.steps import steps_per_epoch
     from lmspec.runtime.train.config import TrainConfig
     from lmspec.runtime.train.steps import slow_autocast_note
+    from lmspec.runtime.train.throughput import start_peak_memory
 
     if find_checkpoint(settings.out) is not None:
         raise CheckpointError(f"{settings.out} already holds a run; choose another --out")
@@ -68,6 +69,7 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
           f"{', LoRA' if adapters_only else ''}); {settings.epochs} epochs, {steps} steps")
     if note := slow_autocast_note(device, settings.precision):
         say(note)
+    start_peak_memory(device)  # the metrics' peak memory: this run's, from the models and data it holds now
     run_dir = Path(settings.out)
     write_run_options(run_dir, getattr(settings, "run_options", None))  # the input checked: the run starts
     history = train_classifier(model, encoded["train"], encoded["validation"], cfg, settings.epochs, encoder.pad_id,
@@ -113,6 +115,7 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
     from lmspec.runtime.train.steps import slow_autocast_note
+    from lmspec.runtime.train.throughput import start_peak_memory
 
     records, tokenizer, template = _records_and_template(settings)
     model, graph, base, spec, adapters_only = model_to_finetune(settings, settings.seed, device)
@@ -132,6 +135,7 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
           f"{trainable:,} trainable parameters; {cfg.steps} steps")
     if note := slow_autocast_note(device, settings.precision):
         say(note)
+    start_peak_memory(device)  # the metrics' peak memory: this run's, from the models and data it holds now
     setup = InstructSetup(template=settings.template, pad_id=pad_id_for(tokenizer), epochs=settings.epochs,
                           trainable_only=adapters_only,
                           extra={"data": str(Path(settings.data).resolve()), "split": list(fractions),
@@ -157,6 +161,7 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
     from lmspec.runtime.train.steps import slow_autocast_note
+    from lmspec.runtime.train.throughput import start_peak_memory
 
     records, tokenizer, template = _records_and_template(settings, check=check_preference_record)
     policy, _, base, spec, adapters_only = model_to_finetune(settings, settings.seed, device)
@@ -178,6 +183,7 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
           f"parameters; {cfg.steps} steps")
     if note := slow_autocast_note(device, settings.precision):
         say(note)
+    start_peak_memory(device)  # the metrics' peak memory: this run's, from the models and data it holds now
     setup = DPOSetup(template=settings.template, pad_id=pad_id_for(tokenizer), beta=settings.beta, epochs=settings.epochs,
                      eval_pairs=settings.eval_pairs, trainable_only=adapters_only,
                      extra={"data": str(Path(settings.data).resolve()), "split": list(fractions), "limit": settings.limit,

@@ -85,12 +85,9 @@ def test_a_padded_vocabulary_is_seen_only_by_training(padded_run, tmp_path, caps
 
 
 def test_the_run_prints_the_planned_and_the_measured_memory(tmp_path, capsys):
-    import resource
+    from runtime_helpers import a_past_peak
 
-    spent = bytearray(512 * 2 ** 20)  # this process's peak, before the run: not the run's
-    spent[::4096] = b"x" * len(spent[::4096])
-    del spent
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = a_past_peak()
     assert _train(tmp_path / "run", "--steps", "2") == 0
     out = capsys.readouterr().out
     predicted = float(re.search(r"^memory: lmspec plan predicts ([\d.]+) GB per CPU for this run$", out, re.M)[1])
