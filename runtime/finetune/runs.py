@@ -22,6 +22,18 @@ def left_out(t) -> str:
     return ", ".join(parts)
 
 
+def _starting(settings, device, say) -> None:
+    """What every finetune run does as its loop is about to start: say where --precision makes it
+    slow, and begin its peak memory there (the metrics' peak: this run's, from the models and data
+    it holds now)."""
+    from lmspec.runtime.train.steps import slow_autocast_note
+    from lmspec.runtime.train.throughput import start_peak_memory
+
+    if note := slow_autocast_note(device, settings.precision):
+        say(note)
+    start_peak_memory(device)
+
+
 def classify_run(settings, labels: list[str], fractions: tuple, device, say=print) -> dict:
     """`finetune classify`: the labelled texts read, balanced and split, the classifier built from its
     checkpoint, trained, scored on each split (confusion.json) and saved; progress lines go to `say`.
@@ -35,8 +47,6 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
     from lmspec.runtime.finetune.lora import trainable_weights
     from lmspec.runtime.finetune.steps import steps_per_epoch
     from lmspec.runtime.train.config import TrainConfig
-    from lmspec.runtime.train.steps import slow_autocast_note
-    from lmspec.runtime.train.throughput import start_peak_memory
 
     if find_checkpoint(settings.out) is not None:
         raise CheckpointError(f"{settings.out} already holds a run; choose another --out")
@@ -67,9 +77,7 @@ def classify_run(settings, labels: list[str], fractions: tuple, device, say=prin
              if encoder.replaced else ""))
     say(f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%}"
           f"{', LoRA' if adapters_only else ''}); {settings.epochs} epochs, {steps} steps")
-    if note := slow_autocast_note(device, settings.precision):
-        say(note)
-    start_peak_memory(device)  # the metrics' peak memory: this run's, from the models and data it holds now
+    _starting(settings, device, say)
     run_dir = Path(settings.out)
     write_run_options(run_dir, getattr(settings, "run_options", None))  # the input checked: the run starts
     history = train_classifier(model, encoded["train"], encoded["validation"], cfg, settings.epochs, encoder.pad_id,
@@ -114,8 +122,6 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
     from lmspec.runtime.finetune.instruct_train import InstructSetup, finetune_instruct
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
-    from lmspec.runtime.train.steps import slow_autocast_note
-    from lmspec.runtime.train.throughput import start_peak_memory
 
     records, tokenizer, template = _records_and_template(settings)
     model, graph, base, spec, adapters_only = model_to_finetune(settings, settings.seed, device)
@@ -133,9 +139,7 @@ def instruct_run(settings, fractions: tuple, device, say=print) -> dict:
     say(f"{len(records)} records: {len(train_set)} train, {len(val_set)} validation, {len(test_ids)} test "
           f"({settings.template} template, at most {max_length} tokens; {left_out(tokenized)}); "
           f"{trainable:,} trainable parameters; {cfg.steps} steps")
-    if note := slow_autocast_note(device, settings.precision):
-        say(note)
-    start_peak_memory(device)  # the metrics' peak memory: this run's, from the models and data it holds now
+    _starting(settings, device, say)
     setup = InstructSetup(template=settings.template, pad_id=pad_id_for(tokenizer), epochs=settings.epochs,
                           trainable_only=adapters_only,
                           extra={"data": str(Path(settings.data).resolve()), "split": list(fractions),
@@ -160,8 +164,6 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
     from lmspec.runtime.finetune.instruct_data import pad_id_for, split_records
     from lmspec.runtime.finetune.start import model_to_finetune
     from lmspec.runtime.finetune.steps import finetune_config
-    from lmspec.runtime.train.steps import slow_autocast_note
-    from lmspec.runtime.train.throughput import start_peak_memory
 
     records, tokenizer, template = _records_and_template(settings, check=check_preference_record)
     policy, _, base, spec, adapters_only = model_to_finetune(settings, settings.seed, device)
@@ -181,9 +183,7 @@ def dpo_run(settings, fractions: tuple, device, say=print) -> dict:
           f"({settings.template} template, at most {max_length} tokens; {truncated} answers cut to fit, "
           f"{sum(p is None for p in pairs)} pairs left out); beta {settings.beta:g}; {trainable:,} trainable "
           f"parameters; {cfg.steps} steps")
-    if note := slow_autocast_note(device, settings.precision):
-        say(note)
-    start_peak_memory(device)  # the metrics' peak memory: this run's, from the models and data it holds now
+    _starting(settings, device, say)
     setup = DPOSetup(template=settings.template, pad_id=pad_id_for(tokenizer), beta=settings.beta, epochs=settings.epochs,
                      eval_pairs=settings.eval_pairs, trainable_only=adapters_only,
                      extra={"data": str(Path(settings.data).resolve()), "split": list(fractions), "limit": settings.limit,
